@@ -1,0 +1,4607 @@
+"""bgsession — background URL sessions for Python.
+
+Downloads and uploads that outlive the process that started them: a port of iOS
+``NSURLSession`` background sessions and of AFNetworking's ``AFURLSessionManager``
+pattern of *session-level* hooks, in one module you can copy into a project.
+Standard library only, Python 3.9+.
+
+The lesson this module is built around: a per-task completion block dies with the
+process that created it. What survives is the session's identifier, a durable
+journal of its tasks, and session-level hooks that the app registers again every
+time it re-creates the session with the same identifier. When the app comes back
+(started by the user, or relaunched for background events) it receives every event
+that waited for it, then ``did_finish_events_for_background_session``.
+
+Guarantees (each has a test that can fail):
+
+* Nothing is lost: a task accepted by ``resume()`` ends, across any number of
+  kills, in exactly one of a complete file handed to the finish hook or a
+  ``TransferError`` handed to ``task_did_complete``; never a spliced file.
+* Exactly-once hook completion: an event is acknowledged in the journal when its
+  hook returns; a process killed inside a hook gets the event again.
+* Per task: progress..., finish-downloading, complete. Hooks run serially.
+* Validated resume (``Range`` + ``If-Range`` with a strong validator).
+* Durability order: data fsynced before the journal records the offset that covers
+  it; a finished file fsynced and renamed before the record that points to it.
+* One live session per identifier, across threads and processes.
+* Session directory 0700, files 0600; credentials are kept in memory only.
+
+Sections, in dependency order: Errors, States and events, Policies, Values,
+Journal, Transfer engine, Core, Session, Hosts (daemon), CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import dataclasses
+import email.utils
+import enum
+import errno
+import hashlib
+import heapq
+import http.client
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+# Platform differences are detected once, here.
+try:  # POSIX advisory locks
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+try:  # Windows byte-range locks
+    import msvcrt
+except ImportError:
+    msvcrt = None  # type: ignore[assignment]
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthChallenge",
+    "AuthChallengeDisposition",
+    "BGSessionError",
+    "Configuration",
+    "Credential",
+    "CredentialPersistence",
+    "DownloadTask",
+    "ErrorCode",
+    "InvalidArgumentError",
+    "Journal",
+    "JournalError",
+    "ProtectionSpace",
+    "Request",
+    "Response",
+    "Retry",
+    "Session",
+    "SessionDelegate",
+    "SessionInvalidatedError",
+    "SessionManager",
+    "Task",
+    "TaskState",
+    "TransferError",
+    "UploadTask",
+    "default_directory",
+    "sanitize_filename",
+]
+
+log = logging.getLogger("bgsession")
+
+#: Environment variable that marks a background relaunch (value: the session identifier).
+BACKGROUND_EVENTS_ENV = "BGSESSION_BACKGROUND_EVENTS"
+#: Journal and snapshot record format version written by this module.
+JOURNAL_VERSION = 1
+#: Identifier syntax: one path component, no dots-only names.
+IDENTIFIER_RE = re.compile(r"\A[A-Za-z0-9._-]{1,200}\Z")
+#: Size of the reused buffer a transfer reads into.
+DEFAULT_BUFFER_SIZE = 1 << 20
+#: Minimum seconds between two progress callbacks for one task.
+DEFAULT_PROGRESS_INTERVAL = 0.1
+#: Seconds (or bytes, below) of received data between two fsync + offset records.
+DEFAULT_SYNC_INTERVAL = 1.0
+DEFAULT_SYNC_BYTES = 64 << 20
+#: Redirects followed before a task fails with HTTP_TOO_MANY_REDIRECTS.
+MAX_REDIRECTS = 16
+#: Journal records after which the journal is compacted into the snapshot.
+DEFAULT_COMPACT_RECORDS = 20_000
+#: Upper bounds for configuration values; larger ones are rejected as mistakes.
+MAX_TIMEOUT_FOR_REQUEST = 24 * 3600.0
+MAX_TIMEOUT_FOR_RESOURCE = 366 * 24 * 3600.0
+MAX_CONNECTIONS_PER_HOST = 64
+#: Largest body of a retryable error response read (and discarded) to keep the connection.
+_DISCARD_LIMIT = 64 << 10
+#: Request headers never written to the journal or any file.
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a task failed. Values follow ``NSURLError`` where one exists."""
+
+    UNKNOWN = -1
+    CANCELLED = -999
+    BAD_URL = -1000
+    TIMED_OUT = -1001
+    UNSUPPORTED_URL = -1002
+    CANNOT_FIND_HOST = -1003
+    CANNOT_CONNECT_TO_HOST = -1004
+    NETWORK_CONNECTION_LOST = -1005
+    HTTP_TOO_MANY_REDIRECTS = -1007
+    BAD_SERVER_RESPONSE = -1011
+    USER_CANCELLED_AUTHENTICATION = -1012
+    USER_AUTHENTICATION_REQUIRED = -1013
+    SECURE_CONNECTION_FAILED = -1200
+    SERVER_CERTIFICATE_UNTRUSTED = -1202
+    FILE_DOES_NOT_EXIST = -1100
+    BACKGROUND_SESSION_IN_USE = -996
+    BACKGROUND_SESSION_WAS_DISCONNECTED = -997
+    CANNOT_CREATE_FILE = -3000
+    CANNOT_OPEN_FILE = -3001
+    CANNOT_WRITE_TO_FILE = -3003
+    CANNOT_REMOVE_FILE = -3004
+    CANNOT_MOVE_FILE = -3005
+    CANNOT_RESUME = -3100
+    INTEGRITY_MISMATCH = -3101
+    SOURCE_FILE_CHANGED = -3102
+
+
+class BGSessionError(Exception):
+    """Root of every exception this module raises."""
+
+
+class InvalidArgumentError(BGSessionError, ValueError):
+    """An argument was rejected before anything was done with it."""
+
+
+class SessionInvalidatedError(BGSessionError, RuntimeError):
+    """The session was invalidated (or closed) and cannot take new work."""
+
+
+class JournalError(BGSessionError, OSError):
+    """The session's on-disk state cannot be read or written.
+
+    ``.path`` names the file; a corrupt file is kept aside (renamed with a
+    ``.corrupt-<time>`` suffix) rather than deleted.
+    """
+
+    def __init__(self, message: str, path: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+class TransferError(BGSessionError):
+    """A task ended without a result, or a session could not be used.
+
+    ``.code`` is an :class:`ErrorCode`; ``.resume_data`` (bytes or None) lets a
+    failed download continue with ``Session.download_task_with_resume_data``.
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        resume_data: Optional[bytes] = None,
+        url: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+        self.resume_data = resume_data
+        self.url = url
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code.name})"
+
+    def __repr__(self) -> str:
+        return f"TransferError({self.code.name}, {self.message!r})"
+
+    def _to_record(self) -> Dict[str, Any]:
+        return {"code": int(self.code), "message": self.message, "url": self.url,
+                "resume": self.resume_data is not None}
+
+    @classmethod
+    def _from_record(cls, rec: Mapping[str, Any]) -> "TransferError":
+        try:
+            code = ErrorCode(rec.get("code", -1))
+        except ValueError:
+            code = ErrorCode.UNKNOWN
+        return cls(code, str(rec.get("message", "")), url=rec.get("url"))
+
+
+def _invalid(message: str) -> InvalidArgumentError:
+    return InvalidArgumentError(message)
+
+
+# ============================================================================
+# States and events
+# ============================================================================
+
+
+class TaskState(enum.IntEnum):
+    """The public state of a task, as ``NSURLSessionTaskState``."""
+
+    RUNNING = 0
+    SUSPENDED = 1
+    CANCELING = 2
+    COMPLETED = 3
+
+
+class Phase(str, enum.Enum):
+    """Internal lifecycle of a task. Only :data:`_TRANSITIONS` moves between them."""
+
+    SUSPENDED = "suspended"  # created, or suspended by the app
+    QUEUED = "queued"  # resumed, waiting for a connection slot
+    TRANSFERRING = "transferring"
+    WAITING_RETRY = "waiting_retry"
+    CANCELING = "canceling"  # cancel asked while a transfer runs
+    DELIVERING = "finished_awaiting_delivery"  # outcome journaled; hooks pending
+    ACKNOWLEDGED = "acknowledged"  # every hook returned; terminal
+
+
+P = Phase
+#: Transition table: phase -> {event: next phase}. Terminal phases map to {}.
+_TRANSITIONS: Dict[Phase, Dict[str, Phase]] = {
+    P.SUSPENDED: {"resume": P.QUEUED, "cancel": P.DELIVERING, "fail": P.DELIVERING},
+    P.QUEUED: {"start": P.TRANSFERRING, "suspend": P.SUSPENDED, "cancel": P.DELIVERING,
+               "fail": P.DELIVERING},
+    P.TRANSFERRING: {"suspend": P.SUSPENDED, "cancel": P.CANCELING, "backoff": P.WAITING_RETRY,
+                     "requeue": P.QUEUED, "finish": P.DELIVERING, "fail": P.DELIVERING},
+    P.WAITING_RETRY: {"due": P.QUEUED, "suspend": P.SUSPENDED, "cancel": P.DELIVERING,
+                      "fail": P.DELIVERING},
+    P.CANCELING: {"finish": P.DELIVERING, "fail": P.DELIVERING},
+    P.DELIVERING: {"ack": P.ACKNOWLEDGED},
+    P.ACKNOWLEDGED: {},
+}
+del P
+
+#: Phases in which a task counts as RUNNING for the public state.
+_ACTIVE_PHASES = frozenset({Phase.QUEUED, Phase.TRANSFERRING, Phase.WAITING_RETRY})
+
+
+class IllegalTransition(BGSessionError, RuntimeError):
+    """A state change that the transition table does not allow; nothing changed."""
+
+    def __init__(self, task_id: int, phase: Phase, event: str) -> None:
+        super().__init__(f"task {task_id}: event {event!r} is not allowed in phase {phase.value!r}")
+        self.task_id, self.phase, self.event = task_id, phase, event
+
+
+def next_phase(task_id: int, phase: Phase, event: str) -> Phase:
+    """Return the phase after *event*, or raise :class:`IllegalTransition`."""
+    try:
+        return _TRANSITIONS[phase][event]
+    except KeyError:
+        raise IllegalTransition(task_id, phase, event) from None
+
+
+def public_state(phase: Phase) -> TaskState:
+    if phase is Phase.SUSPENDED:
+        return TaskState.SUSPENDED
+    if phase is Phase.CANCELING:
+        return TaskState.CANCELING
+    if phase in _ACTIVE_PHASES:
+        return TaskState.RUNNING
+    return TaskState.COMPLETED
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressEvent:
+    """Bytes received (downloads) or sent (uploads) since the last event. Not journaled."""
+
+    task_id: int
+    bytes_written: int
+    total_written: int
+    total_expected: int  # -1: unknown
+    upload: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedEvent:
+    """A download's file is complete and waits at ``location`` for the finish hook."""
+
+    task_id: int
+    location: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletedEvent:
+    """A task ended; ``error`` is None for a response (whatever its status)."""
+
+    task_id: int
+    error: Optional[TransferError]
+
+
+@dataclasses.dataclass(frozen=True)
+class BacklogEnd:
+    """Marks the end of the events that waited when the app attached."""
+
+    had_events: bool
+
+
+# ============================================================================
+# Policies
+# ============================================================================
+
+#: Statuses retried by default (with ``Retry-After`` honoured). iOS does not retry
+#: on status; a Python user expects it (urllib3 does), so bgsession does.
+DEFAULT_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+DEFAULT_BACKOFF_FACTOR = 0.5
+DEFAULT_BACKOFF_MAX = 60.0
+DEFAULT_BACKOFF_JITTER = 0.25
+DEFAULT_RETRY_AFTER_MAX = 3600.0
+DEFAULT_RETRY_TOTAL = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """Immutable retry policy; :meth:`increment` returns a new one.
+
+    ``attempts`` counts consecutive failed attempts *without progress*: an
+    attempt that received (or sent) at least one byte resets it to 1, so a long
+    download over a flaky link keeps going while a dead server gives up.
+
+    Backoff before attempt *n+1* after *n* failures::
+
+        delay = min(backoff_max, backoff_factor * 2 ** (n - 1)) * (1 - backoff_jitter * U[0, 1))
+
+    With the defaults (factor 0.5, max 60 s, jitter 0.25) the delays before
+    jitter are 0.5, 1, 2, 4, 8, 16, 32, 60, 60 ... seconds, and jitter only
+    shortens them (by up to a quarter), so the cap is never exceeded. A
+    ``Retry-After`` header (seconds or HTTP date) replaces a shorter delay and is
+    clamped to ``retry_after_max``. ``total`` (None: no limit but
+    ``timeout_for_resource``) bounds ``attempts``.
+    """
+
+    total: Optional[int] = DEFAULT_RETRY_TOTAL
+    backoff_factor: float = DEFAULT_BACKOFF_FACTOR
+    backoff_max: float = DEFAULT_BACKOFF_MAX
+    backoff_jitter: float = DEFAULT_BACKOFF_JITTER
+    status_forcelist: frozenset = DEFAULT_RETRY_STATUSES
+    respect_retry_after: bool = True
+    retry_after_max: float = DEFAULT_RETRY_AFTER_MAX
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.total is not None and (not isinstance(self.total, int) or self.total < 0):
+            raise _invalid(f"Retry.total must be None or an int >= 0, not {self.total!r}")
+        for name in ("backoff_factor", "backoff_max", "retry_after_max"):
+            _check_seconds(f"Retry.{name}", getattr(self, name), allow_zero=True,
+                           maximum=MAX_TIMEOUT_FOR_RESOURCE)
+        if not 0.0 <= self.backoff_jitter <= 1.0:
+            raise _invalid(f"Retry.backoff_jitter must be within [0, 1], not {self.backoff_jitter!r}")
+        object.__setattr__(self, "status_forcelist", frozenset(self.status_forcelist))
+
+    def increment(self, *, progressed: bool = False) -> "Retry":
+        """The policy after one more failed attempt (reset to 1 if it made progress)."""
+        return dataclasses.replace(self, attempts=1 if progressed else self.attempts + 1)
+
+    def reset(self) -> "Retry":
+        return dataclasses.replace(self, attempts=0)
+
+    def is_exhausted(self) -> bool:
+        return self.total is not None and self.attempts > self.total
+
+    def is_retryable_status(self, status: int) -> bool:
+        return status in self.status_forcelist
+
+    def backoff(self, rng: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before the next attempt (0 before the first retry)."""
+        if self.attempts <= 0:
+            return 0.0
+        base = min(self.backoff_max, self.backoff_factor * (2.0 ** (self.attempts - 1)))
+        return base * (1.0 - self.backoff_jitter * rng())
+
+    def parse_retry_after(self, value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+        """Seconds asked by a ``Retry-After`` value, clamped to [0, retry_after_max]; None if absent/invalid."""
+        if not value or not self.respect_retry_after:
+            return None
+        value = value.strip()
+        if value.isdigit():
+            seconds = float(value)
+        else:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                return None
+            if when is None:
+                return None
+            seconds = when.timestamp() - (time.time() if now is None else now)
+        return max(0.0, min(self.retry_after_max, seconds))
+
+    def delay(self, retry_after: Optional[str] = None, rng: Callable[[], float] = random.random,
+              now: Optional[float] = None) -> float:
+        """The wait before the next attempt: backoff, or ``Retry-After`` if that is longer."""
+        wait = self.backoff(rng)
+        asked = self.parse_retry_after(retry_after, now)
+        return wait if asked is None else max(wait, asked)
+
+
+def _check_seconds(name: str, value: Any, *, allow_zero: bool = False,
+                   maximum: float = MAX_TIMEOUT_FOR_RESOURCE) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(f"{name} must be a number of seconds, not {value!r}")
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        raise _invalid(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, not {value!r}")
+    if value > maximum:
+        raise _invalid(f"{name} = {value!r} s is more than the maximum of {maximum:g} s; "
+                       "this is almost certainly a mistake (milliseconds instead of seconds?)")
+    return float(value)
+
+
+class _Clock:
+    """Time source for the engine; tests substitute one that does not sleep."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+    def wait(self, event: threading.Event, timeout: Optional[float]) -> bool:
+        return event.wait(timeout)
+
+
+# ============================================================================
+# Values: requests, responses, credentials, configuration
+# ============================================================================
+
+_TOKEN_RE = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_url(url: Any, what: str = "URL") -> str:
+    if not isinstance(url, str):
+        raise _invalid(f"{what} must be a str, not {type(url).__name__}")
+    if _CTL_RE.search(url) or " " in url:
+        raise _invalid(f"{what} {url!r} contains spaces or control characters (CR/LF injection?); "
+                       "percent-encode them")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        raise TransferError(ErrorCode.BAD_URL, f"malformed {what} {url!r}: {err}", url=url) from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise TransferError(ErrorCode.UNSUPPORTED_URL,
+                            f"unsupported {what} scheme {parts.scheme or '(none)'!r} in {url!r}: "
+                            "only http and https are transferred", url=url)
+    if not parts.hostname:
+        raise TransferError(ErrorCode.BAD_URL, f"{what} {url!r} has no host", url=url)
+    del port
+    return url
+
+
+def _check_headers(headers: Optional[Mapping[str, str]], what: str = "header") -> Tuple[Tuple[str, str], ...]:
+    if headers is None:
+        return ()
+    if not isinstance(headers, Mapping):
+        raise _invalid(f"headers must be a mapping of str to str, not {type(headers).__name__}")
+    out = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _TOKEN_RE.match(name):
+            raise _invalid(f"invalid {what} name {name!r}")
+        if not isinstance(value, str) or "\r" in value or "\n" in value or "\x00" in value:
+            raise _invalid(f"invalid value for {what} {name!r}: {value!r} (CR, LF and NUL are not allowed)")
+        out.append((name, value))
+    return tuple(out)
+
+
+class Headers(Mapping[str, str]):
+    """Case-insensitive, read-only header mapping that keeps repeated fields."""
+
+    def __init__(self, pairs: Iterable[Tuple[str, str]] = ()) -> None:
+        self._pairs = tuple((str(k), str(v)) for k, v in pairs)
+        self._map: Dict[str, str] = {}
+        for k, v in self._pairs:
+            key = k.lower()
+            self._map[key] = f"{self._map[key]}, {v}" if key in self._map else v
+
+    def __getitem__(self, key: str) -> str:
+        return self._map[key.lower()]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._map
+
+    def __iter__(self) -> Iterator[str]:
+        seen = set()
+        for k, _ in self._pairs:
+            if k.lower() not in seen:
+                seen.add(k.lower())
+                yield k
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def get_all(self, key: str) -> List[str]:
+        key = key.lower()
+        return [v for k, v in self._pairs if k.lower() == key]
+
+    def pairs(self) -> Tuple[Tuple[str, str], ...]:
+        return self._pairs
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self._pairs)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._pairs == other._pairs
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What to transfer: ``Request(url, method="GET", headers=None, sha256=None)``.
+
+    ``sha256`` (hex) is verified before a download reaches the finish hook.
+    ``Authorization`` given here is used in this process only, never journaled;
+    after a relaunch the server's 401 reaches ``task_did_receive_challenge``.
+    """
+
+    url: str
+    method: str = "GET"
+    headers: Any = None
+    sha256: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_url(self.url)
+        if not isinstance(self.method, str) or not _TOKEN_RE.match(self.method):
+            raise _invalid(f"invalid HTTP method {self.method!r}")
+        object.__setattr__(self, "method", self.method.upper())
+        headers = self.headers
+        if isinstance(headers, Headers):
+            headers = dict(headers.pairs())
+        object.__setattr__(self, "headers", Headers(_check_headers(headers)))
+        if self.sha256 is not None:
+            if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+                raise _invalid(f"sha256 must be 64 hex digits, not {self.sha256!r}")
+            object.__setattr__(self, "sha256", self.sha256.lower())
+
+    def _to_record(self) -> Dict[str, Any]:
+        public = [[k, v] for k, v in self.headers.pairs() if k.lower() not in _SECRET_HEADERS]
+        return {"url": self.url, "method": self.method, "headers": public, "sha256": self.sha256}
+
+    @classmethod
+    def _from_record(cls, rec: Mapping[str, Any]) -> "Request":
+        return cls(rec["url"], rec.get("method", "GET"), dict(rec.get("headers") or []), rec.get("sha256"))
+
+    def _with_url(self, url: str, method: Optional[str] = None) -> "Request":
+        return dataclasses.replace(self, url=url, method=method or self.method,
+                                   headers=dict(self.headers.pairs()))
+
+
+def _coerce_request(request: Union[str, Request]) -> Request:
+    if isinstance(request, Request):
+        return request
+    if isinstance(request, str):
+        return Request(request)
+    raise _invalid(f"expected a URL string or bgsession.Request, not {type(request).__name__}")
+
+
+_UNSAFE_NAME_RE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+_WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(1, 10)] + [f"LPT{i}" for i in range(1, 10)])
+
+
+def sanitize_filename(name: Optional[str], default: str = "download") -> str:
+    """A safe single file name from an untrusted one (URL path, Content-Disposition).
+
+    Drops directories (``/``, ``\\``), ``..``, control characters and NUL, leading
+    dots and trailing dots/spaces, Windows device names; bounds the length to
+    200 characters; returns *default* when nothing usable is left.
+    """
+    if not name:
+        return default
+    name = urllib.parse.unquote(str(name))
+    name = re.split(r"[/\\]", name)[-1]
+    name = _UNSAFE_NAME_RE.sub("_", name).strip().lstrip(".").rstrip(". ")
+    if not name or name in (".", ".."):
+        return default
+    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
+        name = "_" + name
+    if len(name) > 200:
+        stem, dot, ext = name.rpartition(".")
+        name = (stem[: 200 - len(ext) - 1] + "." + ext) if dot and len(ext) < 20 else name[:200]
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """An HTTP response as the task saw it (``NSHTTPURLResponse``)."""
+
+    url: str
+    status: int
+    headers: Headers = dataclasses.field(default_factory=Headers)
+
+    @property
+    def status_code(self) -> int:
+        return self.status
+
+    @property
+    def expected_content_length(self) -> int:
+        """The entity's full length, or -1 when unknown."""
+        cr = self.headers.get("Content-Range")
+        if cr:
+            parsed = parse_content_range(cr)
+            if parsed and parsed[2] is not None:
+                return parsed[2]
+        try:
+            return int(self.headers.get("Content-Length", "-1"))
+        except ValueError:
+            return -1
+
+    @property
+    def suggested_filename(self) -> str:
+        """A sanitised name from Content-Disposition, else the URL's last path component."""
+        cd = self.headers.get("Content-Disposition", "")
+        m = re.search(r"filename\*\s*=\s*[^']*'[^']*'([^;]+)", cd) or re.search(
+            r'filename\s*=\s*"([^"]*)"', cd) or re.search(r"filename\s*=\s*([^;\s]+)", cd)
+        if m:
+            return sanitize_filename(m.group(1))
+        return sanitize_filename(urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1])
+
+    def _to_record(self) -> Dict[str, Any]:
+        return {"url": self.url, "status": self.status, "headers": [list(p) for p in self.headers.pairs()]}
+
+    @classmethod
+    def _from_record(cls, rec: Optional[Mapping[str, Any]]) -> Optional["Response"]:
+        if not rec:
+            return None
+        return cls(rec["url"], int(rec["status"]), Headers(tuple(p) for p in rec.get("headers", [])))
+
+
+class CredentialPersistence(enum.Enum):
+    """How long a credential is kept. Never on disk: ``FOR_SESSION`` is memory only."""
+
+    NONE = "none"
+    FOR_SESSION = "for_session"
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """User and password for Basic or Digest authentication (repr hides the password)."""
+
+    user: str
+    password: str = dataclasses.field(repr=False)
+    persistence: CredentialPersistence = CredentialPersistence.FOR_SESSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.user, str) or not isinstance(self.password, str):
+            raise _invalid("Credential user and password must be str")
+        if ":" in self.user:
+            raise _invalid("a Basic-auth user name cannot contain ':'")
+        if not isinstance(self.persistence, CredentialPersistence):
+            raise _invalid(f"persistence must be a CredentialPersistence, not {self.persistence!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtectionSpace:
+    """Where a credential applies: host, port, realm and scheme (``"basic"``/``"digest"``)."""
+
+    host: str
+    port: int
+    realm: Optional[str]
+    scheme: str
+    protocol: str = "http"
+
+
+class AuthChallengeDisposition(enum.Enum):
+    USE_CREDENTIAL = "use_credential"
+    PERFORM_DEFAULT_HANDLING = "perform_default_handling"
+    CANCEL_AUTHENTICATION_CHALLENGE = "cancel_authentication_challenge"
+    REJECT_PROTECTION_SPACE = "reject_protection_space"
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthChallenge:
+    """A 401 the task met: answer with a disposition and, for USE_CREDENTIAL, a credential."""
+
+    protection_space: ProtectionSpace
+    previous_failure_count: int
+    failure_response: Optional[Response]
+    proposed_credential: Optional[Credential] = None
+
+
+def default_directory(identifier: str) -> str:
+    """The per-user state directory for a session identifier.
+
+    Linux/BSD: ``$XDG_STATE_HOME`` (or ``~/.local/state``)``/bgsession/<identifier>``;
+    macOS: ``~/Library/Application Support/bgsession/<identifier>``;
+    Windows: ``%LOCALAPPDATA%\\bgsession\\<identifier>``.
+    """
+    _check_identifier(identifier)
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
+    elif sys.platform == "darwin":
+        base = os.path.join(os.path.expanduser("~"), "Library", "Application Support")
+    else:
+        base = os.environ.get("XDG_STATE_HOME") or ""
+        if not os.path.isabs(base):
+            base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "bgsession", identifier)
+
+
+def _check_identifier(identifier: Any) -> str:
+    if not isinstance(identifier, str) or not IDENTIFIER_RE.match(identifier) or set(identifier) <= {"."}:
+        raise _invalid(f"session identifier {identifier!r} must be 1-200 characters of "
+                       "[A-Za-z0-9._-] and not only dots (it names a directory)")
+    return identifier
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    """How a session behaves. Build with :meth:`background` or :meth:`default`.
+
+    ``timeout_for_request`` is the longest wait for the next byte (connect, headers
+    or body) before the attempt counts as failed and is retried; it does not bound
+    a slow but moving transfer. ``timeout_for_resource`` bounds a task's whole life,
+    wall-clock, from its first ``resume()``, across relaunches; then it fails with
+    ``TIMED_OUT``.
+    """
+
+    identifier: Optional[str]
+    directory: Optional[str]
+    host: str
+    relaunch_command: Optional[Tuple[str, ...]] = None
+    max_connections_per_host: int = 6
+    timeout_for_request: float = 60.0
+    timeout_for_resource: float = 7 * 24 * 3600.0
+    retry: Retry = dataclasses.field(default_factory=Retry)
+    headers: Any = None
+    ssl_context: Optional[ssl.SSLContext] = None
+    working_directory: Optional[str] = None
+    daemon_idle_timeout: float = 30.0
+    relaunch_backoff: float = 1.0
+
+    @classmethod
+    def background(
+        cls,
+        identifier: str,
+        *,
+        directory: Optional[str] = None,
+        host: str = "daemon",
+        relaunch_command: Optional[Sequence[str]] = None,
+        max_connections_per_host: int = 6,
+        timeout_for_request: float = 60.0,
+        timeout_for_resource: float = 7 * 24 * 3600.0,
+        retry: Optional[Retry] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        daemon_idle_timeout: float = 30.0,
+        relaunch_backoff: float = 1.0,
+    ) -> "Configuration":
+        """A durable session: its tasks and undelivered events survive the process."""
+        _check_identifier(identifier)
+        if directory is None:
+            directory = default_directory(identifier)
+        elif not isinstance(directory, (str, os.PathLike)) or not os.path.isabs(os.fspath(directory)):
+            raise _invalid(f"directory must be an absolute path, not {directory!r} "
+                           "(a relative one would change meaning when the app is relaunched)")
+        if host not in ("daemon", "inprocess"):
+            raise _invalid(f"host must be 'daemon' or 'inprocess', not {host!r}")
+        if host == "daemon" and fcntl is None:
+            raise _invalid("the daemon host needs POSIX (fcntl, Unix sockets); use host='inprocess' on Windows")
+        if relaunch_command is not None:
+            if isinstance(relaunch_command, (str, bytes)) or not all(
+                    isinstance(a, str) for a in relaunch_command) or not relaunch_command:
+                raise _invalid("relaunch_command must be a non-empty list of str (an argv, never a shell line)")
+            relaunch_command = tuple(relaunch_command)
+        return cls(
+            identifier=identifier,
+            directory=os.path.normpath(os.fspath(directory)),
+            host=host,
+            relaunch_command=relaunch_command,
+            max_connections_per_host=_check_connections(max_connections_per_host),
+            timeout_for_request=_check_seconds("timeout_for_request", timeout_for_request,
+                                               maximum=MAX_TIMEOUT_FOR_REQUEST),
+            timeout_for_resource=_check_seconds("timeout_for_resource", timeout_for_resource),
+            retry=_check_retry(retry),
+            headers=Headers(_check_headers(headers)),
+            ssl_context=_check_ssl(ssl_context),
+            working_directory=os.getcwd(),
+            daemon_idle_timeout=_check_seconds("daemon_idle_timeout", daemon_idle_timeout,
+                                               allow_zero=True, maximum=MAX_TIMEOUT_FOR_REQUEST),
+            relaunch_backoff=_check_seconds("relaunch_backoff", relaunch_backoff, maximum=3600.0),
+        )
+
+    @classmethod
+    def default(
+        cls,
+        *,
+        max_connections_per_host: int = 6,
+        timeout_for_request: float = 60.0,
+        timeout_for_resource: float = 7 * 24 * 3600.0,
+        retry: Optional[Retry] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+    ) -> "Configuration":
+        """An in-process, in-memory session: nothing durable (``NSURLSessionConfiguration.default``)."""
+        return cls(
+            identifier=None, directory=None, host="inprocess",
+            max_connections_per_host=_check_connections(max_connections_per_host),
+            timeout_for_request=_check_seconds("timeout_for_request", timeout_for_request,
+                                               maximum=MAX_TIMEOUT_FOR_REQUEST),
+            timeout_for_resource=_check_seconds("timeout_for_resource", timeout_for_resource),
+            retry=_check_retry(retry), headers=Headers(_check_headers(headers)),
+            ssl_context=_check_ssl(ssl_context),
+        )
+
+    @property
+    def is_background(self) -> bool:
+        return self.directory is not None
+
+
+def _check_connections(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CONNECTIONS_PER_HOST:
+        raise _invalid(f"max_connections_per_host must be an int from 1 to {MAX_CONNECTIONS_PER_HOST}, not {n!r}")
+    return n
+
+
+def _check_retry(retry: Any) -> Retry:
+    if retry is None:
+        return Retry()
+    if not isinstance(retry, Retry):
+        raise _invalid(f"retry must be a bgsession.Retry, not {type(retry).__name__}")
+    return retry
+
+
+def _check_ssl(ctx: Any) -> Optional[ssl.SSLContext]:
+    if ctx is not None and not isinstance(ctx, ssl.SSLContext):
+        raise _invalid(f"ssl_context must be an ssl.SSLContext, not {type(ctx).__name__}")
+    return ctx
+
+
+# ============================================================================
+# Journal
+# ============================================================================
+
+_JOURNAL_NAME = "journal.jsonl"
+_SNAPSHOT_NAME = "snapshot.json"
+_LOCK_NAME = "lock"
+_TMP_DIR = "tmp"
+#: Record types that move a task through the transition table (their "t" is the event).
+_PHASE_RECORDS = frozenset({"resume", "suspend", "start", "backoff", "due", "requeue",
+                            "cancel", "finish", "fail"})
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+def _boot_id() -> Optional[str]:
+    """An identifier of the running kernel boot, or None where there is none.
+
+    Same boot as the journal record => the page cache survived a process kill, so
+    every byte written to a partial file is there (no re-download). Another boot
+    => only bytes covered by an fsynced offset record are trusted.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "r", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+_BOOT_ID = _boot_id()
+
+
+def _ensure_private_dir(path: str) -> None:
+    """Create *path* (and parents) with mode 0700; tighten it if it exists."""
+    try:
+        os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
+        if os.name == "posix":
+            st = os.stat(path)
+            if st.st_uid != os.getuid():
+                raise JournalError(f"session directory {path} belongs to uid {st.st_uid}, not to this "
+                                   f"user (uid {os.getuid()}); refusing to use it", path)
+            if stat.S_IMODE(st.st_mode) != _DIR_MODE:
+                os.chmod(path, _DIR_MODE)
+    except JournalError:
+        raise
+    except OSError as err:
+        raise JournalError(f"cannot create the session directory {path}: {err.strerror or err}", path) from err
+
+
+def _open_private(path: str, flags: int) -> int:
+    """os.open with mode 0600 whatever the umask."""
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+    if os.name == "posix":
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:
+                os.fchmod(fd, _FILE_MODE)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _fsync(fd: int) -> None:
+    if sys.platform == "darwin" and fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Same-directory temp file (0600) -> write -> fsync -> os.replace -> fsync the directory."""
+    directory = os.path.dirname(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    fd = _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # the original exception matters, not this one
+        raise
+    _fsync_dir(directory)
+
+
+def _dumps(record: Mapping[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+class _TaskRecord:
+    """One task as the journal knows it. Mutated only by :class:`_SessionState`."""
+
+    __slots__ = (
+        "id", "kind", "request", "description", "created", "started", "phase", "cancel_requested",
+        "want_resume_data", "upload", "response", "validator", "total", "durable_offset", "boot",
+        "error", "file", "resume_file", "delivery_seq", "acked", "current_url", "problem", "live",
+    )
+
+    def __init__(self, rec: Mapping[str, Any]) -> None:
+        self.id: int = int(rec["id"])
+        self.kind: str = rec.get("kind", "download")
+        self.request: Dict[str, Any] = dict(rec["request"])
+        self.description: Optional[str] = rec.get("description")
+        self.created: float = float(rec.get("created", 0.0))
+        self.started: Optional[float] = rec.get("started")
+        self.phase: Phase = Phase(rec.get("phase", Phase.SUSPENDED.value))
+        self.cancel_requested: bool = bool(rec.get("cancel_requested", False))
+        self.want_resume_data: bool = bool(rec.get("want_resume_data", False))
+        self.upload: Optional[Dict[str, Any]] = rec.get("upload")
+        self.response: Optional[Dict[str, Any]] = rec.get("response")
+        self.validator: Optional[Dict[str, Any]] = rec.get("validator")
+        self.total: Optional[int] = rec.get("total")
+        self.durable_offset: int = int(rec.get("durable_offset", 0))
+        self.boot: Optional[str] = rec.get("boot")
+        self.error: Optional[Dict[str, Any]] = rec.get("error")
+        self.file: Optional[str] = rec.get("file")
+        self.resume_file: Optional[str] = rec.get("resume_file")
+        self.delivery_seq: Optional[int] = rec.get("delivery_seq")
+        self.acked: List[str] = list(rec.get("acked", []))
+        self.current_url: str = rec.get("current_url") or self.request["url"]
+        self.problem: Optional[str] = rec.get("problem")  # e.g. unusable resume data: fails at resume()
+        self.live: Any = None  # engine-side state, never persisted
+
+    def snapshot(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for name in self.__slots__:
+            if name == "live":
+                continue
+            value = getattr(self, name)
+            out[name] = value.value if isinstance(value, Phase) else value
+        return out
+
+    def events(self) -> List[str]:
+        """The durable events this task owes the app, in order, not yet acknowledged."""
+        if self.phase is not Phase.DELIVERING:
+            return []
+        owed = (["finish"] if self.file and self.kind == "download" else []) + ["complete"]
+        return [e for e in owed if e not in self.acked]
+
+    @property
+    def partial_name(self) -> str:
+        return f"{self.id}.part"
+
+
+class _SessionState:
+    """The journal's reducer: records in, model out. No I/O.
+
+    ``apply(record)`` validates first and changes nothing when a record does not
+    fit (raising :class:`IllegalTransition` or :class:`JournalError`); during
+    recovery such records are skipped and listed in ``problems``.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: Dict[int, _TaskRecord] = {}
+        self.next_id = 1
+        self.delivery_counter = 0
+        self.generation = 0
+        self.problems: List[str] = []
+        self.records_since_snapshot = 0
+
+    # -- snapshots ------------------------------------------------------------
+    def to_snapshot(self) -> Dict[str, Any]:
+        return {
+            "v": JOURNAL_VERSION, "t": "snapshot", "generation": self.generation,
+            "next_id": self.next_id, "delivery_counter": self.delivery_counter,
+            "tasks": [t.snapshot() for t in self.tasks.values() if t.phase is not Phase.ACKNOWLEDGED],
+        }
+
+    @classmethod
+    def from_snapshot(cls, snap: Mapping[str, Any]) -> "_SessionState":
+        state = cls()
+        state.generation = int(snap["generation"])
+        state.next_id = int(snap["next_id"])
+        state.delivery_counter = int(snap.get("delivery_counter", 0))
+        for rec in snap.get("tasks", []):
+            task = _TaskRecord(rec)
+            state.tasks[task.id] = task
+        return state
+
+    # -- reducer --------------------------------------------------------------
+    def apply(self, rec: Mapping[str, Any]) -> Optional[_TaskRecord]:
+        kind = rec.get("t")
+        if rec.get("v", JOURNAL_VERSION) > JOURNAL_VERSION:
+            raise JournalError(f"record of journal version {rec.get('v')} is newer than this bgsession "
+                               f"(version {JOURNAL_VERSION})")
+        if kind == "header":
+            return None
+        if kind == "invalidate":
+            for t in self.tasks.values():
+                if t.phase is not Phase.ACKNOWLEDGED:
+                    raise JournalError(f"invalidate record while task {t.id} is {t.phase.value}")
+            self.tasks.clear()
+            return None
+        if kind == "task":
+            tid = int(rec["id"])
+            if tid in self.tasks or tid < 1:
+                raise JournalError(f"duplicate task id {tid}")
+            task = _TaskRecord({**rec, "phase": Phase.SUSPENDED.value})
+            self.tasks[tid] = task
+            self.next_id = max(self.next_id, tid + 1)
+            return task
+        try:
+            task = self.tasks[int(rec["id"])]
+        except (KeyError, TypeError, ValueError):
+            raise JournalError(f"record {kind!r} for unknown task {rec.get('id')!r}") from None
+        if kind in _PHASE_RECORDS:
+            new = next_phase(task.id, task.phase, kind)  # raises before any change
+            self._apply_phase(task, kind, new, rec)
+        elif kind == "ack":
+            event = rec.get("event")
+            if event not in task.events():
+                raise JournalError(f"ack of {event!r} for task {task.id} which does not owe it")
+            if event == "complete":
+                if task.events() != ["complete"]:
+                    raise JournalError(f"ack of 'complete' before 'finish' for task {task.id}")
+                task.phase = next_phase(task.id, task.phase, "ack")
+            task.acked.append(event)
+        elif kind == "describe":
+            task.description = rec.get("description")
+        elif kind == "response":
+            task.response = rec.get("response")
+            task.current_url = rec.get("response", {}).get("url") or task.current_url
+            task.validator = rec.get("validator")
+            task.total = rec.get("total")
+            task.durable_offset = min(task.durable_offset, int(rec.get("start", 0)))
+            task.boot = rec.get("boot")
+        elif kind == "progress":
+            task.durable_offset = int(rec["offset"])
+            task.boot = rec.get("boot")
+        elif kind == "redirect":
+            task.current_url = rec["url"]
+        else:
+            raise JournalError(f"unknown record type {kind!r}")
+        return task
+
+    def _apply_phase(self, task: _TaskRecord, kind: str, new: Phase, rec: Mapping[str, Any]) -> None:
+        if kind == "resume":
+            if task.started is None:
+                task.started = rec.get("at")
+            if rec.get("upload"):
+                task.upload = dict(rec["upload"])  # the source as it was at resume() (BITS rule)
+        if kind == "cancel":
+            task.cancel_requested = True
+            task.want_resume_data = bool(rec.get("resume_data"))
+        if new is Phase.DELIVERING:
+            task.error = rec.get("error")
+            task.file = rec.get("file")
+            task.resume_file = rec.get("resume_file")
+            if rec.get("response") is not None:
+                task.response = rec["response"]
+            self.delivery_counter += 1
+            task.delivery_seq = self.delivery_counter
+        task.phase = new
+
+    def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
+        for rec in records:
+            try:
+                self.apply(rec)
+            except (IllegalTransition, JournalError, KeyError, TypeError, ValueError) as err:
+                if isinstance(err, JournalError) and "newer than this bgsession" in str(err):
+                    raise
+                self.problems.append(f"journal record skipped: {err} in {dict(rec)!r}"[:500])
+
+    def backlog(self) -> List[_TaskRecord]:
+        """Tasks owing durable events, in the order their outcomes were journaled."""
+        owing = [t for t in self.tasks.values() if t.phase is Phase.DELIVERING]
+        return sorted(owing, key=lambda t: t.delivery_seq or 0)
+
+
+def _read_journal_lines(data: bytes, path: str, problems: List[str]) -> Tuple[List[Dict[str, Any]], int]:
+    """Parse JSON Lines; a torn last line (no newline, or unparseable) is ignored.
+
+    Returns the records and the length of the valid prefix (where appends resume).
+    """
+    records: List[Dict[str, Any]] = []
+    good = 0
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            break  # torn last line: the writer died mid-append
+        line = data[pos:end]
+        pos = end + 1
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError as err:
+            if pos >= len(data):
+                break  # a torn last line that happens to end in a newline byte
+            problems.append(f"{path}: unreadable line at byte {end - len(line)} skipped ({err})")
+            good = pos
+            continue
+        records.append(rec)
+        good = pos
+    return records, good
+
+
+class _JournalWriter:
+    """The one writer of ``journal.jsonl``: appends in order, fsyncs in batches.
+
+    ``append`` queues a record and returns a ticket at once; ``wait(ticket)``
+    blocks until that record (and all before it) is on disk. Whoever waits shares
+    the fsync of everyone queued with them (group commit). A failed write is
+    undone (the file is truncated to its last good length), reported to waiters
+    as :class:`JournalError`, and retried with the next batch.
+    """
+
+    RETRY_PAUSE = 0.5
+
+    def __init__(self, path: str, valid_length: int) -> None:
+        self.path = path
+        self._fd = _open_private(path, os.O_WRONLY | os.O_CREAT)
+        os.ftruncate(self._fd, valid_length)  # drop a torn last line before appending
+        os.lseek(self._fd, valid_length, os.SEEK_SET)
+        self._length = valid_length
+        self._cond = threading.Condition()
+        self._pending: List[bytes] = []
+        self._appended = 0
+        self._durable = 0
+        self._error: Optional[JournalError] = None
+        self._closing = False
+        self.records_written = 0
+        self._thread = threading.Thread(target=self._run, name="bgsession-journal", daemon=True)
+        self._thread.start()
+
+    def append(self, record: Mapping[str, Any]) -> int:
+        line = _dumps(record)
+        with self._cond:
+            if self._closing:
+                raise SessionInvalidatedError("the session's journal is closed")
+            self._pending.append(line)
+            self._appended += 1
+            self._cond.notify_all()
+            return self._appended
+
+    def wait(self, ticket: int) -> None:
+        with self._cond:
+            while self._durable < ticket:
+                if self._error is not None:
+                    raise self._error
+                if self._closing and not self._thread.is_alive():
+                    raise SessionInvalidatedError("the session's journal closed before a record was written")
+                self._cond.wait(1.0)
+
+    def flush(self) -> None:
+        with self._cond:
+            ticket = self._appended
+        self.wait(ticket)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending and self._closing:
+                    return
+                batch = self._pending
+                upto = self._appended
+                self._pending = []
+            data = b"".join(batch)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                _fsync(self._fd)
+            except OSError as err:
+                try:
+                    os.ftruncate(self._fd, self._length)
+                    os.lseek(self._fd, self._length, os.SEEK_SET)
+                except OSError:
+                    pass
+                error = JournalError(f"cannot write the journal {self.path}: {err.strerror or err}", self.path)
+                error.__cause__ = err
+                log.error("%s", error)
+                with self._cond:
+                    self._error = error
+                    self._pending[:0] = batch
+                    self._cond.notify_all()
+                    self._cond.wait(self.RETRY_PAUSE)
+                continue
+            with self._cond:
+                self._length += len(data)
+                self.records_written += len(batch)
+                self._durable = upto
+                self._error = None
+                self._cond.notify_all()
+
+    def reopen(self, valid_length: int) -> None:
+        """Switch to a new file at the same path (after compaction); nothing may be pending."""
+        with self._cond:
+            assert not self._pending and self._durable == self._appended
+            os.close(self._fd)
+            self._fd = _open_private(self.path, os.O_WRONLY)
+            os.lseek(self._fd, valid_length, os.SEEK_SET)
+            self._length = valid_length
+            self.records_written = 0
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(30.0)
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+class _MemoryWriter:
+    """The journal of ``Configuration.default()``: nothing is written."""
+
+    records_written = 0
+
+    def append(self, record: Mapping[str, Any]) -> int:
+        return 0
+
+    def wait(self, ticket: int) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def reopen(self, valid_length: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _keep_aside(path: str) -> str:
+    aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    os.replace(path, aside)
+    return aside
+
+
+def _load_state(directory: str) -> Tuple[_SessionState, int, List[str]]:
+    """Recover the session state: snapshot + journal replay.
+
+    Returns (state, valid length of the journal to append after, problems).
+    A snapshot that cannot be read is kept aside and reported as JournalError
+    once; the next open recovers from the journal alone. Files written by a
+    newer bgsession are refused and left untouched.
+    """
+    problems: List[str] = []
+    snap_path = os.path.join(directory, _SNAPSHOT_NAME)
+    journal_path = os.path.join(directory, _JOURNAL_NAME)
+    state = _SessionState()
+    try:
+        with open(snap_path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raw = None
+    except OSError as err:
+        raise JournalError(f"cannot read {snap_path}: {err.strerror or err}", snap_path) from err
+    if raw is not None:
+        try:
+            snap = json.loads(raw)
+            if not isinstance(snap, dict) or snap.get("t") != "snapshot":
+                raise ValueError("not a bgsession snapshot")
+            if int(snap.get("v", 0)) > JOURNAL_VERSION:
+                raise JournalError(
+                    f"{snap_path} was written by a newer bgsession (format {snap.get('v')}, this one "
+                    f"reads {JOURNAL_VERSION}); upgrade bgsession or move {directory} aside", snap_path)
+            state = _SessionState.from_snapshot(snap)
+        except JournalError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:
+            aside = _keep_aside(snap_path)
+            raise JournalError(
+                f"the snapshot {snap_path} is corrupt ({err}); it was kept aside as {aside}. "
+                "Opening the session again recovers what the journal holds; partial files stay in tmp/.",
+                snap_path) from err
+    try:
+        with open(journal_path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        data = b""
+    except OSError as err:
+        raise JournalError(f"cannot read {journal_path}: {err.strerror or err}", journal_path) from err
+    records, valid = _read_journal_lines(data, journal_path, problems)
+    if records:
+        header = records[0]
+        if int(header.get("v", 0)) > JOURNAL_VERSION:
+            raise JournalError(
+                f"{journal_path} was written by a newer bgsession (format {header.get('v')}, this one "
+                f"reads {JOURNAL_VERSION}); upgrade bgsession or move {directory} aside", journal_path)
+        gen = int(header.get("generation", 0)) if header.get("t") == "header" else 0
+        if gen < state.generation:
+            records, valid = [], 0  # already folded into the snapshot (crash during compaction)
+        elif gen > state.generation and raw is not None:
+            problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
+        if gen > state.generation:
+            state.generation = gen
+    state.replay(records)
+    state.records_since_snapshot = len(records)
+    problems.extend(state.problems)
+    state.problems = []
+    return state, valid, problems
+
+
+class Journal:
+    """A session directory's journal, read-only: for tests, the CLI and post-mortems.
+
+    ``Journal(directory).check()`` lists every inconsistency it finds (an empty
+    list means clean). It does not take the session lock and changes nothing.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+
+    def state(self) -> _SessionState:
+        state, _, problems = _load_state(self.directory)
+        state.problems = problems
+        return state
+
+    def tasks(self) -> List[Dict[str, Any]]:
+        """The tasks not yet acknowledged, as plain dicts (snapshot form)."""
+        return [t.snapshot() for t in self.state().tasks.values() if t.phase is not Phase.ACKNOWLEDGED]
+
+    def check(self) -> List[str]:
+        d = self.directory
+        if not os.path.isdir(d):
+            return [f"{d}: no such session directory"]
+        try:
+            state = self.state()
+        except JournalError as err:
+            return [str(err)]
+        problems = list(state.problems)
+        tmp = os.path.join(d, _TMP_DIR)
+        if os.name == "posix":
+            for root, dirs, files in os.walk(d):
+                for name in dirs:
+                    mode = stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)
+                    if mode != _DIR_MODE:
+                        problems.append(f"{os.path.join(root, name)}: mode {mode:o}, expected 700")
+                for name in files:
+                    p = os.path.join(root, name)
+                    try:
+                        st = os.lstat(p)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISSOCK(st.st_mode):
+                        continue
+                    if stat.S_IMODE(st.st_mode) != _FILE_MODE:
+                        problems.append(f"{p}: mode {stat.S_IMODE(st.st_mode):o}, expected 600")
+            mode = stat.S_IMODE(os.stat(d).st_mode)
+            if mode != _DIR_MODE:
+                problems.append(f"{d}: mode {mode:o}, expected 700")
+        referenced = set()
+        for t in state.tasks.values():
+            if t.phase is Phase.ACKNOWLEDGED:
+                continue
+            if t.resume_file:
+                referenced.add(t.resume_file)
+            if t.phase is Phase.DELIVERING:
+                if t.file:
+                    referenced.add(t.file)
+                    if "finish" not in t.acked and not os.path.exists(os.path.join(tmp, t.file)):
+                        problems.append(f"task {t.id}: finished file tmp/{t.file} is missing "
+                                        "but its finish event is not acknowledged")
+                referenced.add(t.partial_name)
+            else:
+                referenced.add(t.partial_name)
+                part = os.path.join(tmp, t.partial_name)
+                size = os.path.getsize(part) if os.path.exists(part) else 0
+                if t.durable_offset > size:
+                    problems.append(f"task {t.id}: journal says {t.durable_offset} bytes are durable "
+                                    f"but tmp/{t.partial_name} has {size}")
+        if os.path.isdir(tmp):
+            for name in sorted(os.listdir(tmp)):
+                if name not in referenced and not name.startswith("resume-"):
+                    problems.append(f"tmp/{name}: temp file that no live task refers to")
+        return problems
+
+
+# ============================================================================
+# Transfer engine
+# ============================================================================
+
+_CONTENT_RANGE_RE = re.compile(r"\A\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*\Z", re.I)
+
+
+def parse_content_range(value: Optional[str]) -> Optional[Tuple[Optional[int], Optional[int], Optional[int]]]:
+    """``bytes A-B/T`` -> (A, B, T); ``bytes */T`` -> (None, None, T); T may be None for ``*``.
+
+    Returns None for anything malformed (including B < A or B >= T).
+    """
+    if not value:
+        return None
+    m = _CONTENT_RANGE_RE.match(value)
+    if not m:
+        return None
+    first = int(m.group(1)) if m.group(1) is not None else None
+    last = int(m.group(2)) if m.group(2) is not None else None
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if first is None and total is None:
+        return None
+    if first is not None and last is not None:
+        if last < first or (total is not None and last >= total):
+            return None
+    return first, last, total
+
+
+def resume_validator(headers: Mapping[str, str]) -> Optional[Dict[str, str]]:
+    """The validator a later ``If-Range`` may use: a strong ETag, else Last-Modified, else None."""
+    etag = headers.get("ETag")
+    if etag and not etag.strip().startswith("W/"):
+        return {"etag": etag.strip()}
+    lm = headers.get("Last-Modified")
+    if lm:
+        return {"last_modified": lm.strip()}
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RangePlan:
+    """What to do with a download response (see :func:`plan_response`).
+
+    ``action``: ``"write"`` (write the body at ``start``, truncating the partial
+    file there first), ``"complete"`` (the local file is already whole),
+    ``"rerequest"`` (discard this response, ask again without Range).
+    """
+
+    action: str
+    start: int = 0
+    total: Optional[int] = None
+    resumable: bool = False
+    reason: str = ""
+
+
+def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[str, str],
+                  known_total: Optional[int]) -> RangePlan:
+    """The validated-resume policy of DESIGN §4.5, as a pure function.
+
+    *offset*: bytes held locally; *asked_range*: a ``Range: bytes=offset-`` with
+    ``If-Range`` was sent; *known_total*: the entity length recorded earlier.
+    A 206 is appended only if its Content-Range starts at *offset* (or earlier:
+    truncate to its start) and its total matches; a 200, a changed total or a
+    malformed range restarts from zero; 416 ``*/N`` with N == offset completes.
+    """
+    if status == 206:
+        cr = parse_content_range(headers.get("Content-Range"))
+        if cr is None or cr[0] is None:
+            return RangePlan("rerequest", reason=f"malformed Content-Range {headers.get('Content-Range')!r}")
+        first, last, total = cr
+        assert first is not None and last is not None
+        limit = offset if asked_range else 0
+        if first > limit:
+            return RangePlan("rerequest", reason=f"206 starts at {first}, after the {limit} bytes held")
+        if asked_range and known_total is not None and total is not None and total != known_total:
+            return RangePlan("rerequest", reason=f"entity length changed from {known_total} to {total}")
+        return RangePlan("write", start=first, total=total, resumable=True)
+    if status == 416:
+        cr = parse_content_range(headers.get("Content-Range"))
+        if asked_range and cr is not None and cr[0] is None and cr[2] == offset and (
+                known_total is None or known_total == offset):
+            return RangePlan("complete", start=offset, total=offset, resumable=True)
+        if asked_range:
+            return RangePlan("rerequest", reason="416 does not confirm the local length")
+        return RangePlan("write", start=0, total=_content_length(headers), resumable=False)
+    if 200 <= status < 300:
+        total = _content_length(headers) if "chunked" not in headers.get("Transfer-Encoding", "").lower() else None
+        why = "the server sent the whole entity (Range ignored or If-Range failed)" if asked_range else ""
+        return RangePlan("write", start=0, total=total, resumable=status == 200, reason=why)
+    return RangePlan("write", start=0, total=_content_length(headers), resumable=False)
+
+
+def _content_length(headers: Mapping[str, str]) -> Optional[int]:
+    value = headers.get("Content-Length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def _origin(url: str) -> Tuple[str, str, int]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+_AUTH_PARAM_RE = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
+
+
+def parse_www_authenticate(values: Sequence[str]) -> List[Tuple[str, Dict[str, str]]]:
+    """``WWW-Authenticate`` field values -> [(scheme lower-case, params)], in offered order."""
+    out: List[Tuple[str, Dict[str, str]]] = []
+    for value in values:
+        pos = 0
+        while pos < len(value):
+            m = re.compile(r"\s*,?\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s+|$)").match(value, pos)
+            if not m:
+                break
+            scheme = m.group(1).lower()
+            pos = m.end()
+            params: Dict[str, str] = {}
+            while pos < len(value):
+                pm = _AUTH_PARAM_RE.match(value, pos)
+                if not pm:
+                    break
+                raw = pm.group(2)
+                if raw.startswith('"'):
+                    raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+                params[pm.group(1).lower()] = raw
+                pos = pm.end()
+            out.append((scheme, params))
+    return out
+
+
+def _basic_authorization(cred: Credential) -> str:
+    return "Basic " + base64.b64encode(f"{cred.user}:{cred.password}".encode("utf-8")).decode("ascii")
+
+
+def _digest_authorization(cred: Credential, params: Mapping[str, str], method: str, uri: str,
+                          nc: int, cnonce: Optional[str] = None) -> str:
+    """RFC 7616 Digest with qop=auth (or none), MD5 or SHA-256 (and their -sess forms)."""
+    algorithm = params.get("algorithm", "MD5")
+    base_alg = algorithm.upper().replace("-SESS", "")
+    hname = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}.get(base_alg)
+    if hname is None:
+        raise TransferError(ErrorCode.USER_AUTHENTICATION_REQUIRED, f"unsupported Digest algorithm {algorithm!r}")
+
+    def h(text: str) -> str:
+        return hashlib.new(hname, text.encode("utf-8")).hexdigest()
+
+    realm, nonce = params.get("realm", ""), params.get("nonce", "")
+    cnonce = cnonce or os.urandom(8).hex()
+    ha1 = h(f"{cred.user}:{realm}:{cred.password}")
+    if algorithm.upper().endswith("-SESS"):
+        ha1 = h(f"{ha1}:{nonce}:{cnonce}")
+    ha2 = h(f"{method}:{uri}")
+    qops = [q.strip() for q in params.get("qop", "").split(",") if q.strip()]
+    ncs = f"{nc:08x}"
+    if "auth" in qops:
+        response = h(f"{ha1}:{nonce}:{ncs}:{cnonce}:auth:{ha2}")
+    else:
+        response = h(f"{ha1}:{nonce}:{ha2}")
+    fields = [f'username="{cred.user}"', f'realm="{realm}"', f'nonce="{nonce}"', f'uri="{uri}"',
+              f"algorithm={algorithm}", f'response="{response}"']
+    if "opaque" in params:
+        fields.append(f'opaque="{params["opaque"]}"')
+    if "auth" in qops:
+        fields += ["qop=auth", f"nc={ncs}", f'cnonce="{cnonce}"']
+    return "Digest " + ", ".join(fields)
+
+
+class _Retryable(Exception):
+    def __init__(self, code: ErrorCode, message: str, retry_after: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retry_after = code, message, retry_after
+
+
+class _Fatal(Exception):
+    def __init__(self, error: TransferError, keep_partial: bool = True) -> None:
+        super().__init__(str(error))
+        self.error, self.keep_partial = error, keep_partial
+
+
+class _Stopped(Exception):
+    """The attempt stopped because the app suspended/cancelled the task or the session closed."""
+
+
+class _SinkGone(Exception):
+    """The attached app went away while it was being asked something; wait for the next one."""
+
+
+def _classify_os_error(err: BaseException) -> _Retryable:
+    """Transport failures are retried; the code says what happened."""
+    if isinstance(err, socket.gaierror):
+        return _Retryable(ErrorCode.CANNOT_FIND_HOST, f"cannot resolve host: {err}")
+    if isinstance(err, (socket.timeout, TimeoutError)):
+        return _Retryable(ErrorCode.TIMED_OUT, "no data within timeout_for_request")
+    if isinstance(err, ConnectionRefusedError):
+        return _Retryable(ErrorCode.CANNOT_CONNECT_TO_HOST, f"connection refused: {err}")
+    if isinstance(err, (http.client.IncompleteRead,)):
+        return _Retryable(ErrorCode.NETWORK_CONNECTION_LOST,
+                          f"connection closed after {len(err.partial)} bytes, {err.expected} more expected")
+    if isinstance(err, (http.client.LineTooLong, http.client.BadStatusLine, http.client.HTTPException)) \
+            and not isinstance(err, http.client.RemoteDisconnected):
+        return _Retryable(ErrorCode.BAD_SERVER_RESPONSE, f"bad HTTP response: {type(err).__name__}: {err}"[:300])
+    return _Retryable(ErrorCode.NETWORK_CONNECTION_LOST, f"connection lost: {type(err).__name__}: {err}"[:300])
+
+
+class _Control:
+    """Lets another thread stop a running attempt (suspend, cancel, close)."""
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        self.conn: Optional[http.client.HTTPConnection] = None
+        self.lock = threading.Lock()
+
+    def stop(self, reason: str) -> None:
+        with self.lock:
+            if self.reason is None:
+                self.reason = reason
+            conn = self.conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read at once
+            except OSError:
+                pass
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise _Stopped(self.reason)
+
+
+class _Live:
+    """Engine-side state of one task; never persisted."""
+
+    __slots__ = ("offset", "expected", "retry", "due", "control", "worker", "sent", "expected_send",
+                 "progress_at", "progress_pending", "secret_headers", "auth_header", "auth_origin",
+                 "failures", "rerequest", "redirects", "events_ready", "resume_data", "done", "delivered_at")
+
+    def __init__(self, retry: Retry) -> None:
+        self.offset = 0
+        self.expected = -1
+        self.retry = retry
+        self.due = 0.0
+        self.control: Optional[_Control] = None
+        self.worker = False
+        self.sent = 0
+        self.expected_send = -1
+        self.progress_at = 0.0
+        self.progress_pending = 0
+        self.secret_headers: Tuple[Tuple[str, str], ...] = ()
+        self.auth_header: Optional[str] = None
+        self.auth_origin: Optional[Tuple[str, str, int]] = None
+        self.failures: Dict[Tuple[str, int, Optional[str], str], int] = {}
+        self.rerequest = False
+        self.redirects = 0
+        self.events_ready = True
+        self.resume_data: Optional[bytes] = None
+        self.done = threading.Event()
+        self.delivered_at = time.monotonic()  # when its outcome was journaled (daemon relaunch batching)
+
+
+class _HostPool:
+    """Queued tasks and idle keep-alive connections for one (scheme, host, port)."""
+
+    IDLE_CONNECTION_SECONDS = 30.0
+
+    def __init__(self, key: Tuple[str, str, int], limit: int) -> None:
+        self.key = key
+        self.limit = limit
+        self.queue: collections.deque = collections.deque()
+        self.workers = 0  # threads alive for this host
+        self.active = 0  # of which are running an attempt
+        self.idle: List[Tuple[float, http.client.HTTPConnection]] = []
+
+    def take_connection(self) -> Optional[http.client.HTTPConnection]:
+        now = time.monotonic()
+        while self.idle:
+            at, conn = self.idle.pop()
+            if now - at < self.IDLE_CONNECTION_SECONDS:
+                return conn
+            conn.close()
+        return None
+
+    def give_connection(self, conn: http.client.HTTPConnection) -> None:
+        if len(self.idle) < self.limit:
+            self.idle.append((time.monotonic(), conn))
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        for _, conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+#: Prefix of resume data produced by this module (versioned; the rest is JSON).
+_RESUME_MAGIC = b"bgsession-resume-data/1\n"
+#: Days a partial file kept for resume data survives before it is removed.
+RESUME_FILE_TTL = 7 * 24 * 3600.0
+#: Re-requests without Range within one attempt before the server counts as broken.
+_MAX_REREQUESTS = 3
+#: 401s for one protection space before the 401 is handed through as the response.
+_MAX_AUTH_FAILURES = 10
+
+_PROCESS_LOCKS: Dict[str, int] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _acquire_lock(directory: str, name: str, identifier: Optional[str]) -> int:
+    """Take the exclusive lock file *name* in *directory*; the OS releases it when the owner dies.
+
+    A lock held by a live owner (this process or another) raises TransferError
+    BACKGROUND_SESSION_IN_USE; the lock of a dead owner is simply taken over
+    (flock and LockFile are released by the kernel when their process exits).
+    """
+    path = os.path.join(directory, name)
+    with _PROCESS_LOCKS_GUARD:
+        if path in _PROCESS_LOCKS:
+            raise TransferError(ErrorCode.BACKGROUND_SESSION_IN_USE,
+                                f"background session {identifier!r} is already live in this process "
+                                f"(lock {path}); use that Session, or close/invalidate it first")
+        fd = _open_private(path, os.O_RDWR | os.O_CREAT)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            elif msvcrt is not None:  # pragma: no cover - Windows
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as err:
+            owner = b""
+            try:
+                owner = os.pread(fd, 64, 0).strip() if hasattr(os, "pread") else b""
+            except OSError:
+                pass
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise TransferError(
+                    ErrorCode.BACKGROUND_SESSION_IN_USE,
+                    f"background session {identifier!r} is in use by process "
+                    f"{owner.decode('ascii', 'replace') or '?'} (lock {path}); one live session per identifier"
+                ) from None
+            raise JournalError(f"cannot lock {path}: {err.strerror or err}", path) from err
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        _PROCESS_LOCKS[path] = fd
+        return fd
+
+
+def _release_lock(directory: str, name: str) -> None:
+    path = os.path.join(directory, name)
+    with _PROCESS_LOCKS_GUARD:
+        fd = _PROCESS_LOCKS.pop(path, None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops flock
+
+
+def recovered_offset(file_size: Optional[int], durable_offset: int, record_boot: Optional[str],
+                     current_boot: Optional[str]) -> int:
+    """How many bytes of a partial file to keep after a restart (pure).
+
+    Same kernel boot as the last record: the page cache survived the process, so
+    every byte written is there and consistent (the record of a restart is
+    committed before its first byte); keep the whole file. Another boot (or no
+    boot id on this platform): keep only what an fsynced offset record covers.
+    """
+    if not file_size:
+        return 0
+    if record_boot is not None and record_boot == current_boot:
+        return file_size
+    return min(file_size, durable_offset)
+
+
+def _entity_response(rec: Mapping[str, Any]) -> Dict[str, Any]:
+    """A finished download's response as the app sees it: a resumed 206 becomes the entity's 200."""
+    if rec.get("status") != 206:
+        return dict(rec)
+    headers = [[k, v] for k, v in rec.get("headers", []) if k.lower() not in ("content-range", "content-length")]
+    cr = parse_content_range(Headers(tuple(p) for p in rec.get("headers", [])).get("Content-Range"))
+    if cr and cr[2] is not None:
+        headers.append(["Content-Length", str(cr[2])])
+    return {"url": rec["url"], "status": 200, "headers": headers}
+
+
+class _Core:
+    """Journal + state + transfer engine of one session. Runs in the app (inprocess
+    host) or in the daemon; talks to at most one attached app through a *sink*.
+
+    Locking: ``self.lock`` guards the state and every task's live fields; no I/O
+    to the network or data files happens under it; journal fsync waits happen
+    after it is released so that concurrent callers share one fsync.
+    """
+
+    def __init__(self, config: Configuration, *, clock: Optional[_Clock] = None,
+                 buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
+        self.config = config
+        self.clock = clock or _Clock()
+        self.buffer_size = buffer_size
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.sink: Any = None
+        self.closed = False
+        self.pools: Dict[Tuple[str, str, int], _HostPool] = {}
+        self.timers: List[Tuple[float, int, int]] = []
+        self.credentials: Dict[Tuple[str, int, Optional[str], str], Credential] = {}
+        self.threads: "set[threading.Thread]" = set()
+        self.waiting_challenges = 0  # workers blocked until an app answers a challenge
+        self.acks = 0  # acknowledgements received (the daemon's relaunch backoff watches it)
+        self._timer_seq = itertools.count()
+        self._wake = threading.Event()
+        self.directory = config.directory
+        if self.directory is not None:
+            _ensure_private_dir(self.directory)
+            self.tmp = os.path.join(self.directory, _TMP_DIR)
+            _ensure_private_dir(self.tmp)
+            _acquire_lock(self.directory, _LOCK_NAME, config.identifier)
+            try:
+                self.state, valid, problems = _load_state(self.directory)
+                for p in problems:
+                    log.warning("session %s: %s", config.identifier, p)
+                self.writer: Any = _JournalWriter(os.path.join(self.directory, _JOURNAL_NAME), valid)
+                if valid == 0:
+                    self.writer.append({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
+                self._recover()
+                self._compact()
+            except BaseException:
+                w = getattr(self, "writer", None)
+                if w is not None:
+                    w.close()
+                _release_lock(self.directory, _LOCK_NAME)
+                raise
+        else:
+            self.tmp = tempfile.mkdtemp(prefix="bgsession-")
+            self.state = _SessionState()
+            self.writer = _MemoryWriter()
+        self._scheduler = threading.Thread(target=self._schedule_loop, name="bgsession-scheduler", daemon=True)
+        self._scheduler.start()
+        with self.lock:
+            for task in self.state.tasks.values():
+                if task.phase is Phase.QUEUED:
+                    self._enqueue(task)
+
+    # -- journal plumbing -------------------------------------------------------
+    def _record(self, task: Optional[_TaskRecord], record_type: str, /, **fields: Any) -> int:
+        """Apply a record to the state (validated first) and queue it for the journal."""
+        rec: Dict[str, Any] = {"v": JOURNAL_VERSION, "t": record_type}
+        if task is not None:
+            rec["id"] = task.id
+        rec.update(fields)
+        before = task.phase if task is not None else None
+        self.state.apply(rec)
+        if task is not None and task.live is not None and task.phase is Phase.DELIVERING \
+                and before is not Phase.DELIVERING:
+            task.live.delivered_at = time.monotonic()
+        return self.writer.append(rec)
+
+    def _compact(self) -> None:
+        """Fold the journal into a new snapshot (generation + 1) and start a fresh journal."""
+        if self.directory is None:
+            return
+        with self.lock:
+            self.writer.flush()
+            self.state.generation += 1
+            for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
+                del self.state.tasks[tid]
+            _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
+            header = _dumps({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
+            _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
+            self.writer.reopen(len(header))
+            self.state.records_since_snapshot = 0
+
+    def _maybe_compact(self) -> None:
+        if self.directory is not None and self.writer.records_written > DEFAULT_COMPACT_RECORDS:
+            try:
+                self._compact()
+            except OSError as err:
+                log.warning("journal compaction failed (will retry): %s", err)
+
+    def _recover(self) -> None:
+        now_boot = _BOOT_ID
+        for task in list(self.state.tasks.values()):
+            task.live = _Live(self.config.retry)
+            if task.phase is Phase.TRANSFERRING:
+                self._record(task, "requeue")
+            elif task.phase is Phase.WAITING_RETRY:
+                self._record(task, "due")
+            if task.phase is Phase.CANCELING:
+                self._finish_cancel(task)
+            elif task.phase in (Phase.QUEUED, Phase.SUSPENDED) and task.kind == "download":
+                part = os.path.join(self.tmp, task.partial_name)
+                try:
+                    size: Optional[int] = os.path.getsize(part)
+                except OSError:
+                    size = None
+                keep = 0 if task.validator is None else recovered_offset(
+                    size, task.durable_offset, task.boot, now_boot)
+                if size is not None and size != keep:
+                    with open(part, "r+b") as f:
+                        f.truncate(keep)
+                task.live.offset = keep
+                task.live.expected = task.total if task.total is not None else -1
+            elif task.phase is Phase.DELIVERING and task.file and "finish" in task.events():
+                if not os.path.exists(os.path.join(self.tmp, task.file)):
+                    # The hook moved the file and the process died before its ack was durable.
+                    log.info("task %s: finished file was consumed by the finish hook; acknowledging", task.id)
+                    self._record(task, "ack", event="finish")
+        live = {t.id for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED}
+        keep_names = {t.resume_file for t in self.state.tasks.values() if t.resume_file}
+        now = time.time()
+        for name in os.listdir(self.tmp):
+            path = os.path.join(self.tmp, name)
+            if name.startswith("resume-"):
+                try:
+                    if name not in keep_names and now - os.path.getmtime(path) > RESUME_FILE_TTL:
+                        os.unlink(path)
+                except OSError:
+                    pass
+                continue
+            stem = name.split(".", 1)[0]
+            if stem.isdigit() and int(stem) not in live:
+                try:
+                    os.unlink(path)  # left behind by a kill after its acknowledgement
+                except OSError:
+                    pass
+        self.writer.flush()
+
+    # -- app-facing operations ----------------------------------------------------
+    def _task(self, tid: int) -> _TaskRecord:
+        try:
+            return self.state.tasks[tid]
+        except KeyError:
+            raise InvalidArgumentError(f"no task {tid} in this session") from None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionInvalidatedError("the session is closed")
+
+    def create_task(self, kind: str, request: Request, description: Optional[str], *,
+                    upload_path: Optional[str] = None, resume: Optional[Dict[str, Any]] = None) -> int:
+        if description is not None and not isinstance(description, str):
+            raise _invalid("task description must be a str or None")
+        upload = None
+        if upload_path is not None:
+            st = os.stat(upload_path)
+            upload = {"path": upload_path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        with self.lock:
+            self._check_open()
+            fields: Dict[str, Any] = {"kind": kind, "request": request._to_record(), "description": description,
+                                      "created": self.clock.time(), "upload": upload}
+            if resume and resume.get("invalid"):
+                fields["problem"] = resume["invalid"]
+            elif resume:
+                fields.update(resume.get("fields", {}))
+            tid = self.state.next_id
+            self._record(None, "task", id=tid, **fields)
+            task = self.state.tasks[tid]
+            task.live = _Live(self.config.retry)
+            task.live.secret_headers = tuple(
+                (k, v) for k, v in request.headers.pairs() if k.lower() in _SECRET_HEADERS)
+            if upload:
+                task.live.expected_send = upload["size"]
+            if resume and resume.get("file"):
+                try:
+                    os.replace(resume["file"], os.path.join(self.tmp, task.partial_name))
+                    task.live.offset = int(resume["fields"].get("durable_offset", 0))
+                    task.live.expected = task.total if task.total is not None else -1
+                except OSError as err:
+                    log.warning("task %s: resume file unusable (%s); it will start from zero", tid, err)
+            return tid
+
+    def resume(self, tid: int) -> None:
+        with self.lock:
+            self._check_open()
+            task = self._task(tid)
+            if task.phase is not Phase.SUSPENDED:
+                return
+            upload = None
+            if task.kind == "upload" and task.upload:
+                upload = dict(task.upload)
+                try:
+                    st = os.stat(upload["path"])
+                    upload.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+                    task.live.expected_send = st.st_size
+                except OSError:
+                    pass  # the attempt reports FILE_DOES_NOT_EXIST
+            ticket = self._record(task, "resume", at=self.clock.time(), upload=upload)
+            if task.problem:
+                self._fail(task, TransferError(ErrorCode.CANNOT_RESUME, task.problem, url=task.request["url"]),
+                           "fail", keep_partial=False)
+                events_after = True
+            else:
+                events_after = False
+                self._enqueue(task)
+            self.changed.notify_all()
+        self.writer.wait(ticket)
+        if events_after:
+            self.writer.flush()
+            with self.lock:
+                self._post_task_events(task)
+
+    def suspend(self, tid: int) -> None:
+        with self.lock:
+            self._check_open()
+            task = self._task(tid)
+            if task.phase not in _ACTIVE_PHASES:
+                return
+            ticket = self._record(task, "suspend")
+            if task.live.control is not None:
+                task.live.control.stop("suspend")
+            self.changed.notify_all()
+        self.writer.wait(ticket)
+
+    def cancel(self, tid: int, produce_resume_data: bool = False) -> Optional[bytes]:
+        with self.lock:
+            self._check_open()
+            task = self._task(tid)
+            if task.phase in (Phase.DELIVERING, Phase.ACKNOWLEDGED):
+                return None
+            if task.phase is Phase.TRANSFERRING:
+                self._record(task, "cancel", resume_data=produce_resume_data)
+                done = task.live.done
+                if task.live.control is not None:
+                    task.live.control.stop("cancel")
+                wait_for_worker = True
+            elif task.phase is Phase.CANCELING:
+                done = task.live.done
+                wait_for_worker = True
+            else:
+                wait_for_worker = False
+                resume_file = self._keep_for_resume(task) if produce_resume_data else None
+                err = TransferError(ErrorCode.CANCELLED, "cancelled", url=task.request["url"])
+                ticket = self._record(task, "cancel", resume_data=produce_resume_data, error=err._to_record(),
+                                      resume_file=resume_file)
+        if wait_for_worker:
+            done.wait()
+            with self.lock:
+                return self._resume_data_for(task) if produce_resume_data else None
+        self.writer.wait(ticket)
+        with self.lock:
+            self._post_task_events(task)
+            self.changed.notify_all()
+            return self._resume_data_for(task) if produce_resume_data else None
+
+    def set_description(self, tid: int, description: Optional[str]) -> None:
+        if description is not None and not isinstance(description, str):
+            raise _invalid("task description must be a str or None")
+        with self.lock:
+            self._check_open()
+            task = self._task(tid)
+            if task.phase is Phase.ACKNOWLEDGED:
+                task.description = description
+                return
+            ticket = self._record(task, "describe", description=description)
+        self.writer.wait(ticket)
+
+    def ack(self, tid: int, event: str) -> None:
+        """The app's hook for *event* returned: journal that, then remove what it no longer needs."""
+        with self.lock:
+            task = self.state.tasks.get(tid)
+            if task is None or event not in task.events():
+                return
+            ticket = self._record(task, "ack", event=event)
+            self.acks += 1
+        self.writer.wait(ticket)
+        if event == "finish" and task.file:
+            _unlink_quietly(os.path.join(self.tmp, task.file))
+        elif event == "complete":
+            if task.file:
+                _unlink_quietly(os.path.join(self.tmp, task.file))
+            _unlink_quietly(os.path.join(self.tmp, task.partial_name))
+        with self.lock:
+            self.changed.notify_all()
+        self._maybe_compact()
+
+    def task_info(self, tid: int) -> Dict[str, Any]:
+        with self.lock:
+            task = self._task(tid)
+            return self._info(task)
+
+    def _info(self, task: _TaskRecord) -> Dict[str, Any]:
+        live = task.live
+        return {
+            "id": task.id, "kind": task.kind, "description": task.description,
+            "state": int(public_state(task.phase)), "phase": task.phase.value,
+            "request": task.request, "current_url": task.current_url,
+            "response": task.response, "error": task.error,
+            "received": live.offset if live else 0,
+            "expected": (live.expected if live and live.expected >= 0 else (task.total if task.total is not None
+                                                                            else -1)),
+            "sent": live.sent if live else 0,
+            "expected_send": live.expected_send if live else -1,
+            "events": task.events(),
+            "body_path": (os.path.join(self.tmp, task.file) if task.kind == "upload" and task.file
+                          and task.phase is Phase.DELIVERING else None),
+        }
+
+    def tasks(self) -> List[Dict[str, Any]]:
+        with self.lock:
+            return [self._info(t) for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED]
+
+    def outstanding(self) -> int:
+        with self.lock:
+            return sum(1 for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED)
+
+    def attach(self, sink: Any) -> None:
+        with self.lock:
+            self._check_open()
+            if self.sink is not None:
+                raise TransferError(ErrorCode.BACKGROUND_SESSION_IN_USE, "another app is attached to this session")
+            self.sink = sink
+            backlog = [t for t in self.state.backlog() if t.live.events_ready]
+            for task in backlog:
+                self._post_task_events(task)
+            sink.post(BacklogEnd(bool(backlog)))
+            self.changed.notify_all()
+
+    def detach(self, sink: Any) -> None:
+        with self.lock:
+            if self.sink is sink:
+                self.sink = None
+                self.changed.notify_all()
+
+    def close(self) -> None:
+        """Stop transfers (they resume at the next open), flush the journal, release the lock."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for task in self.state.tasks.values():
+                if task.live is not None and task.live.control is not None:
+                    task.live.control.stop("close")
+            self.changed.notify_all()
+        self._wake.set()
+        for thread in list(self.threads):
+            thread.join(30.0)
+        self._scheduler.join(30.0)
+        with self.lock:
+            for pool in self.pools.values():
+                pool.close()
+        self.writer.flush()
+        self.writer.close()
+        if self.directory is not None:
+            _release_lock(self.directory, _LOCK_NAME)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- events ---------------------------------------------------------------------
+    def _post(self, event: Any) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.post(event)
+
+    def _post_task_events(self, task: _TaskRecord) -> None:
+        """Post the durable events *task* still owes, if an app is attached (under the lock)."""
+        if self.sink is None or not task.live.events_ready:
+            return
+        for event in task.events():
+            if event == "finish":
+                self.sink.post(FinishedEvent(task.id, os.path.join(self.tmp, task.file or "")))
+            else:
+                self.sink.post(CompletedEvent(task.id, self._error_for(task)))
+
+    def _error_for(self, task: _TaskRecord) -> Optional[TransferError]:
+        if not task.error:
+            return None
+        err = TransferError._from_record(task.error)
+        err.resume_data = self._resume_data_for(task)
+        return err
+
+    def _resume_data_for(self, task: _TaskRecord) -> Optional[bytes]:
+        if not task.resume_file or task.validator is None:
+            return None
+        path = os.path.join(self.tmp, task.resume_file)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return None
+        body = {"url": task.request["url"], "request": task.request, "file": path, "size": size,
+                "validator": task.validator, "total": task.total, "response": task.response,
+                "identifier": self.config.identifier}
+        return _RESUME_MAGIC + json.dumps(body, sort_keys=True).encode("utf-8")
+
+    def _keep_for_resume(self, task: _TaskRecord) -> Optional[str]:
+        """Move a partial file aside so that resume data can refer to it after the task ends."""
+        if task.kind != "download" or task.validator is None:
+            return None
+        part = os.path.join(self.tmp, task.partial_name)
+        size = task.live.offset if task.live else 0
+        if size <= 0 or not os.path.exists(part):
+            return None
+        name = f"resume-{task.id}-{os.urandom(6).hex()}.part"
+        try:
+            with open(part, "r+b") as f:
+                f.truncate(size)
+                _fsync(f.fileno())
+            os.replace(part, os.path.join(self.tmp, name))
+            _fsync_dir(self.tmp)
+        except OSError as err:
+            log.warning("task %s: cannot keep partial data for resume (%s)", task.id, err)
+            return None
+        return name
+
+    # -- scheduling -----------------------------------------------------------------
+    def _pool(self, key: Tuple[str, str, int]) -> _HostPool:
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = _HostPool(key, self.config.max_connections_per_host)
+        return pool
+
+    def _enqueue(self, task: _TaskRecord) -> None:
+        pool = self._pool(_origin(task.request["url"]))
+        pool.queue.append(task.id)
+        if pool.workers < pool.limit and pool.workers - pool.active < len(pool.queue):
+            pool.workers += 1
+            thread = threading.Thread(target=self._worker, args=(pool,), daemon=True,
+                                      name=f"bgsession-worker-{pool.key[1]}")
+            self.threads.add(thread)
+            thread.start()
+
+    def _next_task(self, pool: _HostPool) -> Optional[_TaskRecord]:
+        while pool.queue and not self.closed:
+            task = self.state.tasks.get(pool.queue.popleft())
+            if task is not None and task.phase is Phase.QUEUED and not task.live.worker:
+                return task
+        return None
+
+    def _push_timer(self, task: _TaskRecord, delay: float) -> None:
+        task.live.due = self.clock.monotonic() + delay
+        heapq.heappush(self.timers, (task.live.due, next(self._timer_seq), task.id))
+        self._wake.set()
+
+    def _schedule_loop(self) -> None:
+        while True:
+            with self.lock:
+                if self.closed:
+                    return
+                now = self.clock.monotonic()
+                while self.timers and self.timers[0][0] <= now:
+                    due, _, tid = heapq.heappop(self.timers)
+                    task = self.state.tasks.get(tid)
+                    if task is not None and task.phase is Phase.WAITING_RETRY and task.live.due == due:
+                        if self._resource_expired(task):
+                            self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded",
+                                                               url=task.request["url"]))
+                        else:
+                            self._record(task, "due")
+                            self._enqueue(task)
+                next_due = self.timers[0][0] - now if self.timers else None
+                self._wake.clear()
+            if next_due is None:
+                self._wake.wait()
+            else:
+                self.clock.wait(self._wake, next_due)
+
+    def _resource_expired(self, task: _TaskRecord) -> bool:
+        return task.started is not None and self.clock.time() - task.started > self.config.timeout_for_resource
+
+    # -- outcomes (under the lock) -------------------------------------------------------
+    def _fail(self, task: _TaskRecord, error: TransferError, event: str, keep_partial: bool = True) -> int:
+        resume_file = self._keep_for_resume(task) if keep_partial else None
+        if not keep_partial:
+            _unlink_quietly(os.path.join(self.tmp, task.partial_name))
+        return self._record(task, event, error=error._to_record(), resume_file=resume_file)
+
+    def _fail_now(self, task: _TaskRecord, error: TransferError) -> None:
+        """Fail a task that no attempt is running for (rare paths: waits for the journal under the lock)."""
+        self.writer.wait(self._fail(task, error, "fail"))
+        self._post_task_events(task)
+        self.changed.notify_all()
+
+    def _finish_cancel(self, task: _TaskRecord) -> int:
+        _unlink_quietly(os.path.join(self.tmp, f"{task.id}.done"))  # finished just as it was cancelled
+        resume_file = self._keep_for_resume(task) if task.want_resume_data else None
+        err = TransferError(ErrorCode.CANCELLED, "cancelled", url=task.request["url"])
+        return self._record(task, "finish", error=err._to_record(), resume_file=resume_file)
+
+    def _settle(self, task: _TaskRecord, outcome: Tuple[str, Any]) -> Optional[int]:
+        """Turn an attempt's outcome into a journaled transition. Returns a ticket to wait for."""
+        kind, value = outcome
+        live = task.live
+        if task.phase is Phase.CANCELING:
+            return self._finish_cancel(task)
+        if task.phase is not Phase.TRANSFERRING:
+            return None  # suspended meanwhile: the progress record was written by the attempt
+        if kind == "finished":
+            return self._record(task, "finish", **value)
+        if kind == "fatal":
+            return self._fail(task, value.error, "finish", value.keep_partial)
+        if kind == "retry":
+            err, progressed = value
+            retry = live.retry.increment(progressed=progressed)
+            if retry.is_exhausted() or self._resource_expired(task):
+                why = "retries exhausted" if retry.is_exhausted() else "timeout_for_resource exceeded"
+                code = err.code if retry.is_exhausted() else ErrorCode.TIMED_OUT
+                return self._fail(task, TransferError(code, f"{err.message} ({why})", url=task.current_url), "finish")
+            live.retry = retry
+            delay = retry.delay(err.retry_after, now=self.clock.time())
+            log.info("task %s: %s; retry %s in %.2fs", task.id, err.message, retry.attempts, delay)
+            self._record(task, "backoff", delay=round(delay, 3), code=int(err.code))
+            self._push_timer(task, delay)
+            return None
+        if kind == "stopped":
+            if value == "close":
+                return None
+            return None
+        raise AssertionError(kind)
+
+    # -- workers ----------------------------------------------------------------------------
+    def _worker(self, pool: _HostPool) -> None:
+        conn: Optional[http.client.HTTPConnection] = None
+        buf = bytearray(self.buffer_size)
+        try:
+            while True:
+                with self.lock:
+                    task = self._next_task(pool)
+                    if task is None:
+                        pool.workers -= 1
+                        if conn is not None and not self.closed:
+                            pool.give_connection(conn)
+                        elif conn is not None:
+                            conn.close()
+                        return
+                    if self._resource_expired(task):
+                        self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded",
+                                                           url=task.request["url"]))
+                        continue
+                    self._record(task, "start")
+                    pool.active += 1
+                    control = task.live.control = _Control()
+                    task.live.worker = True
+                    task.live.done = threading.Event()
+                try:
+                    if task.kind == "upload":
+                        outcome, conn = self._attempt_upload(task, control, pool, conn)
+                    else:
+                        outcome, conn = self._attempt_download(task, control, pool, conn, buf)
+                except BaseException as err:  # a bug must not lose the task: fail it clearly
+                    log.exception("task %s: internal error", task.id)
+                    outcome, conn = ("fatal", _Fatal(TransferError(ErrorCode.UNKNOWN, f"internal error: {err!r}",
+                                                                   url=task.request["url"]))), None
+                with self.lock:
+                    pool.active -= 1
+                    task.live.control = None
+                    ticket = self._settle(task, outcome)
+                    if ticket is not None:
+                        task.live.events_ready = False
+                if ticket is not None:
+                    try:
+                        self.writer.wait(ticket)
+                    except (JournalError, SessionInvalidatedError) as err:
+                        log.error("task %s: outcome not journaled: %s", task.id, err)
+                with self.lock:
+                    task.live.events_ready = True
+                    task.live.worker = False
+                    if ticket is not None:
+                        self._post_task_events(task)
+                    if task.phase is Phase.QUEUED and not self.closed:
+                        self._enqueue(task)  # resumed again while this attempt was stopping
+                    task.live.done.set()
+                    self.changed.notify_all()
+        finally:
+            self.threads.discard(threading.current_thread())
+
+    def _connection(self, url: str, pool: _HostPool, conn: Optional[http.client.HTTPConnection]
+                    ) -> Tuple[http.client.HTTPConnection, bool]:
+        """A connection for *url*'s origin: the worker's own, an idle one, or a new one."""
+        key = _origin(url)
+        if conn is not None and key == pool.key:
+            return conn, True
+        with self.lock:
+            idle = self._pool(key).take_connection()
+        if idle is not None:
+            return idle, True
+        scheme, host, port = key
+        timeout = self.config.timeout_for_request
+        if scheme == "https":
+            ctx = self.config.ssl_context or ssl.create_default_context()
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx), False
+        return http.client.HTTPConnection(host, port, timeout=timeout), False
+
+    def _headers(self, task: _TaskRecord, url: str, method: str, extra: Mapping[str, str]) -> Dict[str, str]:
+        live = task.live
+        headers: Dict[str, str] = {"User-Agent": f"bgsession/{__version__} Python/{sys.version.split()[0]}"}
+        for k, v in self.config.headers.pairs():
+            headers[k] = v
+        for k, v in task.request.get("headers", []):
+            headers[k] = v
+        same_origin = _origin(url) == _origin(task.request["url"])
+        if same_origin:
+            for k, v in live.secret_headers:
+                headers[k] = v
+        auth = live.auth_header
+        if auth is not None and live.auth_origin == _origin(url):
+            headers["Authorization"] = auth(method, url) if callable(auth) else auth
+        headers.update(extra)
+        return headers
+
+    def _send(self, task: _TaskRecord, control: _Control, url: str, method: str, pool: _HostPool,
+              conn: Optional[http.client.HTTPConnection], headers: Mapping[str, str],
+              body: Optional[Callable[[http.client.HTTPConnection], None]] = None
+              ) -> Tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        """Send one request; a reused keep-alive connection that turns out dead is replaced once."""
+        parts = urllib.parse.urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for attempt in (0, 1):
+            control.check()
+            c, reused = self._connection(url, pool, conn if attempt == 0 else None)
+            control.conn = c
+            try:
+                c.putrequest(method, target, skip_accept_encoding=True)
+                for k, v in headers.items():
+                    c.putheader(k, v)
+                c.endheaders()
+                if body is not None:
+                    body(c)
+                return c.getresponse(), c
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ConnectionAbortedError) as err:
+                c.close()
+                conn = None
+                control.check()
+                if not reused or attempt == 1:
+                    raise _classify_os_error(err) from err
+            except (OSError, http.client.HTTPException) as err:
+                c.close()
+                control.check()
+                if isinstance(err, ssl.SSLCertVerificationError):
+                    raise _Fatal(TransferError(ErrorCode.SERVER_CERTIFICATE_UNTRUSTED,
+                                               f"TLS certificate of {parts.hostname} not trusted: "
+                                               f"{err.verify_message}", url=url), keep_partial=True) from err
+                if isinstance(err, ssl.SSLError):
+                    raise _Fatal(TransferError(ErrorCode.SECURE_CONNECTION_FAILED, f"TLS failed: {err}", url=url)
+                                 ) from err
+                raise _classify_os_error(err) from err
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _drain(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> bool:
+        """Read and discard a small body so the connection can be reused; close it otherwise."""
+        try:
+            length = resp.length
+            if length is not None and length <= _DISCARD_LIMIT:
+                resp.read()
+                return True
+            if resp.chunked:
+                data = resp.read(_DISCARD_LIMIT + 1)
+                if len(data) <= _DISCARD_LIMIT and resp.isclosed():
+                    return True
+        except (OSError, http.client.HTTPException):
+            pass
+        conn.close()
+        return False
+
+    def _redirect(self, task: _TaskRecord, url: str, resp: http.client.HTTPResponse, hdrs: Headers,
+                  redirects: int) -> str:
+        if redirects >= MAX_REDIRECTS:
+            raise _Fatal(TransferError(ErrorCode.HTTP_TOO_MANY_REDIRECTS,
+                                       f"more than {MAX_REDIRECTS} redirects (last: {url})", url=url))
+        new = urllib.parse.urljoin(url, hdrs["Location"].strip())
+        try:
+            _check_url(new, "redirect URL")
+        except (TransferError, InvalidArgumentError) as err:
+            code = err.code if isinstance(err, TransferError) else ErrorCode.BAD_URL
+            raise _Fatal(TransferError(code, f"refused redirect from {url}: {err}", url=url)) from None
+        with self.lock:
+            self._record(task, "redirect", url=new)
+        return new
+
+    def _challenge(self, task: _TaskRecord, control: _Control, url: str, method: str, hdrs: Headers) -> bool:
+        """Handle a 401. True: retry the request with credentials; False: the 401 is the response."""
+        live = task.live
+        origin = _origin(url)
+        for scheme, params in parse_www_authenticate(hdrs.get_all("WWW-Authenticate")):
+            if scheme not in ("basic", "digest"):
+                continue
+            realm = params.get("realm")
+            key = (origin[1], origin[2], realm, scheme)
+            failures = live.failures.get(key, 0)
+            if scheme == "digest" and params.get("stale", "").lower() == "true" and failures > 0:
+                failures -= 1  # a stale nonce is not a wrong password
+            if failures >= _MAX_AUTH_FAILURES:
+                return False
+            with self.lock:
+                cred = self.credentials.get(key) if failures == 0 else None
+            if cred is None:
+                space = ProtectionSpace(origin[1], origin[2], realm, scheme, origin[0])
+                challenge = AuthChallenge(space, failures, Response(url, 401, hdrs))
+                disposition, cred = self._ask(task, control, challenge)
+                if disposition is AuthChallengeDisposition.CANCEL_AUTHENTICATION_CHALLENGE:
+                    raise _Fatal(TransferError(ErrorCode.USER_CANCELLED_AUTHENTICATION,
+                                               "authentication challenge cancelled by the app", url=url))
+                if disposition is AuthChallengeDisposition.REJECT_PROTECTION_SPACE:
+                    continue
+                if disposition is AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING:
+                    with self.lock:
+                        cred = self.credentials.get(key) if failures == 0 else None
+                if cred is None:
+                    return False
+                if cred.persistence is CredentialPersistence.FOR_SESSION:
+                    with self.lock:
+                        self.credentials[key] = cred
+            live.failures[key] = failures + 1
+            live.auth_origin = origin
+            if scheme == "basic":
+                live.auth_header = _basic_authorization(cred)
+            else:
+                counter = itertools.count(1)
+                chosen, p = cred, dict(params)
+
+                def digest(m: str, u: str, _c: Credential = chosen, _p: Dict[str, str] = p) -> str:
+                    parts = urllib.parse.urlsplit(u)
+                    uri = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                    return _digest_authorization(_c, _p, m, uri, next(counter))
+                live.auth_header = digest
+            return True
+        return False
+
+    def _ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge
+             ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+        while True:
+            with self.lock:
+                self.waiting_challenges += 1
+                try:
+                    while self.sink is None:
+                        control.check()
+                        if self.closed:
+                            raise _Stopped("close")
+                        self.changed.wait(1.0)
+                finally:
+                    self.waiting_challenges -= 1
+                sink = self.sink
+            try:
+                answer = sink.challenge(task.id, challenge, control)
+                break
+            except _SinkGone:
+                with self.lock:
+                    if self.sink is sink:
+                        self.sink = None
+        try:
+            disposition, cred = answer
+        except (TypeError, ValueError):
+            disposition, cred = None, None
+        if not isinstance(disposition, AuthChallengeDisposition):
+            log.warning("task_did_receive_challenge returned %r; performing default handling", answer)
+            return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
+        if disposition is AuthChallengeDisposition.USE_CREDENTIAL and not isinstance(cred, Credential):
+            log.warning("USE_CREDENTIAL without a Credential; performing default handling")
+            return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
+        return disposition, cred
+
+    def _progress(self, task: _TaskRecord, n: int, final: bool = False, upload: bool = False) -> None:
+        live = task.live
+        live.progress_pending += n
+        now = time.monotonic()
+        if live.progress_pending and (final or now - live.progress_at >= DEFAULT_PROGRESS_INTERVAL):
+            live.progress_at = now
+            sent, live.progress_pending = live.progress_pending, 0
+            if upload:
+                self._post(ProgressEvent(task.id, sent, live.sent, live.expected_send, True))
+            else:
+                self._post(ProgressEvent(task.id, sent, live.offset, live.expected))
+
+    def _sync_offset(self, task: _TaskRecord, fd: int) -> None:
+        offset = task.live.offset
+        _fsync(fd)
+        with self.lock:
+            if task.phase is not Phase.ACKNOWLEDGED and offset > task.durable_offset:
+                self._record(task, "progress", offset=offset, boot=_BOOT_ID)
+
+    def _attempt_download(self, task: _TaskRecord, control: _Control, pool: _HostPool,
+                          conn: Optional[http.client.HTTPConnection], buf: bytearray
+                          ) -> Tuple[Tuple[str, Any], Optional[http.client.HTTPConnection]]:
+        live = task.live
+        part = os.path.join(self.tmp, task.partial_name)
+        start_offset = live.offset
+        fd = -1
+        resp: Optional[http.client.HTTPResponse] = None
+        try:
+            try:
+                fd = _open_private(part, os.O_RDWR | os.O_CREAT)
+                size = os.fstat(fd).st_size
+            except OSError as err:
+                raise _Fatal(TransferError(ErrorCode.CANNOT_CREATE_FILE, f"cannot create {part}: {err}",
+                                           url=task.current_url)) from err
+            if live.offset > size:
+                live.offset = size
+            start_offset = live.offset
+            url = task.request["url"]
+            redirects = rerequests = 0
+            while True:
+                control.check()
+                asked = live.offset > 0 and task.validator is not None and not live.rerequest
+                extra = {"Accept-Encoding": "identity"}
+                if asked:
+                    assert task.validator is not None
+                    extra["Range"] = f"bytes={live.offset}-"
+                    extra["If-Range"] = task.validator.get("etag") or task.validator["last_modified"]
+                headers = self._headers(task, url, "GET", extra)
+                resp, conn = self._send(task, control, url, "GET", pool, conn, headers)
+                hdrs = Headers(resp.getheaders())
+                status = resp.status
+                if status in (301, 302, 303, 307, 308) and "Location" in hdrs:
+                    self._drain(resp, conn)
+                    url = self._redirect(task, url, resp, hdrs, redirects)
+                    redirects += 1
+                    continue
+                if status == 401 and "WWW-Authenticate" in hdrs and self._challenge(task, control, url, "GET", hdrs):
+                    self._drain(resp, conn)
+                    continue
+                if live.retry.is_retryable_status(status) and not live.retry.increment().is_exhausted():
+                    self._drain(resp, conn)
+                    raise _Retryable(ErrorCode.BAD_SERVER_RESPONSE, f"HTTP {status} from {url}",
+                                     retry_after=hdrs.get("Retry-After"))
+                plan = plan_response(live.offset, asked, status, hdrs, task.total)
+                if plan.action == "rerequest":
+                    self._drain(resp, conn)
+                    rerequests += 1
+                    if rerequests > _MAX_REREQUESTS:
+                        raise _Retryable(ErrorCode.CANNOT_RESUME, f"server keeps answering unusable ranges: "
+                                                                  f"{plan.reason}")
+                    log.info("task %s: %s; asking for the whole entity", task.id, plan.reason)
+                    live.rerequest = True
+                    continue
+                response_rec = Response(url, status, hdrs)._to_record()
+                if plan.action == "complete":
+                    self._drain(resp, conn)
+                    return self._finalize(task, fd, part, task.response or response_rec), conn
+                # write the body at plan.start
+                had_data = size > plan.start or live.offset > plan.start
+                if had_data:
+                    os.ftruncate(fd, plan.start)
+                    size = plan.start
+                validator = resume_validator(hdrs) if plan.resumable else None
+                with self.lock:
+                    ticket = self._record(task, "response", response=response_rec, start=plan.start,
+                                          total=plan.total, validator=validator, boot=_BOOT_ID)
+                if had_data and plan.start == 0:
+                    self.writer.wait(ticket)  # a restart is durable before its first byte
+                live.offset = plan.start
+                live.expected = plan.total if plan.total is not None else -1
+                live.rerequest = False
+                if plan.reason:
+                    log.info("task %s: restarting from zero: %s", task.id, plan.reason)
+                self._stream(task, control, resp, fd, buf)
+                size = live.offset
+                if plan.total is not None and live.offset < plan.total:
+                    if task.validator is None:
+                        raise _Retryable(ErrorCode.NETWORK_CONNECTION_LOST,
+                                         f"body ended at {live.offset} of {plan.total} bytes")
+                    continue  # the server sent a shorter range than asked: ask for the rest
+                if plan.total is not None and live.offset > plan.total:
+                    raise _Fatal(TransferError(ErrorCode.BAD_SERVER_RESPONSE,
+                                               f"server sent {live.offset} bytes of a {plan.total}-byte entity",
+                                               url=url), keep_partial=False)
+                return self._finalize(task, fd, part, _entity_response(response_rec)), conn
+        except _Stopped as stop:
+            if conn is not None:
+                conn.close()
+            if fd >= 0 and stop.args[0] in ("suspend", "close", "cancel"):
+                self._sync_quietly(task, fd)
+            return ("stopped", stop.args[0]), None
+        except _Retryable as err:
+            if conn is not None:
+                conn.close()
+            if control.reason is not None:
+                if fd >= 0:
+                    self._sync_quietly(task, fd)
+                return ("stopped", control.reason), None
+            if fd >= 0:
+                self._sync_quietly(task, fd)
+            return ("retry", (err, live.offset > start_offset)), None
+        except _Fatal as fatal:
+            if conn is not None:
+                conn.close()
+            return ("fatal", fatal), None
+        finally:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _sync_quietly(self, task: _TaskRecord, fd: int) -> None:
+        try:
+            self._sync_offset(task, fd)
+        except OSError as err:
+            log.warning("task %s: cannot sync partial data: %s", task.id, err)
+
+    def _stream(self, task: _TaskRecord, control: _Control, resp: http.client.HTTPResponse, fd: int,
+                buf: bytearray) -> None:
+        """Copy the body into the partial file at the current offset, with progress and fsync ticks."""
+        live = task.live
+        view = memoryview(buf)
+        os.lseek(fd, live.offset, os.SEEK_SET)
+        last_sync = time.monotonic()
+        unsynced = 0
+        while True:
+            try:
+                n = resp.readinto(view)
+            except (OSError, http.client.HTTPException) as err:
+                if isinstance(err, http.client.IncompleteRead) and err.partial:
+                    pass
+                control.check()
+                raise _classify_os_error(err) from err
+            if not n:
+                break
+            try:
+                chunk = view[:n]
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk):]
+            except OSError as err:
+                code = ErrorCode.CANNOT_WRITE_TO_FILE
+                raise _Fatal(TransferError(code, f"cannot write the download: {err.strerror or err}",
+                                           url=task.current_url)) from err
+            live.offset += n
+            unsynced += n
+            self._progress(task, n)
+            control.check()
+            now = time.monotonic()
+            if unsynced >= DEFAULT_SYNC_BYTES or now - last_sync >= DEFAULT_SYNC_INTERVAL:
+                self._sync_offset(task, fd)
+                unsynced, last_sync = 0, now
+                if self._resource_expired(task):
+                    raise _Fatal(TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded",
+                                               url=task.current_url))
+        self._progress(task, 0, final=True)
+
+    def _finalize(self, task: _TaskRecord, fd: int, part: str, response: Dict[str, Any]
+                  ) -> Tuple[str, Dict[str, Any]]:
+        """Verify, fsync, rename to ``<id>.done``, fsync the directory: then the record may point to it."""
+        expected = task.request.get("sha256")
+        try:
+            if expected:
+                digest = hashlib.sha256()
+                os.lseek(fd, 0, os.SEEK_SET)
+                while True:
+                    block = os.read(fd, 1 << 20)
+                    if not block:
+                        break
+                    digest.update(block)
+                if digest.hexdigest() != expected:
+                    raise _Fatal(TransferError(ErrorCode.INTEGRITY_MISMATCH,
+                                               f"SHA-256 {digest.hexdigest()} does not match the expected "
+                                               f"{expected}", url=task.current_url), keep_partial=False)
+            _fsync(fd)
+            done_name = f"{task.id}.done"
+            os.replace(part, os.path.join(self.tmp, done_name))
+            _fsync_dir(self.tmp)
+        except OSError as err:
+            raise _Fatal(TransferError(ErrorCode.CANNOT_WRITE_TO_FILE, f"cannot finish the file: {err}",
+                                       url=task.current_url)) from err
+        return "finished", {"file": done_name, "response": response, "error": None}
+
+    def _attempt_upload(self, task: _TaskRecord, control: _Control, pool: _HostPool,
+                        conn: Optional[http.client.HTTPConnection]
+                        ) -> Tuple[Tuple[str, Any], Optional[http.client.HTTPConnection]]:
+        live = task.live
+        info = task.upload or {}
+        path = info.get("path", "")
+        try:
+            try:
+                st = os.stat(path)
+            except OSError as err:
+                raise _Fatal(TransferError(ErrorCode.FILE_DOES_NOT_EXIST,
+                                           f"upload source {path} cannot be read: {err.strerror or err}",
+                                           url=task.request["url"])) from err
+            if (st.st_size, st.st_mtime_ns) != (info.get("size"), info.get("mtime_ns")):
+                raise _Fatal(TransferError(ErrorCode.SOURCE_FILE_CHANGED,
+                                           f"upload source {path} changed since resume() (size/mtime); "
+                                           "refusing to upload a mix of two versions", url=task.request["url"]))
+            url, method = task.request["url"], task.request.get("method", "PUT")
+            redirects = 0
+            while True:
+                control.check()
+                live.sent = 0
+                extra = {"Content-Length": str(st.st_size)}
+                headers = self._headers(task, url, method, extra)
+
+                def body(c: http.client.HTTPConnection) -> None:
+                    with open(path, "rb") as f:
+                        while True:
+                            block = f.read(256 << 10)
+                            if not block:
+                                break
+                            c.send(block)
+                            live.sent += len(block)
+                            self._progress(task, len(block), upload=True)
+                            control.check()
+                    self._progress(task, 0, final=True, upload=True)
+                    if live.sent != st.st_size:
+                        raise _Fatal(TransferError(ErrorCode.SOURCE_FILE_CHANGED,
+                                                   f"upload source {path} changed while it was sent",
+                                                   url=url))
+
+                resp, conn = self._send(task, control, url, method, pool, conn, headers, body)
+                hdrs, status = Headers(resp.getheaders()), resp.status
+                if status in (301, 302, 303, 307, 308) and "Location" in hdrs:
+                    self._drain(resp, conn)
+                    url = self._redirect(task, url, resp, hdrs, redirects)
+                    redirects += 1
+                    if status in (301, 302, 303) and method != "PUT":
+                        raise _Fatal(TransferError(ErrorCode.BAD_SERVER_RESPONSE,
+                                                   f"upload redirected with {status}, which would drop the body",
+                                                   url=url))
+                    continue
+                if status == 401 and "WWW-Authenticate" in hdrs and self._challenge(task, control, url, method, hdrs):
+                    self._drain(resp, conn)
+                    continue
+                if live.retry.is_retryable_status(status) and not live.retry.increment().is_exhausted():
+                    self._drain(resp, conn)
+                    raise _Retryable(ErrorCode.BAD_SERVER_RESPONSE, f"HTTP {status} from {url}",
+                                     retry_after=hdrs.get("Retry-After"))
+                body_name = f"{task.id}.body"
+                fd = _open_private(os.path.join(self.tmp, body_name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                try:
+                    while True:
+                        block = resp.read(64 << 10)
+                        if not block:
+                            break
+                        os.write(fd, block)
+                    _fsync(fd)
+                finally:
+                    os.close(fd)
+                _fsync_dir(self.tmp)
+                return ("finished", {"file": body_name, "response": Response(url, status, hdrs)._to_record(),
+                                     "error": None}), conn
+        except _Stopped as stop:
+            if conn is not None:
+                conn.close()
+            return ("stopped", stop.args[0]), None
+        except _Retryable as err:
+            if conn is not None:
+                conn.close()
+            if control.reason is not None:
+                return ("stopped", control.reason), None
+            return ("retry", (err, False)), None
+        except _Fatal as fatal:
+            if conn is not None:
+                conn.close()
+            return ("fatal", fatal), None
+        except OSError as err:
+            if conn is not None:
+                conn.close()
+            return ("retry", (_classify_os_error(err), False)), None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        log.warning("cannot remove %s: %s", path, err)
+
+
+# ============================================================================
+# Session
+# ============================================================================
+
+#: Open unless an app-lifecycle shim (appdelegate.main) holds hook delivery until
+#: ``handle_events_for_background_url_session`` has returned.
+_delivery_gate = threading.Event()
+_delivery_gate.set()
+
+
+def _hold_delivery() -> None:
+    """Hold every session's hook delivery (used by ``appdelegate`` during a background launch)."""
+    _delivery_gate.clear()
+
+
+def _release_delivery() -> None:
+    _delivery_gate.set()
+
+
+def _background_launch_identifier() -> Optional[str]:
+    return os.environ.get(BACKGROUND_EVENTS_ENV) or None
+
+
+class SessionDelegate:
+    """Session-level hooks, Apple style: override the ones you need.
+
+    They run serially on the session's delegate thread, never concurrently, and
+    only after the Session (or SessionManager, subclass ``__init__`` included)
+    is fully constructed. Register them again every time the app re-creates the
+    session: that is what makes them survive a relaunch.
+    """
+
+    def download_task_did_finish_downloading(self, session: "Session", task: "DownloadTask",
+                                             location: str) -> None:
+        """The file is complete at *location*; move or open it before returning (it is deleted after)."""
+
+    def download_task_did_write_data(self, session: "Session", task: "DownloadTask", bytes_written: int,
+                                     total_bytes_written: int, total_bytes_expected: int) -> None:
+        """Progress (throttled); *total_bytes_expected* is -1 when unknown."""
+
+    def task_did_send_body_data(self, session: "Session", task: "Task", bytes_sent: int,
+                                total_bytes_sent: int, total_bytes_expected: int) -> None:
+        """Upload progress (throttled)."""
+
+    def task_did_receive_challenge(self, session: "Session", task: "Task", challenge: AuthChallenge
+                                   ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+        """A 401: return (disposition, credential). Default: use the session's stored credential, if any."""
+        return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
+
+    def task_did_complete(self, session: "Session", task: "Task", error: Optional[TransferError]) -> None:
+        """The task ended. *error* is None for any HTTP response (check ``task.response.status``)."""
+
+    def did_finish_events_for_background_session(self, session: "Session") -> None:
+        """Every event that waited for the app was delivered: call the saved completion handler here."""
+
+    def did_become_invalid(self, session: "Session", error: Optional[BaseException]) -> None:
+        """The session was invalidated; its identifier may be used again."""
+
+
+class Task:
+    """A transfer in a session (``NSURLSessionTask``). Get one from the session; never construct it."""
+
+    def __init__(self, session: "Session", identifier: int, info: Dict[str, Any]) -> None:
+        self._session = session
+        self._identifier = identifier
+        self._cache = info
+
+    def _info(self) -> Dict[str, Any]:
+        try:
+            self._cache = self._session._backend.task_info(self._identifier)
+        except (InvalidArgumentError, SessionInvalidatedError, BGSessionError):
+            pass  # acknowledged and compacted away, or session closed: the last known state stands
+        return self._cache
+
+    @property
+    def identifier(self) -> int:
+        """Unique in its session, stable across relaunches."""
+        return self._identifier
+
+    @property
+    def description(self) -> Optional[str]:
+        """App-owned text (e.g. ``"photo:42"``): persisted, restored after a relaunch, never changed by bgsession."""
+        return self._info()["description"]
+
+    @description.setter
+    def description(self, value: Optional[str]) -> None:
+        self._session._backend.set_description(self._identifier, value)
+        self._cache = dict(self._cache, description=value)
+
+    @property
+    def original_request(self) -> Request:
+        return Request._from_record(self._info()["request"])
+
+    @property
+    def current_request(self) -> Request:
+        info = self._info()
+        return Request._from_record(info["request"])._with_url(info["current_url"])
+
+    @property
+    def response(self) -> Optional[Response]:
+        return Response._from_record(self._info()["response"])
+
+    @property
+    def state(self) -> TaskState:
+        return TaskState(self._info()["state"])
+
+    @property
+    def error(self) -> Optional[TransferError]:
+        rec = self._info()["error"]
+        return TransferError._from_record(rec) if rec else None
+
+    @property
+    def count_of_bytes_received(self) -> int:
+        return int(self._info()["received"])
+
+    @property
+    def count_of_bytes_expected_to_receive(self) -> int:
+        return int(self._info()["expected"])
+
+    @property
+    def count_of_bytes_sent(self) -> int:
+        return int(self._info()["sent"])
+
+    @property
+    def count_of_bytes_expected_to_send(self) -> int:
+        return int(self._info()["expected_send"])
+
+    def resume(self) -> None:
+        """Start (tasks are created suspended) or continue. Durable when it returns."""
+        self._session._backend.resume(self._identifier)
+
+    def suspend(self) -> None:
+        """Pause; the partial data is kept and ``resume()`` continues with a Range request."""
+        self._session._backend.suspend(self._identifier)
+
+    def cancel(self) -> None:
+        """End the task; ``task_did_complete`` gets a TransferError with code CANCELLED."""
+        self._session._backend.cancel(self._identifier, False)
+
+    def __repr__(self) -> str:
+        info = self._cache
+        return (f"<{type(self).__name__} {self._identifier} {TaskState(info['state']).name} "
+                f"{info['request']['url']!r} description={info['description']!r}>")
+
+
+class DownloadTask(Task):
+    def cancel_producing_resume_data(self) -> Optional[bytes]:
+        """Cancel and return opaque resume data for ``download_task_with_resume_data`` (None if not resumable)."""
+        return self._session._backend.cancel(self._identifier, True)
+
+
+class UploadTask(Task):
+    @property
+    def response_data(self) -> Optional[bytes]:
+        """The server's response body, readable until ``task_did_complete`` returns."""
+        info = self._info()
+        path = info.get("body_path")
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+
+_TASK_CLASSES = {"download": DownloadTask, "upload": UploadTask}
+
+
+class _Answer:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: Any = None
+
+
+class _Delivery:
+    """The delegate thread: runs hooks serially and acknowledges each after it returns."""
+
+    def __init__(self, session: "Session") -> None:
+        self.session = session
+        self.cond = threading.Condition()
+        self.queue: collections.deque = collections.deque()
+        self.busy = False
+        self.stopping = False
+        self.generation = 0  # bumped after every event, for waiters
+        self.finish_pending = False
+        self.held: "set[int]" = set()  # tasks whose hook raised: redelivered at the next launch
+        self.queued: "set[Tuple[int, str]]" = set()  # durable events taken in (a reconnect re-sends them)
+        self.returned: "set[Tuple[int, str]]" = set()  # hooks that returned, in case their ack was lost
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"bgsession-delegate-{session.configuration.identifier or 'default'}")
+
+    # called by the core (possibly under its lock): never block here
+    def post(self, event: Any) -> None:
+        with self.cond:
+            if isinstance(event, (FinishedEvent, CompletedEvent)):
+                key = (event.task_id, "finish" if isinstance(event, FinishedEvent) else "complete")
+                if key in self.returned:
+                    event = ("reack",) + key  # the hook returned before; only the ack was lost
+                elif key in self.queued:
+                    return
+                else:
+                    self.queued.add(key)
+            if isinstance(event, ProgressEvent) and self.queue:
+                last = self.queue[-1]
+                if isinstance(last, ProgressEvent) and last.task_id == event.task_id and last.upload == event.upload:
+                    self.queue[-1] = dataclasses.replace(event, bytes_written=last.bytes_written + event.bytes_written)
+                    return
+            self.queue.append(event)
+            self.cond.notify_all()
+
+    def challenge(self, tid: int, challenge: AuthChallenge, control: Optional[_Control] = None
+                  ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+        answer = _Answer()
+        self.post(("challenge", tid, challenge, answer))
+        while not answer.event.wait(0.5):
+            if control is not None:
+                control.check()
+            if self.stopping:
+                raise _Stopped("close")
+        return answer.value
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(30.0)
+
+    def _durable_queued(self) -> bool:
+        return any(isinstance(e, (FinishedEvent, CompletedEvent)) for e in self.queue)
+
+    def idle(self) -> bool:
+        return not self.queue and not self.busy
+
+    def _run(self) -> None:
+        while not _delivery_gate.wait(0.5):
+            if self.stopping:
+                return
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    self.cond.notify_all()
+                    return
+                event = self.queue.popleft()
+                self.busy = True
+            try:
+                self._dispatch(event)
+            except Exception:  # pragma: no cover - _dispatch guards every hook itself
+                log.exception("bgsession delegate thread: unexpected error")
+            with self.cond:
+                fire = self.finish_pending and not self._durable_queued()
+                if fire:
+                    self.finish_pending = False
+            if fire:
+                self._hook("did_finish_events_for_background_session", self.session)
+            with self.cond:
+                self.busy = False
+                self.generation += 1
+                self.cond.notify_all()
+            self.session._after_event()
+
+    def _hook(self, name: str, *args: Any) -> Tuple[bool, Any]:
+        delegate = self.session.delegate
+        fn = getattr(delegate, name, None) if delegate is not None else None
+        if fn is None:
+            return True, None
+        try:
+            return True, fn(*args)
+        except Exception:
+            log.exception("session hook %s raised; its event is not acknowledged and will be delivered "
+                          "again when the session is next created", name)
+            return False, None
+
+    def _dispatch(self, event: Any) -> None:
+        session = self.session
+        if isinstance(event, ProgressEvent):
+            task = session._task_object(event.task_id)
+            name = "task_did_send_body_data" if event.upload else "download_task_did_write_data"
+            self._hook(name, session, task, event.bytes_written, event.total_written, event.total_expected)
+        elif isinstance(event, FinishedEvent):
+            if event.task_id in self.held:
+                return
+            task = session._task_object(event.task_id)
+            ok, _ = self._hook("download_task_did_finish_downloading", session, task, event.location)
+            if ok:
+                self.returned.add((event.task_id, "finish"))
+                session._backend.ack(event.task_id, "finish")
+            else:
+                self.held.add(event.task_id)
+        elif isinstance(event, CompletedEvent):
+            if event.task_id in self.held:
+                return
+            task = session._task_object(event.task_id)
+            task._info()
+            ok, _ = self._hook("task_did_complete", session, task, event.error)
+            if ok:
+                task._info()
+                self.returned.add((event.task_id, "complete"))
+                session._backend.ack(event.task_id, "complete")
+                task._cache = dict(task._cache, state=int(TaskState.COMPLETED), events=[], body_path=None)
+                for kind in ("finish", "complete"):
+                    self.returned.discard((event.task_id, kind))
+                    self.queued.discard((event.task_id, kind))
+            else:
+                self.held.add(event.task_id)
+        elif isinstance(event, BacklogEnd):
+            bg = _background_launch_identifier() == session.configuration.identifier
+            if event.had_events or bg:
+                self.finish_pending = True
+        elif isinstance(event, tuple) and event[0] == "challenge":
+            _, tid, challenge, answer = event
+            task = session._task_object(tid)
+            ok, value = self._hook("task_did_receive_challenge", session, task, challenge)
+            if not ok or not (isinstance(value, tuple) and len(value) == 2):
+                if ok:
+                    log.warning("task_did_receive_challenge must return (disposition, credential), not %r", value)
+                value = (AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None)
+            answer.value = value
+            answer.event.set()
+        elif isinstance(event, tuple) and event[0] == "reack":
+            session._backend.ack(event[1], event[2])
+        elif isinstance(event, tuple) and event[0] == "invalidated":
+            self._hook("did_become_invalid", session, event[1])
+        elif isinstance(event, tuple) and event[0] == "call":
+            event[1]()
+
+
+class Session:
+    """A session of transfers (``NSURLSession``).
+
+    ``Session(Configuration.background("com.example.app"), delegate=MyDelegate())``
+    recovers the identifier's journal, resumes its unfinished transfers and, once
+    constructed, delivers every event that waited (then
+    ``did_finish_events_for_background_session``). One live session per
+    identifier: another one, in any thread or process, raises TransferError
+    BACKGROUND_SESSION_IN_USE until this one is closed or invalidated.
+    """
+
+    def __init__(self, configuration: Configuration, delegate: Optional[SessionDelegate] = None, *,
+                 _deferred: bool = False, _clock: Optional[_Clock] = None) -> None:
+        if not isinstance(configuration, Configuration):
+            raise _invalid(f"configuration must be a bgsession.Configuration, not {type(configuration).__name__}")
+        self.configuration = configuration
+        self.delegate = delegate
+        self._objects: Dict[int, Task] = {}
+        self._objects_lock = threading.Lock()
+        self._invalidating: Optional[str] = None
+        self._invalid = False
+        self._delivery = _Delivery(self)
+        self._backend: Any = _open_backend(configuration, _clock)
+        self._started = False
+        if not _deferred:
+            self._start_delivery()
+
+    def _start_delivery(self) -> None:
+        """Begin delivering events: called once construction (subclass ``__init__`` included) is complete."""
+        if self._started:
+            return
+        self._started = True
+        self._delivery.start()
+        self._backend.attach(self._delivery)
+
+    # -- tasks ----------------------------------------------------------------------
+    @property
+    def identifier(self) -> Optional[str]:
+        return self.configuration.identifier
+
+    def _check_usable(self) -> None:
+        if self._invalid or self._invalidating:
+            raise SessionInvalidatedError(f"session {self.identifier!r} was invalidated; create a new Session")
+
+    def _task_object(self, tid: int) -> Task:
+        with self._objects_lock:
+            obj = self._objects.get(tid)
+        if obj is None:
+            info = self._backend.task_info(tid)
+            obj = _TASK_CLASSES.get(info["kind"], Task)(self, tid, info)
+            with self._objects_lock:
+                obj = self._objects.setdefault(tid, obj)
+        return obj
+
+    def download_task(self, request: Union[str, Request], *, description: Optional[str] = None) -> DownloadTask:
+        """A download task, suspended: call ``resume()`` to start it."""
+        self._check_usable()
+        req = _coerce_request(request)
+        if req.method not in ("GET",):
+            raise _invalid(f"download tasks use GET, not {req.method}; use upload_task to send a body")
+        tid = self._backend.create_task("download", req, description)
+        return self._task_object(tid)  # type: ignore[return-value]
+
+    def upload_task(self, request: Union[str, Request], from_file: Any = None, *,
+                    description: Optional[str] = None, **kwargs: Any) -> UploadTask:
+        """An upload of a file's contents (PUT by default; POST if the Request says so).
+
+        Background uploads come from a file only, as on iOS (which aborts on data
+        uploads in background sessions): a file can be read again after a
+        relaunch; bytes in this process's memory cannot.
+        """
+        self._check_usable()
+        if kwargs:
+            raise _invalid(f"upload_task got unexpected arguments {sorted(kwargs)}; background uploads "
+                           "come from a file only (from_file=path)")
+        if isinstance(from_file, (bytes, bytearray, memoryview)) or hasattr(from_file, "read"):
+            raise _invalid("upload_task needs from_file=<path>: uploads from bytes or streams are refused because "
+                           "they cannot survive a relaunch (iOS aborts on them in background sessions too); "
+                           "write the data to a file first")
+        if not isinstance(from_file, (str, os.PathLike)):
+            raise _invalid(f"from_file must be a path, not {type(from_file).__name__}")
+        path = os.path.abspath(os.fspath(from_file))
+        if not os.path.isfile(path):
+            raise TransferError(ErrorCode.FILE_DOES_NOT_EXIST, f"upload source {path} does not exist or is not a "
+                                                                "regular file")
+        req = _coerce_request(request)
+        if req.method == "GET":
+            req = dataclasses.replace(req, method="PUT", headers=dict(req.headers.pairs()))
+        tid = self._backend.create_task("upload", req, description, upload_path=path)
+        return self._task_object(tid)  # type: ignore[return-value]
+
+    def download_task_with_resume_data(self, resume_data: bytes, *, description: Optional[str] = None
+                                       ) -> DownloadTask:
+        """Continue a cancelled or failed download. Bad or stale data fails the task via ``task_did_complete``."""
+        self._check_usable()
+        if not isinstance(resume_data, (bytes, bytearray)):
+            raise _invalid(f"resume_data must be bytes, not {type(resume_data).__name__}")
+        parsed, problem = _parse_resume_data(bytes(resume_data))
+        if parsed is None:
+            tid = self._backend.create_task("download", Request("http://invalid.invalid/"), description,
+                                            resume={"invalid": problem})
+        else:
+            req = Request._from_record(parsed["request"])
+            tid = self._backend.create_task("download", req, description, resume=parsed)
+        return self._task_object(tid)  # type: ignore[return-value]
+
+    def get_tasks(self) -> List[Task]:
+        """Tasks not yet completed and delivered, including those re-created after a relaunch."""
+        return [self._task_object(info["id"]) for info in self._backend.tasks()]
+
+    # -- waiting and ending -------------------------------------------------------------------
+    def _settled(self) -> bool:
+        held = self._delivery.held
+        pending = [i for i in self._backend.tasks() if i["id"] not in held]
+        return not pending and self._delivery.idle()
+
+    def _after_event(self) -> None:
+        if self._invalidating and not self._invalid and self._settled():
+            self._become_invalid()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until every task has completed and its events were delivered. False on timeout.
+
+        Suspended tasks count as not completed. A task whose hook raised counts as
+        delivered for this process (it is delivered again at the next launch).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delivery = self._delivery
+        while True:
+            with delivery.cond:
+                generation = delivery.generation
+            # never call the backend while holding the delivery lock: a daemon reply may be
+            # queued behind an event that needs it
+            if self._invalid or self._settled():
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            with delivery.cond:
+                if delivery.generation == generation:
+                    delivery.cond.wait(0.5 if remaining is None else min(0.5, remaining))
+
+    def finish_tasks_and_invalidate(self) -> None:
+        """No new tasks; running ones finish and are delivered; then ``did_become_invalid``."""
+        if self._invalid or self._invalidating:
+            return
+        self._invalidating = "finish"
+        self._delivery.post(("call", self._after_event))
+
+    def invalidate_and_cancel(self) -> None:
+        """Cancel every task (CANCELLED); after their events, ``did_become_invalid``."""
+        if self._invalid or self._invalidating:
+            return
+        self._invalidating = "cancel"
+        for info in self._backend.tasks():
+            if info["phase"] not in (Phase.DELIVERING.value, Phase.ACKNOWLEDGED.value):
+                self._backend.cancel(info["id"], False)
+        self._delivery.post(("call", self._after_event))
+
+    def _become_invalid(self) -> None:
+        self._invalid = True
+        self._delivery._hook("did_become_invalid", self, None)
+        self._backend.detach(self._delivery)
+        self._backend.close()
+        with self._delivery.cond:
+            self._delivery.stopping = True
+            self._delivery.cond.notify_all()
+
+    def close(self) -> None:
+        """Detach as if this process exited: transfers stop here and resume at the next launch
+        (the daemon host keeps them running). Releases the identifier for another Session."""
+        if self._invalid:
+            return
+        self._invalid = True
+        self._delivery.stop()
+        self._backend.detach(self._delivery)
+        self._backend.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.identifier!r} host={self.configuration.host}>"
+
+
+def _parse_resume_data(data: bytes) -> Tuple[Optional[Dict[str, Any]], str]:
+    """Validate resume data: version, fields, and the partial file it refers to."""
+    if not data.startswith(_RESUME_MAGIC):
+        return None, "resume data is not bgsession resume data (or of an unknown version)"
+    try:
+        body = json.loads(data[len(_RESUME_MAGIC):])
+        request = Request._from_record(body["request"])
+        path, size = str(body["file"]), int(body["size"])
+        validator = body["validator"]
+        if not isinstance(validator, dict) or not (validator.get("etag") or validator.get("last_modified")):
+            raise ValueError("no validator")
+    except (ValueError, KeyError, TypeError, BGSessionError) as err:
+        return None, f"resume data is malformed ({err})"
+    try:
+        actual = os.path.getsize(path)
+    except OSError:
+        return None, f"resume data is stale: its partial file {path} no longer exists"
+    if actual < size:
+        return None, f"resume data is stale: its partial file {path} has {actual} bytes, not {size}"
+    return {"request": request._to_record(), "file": path,
+            "fields": {"validator": validator, "total": body.get("total"), "durable_offset": size,
+                       "boot": None, "response": body.get("response")}}, ""
+
+
+class _TaskBlocks:
+    __slots__ = ("progress", "destination", "completion_handler", "file_path")
+
+    def __init__(self, progress: Optional[Callable[..., Any]], destination: Optional[Callable[..., Any]],
+                 completion_handler: Optional[Callable[..., Any]]) -> None:
+        self.progress, self.destination, self.completion_handler = progress, destination, completion_handler
+        self.file_path: Optional[str] = None
+
+
+def _move_file(src: str, dest: str) -> None:
+    """Move a finished download to *dest* (replacing it), durably; the source stays until the ack."""
+    parent = os.path.dirname(os.path.abspath(dest)) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.replace(src, dest)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+            tmp = f"{dest}.bgsession-{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                _fsync(f.fileno())
+            os.replace(tmp, dest)
+        _fsync_dir(parent)
+    except OSError as err:
+        raise TransferError(ErrorCode.CANNOT_MOVE_FILE,
+                            f"cannot move the download to {dest}: {err.strerror or err}; the file stays in "
+                            "the session and is delivered again at the next launch") from err
+
+
+class _ManagerMeta(type):
+    """Starts delivery after the *whole* construction, a subclass ``__init__`` included."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        obj = super().__call__(*args, **kwargs)
+        obj.session._start_delivery()
+        return obj
+
+
+class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
+    """AFURLSessionManager for Python: the Session's delegate, configured with blocks.
+
+    Set the session-level blocks in ``__init__`` (of your subclass, as the seed
+    does): delivery starts only after it returns, so no event can arrive before
+    them. Task-level blocks given to :meth:`download_task` live in this process's
+    memory only and die with it; after a relaunch only session-level blocks fire.
+
+    The finish block returns a destination path (or None); the manager moves the
+    file there. Check the status first, as the seed does::
+
+        def destination(session, task, location):
+            if task.response is None or task.response.status != 200:
+                return None          # no file for a 404 page
+            return os.path.join(documents, task.response.suggested_filename)
+        manager.set_download_task_did_finish_downloading(destination)
+    """
+
+    def __init__(self, configuration: Optional[Configuration] = None) -> None:
+        self._blocks: Dict[str, Callable[..., Any]] = {}
+        self._task_blocks: Dict[int, _TaskBlocks] = {}
+        self._task_blocks_lock = threading.Lock()
+        self.session = Session(configuration or Configuration.default(), delegate=self, _deferred=True)
+
+    # -- block setters (AFURLSessionManager names) ----------------------------------------
+    def set_download_task_did_finish_downloading(self, fn: Optional[Callable[..., Optional[str]]]) -> None:
+        """fn(session, task, location) -> destination path or None."""
+        self._set("finish", fn)
+
+    def set_task_did_complete(self, fn: Optional[Callable[..., None]]) -> None:
+        """fn(session, task, error)."""
+        self._set("complete", fn)
+
+    def set_did_finish_events_for_background_session(self, fn: Optional[Callable[..., None]]) -> None:
+        """fn(session): call the completion handler saved by handle_events_for_background_url_session."""
+        self._set("events", fn)
+
+    def set_download_task_did_write_data(self, fn: Optional[Callable[..., None]]) -> None:
+        """fn(session, task, bytes_written, total_bytes_written, total_bytes_expected)."""
+        self._set("write", fn)
+
+    def set_task_did_send_body_data(self, fn: Optional[Callable[..., None]]) -> None:
+        """fn(session, task, bytes_sent, total_bytes_sent, total_bytes_expected)."""
+        self._set("send", fn)
+
+    def set_task_did_receive_authentication_challenge(self, fn: Optional[Callable[..., Any]]) -> None:
+        """fn(session, task, challenge) -> (AuthChallengeDisposition, Credential | None)."""
+        self._set("challenge", fn)
+
+    def set_session_did_become_invalid(self, fn: Optional[Callable[..., None]]) -> None:
+        """fn(session, error)."""
+        self._set("invalid", fn)
+
+    def _set(self, name: str, fn: Optional[Callable[..., Any]]) -> None:
+        if fn is not None and not callable(fn):
+            raise _invalid(f"expected a callable or None, not {type(fn).__name__}")
+        if fn is None:
+            self._blocks.pop(name, None)
+        else:
+            self._blocks[name] = fn
+
+    # -- tasks ----------------------------------------------------------------------
+    def _remember(self, task: Task, progress: Any, destination: Any, completion_handler: Any) -> None:
+        if progress is None and destination is None and completion_handler is None:
+            return
+        for fn in (progress, destination, completion_handler):
+            if fn is not None and not callable(fn):
+                raise _invalid(f"task blocks must be callables, not {type(fn).__name__}")
+        if self.session.configuration.is_background:
+            log.warning("task-level blocks given to background session %r live in this process only; after a "
+                        "relaunch only the session-level blocks (set_...) fire", self.session.identifier)
+        with self._task_blocks_lock:
+            self._task_blocks[task.identifier] = _TaskBlocks(progress, destination, completion_handler)
+
+    def download_task(self, request: Union[str, Request], progress: Optional[Callable[[int, int], None]] = None,
+                      destination: Optional[Callable[[str, Optional[Response]], Optional[str]]] = None,
+                      completion_handler: Optional[Callable[..., None]] = None, *,
+                      description: Optional[str] = None) -> DownloadTask:
+        """A suspended download task; optional task-level blocks (in memory only):
+        progress(total_bytes_written, total_bytes_expected), destination(location, response) -> path,
+        completion_handler(response, file_path, error)."""
+        task = self.session.download_task(request, description=description)
+        self._remember(task, progress, destination, completion_handler)
+        return task
+
+    def upload_task(self, request: Union[str, Request], from_file: Any,
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    completion_handler: Optional[Callable[..., None]] = None, *,
+                    description: Optional[str] = None) -> UploadTask:
+        """A suspended upload task; completion_handler(response, response_data, error)."""
+        task = self.session.upload_task(request, from_file, description=description)
+        self._remember(task, progress, None, completion_handler)
+        return task
+
+    def _blocks_for(self, task: Task) -> Optional[_TaskBlocks]:
+        with self._task_blocks_lock:
+            return self._task_blocks.get(task.identifier)
+
+    # -- SessionDelegate, implemented with the blocks ------------------------------------------
+    def download_task_did_finish_downloading(self, session: "Session", task: "DownloadTask",
+                                             location: str) -> None:
+        blocks = self._blocks_for(task)
+        dest: Any = None
+        if blocks is not None and blocks.destination is not None:
+            dest = blocks.destination(location, task.response)
+        elif "finish" in self._blocks:
+            dest = self._blocks["finish"](session, task, location)
+        if dest is not None:
+            dest = os.fspath(dest)
+            _move_file(location, dest)
+            if blocks is not None:
+                blocks.file_path = dest
+
+    def download_task_did_write_data(self, session: "Session", task: "DownloadTask", bytes_written: int,
+                                     total_bytes_written: int, total_bytes_expected: int) -> None:
+        blocks = self._blocks_for(task)
+        if blocks is not None and blocks.progress is not None:
+            blocks.progress(total_bytes_written, total_bytes_expected)
+        if "write" in self._blocks:
+            self._blocks["write"](session, task, bytes_written, total_bytes_written, total_bytes_expected)
+
+    def task_did_send_body_data(self, session: "Session", task: "Task", bytes_sent: int,
+                                total_bytes_sent: int, total_bytes_expected: int) -> None:
+        blocks = self._blocks_for(task)
+        if blocks is not None and blocks.progress is not None:
+            blocks.progress(total_bytes_sent, total_bytes_expected)
+        if "send" in self._blocks:
+            self._blocks["send"](session, task, bytes_sent, total_bytes_sent, total_bytes_expected)
+
+    def task_did_receive_challenge(self, session: "Session", task: "Task", challenge: AuthChallenge
+                                   ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+        if "challenge" in self._blocks:
+            return self._blocks["challenge"](session, task, challenge)  # type: ignore[no-any-return]
+        return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
+
+    def task_did_complete(self, session: "Session", task: "Task", error: Optional[TransferError]) -> None:
+        with self._task_blocks_lock:
+            blocks = self._task_blocks.pop(task.identifier, None)
+        if "complete" in self._blocks:
+            self._blocks["complete"](session, task, error)
+        if blocks is not None and blocks.completion_handler is not None:
+            if isinstance(task, UploadTask):
+                blocks.completion_handler(task.response, task.response_data, error)
+            else:
+                blocks.completion_handler(task.response, blocks.file_path, error)
+
+    def did_finish_events_for_background_session(self, session: "Session") -> None:
+        if "events" in self._blocks:
+            self._blocks["events"](session)
+
+    def did_become_invalid(self, session: "Session", error: Optional[BaseException]) -> None:
+        if "invalid" in self._blocks:
+            self._blocks["invalid"](session, error)
+
+
+# ============================================================================
+# Hosts
+# ============================================================================
+#
+# inprocess: the Session drives a _Core in this process; a relaunch recovers it
+# from the journal. daemon: the _Core runs in `bgsession.py daemon --directory
+# DIR`, a detached interpreter started on demand; the app talks to it over
+# daemon.sock (JSON lines) in the 0700 session directory.
+
+_SOCKET_NAME = "daemon.sock"
+_PID_NAME = "daemon.pid"
+_DAEMON_LOG = "daemon.log"
+_APP_LOCK_NAME = "app.lock"
+_START_LOCK_NAME = "daemon.start"
+#: Longest JSON-lines frame accepted on the daemon socket.
+_MAX_FRAME = 64 << 20
+#: Seconds an app waits for a daemon it started to accept connections.
+DAEMON_START_TIMEOUT = 15.0
+#: Seconds a client keeps trying to reach a daemon that went away.
+DAEMON_RECONNECT_TIMEOUT = 30.0
+#: A finished task's events wait at most this long for other transfers to end before a relaunch.
+RELAUNCH_BATCH_WINDOW = 30.0
+#: Relaunches of an app that acknowledged nothing back off: base * 2**(failures-1), capped.
+DEFAULT_RELAUNCH_BACKOFF = 1.0
+RELAUNCH_BACKOFF_MAX = 600.0
+#: At most this many relaunches an hour.
+RELAUNCH_MAX_PER_HOUR = 20
+
+
+def _open_backend(config: Configuration, clock: Optional[_Clock] = None) -> Any:
+    """The engine behind a Session: in this process, or a daemon reached over a Unix socket."""
+    if config.host == "inprocess" or not config.is_background:
+        return _Core(config, clock=clock)
+    return _DaemonClient(config)
+
+
+def _process_start_token(pid: int) -> Optional[str]:
+    """Start time of *pid* in clock ticks since boot (Linux), to tell a live daemon from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()[19].decode("ascii")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, token: Optional[str]) -> bool:
+    """Proof, not guess: the pid exists and (where the OS tells) started when the pid file says."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # not ours: not our daemon
+    current = _process_start_token(pid)
+    return token is None or current is None or current == token
+
+
+def _read_pid_file(directory: str) -> Tuple[Optional[int], Optional[str]]:
+    try:
+        with open(os.path.join(directory, _PID_NAME), "r", encoding="ascii") as f:
+            parts = f.read().split()
+        return int(parts[0]), (parts[1] if len(parts) > 1 and parts[1] != "-" else None)
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def _socket_address(directory: str) -> Tuple[str, Optional[int]]:
+    """A connectable path for the daemon socket (sun_path is ~104 bytes; long directories go
+    through /proc/self/fd on Linux). Returns (path, directory fd to close after connect)."""
+    path = os.path.join(directory, _SOCKET_NAME)
+    if len(path.encode()) < 100:
+        return path, None
+    if sys.platform.startswith("linux"):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        return f"/proc/self/fd/{fd}/{_SOCKET_NAME}", fd
+    raise JournalError(f"session directory {directory} is too long for a Unix socket path; use a shorter one",
+                       directory)
+
+
+def _peer_uid(sock: socket.socket) -> Optional[int]:
+    """The uid of the process on the other end of a Unix socket, where the OS tells it."""
+    if hasattr(socket, "SO_PEERCRED"):
+        import struct
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    return None
+
+
+def _config_to_wire(config: Configuration) -> Dict[str, Any]:
+    retry = dataclasses.asdict(config.retry)
+    retry["status_forcelist"] = sorted(config.retry.status_forcelist)
+    retry.pop("attempts", None)
+    ssl_wire = None
+    ctx = config.ssl_context
+    if ctx is not None:
+        cas = [base64.b64encode(der).decode("ascii") for der in ctx.get_ca_certs(binary_form=True)]
+        ssl_wire = {"verify_mode": int(ctx.verify_mode), "check_hostname": ctx.check_hostname, "cadata": cas}
+    return {
+        "identifier": config.identifier, "directory": config.directory, "host": config.host,
+        "relaunch_command": list(config.relaunch_command) if config.relaunch_command else None,
+        "max_connections_per_host": config.max_connections_per_host,
+        "timeout_for_request": config.timeout_for_request, "timeout_for_resource": config.timeout_for_resource,
+        "retry": retry, "headers": [list(p) for p in config.headers.pairs()], "ssl": ssl_wire,
+        "working_directory": config.working_directory, "daemon_idle_timeout": config.daemon_idle_timeout,
+        "relaunch_backoff": config.relaunch_backoff,
+    }
+
+
+def _config_from_wire(d: Mapping[str, Any]) -> Configuration:
+    retry = dict(d.get("retry") or {})
+    retry["status_forcelist"] = frozenset(retry.get("status_forcelist", DEFAULT_RETRY_STATUSES))
+    ctx = None
+    if d.get("ssl"):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = bool(d["ssl"]["check_hostname"])
+        ctx.verify_mode = ssl.VerifyMode(d["ssl"]["verify_mode"])
+        for der in d["ssl"].get("cadata", []):
+            ctx.load_verify_locations(cadata=base64.b64decode(der))
+    return Configuration(
+        identifier=d["identifier"], directory=d["directory"], host=d["host"],
+        relaunch_command=tuple(d["relaunch_command"]) if d.get("relaunch_command") else None,
+        max_connections_per_host=int(d["max_connections_per_host"]),
+        timeout_for_request=float(d["timeout_for_request"]), timeout_for_resource=float(d["timeout_for_resource"]),
+        retry=Retry(**retry), headers=Headers(tuple(p) for p in d.get("headers", [])), ssl_context=ctx,
+        working_directory=d.get("working_directory"), daemon_idle_timeout=float(d.get("daemon_idle_timeout", 30.0)),
+        relaunch_backoff=float(d.get("relaunch_backoff", DEFAULT_RELAUNCH_BACKOFF)),
+    )
+
+
+def _event_to_wire(event: Any) -> Dict[str, Any]:
+    if isinstance(event, ProgressEvent):
+        return {"ev": "progress", **dataclasses.asdict(event)}
+    if isinstance(event, FinishedEvent):
+        return {"ev": "finish", "id": event.task_id, "location": event.location}
+    if isinstance(event, CompletedEvent):
+        err = event.error
+        return {"ev": "complete", "id": event.task_id, "error": err._to_record() if err else None,
+                "resume_data": base64.b64encode(err.resume_data).decode("ascii") if err and err.resume_data
+                else None}
+    if isinstance(event, BacklogEnd):
+        return {"ev": "backlog_end", "had_events": event.had_events}
+    raise TypeError(f"cannot send {event!r}")
+
+
+def _event_from_wire(msg: Mapping[str, Any]) -> Any:
+    ev = msg["ev"]
+    if ev == "progress":
+        return ProgressEvent(msg["task_id"], msg["bytes_written"], msg["total_written"], msg["total_expected"],
+                             msg.get("upload", False))
+    if ev == "finish":
+        return FinishedEvent(msg["id"], msg["location"])
+    if ev == "complete":
+        err = TransferError._from_record(msg["error"]) if msg.get("error") else None
+        if err is not None and msg.get("resume_data"):
+            err.resume_data = base64.b64decode(msg["resume_data"])
+        return CompletedEvent(msg["id"], err)
+    if ev == "backlog_end":
+        return BacklogEnd(bool(msg["had_events"]))
+    raise ValueError(f"unknown event {ev!r}")
+
+
+def _challenge_to_wire(ch: AuthChallenge) -> Dict[str, Any]:
+    return {"space": dataclasses.asdict(ch.protection_space), "previous_failure_count": ch.previous_failure_count,
+            "failure_response": ch.failure_response._to_record() if ch.failure_response else None}
+
+
+def _challenge_from_wire(d: Mapping[str, Any]) -> AuthChallenge:
+    return AuthChallenge(ProtectionSpace(**d["space"]), int(d["previous_failure_count"]),
+                         Response._from_record(d.get("failure_response")))
+
+
+class _Connection:
+    """One JSON-lines socket with a writer thread: ``send`` never blocks the caller."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        self._out: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self.closed = False
+        self._writer = threading.Thread(target=self._write_loop, name=f"{name}-writer", daemon=True)
+        self._writer.start()
+
+    def send(self, msg: Mapping[str, Any]) -> None:
+        data = _dumps(msg)
+        with self._cond:
+            if self.closed:
+                raise _SinkGone()
+            self._out.append(data)
+            self._cond.notify()
+
+    def read(self) -> Optional[Dict[str, Any]]:
+        """The next frame, or None at end of stream."""
+        try:
+            line = self.reader.readline(_MAX_FRAME)
+        except (OSError, ValueError):
+            return None
+        if not line or not line.endswith(b"\n"):
+            return None
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise ValueError("frame is not an object")
+        return msg
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._out and not self.closed:
+                    self._cond.wait()
+                if self.closed and not self._out:
+                    return
+                batch = b"".join(self._out)
+                self._out.clear()
+            try:
+                self.sock.sendall(batch)
+            except OSError:
+                self.close()
+                return
+
+    def close(self) -> None:
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            self.reader.close()
+        except OSError:
+            pass
+
+
+class _RemoteSink:
+    """The attached app, seen from the daemon: events and challenges go over its connection."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self._answers: Dict[int, _Answer] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def post(self, event: Any) -> None:
+        try:
+            self.conn.send(_event_to_wire(event))
+        except _SinkGone:
+            pass  # durable events are sent again at the next attach
+
+    def challenge(self, tid: int, challenge: AuthChallenge, control: Optional[_Control] = None
+                  ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+        answer = _Answer()
+        with self._lock:
+            cid = next(self._ids)
+            self._answers[cid] = answer
+        try:
+            self.conn.send({"ev": "challenge", "cid": cid, "id": tid, "challenge": _challenge_to_wire(challenge)})
+            while not answer.event.wait(0.5):
+                if control is not None:
+                    control.check()
+                if self.conn.closed:
+                    raise _SinkGone()
+        finally:
+            with self._lock:
+                self._answers.pop(cid, None)
+        if answer.value is None:
+            raise _SinkGone()
+        return answer.value  # type: ignore[no-any-return]
+
+    def answer(self, cid: int, msg: Mapping[str, Any]) -> None:
+        with self._lock:
+            answer = self._answers.get(cid)
+        if answer is None:
+            return
+        try:
+            disposition = AuthChallengeDisposition(msg["disposition"])
+            c = msg.get("credential")
+            cred = Credential(c["user"], c["password"], CredentialPersistence(c["persistence"])) if c else None
+        except (KeyError, ValueError, TypeError, InvalidArgumentError):
+            disposition, cred = AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
+        answer.value = (disposition, cred)
+        answer.event.set()
+
+    def gone(self) -> None:
+        with self._lock:
+            answers = list(self._answers.values())
+        for a in answers:
+            a.event.set()  # value None: the worker treats it as gone
+            a.value = None
+
+
+class _DaemonServer:
+    """The daemon: owns the session's _Core, serves apps on daemon.sock, relaunches the app."""
+
+    def __init__(self, directory: str, config: Configuration) -> None:
+        self.directory = directory
+        self.config = config
+        self.core = _Core(config)  # takes the session lock: one daemon per directory
+        self.stop = threading.Event()
+        self.clients: "set[_Connection]" = set()
+        self.attached: Optional[Tuple[_Connection, _RemoteSink]] = None
+        self.lock = threading.Lock()
+        self.child: Optional[subprocess.Popen] = None  # type: ignore[type-arg]
+        self.child_acks = 0
+        self.failures = 0
+        self.next_relaunch = 0.0
+        self.relaunch_times: collections.deque = collections.deque()
+        self.idle_since: Optional[float] = time.monotonic()
+        self.token = _process_start_token(os.getpid())
+        self.sock_path = os.path.join(directory, _SOCKET_NAME)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        _unlink_quietly(self.sock_path)  # stale: we hold the session lock, so its daemon is dead
+        old_umask = os.umask(0o177)
+        try:
+            self.listener.bind(_SOCKET_NAME if os.getcwd() == directory else self.sock_path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.sock_path, _FILE_MODE)
+        self.listener.listen(16)
+        self.listener.settimeout(0.25)
+        _atomic_write(os.path.join(directory, _PID_NAME), f"{os.getpid()} {self.token or '-'}\n".encode())
+        log.info("daemon %s serving %s (pid %s)", config.identifier, directory, os.getpid())
+
+    # -- main loop ----------------------------------------------------------------
+    def serve(self) -> int:
+        try:
+            while not self.stop.is_set():
+                try:
+                    sock, _ = self.listener.accept()
+                except socket.timeout:
+                    sock = None
+                except OSError as err:
+                    if self.stop.is_set():
+                        break
+                    log.warning("accept failed: %s", err)
+                    sock = None
+                if sock is not None:
+                    self._accept(sock)
+                self._reap_child()
+                self._maybe_relaunch()
+                if self._idle_expired():
+                    log.info("idle for %.1fs with nothing to do: exiting", self.config.daemon_idle_timeout)
+                    break
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        pid, token = _read_pid_file(self.directory)
+        if pid == os.getpid():
+            _unlink_quietly(os.path.join(self.directory, _PID_NAME))
+        try:
+            if os.path.exists(self.sock_path):
+                _unlink_quietly(self.sock_path)
+        except OSError:
+            pass
+        for conn in list(self.clients):
+            conn.close()
+        self.core.close()
+        log.info("daemon exited")
+
+    def _busy(self) -> bool:
+        with self.core.lock:
+            for t in self.core.state.tasks.values():
+                if t.phase in _ACTIVE_PHASES or t.phase in (Phase.DELIVERING, Phase.CANCELING):
+                    return True
+            return self.core.waiting_challenges > 0
+
+    def _idle_expired(self) -> bool:
+        with self.lock:
+            has_clients = bool(self.clients)
+        if has_clients or self.child is not None or self._busy():
+            self.idle_since = None
+            return False
+        now = time.monotonic()
+        if self.idle_since is None:
+            self.idle_since = now
+        return now - self.idle_since >= self.config.daemon_idle_timeout
+
+    # -- relaunching the app ------------------------------------------------------------
+    def _reap_child(self) -> None:
+        child = self.child
+        if child is None or child.poll() is None:
+            return
+        acked = self.core.acks - self.child_acks
+        if acked == 0 and self.attached is None:
+            self.failures += 1
+            delay = min(RELAUNCH_BACKOFF_MAX, self.config.relaunch_backoff * 2 ** (self.failures - 1))
+            self.next_relaunch = time.monotonic() + delay
+            log.warning("relaunched app (pid %s) exited with %s without acknowledging any event; next relaunch "
+                        "in %.1fs", child.pid, child.returncode, delay)
+        else:
+            self.failures = 0
+        self.child = None
+
+    def _relaunch_wanted(self) -> bool:
+        with self.core.lock:
+            if self.core.sink is not None:
+                return False
+            if self.core.waiting_challenges > 0:
+                return True
+            backlog = self.core.state.backlog()
+            if not backlog:
+                return False
+            active = any(t.phase in _ACTIVE_PHASES for t in self.core.state.tasks.values())
+            if not active:
+                return True
+            oldest = min((t.live.delivered_at for t in backlog if t.live is not None), default=0.0)
+            return time.monotonic() - oldest >= RELAUNCH_BATCH_WINDOW
+
+    def _maybe_relaunch(self) -> None:
+        cmd = self.config.relaunch_command
+        if not cmd or self.child is not None or self.attached is not None:
+            return
+        now = time.monotonic()
+        if now < self.next_relaunch or not self._relaunch_wanted():
+            return
+        while self.relaunch_times and now - self.relaunch_times[0] > 3600:
+            self.relaunch_times.popleft()
+        if len(self.relaunch_times) >= RELAUNCH_MAX_PER_HOUR:
+            return
+        env = dict(os.environ)
+        env[BACKGROUND_EVENTS_ENV] = self.config.identifier or ""
+        try:
+            self.child = subprocess.Popen(list(cmd), env=env, cwd=self.config.working_directory or None,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as err:
+            self.failures += 1
+            self.next_relaunch = now + min(RELAUNCH_BACKOFF_MAX,
+                                           self.config.relaunch_backoff * 2 ** (self.failures - 1))
+            log.error("cannot relaunch the app with %r: %s", cmd, err)
+            return
+        self.child_acks = self.core.acks
+        self.relaunch_times.append(now)
+        log.info("relaunched the app for background events: pid %s (%s)", self.child.pid, " ".join(cmd))
+
+    # -- clients ----------------------------------------------------------------------
+    def _accept(self, sock: socket.socket) -> None:
+        uid = _peer_uid(sock)
+        if uid is not None and uid != os.getuid():
+            log.warning("refused a connection from uid %s", uid)
+            sock.close()
+            return
+        sock.settimeout(None)
+        conn = _Connection(sock, "bgsession-daemon-client")
+        with self.lock:
+            self.clients.add(conn)
+        threading.Thread(target=self._serve_client, args=(conn,), daemon=True, name="bgsession-daemon-client"
+                         ).start()
+
+    def _serve_client(self, conn: _Connection) -> None:
+        sink: Optional[_RemoteSink] = None
+        try:
+            while not self.stop.is_set():
+                try:
+                    msg = conn.read()
+                except ValueError as err:
+                    log.warning("dropping a client that sent a bad frame: %s", err)
+                    break
+                if msg is None:
+                    break
+                op = msg.get("op")
+                if op == "challenge_reply":
+                    if sink is not None:
+                        sink.answer(int(msg["cid"]), msg)
+                    continue
+                rid = msg.get("rid")
+                try:
+                    result, sink = self._handle(conn, sink, op, msg)
+                    reply: Dict[str, Any] = {"re": rid, "ok": True, "result": result}
+                except TransferError as err:
+                    reply = {"re": rid, "ok": False, "error": "transfer", "code": int(err.code),
+                             "message": err.message}
+                except InvalidArgumentError as err:
+                    reply = {"re": rid, "ok": False, "error": "invalid", "message": str(err)}
+                except SessionInvalidatedError as err:
+                    reply = {"re": rid, "ok": False, "error": "closed", "message": str(err)}
+                except (BGSessionError, OSError, KeyError, TypeError, ValueError) as err:
+                    log.exception("request %r failed", op)
+                    reply = {"re": rid, "ok": False, "error": "failed", "message": f"{type(err).__name__}: {err}"}
+                try:
+                    conn.send(reply)
+                except _SinkGone:
+                    break
+        finally:
+            if sink is not None:
+                self.core.detach(sink)
+                sink.gone()
+                with self.lock:
+                    if self.attached is not None and self.attached[1] is sink:
+                        self.attached = None
+            with self.lock:
+                self.clients.discard(conn)
+            conn.close()
+
+    def _handle(self, conn: _Connection, sink: Optional[_RemoteSink], op: Any, msg: Mapping[str, Any]
+                ) -> Tuple[Any, Optional[_RemoteSink]]:
+        core = self.core
+        if op == "hello":
+            if msg.get("version") != JOURNAL_VERSION:
+                raise InvalidArgumentError(f"client speaks protocol {msg.get('version')}, daemon {JOURNAL_VERSION}")
+            if msg.get("config"):
+                new = _config_from_wire(msg["config"])
+                if new.identifier != self.config.identifier:
+                    raise InvalidArgumentError("identifier mismatch")
+                self.config = core.config = new
+            return {"pid": os.getpid(), "version": __version__}, sink
+        if op == "attach":
+            new_sink = _RemoteSink(conn)
+            with self.lock:
+                if self.attached is not None:
+                    raise TransferError(ErrorCode.BACKGROUND_SESSION_IN_USE, "another app is attached")
+                self.attached = (conn, new_sink)
+            try:
+                core.attach(new_sink)
+            except BaseException:
+                with self.lock:
+                    self.attached = None
+                raise
+            return None, new_sink
+        if op == "detach":
+            if sink is not None:
+                core.detach(sink)
+                with self.lock:
+                    self.attached = None
+            return None, None
+        if op == "create":
+            headers = dict(msg["request"].get("headers") or [])
+            headers.update(dict(msg.get("secret_headers") or []))
+            req = Request(msg["request"]["url"], msg["request"].get("method", "GET"), headers,
+                          msg["request"].get("sha256"))
+            return core.create_task(msg["kind"], req, msg.get("description"), upload_path=msg.get("upload_path"),
+                                    resume=msg.get("resume")), sink
+        if op == "resume":
+            return core.resume(int(msg["id"])), sink
+        if op == "suspend":
+            return core.suspend(int(msg["id"])), sink
+        if op == "cancel":
+            data = core.cancel(int(msg["id"]), bool(msg.get("resume_data")))
+            return (base64.b64encode(data).decode("ascii") if data else None), sink
+        if op == "describe":
+            return core.set_description(int(msg["id"]), msg.get("description")), sink
+        if op == "ack":
+            return core.ack(int(msg["id"]), str(msg["event"])), sink
+        if op == "task_info":
+            return core.task_info(int(msg["id"])), sink
+        if op == "tasks":
+            return core.tasks(), sink
+        if op == "ping":
+            return "pong", sink
+        if op == "shutdown":
+            self.stop.set()
+            return None, sink
+        raise InvalidArgumentError(f"unknown operation {op!r}")
+
+
+def _run_daemon(directory: str, config_fd: Optional[int] = None) -> int:
+    """Entry of ``bgsession.py daemon --directory DIR``: read the configuration from stdin
+    (never from argv or disk: it may hold secrets), detach, serve until idle."""
+    directory = os.path.abspath(directory)
+    raw = sys.stdin.buffer.readline(_MAX_FRAME) if config_fd is None else os.read(config_fd, _MAX_FRAME)
+    try:
+        config = _config_from_wire(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as err:
+        print(f"bgsession daemon: bad configuration on stdin: {err}", file=sys.stderr)
+        return 2
+    if os.fork() > 0:  # the starter reaps this parent at once; the daemon is reparented to init
+        os._exit(0)
+    os.setsid()
+    os.chdir(directory)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s bgsession-daemon[{os.getpid()}] %(levelname)s %(message)s")
+    try:
+        server = _DaemonServer(directory, config)
+    except TransferError as err:
+        if err.code is ErrorCode.BACKGROUND_SESSION_IN_USE:
+            log.info("another daemon owns %s; exiting", directory)
+            return 0
+        log.error("cannot start: %s", err)
+        return 1
+    except BGSessionError as err:
+        log.error("cannot start: %s", err)
+        return 1
+
+    def on_signal(signum: int, frame: Any) -> None:
+        server.stop.set()  # handlers only record; the loop acts
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return server.serve()
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class _DaemonClient:
+    """The app side of the daemon host: the same backend interface as _Core, over daemon.sock."""
+
+    def __init__(self, config: Configuration) -> None:
+        assert config.directory is not None
+        self.config = config
+        self.directory = config.directory
+        _ensure_private_dir(self.directory)
+        _acquire_lock(self.directory, _APP_LOCK_NAME, config.identifier)
+        self._sink: Any = None
+        self._pending: Dict[int, _Answer] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._closed = False
+        self._conn: Optional[_Connection] = None
+        try:
+            self._connect()
+        except BaseException:
+            _release_lock(self.directory, _APP_LOCK_NAME)
+            raise
+        self._reader = threading.Thread(target=self._read_loop, name="bgsession-client-reader", daemon=True)
+        self._reader.start()
+
+    # -- connection ---------------------------------------------------------------------
+    def _connect(self) -> None:
+        sock = _connect_daemon(self.config)
+        conn = _Connection(sock, "bgsession-client")
+        self._conn = conn
+        self._connected.set()
+        self._call_on(conn, "hello", version=JOURNAL_VERSION, config=_config_to_wire(self.config), pid=os.getpid())
+        if self._sink is not None:
+            self._call_on(conn, "attach")
+
+    def _call_on(self, conn: _Connection, op: str, **args: Any) -> Any:
+        """Send a request on *conn* and wait for its reply (the reader thread routes replies)."""
+        rid = next(self._ids)
+        answer = _Answer()
+        with self._lock:
+            self._pending[rid] = answer
+        try:
+            conn.send({"op": op, "rid": rid, **args})
+            if threading.current_thread() is getattr(self, "_reader", None) or not getattr(self, "_reader", None):
+                # during (re)connect nobody else reads: read the reply here
+                while not answer.event.is_set():
+                    msg = conn.read()
+                    if msg is None:
+                        raise _Disconnected()
+                    self._route(msg)
+            else:
+                while not answer.event.wait(1.0):
+                    if conn.closed:
+                        raise _Disconnected()
+        except _SinkGone:
+            raise _Disconnected() from None
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+        reply = answer.value
+        if reply is None:
+            raise _Disconnected()
+        if reply.get("ok"):
+            return reply.get("result")
+        kind = reply.get("error")
+        if kind == "transfer":
+            raise TransferError(ErrorCode(reply.get("code", -1)), reply.get("message", ""))
+        if kind == "invalid":
+            raise InvalidArgumentError(reply.get("message", ""))
+        if kind == "closed":
+            raise SessionInvalidatedError(reply.get("message", ""))
+        raise BGSessionError(f"daemon: {reply.get('message', '')}")
+
+    def _route(self, msg: Mapping[str, Any]) -> None:
+        if "re" in msg:
+            with self._lock:
+                answer = self._pending.get(msg["re"])
+            if answer is not None:
+                answer.value = msg
+                answer.event.set()
+            return
+        ev = msg.get("ev")
+        if ev == "challenge":
+            threading.Thread(target=self._answer_challenge, args=(dict(msg),), daemon=True,
+                             name="bgsession-client-challenge").start()
+            return
+        sink = self._sink
+        if sink is not None and ev is not None:
+            sink.post(_event_from_wire(msg))
+
+    def _answer_challenge(self, msg: Dict[str, Any]) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        try:
+            disposition, cred = sink.challenge(int(msg["id"]), _challenge_from_wire(msg["challenge"]), None)
+        except _Stopped:
+            return
+        reply: Dict[str, Any] = {"op": "challenge_reply", "cid": msg["cid"], "disposition": disposition.value}
+        if cred is not None:
+            reply["credential"] = {"user": cred.user, "password": cred.password,
+                                   "persistence": cred.persistence.value}
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.send(reply)
+            except _SinkGone:
+                pass
+
+    def _read_loop(self) -> None:
+        while not self._closed:
+            conn = self._conn
+            msg = None
+            if conn is not None:
+                try:
+                    msg = conn.read()
+                except ValueError:
+                    msg = None
+            if msg is not None:
+                self._route(msg)
+                continue
+            # the daemon went away: fail waiting calls, then restart it and re-attach
+            self._connected.clear()
+            with self._lock:
+                for answer in self._pending.values():
+                    answer.event.set()
+            if conn is not None:
+                conn.close()
+            if self._closed:
+                return
+            deadline = time.monotonic() + DAEMON_RECONNECT_TIMEOUT
+            delay = 0.05
+            while not self._closed:
+                try:
+                    log.info("daemon connection lost; reconnecting")
+                    self._connect()
+                    break
+                except (OSError, _Disconnected, BGSessionError) as err:
+                    if time.monotonic() > deadline:
+                        log.error("cannot reach the bgsession daemon for %s: %s", self.directory, err)
+                        self._closed = True
+                        return
+                    time.sleep(delay)  # reconnect backoff, not synchronisation
+                    delay = min(1.0, delay * 2)
+
+    def _call(self, op: str, retry: bool = True, **args: Any) -> Any:
+        deadline = time.monotonic() + DAEMON_RECONNECT_TIMEOUT
+        while True:
+            if self._closed:
+                raise SessionInvalidatedError("the session is closed")
+            if not self._connected.wait(1.0):
+                if time.monotonic() > deadline:
+                    raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED,
+                                        f"the bgsession daemon for {self.directory} cannot be reached")
+                continue
+            conn = self._conn
+            assert conn is not None
+            try:
+                return self._call_on(conn, op, **args)
+            except _Disconnected:
+                if not retry or time.monotonic() > deadline:
+                    raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED,
+                                        f"the bgsession daemon went away during {op!r}") from None
+                self._connected.clear()
+
+    # -- the backend interface ----------------------------------------------------------------
+    def create_task(self, kind: str, request: Request, description: Optional[str], *,
+                    upload_path: Optional[str] = None, resume: Optional[Dict[str, Any]] = None) -> int:
+        secret = [[k, v] for k, v in request.headers.pairs() if k.lower() in _SECRET_HEADERS]
+        return int(self._call("create", retry=False, kind=kind, request=request._to_record(), secret_headers=secret,
+                              description=description, upload_path=upload_path, resume=resume))
+
+    def resume(self, tid: int) -> None:
+        self._call("resume", id=tid)
+
+    def suspend(self, tid: int) -> None:
+        self._call("suspend", id=tid)
+
+    def cancel(self, tid: int, produce_resume_data: bool = False) -> Optional[bytes]:
+        data = self._call("cancel", id=tid, resume_data=produce_resume_data)
+        return base64.b64decode(data) if data else None
+
+    def set_description(self, tid: int, description: Optional[str]) -> None:
+        if description is not None and not isinstance(description, str):
+            raise _invalid("task description must be a str or None")
+        self._call("describe", id=tid, description=description)
+
+    def ack(self, tid: int, event: str) -> None:
+        self._call("ack", id=tid, event=event)
+
+    def task_info(self, tid: int) -> Dict[str, Any]:
+        return self._call("task_info", id=tid)  # type: ignore[no-any-return]
+
+    def tasks(self) -> List[Dict[str, Any]]:
+        return self._call("tasks")  # type: ignore[no-any-return]
+
+    def outstanding(self) -> int:
+        return len(self.tasks())
+
+    def attach(self, sink: Any) -> None:
+        self._sink = sink
+        try:
+            self._call("attach")
+        except BaseException:
+            self._sink = None
+            raise
+
+    def detach(self, sink: Any) -> None:
+        if self._sink is sink:
+            self._sink = None
+            try:
+                self._call("detach", retry=False)
+            except (BGSessionError, OSError):
+                pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+        with self._lock:
+            for answer in self._pending.values():
+                answer.event.set()
+        _release_lock(self.directory, _APP_LOCK_NAME)
+
+
+def _connect_daemon(config: Configuration) -> socket.socket:
+    """Connect to the session's daemon, starting one if none runs (idempotent under a lock)."""
+    assert config.directory is not None
+    directory = config.directory
+    sock = _try_connect(directory)
+    if sock is not None:
+        return sock
+    start_fd = _open_private(os.path.join(directory, _START_LOCK_NAME), os.O_RDWR | os.O_CREAT)
+    try:
+        if fcntl is not None:
+            fcntl.flock(start_fd, fcntl.LOCK_EX)  # one starter at a time
+        sock = _try_connect(directory)
+        if sock is not None:
+            return sock
+        log_fd = _open_private(os.path.join(directory, _DAEMON_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        env = {k: v for k, v in os.environ.items() if k != BACKGROUND_EVENTS_ENV}
+        script = os.path.abspath(__file__)
+        try:
+            proc = subprocess.Popen([sys.executable, script, "daemon", "--directory", directory],
+                                    stdin=subprocess.PIPE, stdout=log_fd, stderr=log_fd, env=env, cwd=directory,
+                                    close_fds=True, start_new_session=True)
+        finally:
+            os.close(log_fd)
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(_dumps(_config_to_wire(config)))
+            proc.stdin.close()
+        except OSError:
+            pass
+        proc.wait(DAEMON_START_TIMEOUT)  # the first process forks the daemon and exits at once
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        delay = 0.005
+        while time.monotonic() < deadline:
+            sock = _try_connect(directory)
+            if sock is not None:
+                return sock
+            if proc.returncode not in (0, None):
+                break
+            time.sleep(delay)  # polling a socket that is not yet bound
+            delay = min(0.1, delay * 2)
+        tail = ""
+        try:
+            with open(os.path.join(directory, _DAEMON_LOG), "rb") as f:
+                f.seek(max(0, os.path.getsize(f.name) - 2000))
+                tail = f.read().decode("utf-8", "replace").strip().splitlines()[-1:][0]
+        except (OSError, IndexError):
+            pass
+        raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED,
+                            f"the bgsession daemon for {directory} did not start"
+                            + (f": {tail}" if tail else f" (see {os.path.join(directory, _DAEMON_LOG)})"))
+    finally:
+        os.close(start_fd)
+
+
+def _try_connect(directory: str) -> Optional[socket.socket]:
+    path, dir_fd = _socket_address(directory)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+# ============================================================================
+# CLI
+# ============================================================================
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="bgsession", description="Background URL sessions: downloads that "
+                                     "survive the process that started them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="check a session directory's journal")
+    p.add_argument("directory")
+    p = sub.add_parser("daemon", help="(internal) run the daemon of a session directory")
+    p.add_argument("--directory", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "daemon":
+        return _run_daemon(args.directory)
+    if args.command == "check":
+        problems = Journal(args.directory).check()
+        for line in problems:
+            print(line)
+        print("clean" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,1052 @@
+"""Tests for fake_server.py: the test server's own behaviour, over real sockets."""
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import http.client
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import fake_server as fs
+
+try:  # bound every test when pytest-timeout is there; waits below are bounded anyway
+    import pytest_timeout  # noqa: F401
+    pytestmark = pytest.mark.timeout(60)
+except ImportError:
+    pytestmark = []
+
+#: A wait that should succeed at once on a healthy machine.
+SHORT = 5.0
+#: A wait that includes starting a Python subprocess.
+LONG = 20.0
+#: How long a read must stay silent to count as "nothing more is coming" (not synchronisation).
+QUIET = 0.2
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def srv():
+    with fs.FakeServer() as server:
+        yield server
+
+
+# --- helpers ---------------------------------------------------------------
+
+def fetch(srv, path, headers=None, method="GET", body=None):
+    """One request on a fresh connection: (status, headers dict lower-cased, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=SHORT)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    finally:
+        conn.close()
+
+
+class Raw:
+    """A raw HTTP exchange: the request is written, bytes are read as they come."""
+
+    def __init__(self, srv, target, headers=None, method="GET"):
+        self.sock = socket.create_connection(("127.0.0.1", srv.port), timeout=SHORT)
+        lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{srv.port}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buffer = b""
+        self.head = None
+        self.eof = False
+        self.error = None
+
+    def _recv(self):
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError as err:
+            self.error = err
+            data = b""
+        if not data:
+            self.eof = True
+        self.buffer += data
+        return data
+
+    def read_head(self):
+        """Read up to the blank line; returns (status, headers dict lower-cased)."""
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._recv():
+                raise AssertionError(f"connection ended before headers: {self.buffer!r} {self.error!r}")
+        raw, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = raw.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self.head = int(lines[0].split()[1]), headers
+        return self.head
+
+    def read_body(self, n):
+        """Exactly n body bytes (fails if the connection ends first)."""
+        while len(self.buffer) < n:
+            if not self._recv():
+                raise AssertionError(f"only {len(self.buffer)} of {n} bytes before the end")
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def read_to_end(self):
+        """Everything until EOF or reset."""
+        while not self.eof:
+            self._recv()
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def silent_for(self, seconds=QUIET):
+        """True if nothing arrives for `seconds` (proves a stall or hold, never used to wait for one)."""
+        if self.buffer or self.eof:
+            return False
+        self.sock.settimeout(seconds)
+        try:
+            self._recv()
+        except socket.timeout:
+            return True
+        finally:
+            self.sock.settimeout(SHORT)
+        return False
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(srv):
+    opened = []
+
+    def open_raw(target, headers=None, method="GET"):
+        r = Raw(srv, target, headers, method)
+        opened.append(r)
+        return r
+
+    yield open_raw
+    for r in opened:
+        r.close()
+
+
+def digest_authorization(challenge, method, uri, user, password, nc="00000001", cnonce="0a4f113b"):
+    """Compute a Digest Authorization header from a WWW-Authenticate challenge (RFC 7616)."""
+    params = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge.split(" ", 1)[1]))
+    algorithm = params.get("algorithm", "MD5")
+    h = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}[algorithm]
+
+    def H(text):
+        return h(text.encode()).hexdigest()
+
+    ha1 = H(f"{user}:{params['realm']}:{password}")
+    ha2 = H(f"{method}:{uri}")
+    if "qop" in params:
+        response = H(f"{ha1}:{params['nonce']}:{nc}:{cnonce}:auth:{ha2}")
+        extra = f', qop=auth, nc={nc}, cnonce="{cnonce}"'
+    else:
+        response = H(f"{ha1}:{params['nonce']}:{ha2}")
+        extra = ""
+    return (f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}", '
+            f'uri="{uri}", algorithm={algorithm}, response="{response}", opaque="{params["opaque"]}"{extra}')
+
+
+# --- blobs -------------------------------------------------------------------
+
+def test_blob_bytes_is_deterministic_per_size_and_seed():
+    """Same (size, seed) gives the same bytes; another seed gives other bytes."""
+    assert fs.blob_bytes(5000, seed=1) == fs.blob_bytes(5000, seed=1)
+    assert fs.blob_bytes(5000, seed=1) != fs.blob_bytes(5000, seed=2)
+    assert len(fs.blob_bytes(12345)) == 12345
+    assert fs.blob_bytes(0) == b""
+
+
+def test_blob_bytes_shorter_is_prefix_of_longer():
+    """blob_bytes(n, s) is a prefix of blob_bytes(m, s) for n < m (use another seed for other content)."""
+    assert fs.blob_bytes(3000, seed=4) == fs.blob_bytes(9000, seed=4)[:3000]
+
+
+def test_blob_bytes_is_fast_for_large_sizes():
+    """64 MiB are generated without a per-byte Python loop."""
+    start = time.monotonic()
+    data = fs.blob_bytes(64 * 1024 * 1024, seed=7)
+    assert len(data) == 64 * 1024 * 1024
+    assert time.monotonic() - start < 5.0
+
+
+# --- the response plan (no I/O) ---------------------------------------------------
+
+_ENTITY = fs._Entity.build(b"0123456789", modified=fs.DEFAULT_LAST_MODIFIED)
+_LM = email.utils.formatdate(fs.DEFAULT_LAST_MODIFIED, usegmt=True)
+
+
+@pytest.mark.parametrize("headers, status, content_range, span", [
+    ({}, 200, None, (0, 10)),
+    ({"range": "bytes=3-"}, 206, "bytes 3-9/10", (3, 10)),
+    ({"range": "bytes=3-4"}, 206, "bytes 3-4/10", (3, 5)),
+    ({"range": "bytes=-4"}, 206, "bytes 6-9/10", (6, 10)),
+    ({"range": "bytes=10-"}, 416, "bytes */10", None),
+    ({"range": "bytes=-0"}, 416, "bytes */10", None),
+    ({"range": "bytes=5-2"}, 200, None, (0, 10)),
+    ({"range": "bytes=0-1,3-4"}, 200, None, (0, 10)),
+    ({"range": "items=0-1"}, 200, None, (0, 10)),
+    ({"range": "bytes=3-", "if-range": _ENTITY.etag}, 206, "bytes 3-9/10", (3, 10)),
+    ({"range": "bytes=3-", "if-range": '"nope"'}, 200, None, (0, 10)),
+    ({"range": "bytes=3-", "if-range": "W/" + _ENTITY.etag}, 200, None, (0, 10)),
+    ({"range": "bytes=3-", "if-range": _LM}, 206, "bytes 3-9/10", (3, 10)),
+    ({"range": "bytes=3-", "if-range": "garbage"}, 200, None, (0, 10)),
+])
+def test_plan_table(headers, status, content_range, span):
+    """The pure planner decides status, Content-Range and body span from the request headers."""
+    plan = fs._plan_response("GET", headers, _ENTITY)
+    got = dict(plan.headers)
+    assert (plan.status, got.get("Content-Range"), plan.span) == (status, content_range, span)
+
+
+# --- full GET, ranges, validators -------------------------------------------------
+
+def test_full_get_has_strong_validators_and_accept_ranges(srv):
+    """A plain GET returns 200, the bytes, a strong content ETag, Last-Modified and Accept-Ranges."""
+    data = fs.blob_bytes(100_000, seed=1)
+    route = srv.add_blob("/a.bin", data)
+    status, headers, body = fetch(srv, "/a.bin")
+    assert status == 200 and body == data
+    assert headers["etag"] == route.etag == '"%s"' % hashlib.sha256(data).hexdigest()[:16]
+    assert headers["last-modified"] == route.last_modified
+    assert headers["accept-ranges"] == "bytes"
+    assert headers["content-length"] == "100000"
+
+
+def test_head_sends_headers_without_body(srv):
+    """HEAD answers the GET headers and no body, and the connection stays usable."""
+    srv.add_blob("/a", size=1000)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=SHORT)
+    try:
+        conn.request("HEAD", "/a")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b"" and resp.getheader("Content-Length") == "1000"
+        conn.request("GET", "/a")
+        assert len(conn.getresponse().read()) == 1000
+    finally:
+        conn.close()
+
+
+def test_range_open_ended_gives_206_with_content_range(srv):
+    """Range: bytes=N- gives 206, the tail, and Content-Range: bytes N-LAST/TOTAL."""
+    data = fs.blob_bytes(10_000, seed=2)
+    srv.add_blob("/a", data)
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=4000-"})
+    assert status == 206 and body == data[4000:]
+    assert headers["content-range"] == "bytes 4000-9999/10000"
+    assert headers["content-length"] == "6000"
+
+
+def test_range_closed_and_clamped(srv):
+    """Range: bytes=N-M gives exactly N..M, and M past the end is clamped."""
+    data = fs.blob_bytes(1000)
+    srv.add_blob("/a", data)
+    assert fetch(srv, "/a", {"Range": "bytes=10-19"})[2] == data[10:20]
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=990-5000"})
+    assert status == 206 and body == data[990:] and headers["content-range"] == "bytes 990-999/1000"
+
+
+def test_suffix_range(srv):
+    """Range: bytes=-S gives the last S bytes."""
+    data = fs.blob_bytes(1000)
+    srv.add_blob("/a", data)
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=-10"})
+    assert status == 206 and body == data[-10:] and headers["content-range"] == "bytes 990-999/1000"
+
+
+def test_multiple_ranges_answer_full_body(srv):
+    """Several ranges in one header are not supported: 200 with the whole body."""
+    data = fs.blob_bytes(1000)
+    srv.add_blob("/a", data)
+    status, _, body = fetch(srv, "/a", {"Range": "bytes=0-9,20-29"})
+    assert status == 200 and body == data
+
+
+def test_range_past_end_is_416_with_size(srv):
+    """A range starting at or after the size gives 416 and Content-Range: bytes */SIZE."""
+    srv.add_blob("/a", size=1000)
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=1000-"})
+    assert status == 416 and headers["content-range"] == "bytes */1000" and body == b""
+
+
+def test_if_range_matching_etag_honours_range(srv):
+    """If-Range with the current strong ETag gives 206."""
+    data = fs.blob_bytes(1000)
+    route = srv.add_blob("/a", data)
+    status, _, body = fetch(srv, "/a", {"Range": "bytes=500-", "If-Range": route.etag})
+    assert status == 206 and body == data[500:]
+
+
+def test_if_range_other_etag_gives_full_body(srv):
+    """If-Range with another ETag gives 200 and the whole current body."""
+    data = fs.blob_bytes(1000)
+    srv.add_blob("/a", data)
+    status, _, body = fetch(srv, "/a", {"Range": "bytes=500-", "If-Range": '"other"'})
+    assert status == 200 and body == data
+
+
+def test_if_range_weak_etag_never_matches(srv):
+    """If-Range with a weak ETag (even the route's own) gives 200."""
+    route = srv.add_blob("/a", size=1000, weak_etag=True)
+    assert route.etag.startswith('W/"')
+    status, headers, _ = fetch(srv, "/a", {"Range": "bytes=500-", "If-Range": route.etag})
+    assert status == 200 and headers["etag"] == route.etag
+
+
+def test_if_range_last_modified_exact_match_and_mismatch(srv):
+    """If-Range with the exact Last-Modified gives 206; another date gives 200."""
+    route = srv.add_blob("/a", size=1000)
+    assert fetch(srv, "/a", {"Range": "bytes=500-", "If-Range": route.last_modified})[0] == 206
+    other = email.utils.formatdate(fs.DEFAULT_LAST_MODIFIED + 5, usegmt=True)
+    assert fetch(srv, "/a", {"Range": "bytes=500-", "If-Range": other})[0] == 200
+
+
+def test_route_without_validators(srv):
+    """etag=False, last_modified=False: neither header, and no If-Range can match."""
+    srv.add_blob("/a", size=1000, etag=False, last_modified=False)
+    status, headers, _ = fetch(srv, "/a", {"Range": "bytes=500-", "If-Range": '"x"'})
+    assert status == 200 and "etag" not in headers and "last-modified" not in headers
+    assert fetch(srv, "/a", {"Range": "bytes=500-"})[0] == 206
+
+
+def test_update_changes_entity_etag_and_last_modified(srv):
+    """route.update serves new bytes with a new ETag and a later Last-Modified; old If-Range gives 200."""
+    route = srv.add_blob("/a", fs.blob_bytes(1000, seed=1))
+    old_etag, old_lm = route.etag, route.last_modified
+    new = fs.blob_bytes(1000, seed=2)
+    route.update(new)
+    assert route.data == new and route.etag != old_etag
+    assert email.utils.parsedate_to_datetime(route.last_modified) > email.utils.parsedate_to_datetime(old_lm)
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=500-", "If-Range": old_etag})
+    assert status == 200 and body == new and headers["etag"] == route.etag
+
+
+def test_update_twice_keeps_last_modified_strictly_increasing(srv):
+    """Two updates within one second still give strictly later Last-Modified dates."""
+    route = srv.add_blob("/a", b"one")
+    route.update(b"two")
+    first = email.utils.parsedate_to_datetime(route.last_modified)
+    route.update(b"three!")
+    assert email.utils.parsedate_to_datetime(route.last_modified) > first
+    assert fetch(srv, "/a")[2] == b"three!"
+
+
+# --- faults ------------------------------------------------------------------
+
+def test_fault_cut_after_closes_after_n_bytes(srv, raw):
+    """cut_after=N sends the full Content-Length header, N body bytes, then a clean close."""
+    srv.add_blob("/a", size=10_000, faults=[fs.Fault(cut_after=3000)])
+    r = raw("/a")
+    status, headers = r.read_head()
+    assert status == 200 and headers["content-length"] == "10000"
+    assert len(r.read_to_end()) == 3000 and r.error is None
+    assert srv.bytes_served("/a") == 3000
+
+
+def test_fault_reset_after_n_bytes_resets(srv, raw):
+    """cut_after with reset=True ends the connection with a TCP reset."""
+    srv.add_blob("/a", size=10_000, faults=[fs.Fault(cut_after=0, reset=True)])
+    r = raw("/a")
+    r.read_to_end()
+    assert isinstance(r.error, ConnectionResetError)
+
+
+def test_fault_reset_alone_resets_before_any_response(srv):
+    """reset=True without cut_after resets the connection instead of answering."""
+    srv.add_blob("/a", size=100, faults=[fs.Fault(reset=True)])
+    with pytest.raises(ConnectionResetError):
+        fetch(srv, "/a")
+    assert srv.requests("/a")[0].status is None
+
+
+def test_fault_stall_until_released(srv, raw):
+    """stall_after=N with no stall_seconds stops after N bytes until release_stalls()."""
+    data = fs.blob_bytes(5000)
+    srv.add_blob("/a", data, faults=[fs.Fault(stall_after=1000)])
+    r = raw("/a")
+    r.read_head()
+    assert r.read_body(1000) == data[:1000]
+    assert srv.wait_stalled(1, SHORT)
+    assert r.silent_for()
+    srv.release_stalls()
+    assert r.read_to_end() == data[1000:]
+
+
+def test_fault_stall_for_seconds_then_continue(srv):
+    """stall_seconds pauses the body for that long and then completes it."""
+    data = fs.blob_bytes(5000)
+    srv.add_blob("/a", data, faults=[fs.Fault(stall_after=100, stall_seconds=0.3)])
+    start = time.monotonic()
+    assert fetch(srv, "/a")[2] == data
+    assert time.monotonic() - start >= 0.3
+
+
+def test_fault_throttle_limits_rate(srv):
+    """throttle=B sends at most about B bytes per second."""
+    data = fs.blob_bytes(50_000)
+    srv.add_blob("/a", data, faults=[fs.Fault(throttle=200_000)])
+    start = time.monotonic()
+    assert fetch(srv, "/a")[2] == data
+    assert time.monotonic() - start >= 0.2
+
+
+def test_fault_status_with_retry_after(srv):
+    """status=503 with retry_after answers 503 and the Retry-After header."""
+    srv.add_blob("/a", size=100, faults=[fs.Fault(status=503, retry_after="2")])
+    status, headers, body = fetch(srv, "/a")
+    assert status == 503 and headers["retry-after"] == "2" and b"503" in body
+
+
+def test_fault_ignore_range(srv):
+    """ignore_range answers 200 with the full body although Range was sent."""
+    data = fs.blob_bytes(1000)
+    srv.add_blob("/a", data, faults=[fs.Fault(ignore_range=True)])
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=500-"})
+    assert status == 200 and body == data and "content-range" not in headers
+
+
+def test_fault_early_206(srv):
+    """early_206=K starts the 206 K bytes before the asked offset, with a matching Content-Range."""
+    data = fs.blob_bytes(1000)
+    srv.add_blob("/a", data, faults=[fs.Fault(early_206=100)])
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=500-"})
+    assert status == 206 and headers["content-range"] == "bytes 400-999/1000" and body == data[400:]
+
+
+def test_fault_wrong_total(srv):
+    """wrong_total gives a 206 whose Content-Range total is not the size."""
+    srv.add_blob("/a", size=1000, faults=[fs.Fault(wrong_total=True)])
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=500-"})
+    assert status == 206 and headers["content-range"] == "bytes 500-999/2000" and len(body) == 500
+
+
+def test_fault_malformed_range(srv):
+    """malformed_range gives a 206 whose Content-Range does not parse."""
+    srv.add_blob("/a", size=1000, faults=[fs.Fault(malformed_range=True)])
+    status, headers, body = fetch(srv, "/a", {"Range": "bytes=500-"})
+    assert status == 206 and len(body) == 500
+    assert not re.fullmatch(r"bytes \d+-\d+/\d+", headers["content-range"])
+
+
+def test_fault_chunked(srv):
+    """chunked sends Transfer-Encoding: chunked and no Content-Length; the decoded body is whole."""
+    data = fs.blob_bytes(150_000)
+    srv.add_blob("/a", data, faults=[fs.Fault(chunked=True)])
+    status, headers, body = fetch(srv, "/a")
+    assert status == 200 and body == data
+    assert headers["transfer-encoding"] == "chunked" and "content-length" not in headers
+
+
+def test_fault_short_body(srv, raw):
+    """short_body=K declares the full length, sends K bytes fewer, then closes."""
+    srv.add_blob("/a", size=1000, faults=[fs.Fault(short_body=10)])
+    r = raw("/a")
+    assert r.read_head()[1]["content-length"] == "1000"
+    assert len(r.read_to_end()) == 990
+
+
+def test_fault_short_body_is_incomplete_read_for_http_client(srv):
+    """A short body is reported by http.client as IncompleteRead."""
+    srv.add_blob("/a", size=1000, faults=[fs.Fault(short_body=1)])
+    with pytest.raises(http.client.IncompleteRead):
+        fetch(srv, "/a")
+
+
+def test_fault_huge_header(srv, raw):
+    """huge_header=N adds one header line of at least N bytes, which http.client refuses."""
+    srv.add_blob("/a", size=10, default_fault=fs.Fault(huge_header=128 * 1024))
+    r = raw("/a")
+    r.read_head()
+    r.read_to_end()
+    with pytest.raises(http.client.HTTPException):
+        fetch(srv, "/a")
+
+
+def test_fault_drop_validators(srv):
+    """drop_validators omits ETag and Last-Modified from that response only."""
+    srv.add_blob("/a", size=10, faults=[fs.Fault(drop_validators=True)])
+    assert "etag" not in fetch(srv, "/a")[1]
+    assert "etag" in fetch(srv, "/a")[1]
+
+
+def test_fault_delay(srv):
+    """delay waits that long before the headers."""
+    srv.add_blob("/a", size=10, faults=[fs.Fault(delay=0.3)])
+    start = time.monotonic()
+    assert fetch(srv, "/a")[0] == 200
+    assert time.monotonic() - start >= 0.3
+
+
+def test_fault_rejects_negative_values():
+    """A Fault with a negative count is refused."""
+    with pytest.raises(ValueError):
+        fs.Fault(cut_after=-1)
+    with pytest.raises(ValueError):
+        fs.Fault(throttle=0)
+
+
+def test_per_request_fault_list_then_default(srv):
+    """faults[i] applies to the i-th request; afterwards default_fault applies."""
+    srv.add_blob("/a", size=100, faults=[fs.Fault(status=503), None, fs.Fault(status=500)],
+                 default_fault=fs.Fault(status=429))
+    assert [fetch(srv, "/a")[0] for _ in range(5)] == [503, 200, 500, 429, 429]
+
+
+def test_faults_apply_to_resumed_request(srv):
+    """A cut first request and a resumed second request together give the whole body."""
+    data = fs.blob_bytes(100_000)
+    route = srv.add_blob("/a", data, faults=[fs.Fault(cut_after=40_000)])
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=SHORT)
+    try:
+        conn.request("GET", "/a")
+        resp = conn.getresponse()
+        first = resp.read(40_000)
+        with pytest.raises(http.client.IncompleteRead):
+            resp.read()
+    finally:
+        conn.close()
+    status, _, rest = fetch(srv, "/a", {"Range": "bytes=40000-", "If-Range": route.etag})
+    assert status == 206 and first + rest == data
+
+
+# --- uploads -----------------------------------------------------------------
+
+def test_put_upload_recorded_with_sha256(srv):
+    """PUT with Content-Length is stored, answered with JSON size/sha256, and recorded."""
+    srv.add_upload("/up")
+    body = fs.blob_bytes(200_000, seed=9)
+    status, _, answer = fetch(srv, "/up", method="PUT", body=body)
+    digest = hashlib.sha256(body).hexdigest()
+    assert status == 201 and json.loads(answer) == {"size": 200_000, "sha256": digest}
+    assert srv.uploads("/up") == [body]
+    assert srv.requests("/up")[0].upload_sha256 == digest
+    assert srv.bytes_received("/up") == 200_000
+
+
+def test_chunked_post_upload(srv):
+    """POST with Transfer-Encoding: chunked is decoded and stored."""
+    srv.add_upload("/up", status=200)
+    parts = [b"hello ", b"chunked ", b"world" * 1000]
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=SHORT)
+    try:
+        conn.request("POST", "/up", body=iter(parts), encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["size"] == len(b"".join(parts))
+    finally:
+        conn.close()
+    assert srv.uploads("/up") == [b"".join(parts)]
+    assert srv.requests("/up")[0].header("Transfer-Encoding") == "chunked"
+
+
+def test_upload_cut_is_not_stored(srv):
+    """An upload cut by the server is not in uploads(); the client sees the connection end."""
+    srv.add_upload("/up", faults=[fs.Fault(cut_after=1000)])
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        fetch(srv, "/up", method="PUT", body=fs.blob_bytes(500_000))
+    assert srv.uploads("/up") == []
+    assert srv.bytes_received("/up") == 1000
+
+
+def test_upload_status_fault_reads_body_but_does_not_store(srv):
+    """A status fault on an upload answers that status after reading the body, and stores nothing."""
+    srv.add_upload("/up", faults=[fs.Fault(status=500)])
+    assert fetch(srv, "/up", method="PUT", body=b"x" * 100)[0] == 500
+    assert fetch(srv, "/up", method="PUT", body=b"y" * 100)[0] == 201
+    assert srv.uploads("/up") == [b"y" * 100]
+
+
+def test_get_on_upload_route_is_405(srv):
+    """An upload route refuses GET with 405 and Allow."""
+    srv.add_upload("/up")
+    status, headers, _ = fetch(srv, "/up")
+    assert status == 405 and "PUT" in headers["allow"]
+
+
+# --- authentication ------------------------------------------------------------
+
+def test_basic_auth_rejects_then_accepts(srv):
+    """Basic: no or wrong credentials get 401 with a Basic challenge; right ones get the body."""
+    srv.add_blob("/a", b"secret", auth=fs.BasicAuth("alice", "pw"))
+    status, headers, _ = fetch(srv, "/a")
+    assert status == 401 and headers["www-authenticate"].startswith('Basic realm="fake"')
+    import base64
+    bad = base64.b64encode(b"alice:nope").decode()
+    assert fetch(srv, "/a", {"Authorization": "Basic " + bad})[0] == 401
+    good = base64.b64encode(b"alice:pw").decode()
+    assert fetch(srv, "/a", {"Authorization": "Basic " + good})[2] == b"secret"
+
+
+@pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
+def test_digest_auth_accepts_correct_response(srv, algorithm):
+    """Digest: the response computed from the challenge is accepted."""
+    srv.add_blob("/d", b"digest!", auth=fs.DigestAuth("bob", "pw", algorithm=algorithm))
+    status, headers, _ = fetch(srv, "/d")
+    challenge = headers["www-authenticate"]
+    assert status == 401 and challenge.startswith("Digest ") and f"algorithm={algorithm}" in challenge
+    auth = digest_authorization(challenge, "GET", "/d", "bob", "pw")
+    assert fetch(srv, "/d", {"Authorization": auth})[2] == b"digest!"
+
+
+@pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
+def test_digest_auth_rejects_wrong_password(srv, algorithm):
+    """Digest: a response computed with the wrong password gets 401."""
+    srv.add_blob("/d", b"x", auth=fs.DigestAuth("bob", "pw", algorithm=algorithm))
+    challenge = fetch(srv, "/d")[1]["www-authenticate"]
+    auth = digest_authorization(challenge, "GET", "/d", "bob", "wrong")
+    assert fetch(srv, "/d", {"Authorization": auth})[0] == 401
+
+
+def test_digest_auth_rejects_other_uri(srv):
+    """Digest: a response for another uri is refused."""
+    srv.add_blob("/d", b"x", auth=fs.DigestAuth("bob", "pw"))
+    challenge = fetch(srv, "/d")[1]["www-authenticate"]
+    auth = digest_authorization(challenge, "GET", "/other", "bob", "pw")
+    assert fetch(srv, "/d", {"Authorization": auth})[0] == 401
+
+
+def test_digest_auth_rejects_bad_nc(srv):
+    """Digest: nc must be 8 hex digits."""
+    srv.add_blob("/d", b"x", auth=fs.DigestAuth("bob", "pw"))
+    challenge = fetch(srv, "/d")[1]["www-authenticate"]
+    auth = digest_authorization(challenge, "GET", "/d", "bob", "pw", nc="1")
+    assert fetch(srv, "/d", {"Authorization": auth})[0] == 401
+
+
+def test_digest_auth_without_qop(srv):
+    """Digest with qop=None uses the RFC 2069 response and is accepted."""
+    srv.add_blob("/d", b"old style", auth=fs.DigestAuth("bob", "pw", qop=None))
+    challenge = fetch(srv, "/d")[1]["www-authenticate"]
+    assert "qop" not in challenge
+    auth = digest_authorization(challenge, "GET", "/d", "bob", "pw")
+    assert fetch(srv, "/d", {"Authorization": auth})[2] == b"old style"
+
+
+def test_digest_auth_stale_nonce(srv):
+    """Digest: after rotate_nonce, the old nonce gets 401 with stale=true and the new one works."""
+    auth_policy = fs.DigestAuth("bob", "pw")
+    srv.add_blob("/d", b"x", auth=auth_policy)
+    old = fetch(srv, "/d")[1]["www-authenticate"]
+    auth_policy.rotate_nonce()
+    status, headers, _ = fetch(srv, "/d", {"Authorization": digest_authorization(old, "GET", "/d", "bob", "pw")})
+    assert status == 401 and "stale=true" in headers["www-authenticate"]
+    fresh = digest_authorization(headers["www-authenticate"], "GET", "/d", "bob", "pw")
+    assert fetch(srv, "/d", {"Authorization": fresh})[0] == 200
+
+
+def test_urllib_digest_handler_works_against_server(srv):
+    """The stdlib's own Digest client authenticates (interoperability)."""
+    srv.add_blob("/d", b"interop", auth=fs.DigestAuth("bob", "pw"))
+    manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    manager.add_password(None, srv.base_url, "bob", "pw")
+    opener = urllib.request.build_opener(urllib.request.HTTPDigestAuthHandler(manager))
+    with opener.open(srv.url("/d"), timeout=SHORT) as resp:
+        assert resp.read() == b"interop"
+
+
+def test_upload_with_basic_auth(srv):
+    """An upload route with auth refuses without credentials and stores with them."""
+    import base64
+    srv.add_upload("/up", auth=fs.BasicAuth("u", "p"))
+    assert fetch(srv, "/up", method="PUT", body=b"abc")[0] == 401
+    token = base64.b64encode(b"u:p").decode()
+    assert fetch(srv, "/up", method="PUT", body=b"abc", headers={"Authorization": "Basic " + token})[0] == 201
+    assert srv.uploads("/up") == [b"abc"]
+
+
+def test_expect_100_continue_refused_before_body_without_credentials(srv, raw):
+    """With Expect: 100-continue, a failed auth answers 401 without asking for the body."""
+    srv.add_upload("/up", auth=fs.BasicAuth("u", "p"))
+    r = raw("/up", {"Content-Length": "1000000", "Expect": "100-continue"}, method="PUT")
+    status, headers = r.read_head()
+    assert status == 401 and headers["connection"] == "close"
+    assert srv.bytes_received("/up") == 0
+
+
+def test_expect_100_continue_accepted_with_credentials(srv, raw):
+    """With Expect: 100-continue and good credentials, 100 Continue comes first, then 201 after the body."""
+    import base64
+    srv.add_upload("/up", auth=fs.BasicAuth("u", "p"))
+    token = base64.b64encode(b"u:p").decode()
+    r = raw("/up", {"Content-Length": "5", "Expect": "100-continue", "Authorization": "Basic " + token},
+            method="PUT")
+    assert r.read_head()[0] == 100
+    r.sock.sendall(b"hello")
+    assert r.read_head()[0] == 201
+    assert srv.uploads("/up") == [b"hello"]
+
+
+# --- redirects and fixed statuses ---------------------------------------------------
+
+def test_redirect_to_path_followed_by_urllib(srv):
+    """A redirect to a path is followed to the blob."""
+    srv.add_blob("/real", b"target")
+    srv.add_redirect("/go", "/real")
+    status, headers, _ = fetch(srv, "/go")
+    assert status == 302 and headers["location"] == "/real"
+    with urllib.request.urlopen(srv.url("/go"), timeout=SHORT) as resp:
+        assert resp.read() == b"target"
+
+
+def test_redirect_to_other_server(srv):
+    """A redirect may point at another server (absolute URL)."""
+    with fs.FakeServer() as other:
+        other.add_blob("/x", b"over there")
+        srv.add_redirect("/go", other.url("/x"), status=307)
+        with urllib.request.urlopen(srv.url("/go"), timeout=SHORT) as resp:
+            assert resp.read() == b"over there"
+        assert other.requests("/x")[0].method == "GET"
+
+
+def test_redirect_loop(srv):
+    """A path redirecting to itself is a loop (urllib gives up)."""
+    srv.add_redirect("/loop", "/loop", status=301)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(srv.url("/loop"), timeout=SHORT)
+    info.value.close()
+    assert len(srv.requests("/loop")) > 1
+
+
+def test_status_route(srv):
+    """add_status answers its fixed status, body and headers."""
+    srv.add_status("/missing", 404, b"<h1>gone</h1>", headers={"X-Why": "test"})
+    status, headers, body = fetch(srv, "/missing")
+    assert status == 404 and body == b"<h1>gone</h1>" and headers["x-why"] == "test"
+    assert headers["content-type"].startswith("text/html")
+
+
+def test_unknown_path_is_404(srv):
+    """A path with no route gets 404."""
+    assert fetch(srv, "/nothing")[0] == 404
+
+
+# --- keep-alive, records, counters ---------------------------------------------------
+
+def test_keep_alive_reuses_one_connection(srv):
+    """Several requests on one client connection are one accepted TCP connection."""
+    srv.add_blob("/a", size=10_000)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=SHORT)
+    try:
+        for _ in range(3):
+            conn.request("GET", "/a")
+            assert len(conn.getresponse().read()) == 10_000
+    finally:
+        conn.close()
+    records = srv.requests("/a")
+    assert srv.connections_accepted == 1
+    assert len({r.client_port for r in records}) == 1 and len({r.connection for r in records}) == 1
+
+
+def test_keep_alive_survives_every_non_fault_answer(srv):
+    """200, 206, 416, 404, 401, 302, 405 and an upload all leave the connection reusable."""
+    srv.add_blob("/a", size=1000)
+    srv.add_blob("/secret", b"x", auth=fs.BasicAuth("u", "p"))
+    srv.add_redirect("/go", "/a")
+    srv.add_upload("/up")
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=SHORT)
+    statuses = []
+    try:
+        for method, path, headers, body in [
+                ("GET", "/a", {}, None), ("GET", "/a", {"Range": "bytes=10-"}, None),
+                ("GET", "/a", {"Range": "bytes=5000-"}, None), ("GET", "/none", {}, None),
+                ("GET", "/secret", {}, None), ("GET", "/go", {}, None), ("POST", "/a", {}, b"zz"),
+                ("PUT", "/up", {}, b"data"), ("GET", "/a", {}, None)]:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+    finally:
+        conn.close()
+    assert statuses == [200, 206, 416, 404, 401, 302, 405, 201, 200]
+    assert srv.connections_accepted == 1
+
+
+def test_separate_connections_are_counted(srv):
+    """Requests on separate connections are counted, and recorded with distinct connection numbers."""
+    srv.add_blob("/a", size=10)
+    for _ in range(3):
+        fetch(srv, "/a")
+    assert srv.connections_accepted == 3
+    assert sorted(r.connection for r in srv.requests("/a")) == [1, 2, 3]
+
+
+def test_request_records(srv):
+    """Each request is recorded with method, path, query, lower-cased headers, status, range and bytes."""
+    srv.add_blob("/a", size=1000)
+    fetch(srv, "/a?x=1", {"Range": "bytes=100-", "X-Test": "yes"})
+    (record,) = srv.requests("/a")
+    assert (record.method, record.path, record.query, record.status) == ("GET", "/a", "x=1", 206)
+    assert record.range_header == "bytes=100-" and record.bytes_sent == 900
+    assert record.headers["x-test"] == "yes" and record.header("X-TEST") == "yes"
+    assert record.client_port > 0
+
+
+def test_reset_counters(srv):
+    """reset_counters zeroes bytes, records and the connection count."""
+    srv.add_blob("/a", size=100)
+    fetch(srv, "/a")
+    srv.reset_counters()
+    assert (srv.bytes_served("/a"), srv.requests(), srv.connections_accepted) == (0, [], 0)
+
+
+# --- byte boundaries ----------------------------------------------------------------
+
+def test_on_bytes_fires_at_exact_boundary(srv):
+    """on_bytes calls back once, in the handler, when exactly N bytes of the path have been sent."""
+    srv.add_blob("/a", size=300_000)
+    seen = []
+    srv.on_bytes("/a", 100_001, lambda path, served: seen.append((path, served, srv.bytes_served(path))))
+    srv.on_bytes("/a", 7, lambda path, served: seen.append((path, served, srv.bytes_served(path))))
+    assert len(fetch(srv, "/a")[2]) == 300_000
+    fetch(srv, "/a")
+    assert seen == [("/a", 7, 7), ("/a", 100_001, 100_001)]
+
+
+def test_on_bytes_counts_cumulatively_across_requests(srv):
+    """The boundary is on the path's cumulative count, across requests."""
+    srv.add_blob("/a", size=1000)
+    seen = []
+    srv.on_bytes("/a", 1500, lambda path, served: seen.append(served))
+    fetch(srv, "/a")
+    assert seen == []
+    fetch(srv, "/a", {"Range": "bytes=0-"})
+    assert seen == [1500]
+
+
+def test_hold_at_stops_at_exact_offset_until_released(srv, raw):
+    """hold_at(N) sends exactly N bytes, holds (reached set), and continues after release()."""
+    data = fs.blob_bytes(200_000)
+    srv.add_blob("/a", data)
+    hold = srv.hold_at("/a", 70_000)
+    r = raw("/a")
+    r.read_head()
+    assert r.read_body(70_000) == data[:70_000]
+    assert hold.wait(SHORT) and hold.served == 70_000
+    assert srv.bytes_served("/a") == 70_000 and r.silent_for()
+    hold.release()
+    assert r.read_to_end() == data[70_000:]
+
+
+def test_hold_at_zero_holds_after_headers(srv, raw):
+    """hold_at(0) holds after the headers, before the first body byte."""
+    srv.add_blob("/a", size=1000)
+    hold = srv.hold_at("/a", 0)
+    r = raw("/a")
+    assert r.read_head()[0] == 200
+    assert hold.wait(SHORT) and r.silent_for()
+    hold.release()
+    assert len(r.read_to_end()) == 1000
+
+
+def test_hold_on_upload_counts_received_bytes(srv):
+    """On an upload route, hold_at counts request body bytes received."""
+    srv.add_upload("/up")
+    hold = srv.hold_at("/up", 5000)
+    result = {}
+    body = fs.blob_bytes(50_000)
+    thread = threading.Thread(target=lambda: result.update(r=fetch(srv, "/up", method="PUT", body=body)))
+    thread.start()
+    try:
+        assert hold.wait(SHORT)
+        assert srv.bytes_received("/up") == 5000
+    finally:
+        hold.release()
+        thread.join(SHORT)
+    assert result["r"][0] == 201 and srv.uploads("/up") == [body]
+
+
+def test_stop_does_not_hang_on_held_or_stalled_handlers():
+    """stop() returns promptly while one handler is held and another is stalled."""
+    server = fs.FakeServer().start()
+    clients = []
+    try:
+        server.add_blob("/held", size=100_000)
+        server.add_blob("/stalled", size=100_000, default_fault=fs.Fault(stall_after=10))
+        hold = server.hold_at("/held", 1000)
+        clients += [Raw(server, "/held"), Raw(server, "/stalled")]
+        assert hold.wait(SHORT) and server.wait_stalled(1, SHORT)
+    finally:
+        start = time.monotonic()
+        server.stop()
+        elapsed = time.monotonic() - start
+        for c in clients:
+            c.close()
+    assert elapsed < 3.0
+
+
+def test_restart_keeps_port(srv):
+    """A stopped server refuses connections; started again it serves on the same port."""
+    srv.add_blob("/a", b"back")
+    port = srv.port
+    srv.stop()
+    with pytest.raises(ConnectionRefusedError):
+        fetch(srv, "/a")
+    srv.start()
+    assert srv.port == port and fetch(srv, "/a")[2] == b"back"
+
+
+# --- query-string faults and /files -------------------------------------------------------
+
+def test_query_blob_serves_seeded_bytes_with_stable_etag(srv):
+    """/blob/<size>?seed=S serves blob_bytes(size, S) with the same strong ETag every time."""
+    data = fs.blob_bytes(5000, seed=3)
+    status, headers, body = fetch(srv, "/blob/5000?seed=3")
+    assert status == 200 and body == data
+    assert headers["etag"] == '"%s"' % hashlib.sha256(data).hexdigest()[:16]
+    assert fetch(srv, "/blob/5000?seed=3")[1]["etag"] == headers["etag"]
+
+
+def test_query_faults_cut_and_status(srv, raw):
+    """Query parameters apply faults: cut_after cuts, status+retry_after answers that status."""
+    r = raw("/blob/5000?cut_after=1000")
+    r.read_head()
+    assert len(r.read_to_end()) == 1000
+    status, headers, _ = fetch(srv, "/blob/5000?status=503&retry_after=1")
+    assert status == 503 and headers["retry-after"] == "1"
+    assert srv.bytes_served("/blob/5000") == 1000 + len(b"fault: status 503\n")
+
+
+def test_query_faults_ignore_range_and_chunked(srv):
+    """ignore_range=1 and chunked=1 from the query string."""
+    data = fs.blob_bytes(3000)
+    status, headers, body = fetch(srv, "/blob/3000?ignore_range=1&chunked=1", {"Range": "bytes=10-"})
+    assert status == 200 and body == data and headers["transfer-encoding"] == "chunked"
+
+
+def test_query_fault_bad_value_is_400(srv):
+    """A malformed query fault value gets 400."""
+    assert fetch(srv, "/blob/10?cut_after=lots")[0] == 400
+
+
+def test_files_under_root(tmp_path):
+    """With root, files are served under /files/ with ranges; paths outside root are 404."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.txt").write_bytes(b"0123456789")
+    (tmp_path.parent / "outside.txt").write_bytes(b"no")
+    with fs.FakeServer(root=tmp_path) as server:
+        assert fetch(server, "/files/sub/f.txt")[2] == b"0123456789"
+        assert fetch(server, "/files/sub/f.txt", {"Range": "bytes=5-"})[2] == b"56789"
+        assert fetch(server, "/files/../outside.txt")[0] == 404
+        assert fetch(server, "/files/sub")[0] == 404
+
+
+# --- command line ------------------------------------------------------------------------
+
+def test_cli_help():
+    """--help prints usage and exits 0."""
+    done = subprocess.run([sys.executable, str(HERE / "fake_server.py"), "--help"],
+                          capture_output=True, text=True, timeout=LONG)
+    assert done.returncode == 0 and "--root" in done.stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serves_and_stops_on_signal(tmp_path, signum):
+    """The CLI prints 'serving on URL', serves /files/ and /blob/, and exits 0 on the signal."""
+    (tmp_path / "hello.txt").write_bytes(b"hello")
+    proc = subprocess.Popen([sys.executable, "-W", "error", str(HERE / "fake_server.py"), "--port", "0",
+                             "--root", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"serving on (http://127\.0\.0\.1:(\d+))\n", line)
+        assert match, line
+        with urllib.request.urlopen(match.group(1) + "/files/hello.txt", timeout=SHORT) as resp:
+            assert resp.read() == b"hello"
+        with urllib.request.urlopen(match.group(1) + "/blob/10?seed=2", timeout=SHORT) as resp:
+            assert resp.read() == fs.blob_bytes(10, seed=2)
+        proc.send_signal(signum)
+        assert proc.wait(LONG) == 0
+        assert "GET /files/hello.txt" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# --- AppController -------------------------------------------------------------------------
+
+CHILD_FETCH = """
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=30) as resp:
+    while resp.read(8192):
+        pass
+print("finished")
+"""
+
+CHILD_ENV = """
+import os
+print("BG=" + os.environ.get("BGSESSION_BACKGROUND_EVENTS", "-"), "X=" + os.environ.get("X_TEST", "-"))
+"""
+
+
+def test_app_controller_kills_child_at_byte_boundary(srv, tmp_path):
+    """kill_when SIGKILLs the child when the path reaches N bytes (return code -SIGKILL)."""
+    out = tmp_path / "out.txt"
+    path = "/blob/2000000"
+    with fs.AppController([sys.executable, "-c", CHILD_FETCH, srv.url(path + "?throttle=4000000")],
+                          output=out) as ctl:
+        hold = ctl.kill_when(srv, path, 300_000)
+        ctl.launch()
+        assert hold.wait(LONG) and hold.error is None and hold.served == 300_000
+        assert ctl.wait(SHORT) == -signal.SIGKILL
+    assert ctl.launches[0][1:] == (False, -signal.SIGKILL)
+    assert "finished" not in out.read_text()
+
+
+def test_app_controller_relaunch_after_kill_is_background(srv, tmp_path):
+    """After a kill at a boundary, a background relaunch runs to the end and both launches are listed."""
+    out = tmp_path / "out.txt"
+    path = "/blob/1000000"
+    with fs.AppController([sys.executable, "-c", CHILD_FETCH, srv.url(path)], identifier="app.id",
+                          output=out) as ctl:
+        hold = ctl.kill_when(srv, path, 100_000)
+        ctl.launch()
+        assert hold.wait(LONG) and hold.released.is_set()
+        ctl.launch(background=True)
+        assert ctl.wait(LONG) == 0
+    assert [(bg, rc) for _, bg, rc in ctl.launches] == [(False, -signal.SIGKILL), (True, 0)]
+    assert out.read_text().count("finished") == 1
+
+
+def test_app_controller_background_launch_sets_environment(tmp_path):
+    """launch(background=True) sets BGSESSION_BACKGROUND_EVENTS=<identifier>; a normal launch does not."""
+    out = tmp_path / "out.txt"
+    with fs.AppController([sys.executable, "-c", CHILD_ENV], env={"X_TEST": "1"},
+                          identifier="com.example.photos", output=out) as ctl:
+        ctl.launch()
+        assert ctl.wait(LONG) == 0
+        ctl.launch(background=True)
+        assert ctl.wait(LONG) == 0
+    assert out.read_text().split("\n")[:2] == ["BG=- X=1", "BG=com.example.photos X=1"]
+    assert [(bg, rc) for _, bg, rc in ctl.launches] == [(False, 0), (True, 0)]
+
+
+def test_app_controller_wait_timeout_and_close():
+    """wait() raises TimeoutError while the app runs; close() SIGKILLs and reaps it."""
+    ctl = fs.AppController([sys.executable, "-c", "import threading; threading.Event().wait()"])
+    try:
+        process = ctl.launch()
+        with pytest.raises(TimeoutError):
+            ctl.wait(QUIET)
+    finally:
+        ctl.close()
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_app_controller_background_needs_identifier():
+    """A background launch without an identifier is refused."""
+    with pytest.raises(ValueError):
+        fs.AppController([sys.executable, "-c", "pass"]).launch(background=True)
