@@ -2500,7 +2500,7 @@ class _Core:
                     body(c)
                 return c.getresponse(), c
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                    ConnectionAbortedError) as err:
+                    ConnectionAbortedError, http.client.ImproperConnectionState) as err:
                 c.close()
                 conn = None
                 control.check()
@@ -2775,22 +2775,27 @@ class _Core:
                 buf: bytearray) -> None:
         """Copy the body into the partial file at the current offset, with progress and fsync ticks."""
         live = task.live
-        view = memoryview(buf)
+        size = len(buf)
         os.lseek(fd, live.offset, os.SEEK_SET)
         last_sync = time.monotonic()
         unsynced = 0
         while True:
             try:
-                n = resp.readinto(view)
+                # read1: what has arrived (at most one socket read), so that a slow link still
+                # reaches the disk and the progress hook promptly
+                data = resp.read1(size)
             except (OSError, http.client.HTTPException) as err:
-                if isinstance(err, http.client.IncompleteRead) and err.partial:
-                    pass
                 control.check()
                 raise _classify_os_error(err) from err
+            n = len(data)
             if not n:
+                try:
+                    resp.read()  # marks the response done, so the keep-alive connection can be reused
+                except (OSError, http.client.HTTPException) as err:
+                    raise _classify_os_error(err) from err
                 break
             try:
-                chunk = view[:n]
+                chunk = memoryview(data)
                 while chunk:
                     chunk = chunk[os.write(fd, chunk):]
             except OSError as err:
