@@ -1892,6 +1892,7 @@ class _Core:
         self.waiting_challenges = 0  # workers blocked until an app answers a challenge
         self.acks = 0  # acknowledgements received (the daemon's relaunch backoff watches it)
         self._timer_seq = itertools.count()
+        self._ssl: Optional[ssl.SSLContext] = None  # created once: loading the CA store is slow
         self._wake = threading.Event()
         self.directory = config.directory
         if self.directory is not None:
@@ -2392,7 +2393,7 @@ class _Core:
 
     # -- workers ----------------------------------------------------------------------------
     def _worker(self, pool: _HostPool) -> None:
-        conn: Optional[http.client.HTTPConnection] = None
+        conns: Dict[Tuple[str, str, int], http.client.HTTPConnection] = {}  # by origin; kept: pool.key's
         buf = bytearray(self.buffer_size)
         try:
             while True:
@@ -2400,6 +2401,7 @@ class _Core:
                     task = self._next_task(pool)
                     if task is None:
                         pool.workers -= 1
+                        conn = conns.pop(pool.key, None)
                         if conn is not None and not self.closed:
                             pool.give_connection(conn)
                         elif conn is not None:
@@ -2416,13 +2418,14 @@ class _Core:
                     task.live.done = threading.Event()
                 try:
                     if task.kind == "upload":
-                        outcome, conn = self._attempt_upload(task, control, pool, conn)
+                        outcome, ok = self._attempt_upload(task, control, pool, conns)
                     else:
-                        outcome, conn = self._attempt_download(task, control, pool, conn, buf)
+                        outcome, ok = self._attempt_download(task, control, pool, conns, buf)
                 except BaseException as err:  # a bug must not lose the task: fail it clearly
                     log.exception("task %s: internal error", task.id)
-                    outcome, conn = ("fatal", _Fatal(TransferError(ErrorCode.UNKNOWN, f"internal error: {err!r}",
-                                                                   url=task.request["url"]))), None
+                    outcome, ok = ("fatal", _Fatal(TransferError(ErrorCode.UNKNOWN, f"internal error: {err!r}",
+                                                                 url=task.request["url"]))), False
+                self._release_connections(pool, conns, ok)
                 with self.lock:
                     pool.active -= 1
                     task.live.control = None
@@ -2446,22 +2449,46 @@ class _Core:
         finally:
             self.threads.discard(threading.current_thread())
 
-    def _connection(self, url: str, pool: _HostPool, conn: Optional[http.client.HTTPConnection]
+    def _release_connections(self, pool: _HostPool, conns: Dict[Tuple[str, str, int], Any], ok: bool) -> None:
+        """After an attempt: keep the worker's own connection, return others (redirect targets) to
+        their origin's idle list; close everything if the attempt failed."""
+        for key in list(conns):
+            conn = conns[key]
+            if not ok or conn.sock is None:
+                conn.close()
+                del conns[key]
+            elif key != pool.key:
+                del conns[key]
+                with self.lock:
+                    self._pool(key).give_connection(conn)
+
+    def _connection(self, url: str, conns: Dict[Tuple[str, str, int], Any], fresh: bool
                     ) -> Tuple[http.client.HTTPConnection, bool]:
-        """A connection for *url*'s origin: the worker's own, an idle one, or a new one."""
+        """A connection for *url*'s origin: the attempt's own, an idle one, or a new one."""
         key = _origin(url)
-        if conn is not None and key == pool.key:
-            return conn, True
-        with self.lock:
-            idle = self._pool(key).take_connection()
-        if idle is not None:
-            return idle, True
+        conn = conns.get(key)
+        if conn is not None and not fresh:
+            return conn, conn.sock is not None
+        if conn is not None:
+            conn.close()
+        if not fresh:
+            with self.lock:
+                idle = self._pool(key).take_connection()
+            if idle is not None:
+                conns[key] = idle
+                return idle, True
+        conn = self._new_connection(key)
+        conns[key] = conn
+        return conn, False
+
+    def _new_connection(self, key: Tuple[str, str, int]) -> http.client.HTTPConnection:
         scheme, host, port = key
         timeout = self.config.timeout_for_request
         if scheme == "https":
-            ctx = self.config.ssl_context or ssl.create_default_context()
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx), False
-        return http.client.HTTPConnection(host, port, timeout=timeout), False
+            if self._ssl is None:
+                self._ssl = self.config.ssl_context or ssl.create_default_context()
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
 
     def _headers(self, task: _TaskRecord, url: str, method: str, extra: Mapping[str, str]) -> Dict[str, str]:
         live = task.live
@@ -2480,8 +2507,8 @@ class _Core:
         headers.update(extra)
         return headers
 
-    def _send(self, task: _TaskRecord, control: _Control, url: str, method: str, pool: _HostPool,
-              conn: Optional[http.client.HTTPConnection], headers: Mapping[str, str],
+    def _send(self, task: _TaskRecord, control: _Control, url: str, method: str,
+              conns: Dict[Tuple[str, str, int], Any], headers: Mapping[str, str],
               body: Optional[Callable[[http.client.HTTPConnection], None]] = None
               ) -> Tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         """Send one request; a reused keep-alive connection that turns out dead is replaced once."""
@@ -2489,7 +2516,7 @@ class _Core:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for attempt in (0, 1):
             control.check()
-            c, reused = self._connection(url, pool, conn if attempt == 0 else None)
+            c, reused = self._connection(url, conns, attempt == 1)
             control.conn = c
             try:
                 c.putrequest(method, target, skip_accept_encoding=True)
@@ -2502,7 +2529,6 @@ class _Core:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     ConnectionAbortedError, http.client.ImproperConnectionState) as err:
                 c.close()
-                conn = None
                 control.check()
                 if not reused or attempt == 1:
                     raise _classify_os_error(err) from err
@@ -2653,13 +2679,11 @@ class _Core:
                 self._record(task, "progress", offset=offset, boot=_BOOT_ID)
 
     def _attempt_download(self, task: _TaskRecord, control: _Control, pool: _HostPool,
-                          conn: Optional[http.client.HTTPConnection], buf: bytearray
-                          ) -> Tuple[Tuple[str, Any], Optional[http.client.HTTPConnection]]:
+                          conns: Dict[Tuple[str, str, int], Any], buf: bytearray) -> Tuple[Tuple[str, Any], bool]:
         live = task.live
         part = os.path.join(self.tmp, task.partial_name)
         start_offset = live.offset
         fd = -1
-        resp: Optional[http.client.HTTPResponse] = None
         try:
             try:
                 fd = _open_private(part, os.O_RDWR | os.O_CREAT)
@@ -2681,7 +2705,7 @@ class _Core:
                     extra["Range"] = f"bytes={live.offset}-"
                     extra["If-Range"] = task.validator.get("etag") or task.validator["last_modified"]
                 headers = self._headers(task, url, "GET", extra)
-                resp, conn = self._send(task, control, url, "GET", pool, conn, headers)
+                resp, conn = self._send(task, control, url, "GET", conns, headers)
                 hdrs = Headers(resp.getheaders())
                 status = resp.status
                 if status in (301, 302, 303, 307, 308) and "Location" in hdrs:
@@ -2709,7 +2733,7 @@ class _Core:
                 response_rec = Response(url, status, hdrs)._to_record()
                 if plan.action == "complete":
                     self._drain(resp, conn)
-                    return self._finalize(task, fd, part, task.response or response_rec), conn
+                    return self._finalize(task, fd, part, task.response or response_rec), True
                 # write the body at plan.start
                 had_data = size > plan.start or live.offset > plan.start
                 if had_data:
@@ -2737,27 +2761,19 @@ class _Core:
                     raise _Fatal(TransferError(ErrorCode.BAD_SERVER_RESPONSE,
                                                f"server sent {live.offset} bytes of a {plan.total}-byte entity",
                                                url=url), keep_partial=False)
-                return self._finalize(task, fd, part, _entity_response(response_rec)), conn
+                return self._finalize(task, fd, part, _entity_response(response_rec)), True
         except _Stopped as stop:
-            if conn is not None:
-                conn.close()
             if fd >= 0 and stop.args[0] in ("suspend", "close", "cancel"):
                 self._sync_quietly(task, fd)
-            return ("stopped", stop.args[0]), None
+            return ("stopped", stop.args[0]), False
         except _Retryable as err:
-            if conn is not None:
-                conn.close()
-            if control.reason is not None:
-                if fd >= 0:
-                    self._sync_quietly(task, fd)
-                return ("stopped", control.reason), None
             if fd >= 0:
                 self._sync_quietly(task, fd)
-            return ("retry", (err, live.offset > start_offset)), None
+            if control.reason is not None:
+                return ("stopped", control.reason), False
+            return ("retry", (err, live.offset > start_offset)), False
         except _Fatal as fatal:
-            if conn is not None:
-                conn.close()
-            return ("fatal", fatal), None
+            return ("fatal", fatal), False
         finally:
             if fd >= 0:
                 try:
@@ -2842,8 +2858,7 @@ class _Core:
         return "finished", {"file": done_name, "response": response, "error": None}
 
     def _attempt_upload(self, task: _TaskRecord, control: _Control, pool: _HostPool,
-                        conn: Optional[http.client.HTTPConnection]
-                        ) -> Tuple[Tuple[str, Any], Optional[http.client.HTTPConnection]]:
+                        conns: Dict[Tuple[str, str, int], Any]) -> Tuple[Tuple[str, Any], bool]:
         live = task.live
         info = task.upload or {}
         path = info.get("path", "")
@@ -2867,22 +2882,37 @@ class _Core:
                 headers = self._headers(task, url, method, extra)
 
                 def body(c: http.client.HTTPConnection) -> None:
+                    # Send all but the last byte, check the source did not change meanwhile, then
+                    # send the last byte: a changed file leaves the server an incomplete body, never a mix.
+                    size = st.st_size
                     with open(path, "rb") as f:
-                        while True:
-                            block = f.read(256 << 10)
+                        while live.sent < size - 1:
+                            block = f.read(min(256 << 10, size - 1 - live.sent))
                             if not block:
                                 break
                             c.send(block)
                             live.sent += len(block)
                             self._progress(task, len(block), upload=True)
                             control.check()
-                    self._progress(task, 0, final=True, upload=True)
-                    if live.sent != st.st_size:
+                        last = f.read(1) if size else b""
+                        now = os.fstat(f.fileno())
+                    try:
+                        named = os.stat(path)  # replaced by a new file meanwhile?
+                    except OSError:
+                        named = None
+                    if live.sent != max(0, size - 1) or len(last) != min(1, size) or named is None or \
+                            (now.st_size, now.st_mtime_ns, now.st_ino) != (size, st.st_mtime_ns, st.st_ino) or \
+                            (named.st_ino, named.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):
+                        c.close()
                         raise _Fatal(TransferError(ErrorCode.SOURCE_FILE_CHANGED,
-                                                   f"upload source {path} changed while it was sent",
-                                                   url=url))
+                                                   f"upload source {path} changed while it was sent; the server "
+                                                   "got an incomplete body, not a mix", url=url))
+                    if last:
+                        c.send(last)
+                        live.sent += 1
+                        self._progress(task, 1, final=True, upload=True)
 
-                resp, conn = self._send(task, control, url, method, pool, conn, headers, body)
+                resp, conn = self._send(task, control, url, method, conns, headers, body)
                 hdrs, status = Headers(resp.getheaders()), resp.status
                 if status in (301, 302, 303, 307, 308) and "Location" in hdrs:
                     self._drain(resp, conn)
@@ -2913,25 +2943,17 @@ class _Core:
                     os.close(fd)
                 _fsync_dir(self.tmp)
                 return ("finished", {"file": body_name, "response": Response(url, status, hdrs)._to_record(),
-                                     "error": None}), conn
+                                     "error": None}), True
         except _Stopped as stop:
-            if conn is not None:
-                conn.close()
-            return ("stopped", stop.args[0]), None
+            return ("stopped", stop.args[0]), False
         except _Retryable as err:
-            if conn is not None:
-                conn.close()
             if control.reason is not None:
-                return ("stopped", control.reason), None
-            return ("retry", (err, False)), None
+                return ("stopped", control.reason), False
+            return ("retry", (err, False)), False
         except _Fatal as fatal:
-            if conn is not None:
-                conn.close()
-            return ("fatal", fatal), None
+            return ("fatal", fatal), False
         except OSError as err:
-            if conn is not None:
-                conn.close()
-            return ("retry", (_classify_os_error(err), False)), None
+            return ("retry", (_classify_os_error(err), False)), False
 
 
 def _unlink_quietly(path: str) -> None:
@@ -3437,9 +3459,9 @@ class Session:
 
     def _become_invalid(self) -> None:
         self._invalid = True
-        self._delivery._hook("did_become_invalid", self, None)
         self._backend.detach(self._delivery)
-        self._backend.close()
+        self._backend.close()  # first: when the hook runs, the identifier is free again
+        self._delivery._hook("did_become_invalid", self, None)
         with self._delivery.cond:
             self._delivery.stopping = True
             self._delivery.cond.notify_all()

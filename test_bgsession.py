@@ -8,7 +8,6 @@ is closed at teardown and its directory must pass ``Journal.check()``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,161 +16,15 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, List
 
 import pytest
 
 import bgsession as bg
 import fake_server as fs
-
-#: Generous bound for things that happen in well under a second.
-SHORT = 15.0
-#: Bound for whole transfers and child processes.
-LONG = 60.0
-MiB = 1 << 20
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha(path: str) -> str:
-    with open(path, "rb") as f:
-        return sha(f.read())
-
-
-# ---------------------------------------------------------------------------
-# fixtures
-# ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server():
-    with fs.FakeServer() as srv:
-        yield srv
-
-
-class Recorder(bg.SessionDelegate):
-    """Records every hook call in order; keeps a copy of each finished file's bytes."""
-
-    def __init__(self) -> None:
-        self.calls: List[tuple] = []
-        self.files: Dict[int, bytes] = {}
-        self.statuses: Dict[int, Optional[int]] = {}
-        self.errors: Dict[int, Optional[bg.TransferError]] = {}
-        self.progress: Dict[int, List[tuple]] = {}
-        self.completed = threading.Event()
-        self.finished_events = 0
-        self.lock = threading.Lock()
-        self.expect = 1
-
-    def download_task_did_finish_downloading(self, session, task, location):
-        with open(location, "rb") as f:
-            data = f.read()
-        with self.lock:
-            self.calls.append(("finish", task.identifier))
-            self.files[task.identifier] = data
-            self.statuses[task.identifier] = task.response.status if task.response else None
-
-    def download_task_did_write_data(self, session, task, written, total, expected):
-        with self.lock:
-            self.progress.setdefault(task.identifier, []).append((written, total, expected))
-
-    def task_did_complete(self, session, task, error):
-        with self.lock:
-            self.calls.append(("complete", task.identifier))
-            self.errors[task.identifier] = error
-            if sum(1 for c in self.calls if c[0] == "complete") >= self.expect:
-                self.completed.set()
-
-    def did_finish_events_for_background_session(self, session):
-        with self.lock:
-            self.calls.append(("did_finish_events",))
-            self.finished_events += 1
-
-
-class Sessions:
-    """Opens sessions for a test, closes them at teardown, checks the journal, reaps daemons."""
-
-    def __init__(self, tmp_path, host: str) -> None:
-        self.tmp_path = tmp_path
-        self.host = host
-        self.opened: List[bg.Session] = []
-        self.directories: set = set()
-        self.check_journal = True
-        self.counter = 0
-
-    def config(self, name: str = "s", **kwargs: Any) -> bg.Configuration:
-        directory = str(self.tmp_path / name)
-        self.directories.add(directory)
-        kwargs.setdefault("host", self.host)
-        kwargs.setdefault("daemon_idle_timeout", 0.5)
-        kwargs.setdefault("retry", bg.Retry(backoff_factor=0.01, backoff_max=0.05))
-        return bg.Configuration.background(f"test.{name}", directory=directory, **kwargs)
-
-    def open(self, delegate: Optional[bg.SessionDelegate] = None, name: str = "s", **kwargs: Any) -> bg.Session:
-        session = bg.Session(self.config(name, **kwargs), delegate)
-        self.opened.append(session)
-        return session
-
-    def close_all(self) -> None:
-        for s in self.opened:
-            s.close()
-        self.opened.clear()
-
-    def teardown(self) -> None:
-        self.close_all()
-        for d in self.directories:
-            _stop_daemon(d)
-        if self.check_journal:
-            for d in self.directories:
-                if os.path.isdir(d):
-                    assert bg.Journal(d).check() == [], d
-
-
-def _stop_daemon(directory: str) -> None:
-    pid, _ = bg._read_pid_file(directory)
-    if pid is None:
-        return
-    deadline = time.monotonic() + SHORT
-    try:
-        os.kill(pid, signal.SIGTERM)
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.02)  # polling another process's exit (not ours to reap)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-@pytest.fixture(params=["inprocess", "daemon"])
-def host(request):
-    return request.param
-
-
-@pytest.fixture
-def sessions(tmp_path, host):
-    s = Sessions(tmp_path, host)
-    yield s
-    s.teardown()
-
-
-@pytest.fixture
-def inproc(tmp_path):
-    s = Sessions(tmp_path, "inprocess")
-    yield s
-    s.teardown()
-
-
-def download(session: bg.Session, url: str, description: Optional[str] = None) -> bg.DownloadTask:
-    task = session.download_task(url, description=description)
-    task.resume()
-    return task
-
+from testkit import *  # noqa: F401,F403 (fixtures)
+from testkit import HERE, LONG, MiB, SHORT, FakeClock, Recorder, download, file_sha, sha, stop_daemon
 
 # ---------------------------------------------------------------------------
 # downloads and delivery
@@ -586,29 +439,6 @@ def test_retry_exhaustion_and_progress_reset():
     assert r.increment(progressed=True).attempts == 1
 
 
-class FakeClock(bg._Clock):
-    """Virtual time: waits return at once and are recorded."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.waits: List[float] = []
-        self.lock = threading.Lock()
-
-    def monotonic(self) -> float:
-        with self.lock:
-            return self.now
-
-    def time(self) -> float:
-        return 1_700_000_000.0 + self.monotonic()
-
-    def wait(self, event: threading.Event, timeout: Optional[float]) -> bool:
-        if timeout is not None:
-            with self.lock:
-                self.waits.append(timeout)
-                self.now += timeout
-        return event.is_set()
-
-
 def test_engine_honours_retry_after_with_fake_clock(server, tmp_path):
     """503 with Retry-After: 120 waits 120 s of (virtual) time, then succeeds; no real sleep."""
     data = fs.blob_bytes(10_000, seed=17)
@@ -866,7 +696,7 @@ class Child:
             if p.poll() is None:
                 p.kill()
             p.wait()
-        _stop_daemon(self.directory)
+        stop_daemon(self.directory)
 
 
 @pytest.fixture
@@ -891,7 +721,7 @@ def test_sigkill_mid_download_resumes_with_range(server, child):
     p.wait()
     hold.release()
     if child.host == "daemon":
-        _stop_daemon_hard(child.directory)  # inprocess semantics for this test: nobody downloads meanwhile
+        stop_daemon_hard(child.directory)  # inprocess semantics for this test: nobody downloads meanwhile
     p2 = child.start("normal")
     assert p2.wait(LONG) == 0
     entries = child.entries()
@@ -903,7 +733,7 @@ def test_sigkill_mid_download_resumes_with_range(server, child):
     assert bg.Journal(child.directory).check() == []
 
 
-def _stop_daemon_hard(directory: str) -> None:
+def stop_daemon_hard(directory: str) -> None:
     pid, _ = bg._read_pid_file(directory)
     if pid is not None:
         try:
@@ -988,7 +818,7 @@ def test_one_session_per_identifier_across_processes(tmp_path, host):
         p.wait()
         p.stdin.close()
         p.stdout.close()
-        _stop_daemon(directory)
+        stop_daemon(directory)
 
 
 def test_one_session_per_identifier_in_one_process(sessions):
