@@ -19,7 +19,7 @@ import bgsession as bg
 import fake_server as fs
 
 __all__ = ["SHORT", "LONG", "MiB", "HERE", "sha", "file_sha", "server", "Recorder", "Sessions", "host",
-           "sessions", "inproc", "download", "stop_daemon", "FakeClock", "wait_until", "received"]
+           "sessions", "inproc", "daemons", "download", "stop_daemon", "FakeClock", "wait_until", "received"]
 
 #: Generous bound for things that happen in well under a second.
 SHORT = 15.0
@@ -151,6 +151,13 @@ def host(request):
 @pytest.fixture
 def sessions(tmp_path, host):
     s = Sessions(tmp_path, host)
+    yield s
+    s.teardown()
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    s = Sessions(tmp_path, "daemon")
     yield s
     s.teardown()
 

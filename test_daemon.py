@@ -1,0 +1,313 @@
+"""The daemon host with real processes: transfers that go on while no app runs, relaunch of the
+app through relaunch_command (with backoff for an app that keeps crashing), a daemon killed
+mid-download, socket permissions, and idle exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from typing import List
+
+import pytest
+
+import bgsession as bg
+import fake_server as fs
+from testkit import *  # noqa: F401,F403 (fixtures)
+from testkit import HERE, LONG, MiB, SHORT, Recorder, download, received, sha, stop_daemon, wait_until
+
+if bg.fcntl is None:  # pragma: no cover
+    pytest.skip("the daemon host needs POSIX", allow_module_level=True)
+
+APP = textwrap.dedent('''
+    import hashlib, json, os, sys, threading
+    sys.path.insert(0, {here!r})
+    import bgsession as bg
+
+    directory, ledger_path, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    urls = sys.argv[4:]
+    background = os.environ.get(bg.BACKGROUND_EVENTS_ENV)
+
+    def ledger(**rec):
+        rec["pid"] = os.getpid()
+        with open(ledger_path, "a") as f:
+            f.write(json.dumps(rec) + "\\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    ledger(event="launch", background=background, mode=mode)
+    if mode == "crash" and background:
+        os._exit(3)  # a broken app: dies before acknowledging anything
+
+    done = threading.Event()
+
+    class App(bg.SessionDelegate):
+        def download_task_did_finish_downloading(self, session, task, location):
+            with open(location, "rb") as f:
+                ledger(event="finish", id=task.identifier, desc=task.description,
+                       sha=hashlib.sha256(f.read()).hexdigest())
+
+        def task_did_complete(self, session, task, error):
+            ledger(event="complete", id=task.identifier, error=str(error) if error else None)
+
+        def task_did_receive_challenge(self, session, task, challenge):
+            ledger(event="challenge", id=task.identifier)
+            return bg.AuthChallengeDisposition.USE_CREDENTIAL, bg.Credential("ann", "pw")
+
+        def did_finish_events_for_background_session(self, session):
+            ledger(event="handler")
+            done.set()
+
+    relaunch = [sys.executable, sys.argv[0], directory, ledger_path, mode]
+    config = bg.Configuration.background("test.daemon", directory=directory, host="daemon",
+                                         relaunch_command=relaunch, daemon_idle_timeout=1.0,
+                                         relaunch_backoff=0.2)
+    session = bg.Session(config, App())
+    if urls:
+        for i, url in enumerate(urls):
+            session.download_task(url, description="file:%d" % i).resume()
+        ledger(event="resumed")
+        threading.Event().wait()  # the foreground app lives until the test kills it
+    if background:
+        done.wait(60)
+        session.wait(60)
+    session.close()
+    ledger(event="exit")
+''')
+
+
+class App:
+    """The test app, started by the test or relaunched by the daemon; reads its fsynced ledger."""
+
+    def __init__(self, tmp_path) -> None:
+        self.script = tmp_path / "app.py"
+        self.script.write_text(APP.format(here=HERE))
+        self.directory = str(tmp_path / "session")
+        self.ledger = str(tmp_path / "ledger.jsonl")
+        self.procs: List[subprocess.Popen] = []
+
+    def start(self, mode: str, *urls: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != bg.BACKGROUND_EVENTS_ENV}
+        proc = subprocess.Popen([sys.executable, str(self.script), self.directory, self.ledger, mode, *urls],
+                                env=env)
+        self.procs.append(proc)
+        return proc
+
+    def entries(self) -> List[dict]:
+        if not os.path.exists(self.ledger):
+            return []
+        with open(self.ledger) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+
+    def events(self, name: str) -> List[dict]:
+        return [e for e in self.entries() if e["event"] == name]
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for e in self.events("launch"):
+            try:
+                os.kill(e["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stop_daemon(self.directory)
+
+
+@pytest.fixture
+def app(tmp_path):
+    a = App(tmp_path)
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+def daemon_pid(directory: str):
+    pid, _ = bg._read_pid_file(directory)
+    return pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_download_finishes_while_no_app_runs_then_app_is_relaunched(server, app):
+    """App SIGKILLed right after resume(): the daemon finishes, relaunches the app, hooks and handler run once."""
+    data = fs.blob_bytes(2 * MiB, seed=51)
+    server.add_blob("/photo.jpg", data, default_fault=fs.Fault(throttle=4 * MiB))
+    hold = server.hold_at("/photo.jpg", 0)
+    p = app.start("normal", server.url("/photo.jpg"))
+    wait_until(lambda: app.events("resumed"), what="resume() to return")
+    p.kill()
+    p.wait()
+    assert hold.wait(LONG)
+    served_before = server.bytes_served("/photo.jpg")
+    hold.release()
+    wait_until(lambda: app.events("exit"), what="the relaunched app to finish")
+    assert served_before == 0 and server.bytes_served("/photo.jpg") == len(data)  # all served after the kill
+    launches = app.events("launch")
+    assert [e["background"] for e in launches] == [None, "test.daemon"]
+    assert [e["sha"] for e in app.events("finish")] == [sha(data)]
+    assert len(app.events("complete")) == 1
+    assert len(app.events("handler")) == 1
+    wait_until(lambda: not os.path.exists(os.path.join(app.directory, "daemon.sock")), what="idle daemon exit")
+    assert bg.Journal(app.directory).check() == []
+
+
+def test_crashing_app_is_relaunched_with_growing_delays(server, app):
+    """A relaunched app that dies without acknowledging is relaunched after growing delays, not in a loop."""
+    server.add_blob("/x.bin", size=1000)
+    p = app.start("crash", server.url("/x.bin"))
+    wait_until(lambda: app.events("resumed"), what="resume() to return")
+    p.kill()
+    p.wait()
+    wait_until(lambda: len([e for e in app.events("launch") if e["background"]]) >= 4, what="four relaunches")
+    with open(os.path.join(app.directory, "daemon.log")) as f:
+        log = f.read()
+    delays = [float(x.split("next relaunch in ")[1].split("s")[0]) for x in log.splitlines()
+              if "next relaunch in" in x]
+    assert delays[:3] == [0.2, 0.4, 0.8]  # relaunch_backoff * 2**(failures-1)
+    launched = [e["pid"] for e in app.events("launch") if e["background"]]
+    assert len(set(launched)) == len(launched)  # one process per relaunch, none while another runs
+
+
+def test_daemon_killed_mid_download_is_restarted_and_resumes(server, daemons):
+    """SIGKILL of the daemon at random offsets: the client restarts it, the transfer resumes by Range, byte-exact."""
+    data = fs.blob_bytes(6 * MiB, seed=52)
+    server.add_blob("/big.bin", data)
+    rng = random.Random(52)
+    offsets = sorted(rng.sample(range(256 * 1024, 6 * MiB - 256 * 1024, 4096), 3))
+    holds = [server.hold_at("/big.bin", off) for off in offsets]
+    rec = Recorder()
+    s = daemons.open(rec)
+    task = download(s, server.url("/big.bin"))
+    on_disk = []
+    for hold in holds:  # (hold points count bytes served over all requests, kills included)
+        assert hold.wait(LONG)
+        current = server.requests("/big.bin")[-1]
+        start = int(current.header("range")[6:-1]) if current.header("range") else 0
+        on_disk.append(start + current.bytes_sent)
+        wait_until(received(task, on_disk[-1]), what="the held bytes on disk")
+        pid = daemon_pid(s.configuration.directory)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), what="daemon death")
+        hold.release()
+    assert s.wait(LONG)
+    assert sha(rec.files[task.identifier]) == sha(data)
+    ranges = [r.header("range") for r in server.requests("/big.bin")]
+    # each restart asks for exactly what was not on disk: nothing is downloaded twice
+    assert ranges == [None] + [f"bytes={n}-" for n in on_disk]
+
+
+def test_daemon_exits_when_idle_and_cleans_up(server, daemons):
+    """With no task, backlog or client for daemon_idle_timeout, the daemon exits and removes socket and pid file."""
+    server.add_blob("/i.bin", size=1000)
+    rec = Recorder()
+    s = daemons.open(rec)
+    download(s, server.url("/i.bin"))
+    assert s.wait(LONG)
+    d = s.configuration.directory
+    pid = daemon_pid(d)
+    assert pid is not None and alive(pid)
+    daemons.close_all()
+    wait_until(lambda: not alive(pid), timeout=SHORT, what="idle exit")
+    assert not os.path.exists(os.path.join(d, "daemon.sock"))
+    assert not os.path.exists(os.path.join(d, "daemon.pid"))
+
+
+def test_daemon_keeps_running_while_a_client_is_attached(server, daemons):
+    """An attached app keeps an otherwise idle daemon alive (it does not exit under the app)."""
+    s = daemons.open(Recorder())
+    pid = daemon_pid(s.configuration.directory)
+    # idle timeout is 0.5 s: after several of them the daemon must still serve us
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert s.get_tasks() == []
+        time.sleep(0.1)  # spacing requests over several idle periods, not synchronisation
+    assert alive(pid)
+
+
+def _as_nobody(fn):
+    """Run fn in a forked child with uid/gid 65534; return its exit status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os._exit(fn())
+        except BaseException:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_cannot_reach_the_socket(server, daemons):
+    """Another uid can neither open the 0700 directory's socket nor, with the directory opened up, be served."""
+    import tempfile
+    outer = tempfile.mkdtemp(prefix="bgs-perm-")  # pytest's own tmp dirs are 0700: use a traversable one
+    os.chmod(outer, 0o711)
+    d = os.path.join(outer, "s")
+    daemons.directories.add(d)
+    s = bg.Session(bg.Configuration.background("test.perm", directory=d, daemon_idle_timeout=0.5))
+    daemons.opened.append(s)
+    path = os.path.join(d, "daemon.sock")
+
+    def try_connect():
+        c = socket.socket(socket.AF_UNIX)
+        try:
+            c.connect(path)
+        except PermissionError:
+            return 10
+        try:
+            c.sendall(b'{"op":"tasks","rid":1}\n')
+            c.settimeout(5)
+            data = c.recv(100)
+        except (ConnectionResetError, BrokenPipeError):
+            return 20
+        return 20 if data == b"" else 30
+
+    assert _as_nobody(try_connect) == 10  # the directory is 0700
+    os.chmod(d, 0o755)
+    os.chmod(path, 0o777)
+    try:
+        assert _as_nobody(try_connect) == 20  # reached the socket: the daemon hangs up on a foreign uid
+    finally:
+        os.chmod(d, 0o700)
+        os.chmod(path, 0o600)
+    assert s.get_tasks() == []
+    daemons.close_all()
+    stop_daemon(d)
+    import shutil
+    shutil.rmtree(outer)
+    daemons.directories.discard(d)
+
+
+def test_challenge_with_no_app_attached_waits_for_the_next_attach(server, daemons):
+    """A 401 while no app is attached (and no relaunch command) waits; the next attach answers it."""
+    data = fs.blob_bytes(5000, seed=53)
+    server.add_blob("/p.jpg", data, auth=fs.BasicAuth("ann", "pw"))
+    s = daemons.open(None)
+    download(s, server.url("/p.jpg"))
+    daemons.close_all()
+
+    class Answer(Recorder):
+        def task_did_receive_challenge(self, session, task, challenge):
+            return bg.AuthChallengeDisposition.USE_CREDENTIAL, bg.Credential("ann", "pw")
+
+    rec = Answer()
+    s2 = daemons.open(rec)
+    assert s2.wait(LONG)
+    assert list(map(sha, rec.files.values())) == [sha(data)]
