@@ -1721,7 +1721,8 @@ class _Live:
 
     __slots__ = ("offset", "expected", "retry", "due", "control", "worker", "sent", "expected_send",
                  "progress_at", "progress_pending", "secret_headers", "auth_header", "auth_origin",
-                 "failures", "rerequest", "redirects", "events_ready", "resume_data", "done", "delivered_at")
+                 "failures", "rerequest", "redirects", "events_ready", "resume_data", "done", "delivered_at",
+                 "rate", "rate_at", "rate_bytes")
 
     def __init__(self, retry: Retry) -> None:
         self.offset = 0
@@ -1744,6 +1745,9 @@ class _Live:
         self.resume_data: Optional[bytes] = None
         self.done = threading.Event()
         self.delivered_at = time.monotonic()  # when its outcome was journaled (daemon relaunch batching)
+        self.rate = 0.0  # bytes per second, smoothed (status display)
+        self.rate_at = 0.0
+        self.rate_bytes = 0
 
 
 class _HostPool:
@@ -2174,6 +2178,7 @@ class _Core:
             "expected": (live.expected if live and live.expected >= 0 else (task.total if task.total is not None
                                                                             else -1)),
             "sent": live.sent if live else 0,
+            "rate": round(live.rate, 1) if live and task.phase is Phase.TRANSFERRING else 0.0,
             "expected_send": live.expected_send if live else -1,
             "events": task.events(),
             "body_path": (os.path.join(self.tmp, task.file) if task.kind == "upload" and task.file
@@ -2663,6 +2668,12 @@ class _Core:
         live = task.live
         live.progress_pending += n
         now = time.monotonic()
+        live.rate_bytes += n
+        if now - live.rate_at >= 0.5:
+            if live.rate_at:
+                sample = live.rate_bytes / (now - live.rate_at)
+                live.rate = sample if not live.rate else 0.7 * live.rate + 0.3 * sample
+            live.rate_at, live.rate_bytes = now, 0
         if live.progress_pending and (final or now - live.progress_at >= DEFAULT_PROGRESS_INTERVAL):
             live.progress_at = now
             sent, live.progress_pending = live.progress_pending, 0
@@ -3519,13 +3530,32 @@ class _TaskBlocks:
         self.file_path: Optional[str] = None
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _move_file(src: str, dest: str) -> None:
-    """Move a finished download to *dest* (replacing it), durably; the source stays until the ack."""
+    """Move a finished download to *dest* (replacing it), durably; the source stays until the ack.
+
+    Inside the session directory files are 0600; the moved file gets the permissions
+    a file created by this process would have (0666 minus the umask).
+    """
     parent = os.path.dirname(os.path.abspath(dest)) or "."
+    mode = 0o666 & ~_umask()
     try:
         os.makedirs(parent, exist_ok=True)
         try:
             os.replace(src, dest)
+            if os.name == "posix":
+                os.chmod(dest, mode)
         except OSError as err:
             if err.errno != errno.EXDEV:
                 raise
@@ -3533,6 +3563,8 @@ def _move_file(src: str, dest: str) -> None:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 _fsync(f.fileno())
+            if os.name == "posix":
+                os.chmod(tmp, mode)
             os.replace(tmp, dest)
         _fsync_dir(parent)
     except OSError as err:
@@ -4279,23 +4311,47 @@ def _run_daemon(directory: str, config_fd: Optional[int] = None) -> int:
     except (ValueError, KeyError, TypeError) as err:
         print(f"bgsession daemon: bad configuration on stdin: {err}", file=sys.stderr)
         return 2
-    if os.fork() > 0:  # the starter reaps this parent at once; the daemon is reparented to init
-        os._exit(0)
+    ready_r, ready_w = os.pipe()
+    if os.fork() > 0:
+        # The starter waits for this parent, which exits once the daemon (reparented to init)
+        # reports that it serves, or why it cannot: 0 ok, 4 unreadable session state, 1 other.
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            status = ready.read()
+        if status.startswith(b"ok"):
+            os._exit(0)
+        sys.stderr.write(status.decode("utf-8", "replace") or "bgsession daemon died while starting\n")
+        sys.stderr.flush()
+        os._exit(4 if status.startswith(b"journal") else 1)
+    os.close(ready_r)
     os.setsid()
     os.chdir(directory)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s bgsession-daemon[{os.getpid()}] %(levelname)s %(message)s")
+
+    def report(status: str) -> None:
+        try:
+            os.write(ready_w, status.encode("utf-8") + b"\n")
+            os.close(ready_w)
+        except OSError:
+            pass
+
     try:
         server = _DaemonServer(directory, config)
     except TransferError as err:
         if err.code is ErrorCode.BACKGROUND_SESSION_IN_USE:
             log.info("another daemon owns %s; exiting", directory)
+            report("ok (another daemon serves)")
             return 0
-        log.error("cannot start: %s", err)
+        report(f"error: {err}")
         return 1
-    except BGSessionError as err:
-        log.error("cannot start: %s", err)
+    except JournalError as err:
+        report(f"journal: {err}")
         return 1
+    except (BGSessionError, OSError) as err:
+        report(f"error: {err}")
+        return 1
+    report("ok")
 
     def on_signal(signum: int, frame: Any) -> None:
         server.stop.set()  # handlers only record; the loop acts
@@ -4313,12 +4369,15 @@ class _Disconnected(Exception):
 class _DaemonClient:
     """The app side of the daemon host: the same backend interface as _Core, over daemon.sock."""
 
-    def __init__(self, config: Configuration) -> None:
+    def __init__(self, config: Configuration, observer: bool = False) -> None:
+        """*observer*: a client that never attaches (CLI status/enqueue): it takes no app lock."""
         assert config.directory is not None
         self.config = config
         self.directory = config.directory
+        self.observer = observer
         _ensure_private_dir(self.directory)
-        _acquire_lock(self.directory, _APP_LOCK_NAME, config.identifier)
+        if not observer:
+            _acquire_lock(self.directory, _APP_LOCK_NAME, config.identifier)
         self._sink: Any = None
         self._pending: Dict[int, _Answer] = {}
         self._ids = itertools.count(1)
@@ -4329,7 +4388,8 @@ class _DaemonClient:
         try:
             self._connect()
         except BaseException:
-            _release_lock(self.directory, _APP_LOCK_NAME)
+            if not observer:
+                _release_lock(self.directory, _APP_LOCK_NAME)
             raise
         self._reader = threading.Thread(target=self._read_loop, name="bgsession-client-reader", daemon=True)
         self._reader.start()
@@ -4509,6 +4569,8 @@ class _DaemonClient:
         return len(self.tasks())
 
     def attach(self, sink: Any) -> None:
+        if self.observer:
+            raise BGSessionError("an observer client cannot attach")
         self._sink = sink
         try:
             self._call("attach")
@@ -4534,7 +4596,8 @@ class _DaemonClient:
         with self._lock:
             for answer in self._pending.values():
                 answer.event.set()
-        _release_lock(self.directory, _APP_LOCK_NAME)
+        if not self.observer:
+            _release_lock(self.directory, _APP_LOCK_NAME)
 
 
 def _connect_daemon(config: Configuration) -> socket.socket:
@@ -4566,16 +4629,16 @@ def _connect_daemon(config: Configuration) -> socket.socket:
             proc.stdin.close()
         except OSError:
             pass
-        proc.wait(DAEMON_START_TIMEOUT)  # the first process forks the daemon and exits at once
+        code = proc.wait(DAEMON_START_TIMEOUT)  # returns when the daemon serves, or could not start
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         delay = 0.005
         while time.monotonic() < deadline:
             sock = _try_connect(directory)
             if sock is not None:
                 return sock
-            if proc.returncode not in (0, None):
+            if code != 0:
                 break
-            time.sleep(delay)  # polling a socket that is not yet bound
+            time.sleep(delay)  # a daemon that just reported ready may still be listening on the old path
             delay = min(0.1, delay * 2)
         tail = ""
         try:
@@ -4584,6 +4647,9 @@ def _connect_daemon(config: Configuration) -> socket.socket:
                 tail = f.read().decode("utf-8", "replace").strip().splitlines()[-1:][0]
         except (OSError, IndexError):
             pass
+        if code == 4:
+            raise JournalError(tail.split("journal: ", 1)[-1] or f"cannot read the session state in {directory}",
+                               directory)
         raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED,
                             f"the bgsession daemon for {directory} did not start"
                             + (f": {tail}" if tail else f" (see {os.path.join(directory, _DAEMON_LOG)})"))
@@ -4608,26 +4674,331 @@ def _try_connect(directory: str) -> Optional[socket.socket]:
 # ============================================================================
 # CLI
 # ============================================================================
+#
+# `python -m bgsession` (or the `bgsession` script) is a small background session app: `download`
+# enqueues into a daemon-hosted session and returns; the daemon relaunches `bgsession deliver`
+# when files are ready, which moves them into the directory named at enqueue time (kept in the
+# task's description). `--wait` and `wait` attach and show progress instead.
+
+#: Session identifier the CLI uses unless --session says otherwise.
+CLI_SESSION = "bgsession.cli"
+#: Exit codes of the command-line tool.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IN_USE, EXIT_JOURNAL, EXIT_UNREACHABLE = 0, 1, 2, 3, 4, 5
+_CLI_PREFIX = "bgsession-cli:"
+
+
+class _CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _cli_config(args: argparse.Namespace) -> Configuration:
+    directory = os.path.abspath(args.state_dir) if args.state_dir else None
+    relaunch = [sys.executable, os.path.abspath(__file__), "deliver", "--session", args.session]
+    if directory:
+        relaunch += ["--state-dir", directory]
+    return Configuration.background(args.session, directory=directory, host="daemon", relaunch_command=relaunch)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _cli_meta(info: Mapping[str, Any]) -> Dict[str, Any]:
+    desc = info.get("description") or ""
+    if desc.startswith(_CLI_PREFIX):
+        try:
+            meta = json.loads(desc[len(_CLI_PREFIX):])
+            if isinstance(meta, dict):
+                return meta
+        except ValueError:
+            pass
+    return {}
+
+
+def _task_line(info: Mapping[str, Any], width: int = 100) -> str:
+    state = TaskState(info["state"]).name.lower()
+    got, total = info["received"], info["expected"]
+    if info.get("kind") == "upload":
+        got, total = info["sent"], info["expected_send"]
+    pct = f"{100 * got / total:5.1f}%" if total and total > 0 else "    ?%"
+    rate = info.get("rate") or 0.0
+    eta = _eta((total - got) / rate) if rate > 0 and total and total > got else "-:--:--"
+    name = info.get("current_url") or info["request"]["url"]
+    line = (f"{info['id']:>5} {state:<10} {pct} {_human(got):>10} / {_human(total) if total >= 0 else '?':>10} "
+            f"{_human(rate) + '/s':>12} {eta}  {name}")
+    return line[:width]
+
+
+class _CliApp(SessionDelegate):
+    """The CLI's delegate: moves each finished file into the directory chosen at enqueue time."""
+
+    def __init__(self, out: Any, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self.results: Dict[int, Optional[str]] = {}  # task id -> None (ok) or a reason
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def _say(self, text: str) -> None:
+        with self.lock:
+            print(text, file=self.out, flush=True)
+
+    def download_task_did_finish_downloading(self, session: "Session", task: "DownloadTask", location: str) -> None:
+        response = task.response
+        meta = _cli_meta(task._info())
+        if response is None or not 200 <= response.status < 300:
+            status = response.status if response else "no response"
+            self.results[task.identifier] = f"HTTP {status}"
+            return
+        dest_dir = meta.get("dir") or os.getcwd()
+        name = sanitize_filename(meta.get("name") or response.suggested_filename)
+        target = os.path.join(dest_dir, name)
+        n = 0
+        while os.path.exists(target):  # never clobber: name.1, name.2 ... (as wget does)
+            n += 1
+            target = os.path.join(dest_dir, f"{name}.{n}")
+        _move_file(location, target)
+        self.results[task.identifier] = None
+        if not self.tty:
+            self._say(f"done {task.identifier} {task.original_request.url} -> {target}")
+
+    def task_did_complete(self, session: "Session", task: "Task", error: Optional[TransferError]) -> None:
+        if error is not None:
+            self.results[task.identifier] = str(error)
+        reason = self.results.setdefault(task.identifier, None)
+        if reason is not None and not self.tty:
+            self._say(f"failed {task.identifier} {task.original_request.url}: {reason}")
+
+    def did_finish_events_for_background_session(self, session: "Session") -> None:
+        self.done.set()
+
+
+def _progress_loop(session: "Session", app: _CliApp, out: Any, tty: bool, ids: Optional["set[int]"]) -> None:
+    """Wait for the session's tasks, drawing one line per task in place on a TTY."""
+    drawn = 0
+    finished_lines: List[str] = []
+    while True:
+        settled = session.wait(0.25)
+        if tty:
+            infos = [i for i in session._backend.tasks() if ids is None or i["id"] in ids]
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            lines = [_task_line(i, width) for i in infos]
+            for tid, reason in sorted(app.results.items()):
+                if ids is None or tid in ids:
+                    line = f"{tid:>5} {'done' if reason is None else 'failed: ' + reason}"
+                    if line not in finished_lines:
+                        finished_lines.append(line)
+            frame = finished_lines + lines
+            buf = ("\x1b[%dF" % drawn if drawn else "") + "".join("\x1b[2K" + line + "\n" for line in frame)
+            if drawn > len(frame):
+                buf += "\x1b[2K\n" * (drawn - len(frame))
+                buf += "\x1b[%dF" % (drawn - len(frame))
+            out.write(buf)
+            out.flush()
+            drawn = len(frame)
+        if settled:
+            return
+
+
+def _cli_session(args: argparse.Namespace, app: SessionDelegate) -> "Session":
+    try:
+        return Session(_cli_config(args), app)
+    except TransferError as err:
+        if err.code is ErrorCode.BACKGROUND_SESSION_IN_USE:
+            raise _CliError(f"session {args.session!r} is in use by another bgsession process "
+                            "(a `wait` or `download --wait`); let it finish or stop it", EXIT_IN_USE) from None
+        raise
+
+
+def _cli_observer(args: argparse.Namespace) -> "_DaemonClient":
+    return _DaemonClient(_cli_config(args), observer=True)
+
+
+def _cmd_download(args: argparse.Namespace, out: Any) -> int:
+    dest = os.path.abspath(args.dir or os.getcwd())
+    if not os.path.isdir(dest):
+        raise _CliError(f"destination {dest} is not a directory")
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise _CliError(f"cannot write to {dest}")
+    if args.sha256 and len(args.urls) != 1:
+        raise _CliError("--sha256 applies to a single URL")
+    requests = [Request(url, sha256=args.sha256) for url in args.urls]  # bad URLs fail here, before any enqueue
+    desc = _CLI_PREFIX + json.dumps({"dir": dest}, separators=(",", ":"))
+    if not args.wait:
+        client = _cli_observer(args)
+        try:
+            for req in requests:
+                tid = client.create_task("download", req, desc)
+                client.resume(tid)
+                print(f"queued {tid} {req.url} -> {dest}", file=out, flush=True)
+        finally:
+            client.close()
+        return EXIT_OK
+    tty = out.isatty()
+    app = _CliApp(out, tty)
+    session = _cli_session(args, app)
+    try:
+        ids = set()
+        for req in requests:
+            task = session.download_task(req, description=desc)
+            task.resume()
+            ids.add(task.identifier)
+        _progress_loop(session, app, out, tty, ids=None)
+    finally:
+        session.close()
+    return EXIT_FAILED if any(r is not None for r in app.results.values()) else EXIT_OK
+
+
+def _cmd_wait(args: argparse.Namespace, out: Any, deliver: bool = False) -> int:
+    tty = out.isatty() and not deliver
+    app = _CliApp(out, tty)
+    session = _cli_session(args, app)
+    try:
+        _progress_loop(session, app, out, tty, ids=None)
+    finally:
+        session.close()
+    return EXIT_FAILED if any(r is not None for r in app.results.values()) else EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace, out: Any) -> int:
+    config = _cli_config(args)
+    assert config.directory is not None
+    if not os.path.isdir(config.directory):
+        infos: List[Dict[str, Any]] = []
+    else:
+        client = _cli_observer(args)
+        try:
+            infos = client.tasks()
+        finally:
+            client.close()
+    if args.json:
+        json.dump([{"id": i["id"], "state": TaskState(i["state"]).name.lower(), "url": i["request"]["url"],
+                    "received": i["received"], "expected": i["expected"], "sent": i["sent"],
+                    "rate": i.get("rate", 0.0), "destination": _cli_meta(i).get("dir"),
+                    "description": i["description"],
+                    "error": i["error"]["message"] if i.get("error") else None} for i in infos], out, indent=1)
+        out.write("\n")
+        return EXIT_OK
+    if not infos:
+        print(f"no tasks in session {args.session!r}", file=out)
+        return EXIT_OK
+    print(f"{'id':>5} {'state':<10} {'done':>6} {'received':>10}   {'of':>10} {'rate':>12} eta      url", file=out)
+    for info in infos:
+        print(_task_line(info, 200), file=out)
+    return EXIT_OK
+
+
+def _cmd_task_op(args: argparse.Namespace, out: Any) -> int:
+    client = _cli_observer(args)
+    try:
+        known = {i["id"] for i in client.tasks()}
+        if args.id not in known:
+            raise _CliError(f"no task {args.id} in session {args.session!r} (see `bgsession status`)")
+        if args.command == "cancel":
+            client.cancel(args.id, False)
+        elif args.command == "suspend":
+            client.suspend(args.id)
+        else:
+            client.resume(args.id)
+    finally:
+        client.close()
+    print(f"{args.command} {args.id}", file=out)
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace, out: Any) -> int:
+    directory = args.directory or _cli_config(args).directory
+    assert directory is not None
+    if not os.path.isdir(directory):
+        raise _CliError(f"{directory}: no such session directory")
+    problems = Journal(directory).check()
+    for line in problems:
+        print(line, file=out)
+    print("clean" if not problems else f"{len(problems)} problem(s)", file=out)
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bgsession", description="Downloads that survive the process that started them: enqueue into a "
+        "background session; a daemon transfers, resumes after crashes, and delivers the files.",
+        epilog="exit codes: 0 ok, 1 a task or check failed, 2 bad input, 3 session in use, "
+               "4 unreadable session state, 5 daemon unreachable")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--session", default=CLI_SESSION, help=f"session identifier (default {CLI_SESSION})")
+    common.add_argument("--state-dir", help="session directory (default: the per-user state directory)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("download", parents=[common], help="enqueue downloads (returns at once unless --wait)")
+    p.add_argument("urls", nargs="+", metavar="URL")
+    p.add_argument("-d", "--dir", help="where finished files go (default: the current directory)")
+    p.add_argument("--wait", action="store_true", help="stay and show progress until done")
+    p.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the (single) file")
+    p = sub.add_parser("status", parents=[common], help="list tasks with state, bytes, rate and ETA")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("wait", parents=[common], help="attach, show progress and deliver files until all are done")
+    for name, text in (("cancel", "cancel a task"), ("suspend", "pause a task"), ("resume", "continue a task")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("id", type=int, metavar="ID")
+    p = sub.add_parser("check", parents=[common], help="check a session directory's journal")
+    p.add_argument("directory", nargs="?", help="session directory (default: the CLI session's)")
+    p = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
+    p = sub.add_parser("daemon", help=argparse.SUPPRESS)
+    p.add_argument("--directory", required=True)
+    return parser
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="bgsession", description="Background URL sessions: downloads that "
-                                     "survive the process that started them.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="check a session directory's journal")
-    p.add_argument("directory")
-    p = sub.add_parser("daemon", help="(internal) run the daemon of a session directory")
-    p.add_argument("--directory", required=True)
-    args = parser.parse_args(argv)
+    """Entry point of ``python -m bgsession`` and the ``bgsession`` script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    out = sys.stdout
     if args.command == "daemon":
         return _run_daemon(args.directory)
-    if args.command == "check":
-        problems = Journal(args.directory).check()
-        for line in problems:
-            print(line)
-        print("clean" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
-    return 2
+    if args.command != "deliver":
+        logging.basicConfig(level=logging.WARNING, format="bgsession: %(message)s")
+    try:
+        if args.command == "download":
+            return _cmd_download(args, out)
+        if args.command == "status":
+            return _cmd_status(args, out)
+        if args.command == "wait":
+            return _cmd_wait(args, out)
+        if args.command == "deliver":
+            logging.basicConfig(level=logging.INFO, format="bgsession deliver: %(message)s")
+            return _cmd_wait(args, out, deliver=True)
+        if args.command in ("cancel", "suspend", "resume"):
+            return _cmd_task_op(args, out)
+        if args.command == "check":
+            return _cmd_check(args, out)
+    except _CliError as err:
+        print(f"bgsession: error: {err}", file=sys.stderr)
+        return err.code
+    except JournalError as err:
+        print(f"bgsession: error: {err}", file=sys.stderr)
+        return EXIT_JOURNAL
+    except TransferError as err:
+        code = EXIT_UNREACHABLE if err.code is ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED else (
+            EXIT_IN_USE if err.code is ErrorCode.BACKGROUND_SESSION_IN_USE else EXIT_USAGE)
+        print(f"bgsession: error: {err.message}", file=sys.stderr)
+        return code
+    except (BGSessionError, OSError) as err:
+        print(f"bgsession: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("bgsession: interrupted (transfers go on in the background; `bgsession status` shows them)",
+              file=sys.stderr)
+        return 130
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,217 @@
+"""The command-line tool, driven as a subprocess: enqueue, status, wait, cancel, bad input,
+the TTY progress display (under a pseudo-terminal), and `pip install .` giving a `bgsession` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import venv
+
+import pytest
+
+import bgsession as bg
+import fake_server as fs
+from testkit import *  # noqa: F401,F403 (fixtures)
+from testkit import HERE, LONG, MiB, sha, stop_daemon, wait_until
+
+BGSESSION = os.path.join(HERE, "bgsession.py")
+
+
+class Cli:
+    def __init__(self, tmp_path) -> None:
+        self.state = str(tmp_path / "state")
+        self.out = tmp_path / "out"
+        self.out.mkdir()
+
+    def run(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        command = args[0]
+        extra = ["--state-dir", self.state] if command not in ("daemon",) else []
+        proc = subprocess.run([sys.executable, "-W", "error", BGSESSION, command, *extra, *args[1:]],
+                              capture_output=True, text=True, timeout=LONG)
+        if check:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def status(self) -> list:
+        return json.loads(self.run("status", "--json", check=True).stdout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    c = Cli(tmp_path)
+    yield c
+    stop_daemon(c.state)
+
+
+def test_download_enqueues_and_the_daemon_delivers_the_file(server, cli):
+    """`download` returns at once; the daemon downloads and relaunches the CLI to move the file into -d."""
+    data = fs.blob_bytes(1 * MiB, seed=61)
+    server.add_blob("/files/report.pdf", data)
+    proc = cli.run("download", "-d", str(cli.out), server.url("/files/report.pdf"), check=True)
+    assert proc.stdout.startswith("queued 1 ")
+    target = cli.out / "report.pdf"
+    wait_until(lambda: target.exists(), what="the delivered file")
+    assert sha(target.read_bytes()) == sha(data)
+    wait_until(lambda: cli.status() == [], what="the task to be delivered")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~bg._umask()  # normal permissions outside the session
+
+
+def test_wait_shows_plain_lines_when_not_a_tty_and_exit_code_reflects_failures(server, cli):
+    """`download --wait` without a TTY prints one line per file; a 404 makes the exit code 1."""
+    server.add_blob("/a.bin", size=1000)
+    server.add_status("/missing.bin", 404, b"no")
+    proc = cli.run("download", "--wait", "-d", str(cli.out), server.url("/a.bin"), server.url("/missing.bin"))
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("done 1 ") for line in lines)
+    assert any(line.startswith("failed 2 ") and "HTTP 404" in line for line in lines)
+    assert (cli.out / "a.bin").exists() and not (cli.out / "missing.bin").exists()
+
+
+def test_status_lists_tasks_and_cancel_and_resume_act_on_them(server, cli):
+    """`status --json` shows a held task; `suspend`, `resume`, `cancel ID` act on it."""
+    server.add_blob("/slow.bin", size=4 * MiB)
+    hold = server.hold_at("/slow.bin", 100_000)
+    cli.run("download", "-d", str(cli.out), server.url("/slow.bin"), check=True)
+    assert hold.wait(LONG)
+    (task,) = cli.status()
+    assert task["state"] == "running" and task["url"] == server.url("/slow.bin")
+    assert task["destination"] == str(cli.out)
+    cli.run("suspend", "1", check=True)
+    assert cli.status()[0]["state"] == "suspended"
+    text = cli.run("status", check=True).stdout
+    assert "suspended" in text and server.url("/slow.bin") in text
+    cli.run("cancel", "1", check=True)
+    hold.release()
+    wait_until(lambda: cli.status() == [], what="the cancelled task to be delivered")
+    assert not (cli.out / "slow.bin").exists()
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["download", "ftp://example.com/x"], 2, "unsupported"),
+    (["download", "http://exa mple.com/x"], 2, "control characters"),
+    (["download", "-d", "/nonexistent/dir", "http://127.0.0.1:9/x"], 2, "not a directory"),
+    (["cancel", "42"], 2, "no task 42"),
+    (["check", "/nonexistent/session"], 2, "no such session directory"),
+    (["download", "--sha256", "xyz", "http://127.0.0.1:9/x"], 2, "sha256"),
+])
+def test_bad_input_is_one_line_and_non_zero(cli, args, code, words):
+    """Bad input gives one readable error line on stderr (no traceback) and a documented exit code."""
+    proc = cli.run(*args)
+    assert proc.returncode == code
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bgsession: error: ") and words in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unwritable_destination_is_refused(cli, tmp_path):
+    """A destination the user cannot write to is refused before anything is enqueued."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(str(locked), os.W_OK):
+        pytest.skip("running as root: permissions are not enforced")
+    proc = cli.run("download", "-d", str(locked), "http://127.0.0.1:9/x")
+    assert proc.returncode == 2 and "cannot write" in proc.stderr
+
+
+def test_corrupt_journal_is_one_line_error(server, cli):
+    """A session whose journal is from a future version gives one line and exit code 4, not a traceback."""
+    server.add_blob("/a.bin", size=10)
+    cli.run("download", "--wait", "-d", str(cli.out), server.url("/a.bin"), check=True)
+    stop_daemon(cli.state)
+    wait_until(lambda: not os.path.exists(os.path.join(cli.state, "daemon.sock")), what="daemon exit")
+    with open(os.path.join(cli.state, "journal.jsonl"), "wb") as f:
+        f.write(b'{"v":99,"t":"header","generation":9}\n')
+    proc = cli.run("download", "--wait", "-d", str(cli.out), server.url("/a.bin"))
+    assert proc.returncode == 4
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    check = cli.run("check")
+    assert check.returncode == 1 and "newer bgsession" in check.stdout
+
+
+def test_session_in_use_is_reported(server, cli):
+    """A second attached CLI process (wait) while one is attached gets exit code 3."""
+    server.add_blob("/h.bin", size=1 * MiB)
+    hold = server.hold_at("/h.bin", 1000)
+    first = subprocess.Popen([sys.executable, BGSESSION, "download", "--state-dir", cli.state, "--wait", "-d",
+                              str(cli.out), server.url("/h.bin")], stdout=subprocess.DEVNULL)
+    try:
+        assert hold.wait(LONG)
+        proc = cli.run("wait")
+        assert proc.returncode == 3 and "in use" in proc.stderr
+        hold.release()
+        assert first.wait(LONG) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+
+
+def test_check_reports_clean(server, cli):
+    """`check` runs Journal.check() and prints clean."""
+    server.add_blob("/a.bin", size=10)
+    cli.run("download", "--wait", "-d", str(cli.out), server.url("/a.bin"), check=True)
+    proc = cli.run("check", check=True)
+    assert proc.stdout.strip() == "clean"
+
+
+def test_tty_progress_is_redrawn_in_place(server, cli):
+    """On a TTY, --wait draws one line per task with percent and rate, redrawn in place, ending at 100%."""
+    server.add_blob("/t.bin", size=3 * MiB, default_fault=fs.Fault(throttle=3 * MiB))
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.execv(sys.executable, [sys.executable, BGSESSION, "download", "--state-dir", cli.state, "--wait",
+                                  "-d", str(cli.out), server.url("/t.bin")])
+    output = b""
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], LONG)
+            assert ready, "no output from the CLI"
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    text = output.decode("utf-8", "replace")
+    assert "\x1b[2K" in text and "\x1b[1F" in text  # lines are cleared and the cursor moves up to redraw
+    frames = [f for f in text.split("\x1b[2K") if "running" in f]
+    assert len(frames) >= 2  # drawn more than once
+    assert any("%" in f and "/s" in f for f in frames)
+    assert "done" in text.splitlines()[-1] or "done" in text
+    assert (cli.out / "t.bin").stat().st_size == 3 * MiB
+
+
+def test_pip_install_gives_a_working_command(tmp_path, server):
+    """`pip install .` into a fresh venv installs a `bgsession` command that runs."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(str(env_dir))
+    pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", HERE]
+    proc = subprocess.run(pip, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    exe = str(env_dir / "bin" / "bgsession")
+    help_text = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=LONG)
+    assert help_text.returncode == 0 and "download" in help_text.stdout
+    server.add_blob("/v.bin", size=1000)
+    state = str(tmp_path / "state")
+    try:
+        run = subprocess.run([exe, "download", "--state-dir", state, "--wait", "-d", str(tmp_path),
+                              server.url("/v.bin")], capture_output=True, text=True, timeout=LONG)
+        assert run.returncode == 0, run.stderr
+        assert (tmp_path / "v.bin").stat().st_size == 1000
+        imported = subprocess.run([str(env_dir / "bin" / "python"), "-c",
+                                   "import bgsession, appdelegate; print(bgsession.__version__)"],
+                                  capture_output=True, text=True, timeout=LONG)
+        assert imported.stdout.strip() == bg.__version__
+    finally:
+        stop_daemon(state)
