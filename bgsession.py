@@ -894,6 +894,9 @@ _JOURNAL_NAME = "journal.jsonl"
 _SNAPSHOT_NAME = "snapshot.json"
 _LOCK_NAME = "lock"
 _TMP_DIR = "tmp"
+#: Space kept in reserve so that the journal can still record a "disk full" failure.
+_RESERVE_NAME = "reserve"
+RESERVE_BYTES = 256 << 10
 #: Record types that move a task through the transition table (their "t" is the event).
 _PHASE_RECORDS = frozenset({"resume", "suspend", "start", "backoff", "due", "requeue",
                             "cancel", "finish", "fail"})
@@ -1466,15 +1469,16 @@ class Journal:
                 referenced.add(t.resume_file)
             if t.phase is Phase.DELIVERING:
                 if t.file:
+                    # (a missing finished file whose finish event is not acknowledged is not a problem:
+                    # the hook moved it and died before the ack; recovery acknowledges it)
                     referenced.add(t.file)
-                    if "finish" not in t.acked and not os.path.exists(os.path.join(tmp, t.file)):
-                        problems.append(f"task {t.id}: finished file tmp/{t.file} is missing "
-                                        "but its finish event is not acknowledged")
                 referenced.add(t.partial_name)
             else:
-                referenced.add(t.partial_name)
+                referenced.update((t.partial_name, f"{t.id}.done"))  # .done: recovery takes it back
                 part = os.path.join(tmp, t.partial_name)
-                size = os.path.getsize(part) if os.path.exists(part) else 0
+                done = os.path.join(tmp, f"{t.id}.done")
+                size = os.path.getsize(part) if os.path.exists(part) else (
+                    os.path.getsize(done) if os.path.exists(done) else 0)
                 if t.durable_offset > size:
                     problems.append(f"task {t.id}: journal says {t.durable_offset} bytes are durable "
                                     f"but tmp/{t.partial_name} has {size}")
@@ -1894,6 +1898,7 @@ class _Core:
         self.credentials: Dict[Tuple[str, int, Optional[str], str], Credential] = {}
         self.threads: "set[threading.Thread]" = set()
         self.waiting_challenges = 0  # workers blocked until an app answers a challenge
+        self._backlog_waiting: Optional["set[int]"] = None  # see attach(wait_for_active=True)
         self.acks = 0  # acknowledgements received (the daemon's relaunch backoff watches it)
         self._timer_seq = itertools.count()
         self._ssl: Optional[ssl.SSLContext] = None  # created once: loading the CA store is slow
@@ -1908,11 +1913,19 @@ class _Core:
                 self.state, valid, problems = _load_state(self.directory)
                 for p in problems:
                     log.warning("session %s: %s", config.identifier, p)
+                if any("unreadable line" in p for p in problems):
+                    # compaction below rewrites the journal: keep the damaged one for a post-mortem
+                    journal = os.path.join(self.directory, _JOURNAL_NAME)
+                    aside = f"{journal}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                    shutil.copyfile(journal, aside)
+                    os.chmod(aside, _FILE_MODE)
+                    log.warning("session %s: damaged journal kept as %s", config.identifier, aside)
                 self.writer: Any = _JournalWriter(os.path.join(self.directory, _JOURNAL_NAME), valid)
                 if valid == 0:
                     self.writer.append({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
                 self._recover()
                 self._compact()
+                self._make_reserve()
             except BaseException:
                 w = getattr(self, "writer", None)
                 if w is not None:
@@ -1959,6 +1972,29 @@ class _Core:
             self.writer.reopen(len(header))
             self.state.records_since_snapshot = 0
 
+    def _make_reserve(self) -> None:
+        """Keep RESERVE_BYTES allocated; released when the disk fills so the journal can record it."""
+        assert self.directory is not None
+        path = os.path.join(self.directory, _RESERVE_NAME)
+        try:
+            if os.path.exists(path) and os.path.getsize(path) >= RESERVE_BYTES:
+                return
+            fd = _open_private(path, os.O_WRONLY | os.O_CREAT)
+            try:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, RESERVE_BYTES)
+                else:  # pragma: no cover
+                    os.pwrite(fd, b"\0" * RESERVE_BYTES, 0)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            _unlink_quietly(path)
+            log.warning("cannot keep %d bytes in reserve in %s: %s", RESERVE_BYTES, self.directory, err)
+
+    def _release_reserve(self) -> None:
+        if self.directory is not None:
+            _unlink_quietly(os.path.join(self.directory, _RESERVE_NAME))
+
     def _maybe_compact(self) -> None:
         if self.directory is not None and self.writer.records_written > DEFAULT_COMPACT_RECORDS:
             try:
@@ -1978,6 +2014,11 @@ class _Core:
                 self._finish_cancel(task)
             elif task.phase in (Phase.QUEUED, Phase.SUSPENDED) and task.kind == "download":
                 part = os.path.join(self.tmp, task.partial_name)
+                done = os.path.join(self.tmp, f"{task.id}.done")
+                if os.path.exists(done):
+                    # killed after the finished file was renamed, before its record: the file is whole
+                    # and verified; take it back as the partial file (the resume gets a 416 and completes)
+                    os.replace(done, part)
                 try:
                     size: Optional[int] = os.path.getsize(part)
                 except OSError:
@@ -2097,6 +2138,7 @@ class _Core:
             ticket = self._record(task, "suspend")
             if task.live.control is not None:
                 task.live.control.stop("suspend")
+            self._backlog_step(task)
             self.changed.notify_all()
         self.writer.wait(ticket)
 
@@ -2193,7 +2235,13 @@ class _Core:
         with self.lock:
             return sum(1 for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED)
 
-    def attach(self, sink: Any) -> None:
+    def attach(self, sink: Any, wait_for_active: bool = False) -> None:
+        """Attach the app: post every event that waited, then BacklogEnd.
+
+        *wait_for_active* (in-process host, background launch): the transfers this
+        launch resumed belong to the backlog too; BacklogEnd waits until they end
+        (or are suspended), so did_finish_events does not come before them.
+        """
         with self.lock:
             self._check_open()
             if self.sink is not None:
@@ -2202,13 +2250,28 @@ class _Core:
             backlog = [t for t in self.state.backlog() if t.live.events_ready]
             for task in backlog:
                 self._post_task_events(task)
-            sink.post(BacklogEnd(bool(backlog)))
+            waiting = {t.id for t in self.state.tasks.values()
+                       if t.phase in _ACTIVE_PHASES or t.phase is Phase.CANCELING} if wait_for_active else set()
+            if waiting:
+                self._backlog_waiting = waiting
+            else:
+                sink.post(BacklogEnd(bool(backlog)))
             self.changed.notify_all()
+
+    def _backlog_step(self, task: _TaskRecord) -> None:
+        """A task resumed at attach ended or was suspended: post BacklogEnd after the last one."""
+        waiting = self._backlog_waiting
+        if waiting and task.id in waiting:
+            waiting.discard(task.id)
+            if not waiting:
+                self._backlog_waiting = None
+                self._post(BacklogEnd(True))
 
     def detach(self, sink: Any) -> None:
         with self.lock:
             if self.sink is sink:
                 self.sink = None
+                self._backlog_waiting = None
                 self.changed.notify_all()
 
     def close(self) -> None:
@@ -2250,6 +2313,7 @@ class _Core:
                 self.sink.post(FinishedEvent(task.id, os.path.join(self.tmp, task.file or "")))
             else:
                 self.sink.post(CompletedEvent(task.id, self._error_for(task)))
+        self._backlog_step(task)
 
     def _error_for(self, task: _TaskRecord) -> Optional[TransferError]:
         if not task.error:
@@ -2744,7 +2808,7 @@ class _Core:
                 response_rec = Response(url, status, hdrs)._to_record()
                 if plan.action == "complete":
                     self._drain(resp, conn)
-                    return self._finalize(task, fd, part, task.response or response_rec), True
+                    return self._finalize(task, fd, part, _entity_response(task.response or response_rec)), True
                 # write the body at plan.start
                 had_data = size > plan.start or live.offset > plan.start
                 if had_data:
@@ -2826,6 +2890,8 @@ class _Core:
                 while chunk:
                     chunk = chunk[os.write(fd, chunk):]
             except OSError as err:
+                if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                    self._release_reserve()  # room for the journal to record this failure
                 code = ErrorCode.CANNOT_WRITE_TO_FILE
                 raise _Fatal(TransferError(code, f"cannot write the download: {err.strerror or err}",
                                            url=task.current_url)) from err
@@ -2997,6 +3063,22 @@ def _release_delivery() -> None:
 
 def _background_launch_identifier() -> Optional[str]:
     return os.environ.get(BACKGROUND_EVENTS_ENV) or None
+
+
+#: Callables (identifier, state) told when a background launch's session starts delivering its
+#: backlog ("delivering") and when did_finish_events_for_background_session has run ("delivered").
+#: appdelegate starts its completion-handler time limit from "delivered".
+_backlog_listeners: List[Callable[[str, str], None]] = []
+
+
+def _notify_backlog(identifier: Optional[str], state: str) -> None:
+    if identifier is None:
+        return
+    for listener in list(_backlog_listeners):
+        try:
+            listener(identifier, state)
+        except Exception:
+            log.exception("backlog listener failed")
 
 
 class SessionDelegate:
@@ -3237,6 +3319,7 @@ class _Delivery:
                     self.finish_pending = False
             if fire:
                 self._hook("did_finish_events_for_background_session", self.session)
+                _notify_backlog(self.session.identifier, "delivered")
             with self.cond:
                 self.busy = False
                 self.generation += 1
@@ -3341,8 +3424,11 @@ class Session:
         if self._started:
             return
         self._started = True
+        background = _background_launch_identifier() == self.identifier and self.identifier is not None
+        if background:
+            _notify_backlog(self.identifier, "delivering")
         self._delivery.start()
-        self._backend.attach(self._delivery)
+        self._backend.attach(self._delivery, wait_for_active=background)
 
     # -- tasks ----------------------------------------------------------------------
     @property
@@ -3783,14 +3869,22 @@ def _process_start_token(pid: int) -> Optional[str]:
         return None
 
 
-def _pid_alive(pid: int, token: Optional[str]) -> bool:
-    """Proof, not guess: the pid exists and (where the OS tells) started when the pid file says."""
+def _pid_alive(pid: int, token: Optional[str] = None) -> bool:
+    """Proof, not guess: the pid exists, is not a zombie, and (where the OS tells) started when
+    the pid file says."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return False  # not ours: not our daemon
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        if data[data.rindex(b")") + 2:].startswith(b"Z"):
+            return False  # exited; waiting for its parent (init) to reap it
+    except (OSError, ValueError):
+        pass
     current = _process_start_token(pid)
     return token is None or current is None or current == token
 
@@ -4398,11 +4492,17 @@ class _DaemonClient:
     def _connect(self) -> None:
         sock = _connect_daemon(self.config)
         conn = _Connection(sock, "bgsession-client")
-        self._conn = conn
-        self._connected.set()
-        self._call_on(conn, "hello", version=JOURNAL_VERSION, config=_config_to_wire(self.config), pid=os.getpid())
-        if self._sink is not None:
-            self._call_on(conn, "attach")
+        try:
+            self._call_on(conn, "hello", version=JOURNAL_VERSION, config=_config_to_wire(self.config),
+                          pid=os.getpid())
+            if self._sink is not None:
+                self._call_on(conn, "attach")
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._conn = conn
+            self._connected.set()
 
     def _call_on(self, conn: _Connection, op: str, **args: Any) -> Any:
         """Send a request on *conn* and wait for its reply (the reader thread routes replies)."""
@@ -4412,8 +4512,8 @@ class _DaemonClient:
             self._pending[rid] = answer
         try:
             conn.send({"op": op, "rid": rid, **args})
-            if threading.current_thread() is getattr(self, "_reader", None) or not getattr(self, "_reader", None):
-                # during (re)connect nobody else reads: read the reply here
+            if conn is not self._conn:
+                # during (re)connect nobody else reads this connection: read the reply here
                 while not answer.event.is_set():
                     msg = conn.read()
                     if msg is None:
@@ -4491,8 +4591,8 @@ class _DaemonClient:
                 self._route(msg)
                 continue
             # the daemon went away: fail waiting calls, then restart it and re-attach
-            self._connected.clear()
             with self._lock:
+                self._connected.clear()
                 for answer in self._pending.values():
                     answer.event.set()
             if conn is not None:
@@ -4524,7 +4624,8 @@ class _DaemonClient:
                     raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED,
                                         f"the bgsession daemon for {self.directory} cannot be reached")
                 continue
-            conn = self._conn
+            with self._lock:
+                conn = self._conn
             assert conn is not None
             try:
                 return self._call_on(conn, op, **args)
@@ -4532,7 +4633,9 @@ class _DaemonClient:
                 if not retry or time.monotonic() > deadline:
                     raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED,
                                         f"the bgsession daemon went away during {op!r}") from None
-                self._connected.clear()
+                with self._lock:
+                    if self._conn is conn:  # the reader has not replaced it yet
+                        self._connected.clear()
 
     # -- the backend interface ----------------------------------------------------------------
     def create_task(self, kind: str, request: Request, description: Optional[str], *,
@@ -4568,7 +4671,7 @@ class _DaemonClient:
     def outstanding(self) -> int:
         return len(self.tasks())
 
-    def attach(self, sink: Any) -> None:
+    def attach(self, sink: Any, wait_for_active: bool = False) -> None:
         if self.observer:
             raise BGSessionError("an observer client cannot attach")
         self._sink = sink

@@ -49,6 +49,7 @@ import secrets
 import signal
 import socket
 import socketserver
+import ssl
 import struct
 import subprocess
 import sys
@@ -1173,7 +1174,22 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self.fake._track_thread(thread)
         thread.start()
 
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        if self.fake.tls is not None:  # the handshake runs in the connection's thread
+            sock = self.fake.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(10.0)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ssl.SSLError):
+                self.fake._connection_closed(request)
+                self.shutdown_request(request)  # e.g. the client refused our certificate
+                return
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -1199,7 +1215,9 @@ class FakeServer:
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",
-                 port: int = 0, *, verbose: bool = False) -> None:
+                 port: int = 0, *, verbose: bool = False, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: a server-side SSLContext (with its certificate loaded) to serve HTTPS."""
+        self.tls = tls
         self.root = os.path.realpath(os.fspath(root)) if root is not None else None
         self.host = host
         self.verbose = verbose
@@ -1289,9 +1307,9 @@ class FakeServer:
 
     @property
     def base_url(self) -> str:
-        """``http://HOST:PORT``."""
+        """``http://HOST:PORT`` (``https://`` when serving TLS)."""
         host = self.host if ":" not in self.host else "[%s]" % self.host
-        return "http://%s:%d" % (host, self.port)
+        return "%s://%s:%d" % ("https" if self.tls is not None else "http", host, self.port)
 
     def url(self, path: str) -> str:
         """``base_url + path``; ``path`` starts with "/"."""

@@ -741,11 +741,7 @@ def stop_daemon_hard(directory: str) -> None:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + SHORT
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        while time.monotonic() < deadline and bg._pid_alive(pid):
             time.sleep(0.01)  # waiting for a process that is not our child to vanish
 
 

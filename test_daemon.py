@@ -136,11 +136,7 @@ def daemon_pid(directory: str):
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    return bg._pid_alive(pid)
 
 
 def test_download_finishes_while_no_app_runs_then_app_is_relaunched(server, app):
@@ -186,24 +182,21 @@ def test_crashing_app_is_relaunched_with_growing_delays(server, app):
 def test_daemon_killed_mid_download_is_restarted_and_resumes(server, daemons):
     """SIGKILL of the daemon at random offsets: the client restarts it, the transfer resumes by Range, byte-exact."""
     data = fs.blob_bytes(6 * MiB, seed=52)
-    server.add_blob("/big.bin", data)
     rng = random.Random(52)
-    offsets = sorted(rng.sample(range(256 * 1024, 6 * MiB - 256 * 1024, 4096), 3))
-    holds = [server.hold_at("/big.bin", off) for off in offsets]
+    stops = [rng.randrange(256 * 1024, 1 * MiB) for _ in range(3)]  # bytes into each response
+    server.add_blob("/big.bin", data, faults=[fs.Fault(stall_after=n) for n in stops])
     rec = Recorder()
     s = daemons.open(rec)
     task = download(s, server.url("/big.bin"))
     on_disk = []
-    for hold in holds:  # (hold points count bytes served over all requests, kills included)
-        assert hold.wait(LONG)
-        current = server.requests("/big.bin")[-1]
-        start = int(current.header("range")[6:-1]) if current.header("range") else 0
-        on_disk.append(start + current.bytes_sent)
-        wait_until(received(task, on_disk[-1]), what="the held bytes on disk")
+    for kill, stop in enumerate(stops):
+        assert server.wait_stalled(1, LONG)
+        on_disk.append((on_disk[-1] if on_disk else 0) + stop)  # asserted below via the Range headers
+        wait_until(received(task, on_disk[-1]), what="the stalled response's bytes on disk")
         pid = daemon_pid(s.configuration.directory)
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not alive(pid), what="daemon death")
-        hold.release()
+        server.release_stalls()
     assert s.wait(LONG)
     assert sha(rec.files[task.identifier]) == sha(data)
     ranges = [r.header("range") for r in server.requests("/big.bin")]

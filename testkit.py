@@ -135,10 +135,10 @@ def stop_daemon(directory: str) -> None:
     deadline = time.monotonic() + SHORT
     try:
         os.kill(pid, signal.SIGTERM)
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.02)  # polling another process's exit (not ours to reap)
-        os.kill(pid, signal.SIGKILL)
+        while time.monotonic() < deadline and bg._pid_alive(pid):
+            time.sleep(0.01)  # polling another process's exit (not ours to reap)
+        if bg._pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 

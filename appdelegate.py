@@ -1,0 +1,595 @@
+"""appdelegate — the app-lifecycle shim for bgsession (UIApplication and its delegate, for a Python process).
+
+On iOS a background URL session is half of a pair: the other half is the app
+lifecycle that relaunches the app when its transfers have news. This module is
+that half, for any Python program run as a process::
+
+    iOS (UIKit)                                          appdelegate
+    UIApplicationMain(argc, argv, nil, @"AppDelegate")   sys.exit(appdelegate.main(App))
+    application:didFinishLaunchingWithOptions:           App.did_finish_launching(app, launch_options)
+    the main run loop, app in the foreground             App.run(app)      (optional; returning = the user quit)
+    application:handleEventsForBackgroundURLSession:     App.handle_events_for_background_url_session(
+        completionHandler:                                   app, identifier, completion_handler)
+    applicationWillTerminate:                            App.will_terminate(app)      (optional)
+    beginBackgroundTaskWithExpirationHandler:            app.begin_background_task(expiration_handler=fn)
+    endBackgroundTask:                                   app.end_background_task(task_id)
+    backgroundTimeRemaining                              app.background_time_remaining
+    UIBackgroundTaskInvalid                              appdelegate.INVALID_BACKGROUND_TASK
+    UIApplication.sharedApplication                      appdelegate.shared_application()
+
+The shape of an app (``demo_photo_app.py`` is a complete one)::
+
+    class App(appdelegate.AppDelegate):
+        def did_finish_launching(self, app, launch_options):
+            self.manager = PhotoManager()   # re-creates the background session and its hooks, every launch
+
+        def handle_events_for_background_url_session(self, app, identifier, completion_handler):
+            self.manager.saved_completion_handler = completion_handler   # its did-finish-events hook calls it
+
+    if __name__ == "__main__":
+        sys.exit(appdelegate.main(App))
+
+**Launches.** A process started with ``BGSESSION_BACKGROUND_EVENTS=<identifier>``
+in its environment is a *background launch* (the bgsession daemon, or whoever
+plays the system, relaunched it because that session has events waiting).
+``main`` then:
+
+1. holds hook delivery for every bgsession session (``bgsession._hold_delivery()``);
+2. calls ``did_finish_launching(app, {"url_session": identifier})`` — the app
+   re-creates its sessions there, every launch; they recover and resume, but no
+   hook runs yet;
+3. calls ``handle_events_for_background_url_session(app, identifier, handler)``
+   — the app saves ``handler`` where its ``did_finish_events_for_background_session``
+   hook will find it;
+4. releases delivery: the waiting events arrive, then
+   ``did_finish_events_for_background_session``, which calls the saved handler;
+5. returns 0 once the handler has been called and no background task is open.
+
+So the saved handler is always in place before the hook that calls it can run
+(the race AFNetworking users hit). If the handler is not called within
+``handler_timeout`` seconds after step 4 (default 30 s, env
+``BGSESSION_HANDLER_TIMEOUT``), ``main`` prints a one-line warning on stderr
+naming the identifier and returns :data:`EXIT_COMPLETION_HANDLER_NOT_CALLED`
+(iOS kills such apps). ``run`` is not called in a background launch.
+
+A *normal launch* calls ``did_finish_launching(app, {})``, then ``run(app)`` on a
+thread of its own (``main`` keeps the main thread for signals and the lifecycle),
+then terminates: when ``run`` returns, or on SIGTERM/SIGINT, whichever comes first.
+
+**Termination and background tasks.** Terminating waits while background tasks
+are open, for at most ``background_time`` seconds (default 30 s, env
+``BGSESSION_BACKGROUND_TIME``) — the seed's alternative to a background session:
+ask for extra time at exit. When the time runs out (or on a second SIGTERM/SIGINT),
+every open task's expiration handler runs on the main thread (it should save state
+and call ``end_background_task``); then ``will_terminate(app)`` runs and ``main``
+returns. In a background launch the app is in the background from the start: its
+background time runs from the launch.
+
+Signal handlers only record the signal; the lifecycle loop on the main thread acts.
+Exit codes returned by ``main``:
+
+* 0 — a normal end (``run`` returned; or a background launch whose handler was
+  called), every background task ended;
+* 128 + the signal number (143 for SIGTERM, 130 for SIGINT, the shell's
+  convention) — ended by a signal, after the open background tasks ended or
+  expired; with no task open the process ends at once;
+* 1 — ``run`` raised (its traceback is on stderr);
+* :data:`EXIT_COMPLETION_HANDLER_NOT_CALLED` (3) — a background launch that never
+  called its completion handler;
+* :data:`EXIT_BACKGROUND_TIME_EXPIRED` (4) — a background task was still open
+  after its expiration handler ran (iOS would kill the app).
+
+An exception raised by ``did_finish_launching`` or ``handle_events…`` is not
+caught: the process crashes with its traceback, as an iOS app would. ``main``
+returns normally otherwise, so threads the app started should be daemon threads
+(bgsession's are).
+
+Standard library only (plus ``bgsession``); Python 3.9+.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
+
+import bgsession
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppDelegate",
+    "Application",
+    "BACKGROUND_TIME_ENV",
+    "CompletionHandler",
+    "DEFAULT_BACKGROUND_TIME",
+    "DEFAULT_HANDLER_TIMEOUT",
+    "EXIT_BACKGROUND_TIME_EXPIRED",
+    "EXIT_COMPLETION_HANDLER_NOT_CALLED",
+    "EXIT_RUN_RAISED",
+    "HANDLER_TIMEOUT_ENV",
+    "INVALID_BACKGROUND_TASK",
+    "LAUNCH_OPTIONS_URL_SESSION",
+    "main",
+    "shared_application",
+]
+
+log = logging.getLogger("appdelegate")
+
+#: Returned by ``begin_background_task`` when no task can start (the background time has expired).
+INVALID_BACKGROUND_TASK = 0
+#: Seconds a background launch has, after delivery was released, to call its completion handler.
+DEFAULT_HANDLER_TIMEOUT = 30.0
+#: Seconds open background tasks keep a terminating process alive.
+DEFAULT_BACKGROUND_TIME = 30.0
+#: Environment variables that override ``main``'s ``handler_timeout`` and ``background_time``.
+HANDLER_TIMEOUT_ENV = "BGSESSION_HANDLER_TIMEOUT"
+BACKGROUND_TIME_ENV = "BGSESSION_BACKGROUND_TIME"
+#: Key of ``launch_options`` naming the session whose events caused a background launch
+#: (``UIApplicationLaunchOptionsURLSessionKey``).
+LAUNCH_OPTIONS_URL_SESSION = "url_session"
+#: Exit code of a background launch that never called its completion handler.
+EXIT_COMPLETION_HANDLER_NOT_CALLED = 3
+#: Exit code when a background task was still open after its expiration handler ran.
+EXIT_BACKGROUND_TIME_EXPIRED = 4
+#: Exit code when ``run`` raised.
+EXIT_RUN_RAISED = 1
+#: Signals that ask the app to terminate (each present on this platform).
+_TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT") if hasattr(signal, name))
+
+
+# ============================================================================
+# Completion handler
+# ============================================================================
+
+
+class CompletionHandler:
+    """The completion handler given to ``handle_events_for_background_url_session``.
+
+    Call it (no arguments) exactly once, normally from the
+    ``did_finish_events_for_background_session`` hook, on any thread. A second
+    call raises :class:`RuntimeError` and does nothing else.
+    """
+
+    __slots__ = ("_identifier", "_on_call", "_lock", "_called")
+
+    def __init__(self, identifier: str, on_call: Optional[Callable[[], None]] = None) -> None:
+        self._identifier = identifier
+        self._on_call = on_call
+        self._lock = threading.Lock()
+        self._called = False
+
+    @property
+    def identifier(self) -> str:
+        """The background session whose events this handler acknowledges."""
+        return self._identifier
+
+    @property
+    def called(self) -> bool:
+        return self._called
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._called:
+                raise RuntimeError(f"the completion handler for background session {self._identifier!r} was "
+                                   "already called; call it exactly once")
+            self._called = True
+        if self._on_call is not None:
+            self._on_call()
+
+    def __repr__(self) -> str:
+        return f"<CompletionHandler {self._identifier!r} {'called' if self._called else 'not called'}>"
+
+
+# ============================================================================
+# Application and delegate
+# ============================================================================
+
+
+class _BackgroundTask:
+    __slots__ = ("task_id", "name", "expiration_handler")
+
+    def __init__(self, task_id: int, name: Optional[str], expiration_handler: Optional[Callable[[], None]]) -> None:
+        self.task_id = task_id
+        self.name = name
+        self.expiration_handler = expiration_handler
+
+    def __str__(self) -> str:
+        return f"background task {self.task_id}" + (f" ({self.name!r})" if self.name else "")
+
+
+class Application:
+    """The running app (``UIApplication``), passed to every delegate method. Created by :func:`main`."""
+
+    def __init__(self, delegate: Optional["AppDelegate"] = None, *, argv: Sequence[str] = (),
+                 background_identifier: Optional[str] = None,
+                 background_time: float = DEFAULT_BACKGROUND_TIME) -> None:
+        self._delegate = delegate
+        self._argv = list(argv)
+        self._background_identifier = background_identifier
+        self._background_time = float(background_time)
+        self._lock = threading.Lock()
+        self._tasks: Dict[int, _BackgroundTask] = {}
+        self._last_task_id = INVALID_BACKGROUND_TASK
+        self._deadline: Optional[float] = None  # time.monotonic() at which the background time runs out
+        self._expired = False
+        self._signals: List[int] = []  # appended by signal handlers, read by the lifecycle loop
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def delegate(self) -> Optional["AppDelegate"]:
+        return self._delegate
+
+    @property
+    def argv(self) -> List[str]:
+        """The command line given to :func:`main` (``sys.argv`` by default)."""
+        return list(self._argv)
+
+    @property
+    def is_background_launch(self) -> bool:
+        """True when the process was launched to handle a background session's events."""
+        return self._background_identifier is not None
+
+    @property
+    def background_identifier(self) -> Optional[str]:
+        """The session identifier of a background launch (``BGSESSION_BACKGROUND_EVENTS``), else None."""
+        return self._background_identifier
+
+    @property
+    def background_time_remaining(self) -> float:
+        """Seconds left for background tasks: ``inf`` while no termination is pending, 0 once expired."""
+        with self._lock:
+            if self._expired:
+                return 0.0
+            if self._deadline is None:
+                return float("inf")
+            return max(0.0, self._deadline - time.monotonic())
+
+    def begin_background_task(self, expiration_handler: Optional[Callable[[], None]] = None, *,
+                              name: Optional[str] = None) -> int:
+        """Ask for time to finish work if the app is told to terminate; returns a task id.
+
+        While the task is open, SIGTERM, SIGINT or the end of ``run`` do not end the
+        process; it ends once every task is ended, or when the background time runs
+        out — then *expiration_handler* runs on the main thread and should call
+        :meth:`end_background_task`. Returns :data:`INVALID_BACKGROUND_TASK` once the
+        background time has expired.
+        """
+        if expiration_handler is not None and not callable(expiration_handler):
+            raise TypeError(f"expiration_handler must be callable or None, not {type(expiration_handler).__name__}")
+        with self._lock:
+            if self._expired:
+                return INVALID_BACKGROUND_TASK
+            self._last_task_id += 1
+            task_id = self._last_task_id
+            self._tasks[task_id] = _BackgroundTask(task_id, name, expiration_handler)
+        return task_id
+
+    def end_background_task(self, task_id: int) -> None:
+        """End a task begun with :meth:`begin_background_task` (any thread; ending it twice is harmless)."""
+        with self._lock:
+            task = self._tasks.pop(task_id, None)
+            issued = INVALID_BACKGROUND_TASK < task_id <= self._last_task_id
+        if task is None:
+            if not issued and task_id != INVALID_BACKGROUND_TASK:
+                log.warning("end_background_task(%r): no such background task", task_id)
+            return
+        self._wake()
+
+    # -- lifecycle plumbing (used by main) --------------------------------------------------
+    def _open_tasks(self) -> List[_BackgroundTask]:
+        with self._lock:
+            return list(self._tasks.values())
+
+    def _enter_background(self) -> None:
+        """Termination is pending (or this is a background launch): the background time starts now."""
+        with self._lock:
+            if self._deadline is None:
+                self._deadline = time.monotonic() + self._background_time
+
+    def _seconds_to_deadline(self) -> float:
+        with self._lock:
+            assert self._deadline is not None
+            return self._deadline - time.monotonic()
+
+    def _expire(self) -> List[_BackgroundTask]:
+        """The background time is over: run the expiration handlers; return the tasks still open."""
+        with self._lock:
+            self._expired = True
+            tasks = list(self._tasks.values())
+        for task in tasks:
+            if task.expiration_handler is None:
+                continue
+            try:
+                task.expiration_handler()
+            except Exception:
+                sys.stderr.write(f"appdelegate: the expiration handler of {task} raised:\n")
+                traceback.print_exc()
+        left = self._open_tasks()
+        for task in left:
+            sys.stderr.write(f"appdelegate: {task} was not ended when the background time expired; "
+                             "exiting anyway (iOS would kill the app)\n")
+        return left
+
+    def _wake(self) -> None:
+        """Wake the lifecycle loop (any thread)."""
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the loop is gone
+
+    def _wait(self, timeout: Optional[float]) -> None:
+        """Block the lifecycle loop until woken (thread, signal) or *timeout* seconds passed."""
+        if timeout is not None and timeout <= 0:
+            return
+        try:
+            select.select([self._wake_r], [], [], timeout)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries select
+            pass
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _close(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __repr__(self) -> str:
+        kind = f"background launch for {self._background_identifier!r}" if self.is_background_launch else "launch"
+        return f"<Application {kind}, {len(self._tasks)} background task(s)>"
+
+
+class AppDelegate:
+    """Override the methods your app needs (``UIApplicationDelegate``). ``main`` creates it with no arguments."""
+
+    def did_finish_launching(self, app: Application, launch_options: Mapping[str, Any]) -> None:
+        """Every launch: re-create your background sessions (with their session-level hooks) here.
+
+        ``launch_options`` is empty for a normal launch and ``{"url_session": identifier}``
+        for a background launch. Hooks do not run before this returns.
+        """
+
+    def handle_events_for_background_url_session(self, app: Application, identifier: str,
+                                                 completion_handler: CompletionHandler) -> None:
+        """Background launch: save *completion_handler*; call it from ``did_finish_events_for_background_session``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} was launched for the events of background session {identifier!r} but does "
+            "not implement handle_events_for_background_url_session(app, identifier, completion_handler): save "
+            "the handler there and call it from the session's did_finish_events_for_background_session hook")
+
+    def run(self, app: Application) -> None:
+        """The foreground work of a normal launch (its own thread). Returning ends the app. Default: return."""
+
+    def will_terminate(self, app: Application) -> None:
+        """The process is about to exit (not after SIGKILL, nor when a handler timeout kills it)."""
+
+
+_shared: Optional[Application] = None
+
+
+def shared_application() -> Optional[Application]:
+    """The :class:`Application` of the running :func:`main`, or None outside it."""
+    return _shared
+
+
+# ============================================================================
+# main
+# ============================================================================
+
+
+def _seconds_from_env(name: str, value: float, what: str) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        chosen: Any = value
+    else:
+        try:
+            chosen = float(raw)
+        except ValueError:
+            sys.stderr.write(f"appdelegate: ignoring {name}={raw!r} (not a number of seconds); "
+                             f"using {what}={value!r}\n")
+            chosen = value
+    if isinstance(chosen, bool) or not isinstance(chosen, (int, float)) or not chosen >= 0:
+        raise ValueError(f"{what} must be a number of seconds >= 0, not {chosen!r}")
+    return float(chosen)
+
+
+class _Signals:
+    """Install recording handlers for SIGTERM/SIGINT and a wake-up fd; restore on exit.
+
+    Only the main thread may install signal handlers; elsewhere (a test calling
+    ``main`` from a thread) signals keep their previous handling.
+    """
+
+    def __init__(self, app: Application) -> None:
+        self.app = app
+        self.previous: Dict[int, Any] = {}
+        self.previous_fd: Optional[int] = None
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.app._signals.append(signum)  # only record: the lifecycle loop acts
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self.previous_fd = signal.set_wakeup_fd(self.app._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in _TERMINATION_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous_fd is None:
+            return
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self.previous_fd)
+
+
+class _Launch:
+    """One process launch, driven from the main thread."""
+
+    def __init__(self, app: Application, delegate: AppDelegate, handler_timeout: float) -> None:
+        self.app = app
+        self.delegate = delegate
+        self.handler_timeout = handler_timeout
+        self.run_done = False
+        self.run_raised = False
+
+    # -- normal launch ---------------------------------------------------------------------
+    def foreground(self) -> int:
+        app = self.app
+        self.delegate.did_finish_launching(app, {})
+        if not app._signals:  # a signal during launching: terminate without running
+            runner = threading.Thread(target=self._run_delegate, name="appdelegate-run", daemon=True)
+            runner.start()
+        while not self.run_done and not app._signals:
+            app._wait(None)
+        code = self.terminate()
+        if self.run_raised and code == 0:
+            code = EXIT_RUN_RAISED
+        return code
+
+    def _run_delegate(self) -> None:
+        try:
+            self.delegate.run(self.app)
+        except BaseException:
+            self.run_raised = True
+            sys.stderr.write("appdelegate: run() raised:\n")
+            traceback.print_exc()
+        finally:
+            self.run_done = True
+            self.app._wake()
+
+    # -- background launch -------------------------------------------------------------------
+    def background(self) -> int:
+        app = self.app
+        identifier = app.background_identifier
+        assert identifier is not None
+        app._enter_background()
+        handler = CompletionHandler(identifier, app._wake)
+        # The handler's time limit runs from when the session delivered its backlog (bgsession tells
+        # us); while it is delivering (an in-process host finishes its transfers first) it is paused.
+        # If the app never re-creates that session, it runs from the release of delivery.
+        backlog: Dict[str, Optional[float]] = {"deadline": None, "delivering": False}
+
+        def on_backlog(session_identifier: str, state: str) -> None:
+            if session_identifier != identifier:
+                return
+            if state == "delivering":
+                backlog["delivering"] = True
+            elif state == "delivered":
+                backlog["delivering"] = False
+                backlog["deadline"] = time.monotonic() + self.handler_timeout
+            app._wake()
+
+        bgsession._backlog_listeners.append(on_backlog)
+        bgsession._hold_delivery()
+        try:
+            self.delegate.did_finish_launching(app, {LAUNCH_OPTIONS_URL_SESSION: identifier})
+            self.delegate.handle_events_for_background_url_session(app, identifier, handler)
+        finally:
+            bgsession._release_delivery()
+        released_deadline = time.monotonic() + self.handler_timeout
+        expired = False
+        try:
+            return self._background_loop(app, identifier, handler, backlog, released_deadline, expired)
+        finally:
+            bgsession._backlog_listeners.remove(on_backlog)
+
+    def _background_loop(self, app: Application, identifier: str, handler: CompletionHandler,
+                         backlog: Dict[str, Any], released_deadline: float, expired: bool) -> int:
+        while True:
+            if app._signals:
+                return self.terminate()
+            open_tasks = app._open_tasks()
+            if handler.called and not open_tasks:
+                break
+            waits = []
+            if not handler.called and not backlog["delivering"]:
+                deadline = backlog["deadline"] if backlog["deadline"] is not None else released_deadline
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    sys.stderr.write(
+                        f"appdelegate: background launch for session {identifier!r}: the completion handler was "
+                        f"not called within {self.handler_timeout:g} s after its events were delivered; exiting "
+                        f"(iOS kills such apps; limit: {HANDLER_TIMEOUT_ENV})\n")
+                    sys.stderr.flush()
+                    return EXIT_COMPLETION_HANDLER_NOT_CALLED
+                waits.append(left)
+            if open_tasks and not expired:
+                left = app._seconds_to_deadline()
+                if left <= 0:
+                    expired = True
+                    if app._expire():
+                        self._will_terminate()
+                        return EXIT_BACKGROUND_TIME_EXPIRED
+                    continue
+                waits.append(left)
+            app._wait(min(waits) if waits else None)
+        self._will_terminate()
+        return 0
+
+    # -- termination ---------------------------------------------------------------------------
+    def terminate(self) -> int:
+        """Honour open background tasks (until ended, expired, or a further signal), then will_terminate."""
+        app = self.app
+        app._enter_background()
+        signals_seen = len(app._signals)
+        code = 128 + app._signals[0] if app._signals else 0
+        while app._open_tasks():
+            left = app._seconds_to_deadline()
+            if left <= 0 or len(app._signals) > signals_seen:
+                if app._expire():
+                    code = EXIT_BACKGROUND_TIME_EXPIRED
+                break
+            app._wait(left)
+        self._will_terminate()
+        return code
+
+    def _will_terminate(self) -> None:
+        try:
+            self.delegate.will_terminate(self.app)
+        except Exception:
+            sys.stderr.write("appdelegate: will_terminate() raised:\n")
+            traceback.print_exc()
+
+
+def main(delegate_class: Type[AppDelegate], *, argv: Optional[Sequence[str]] = None,
+         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+         background_time: float = DEFAULT_BACKGROUND_TIME) -> int:
+    """Run the app's lifecycle for this process; returns the exit code (``sys.exit(main(App))``).
+
+    *delegate_class* is called with no arguments to make the delegate.
+    ``BGSESSION_HANDLER_TIMEOUT`` and ``BGSESSION_BACKGROUND_TIME``, when set,
+    override *handler_timeout* and *background_time* (the environment configures
+    a deployment; the code gives the app's defaults).
+    """
+    global _shared
+    handler_timeout = _seconds_from_env(HANDLER_TIMEOUT_ENV, handler_timeout, "handler_timeout")
+    background_time = _seconds_from_env(BACKGROUND_TIME_ENV, background_time, "background_time")
+    identifier = os.environ.get(bgsession.BACKGROUND_EVENTS_ENV) or None
+    delegate = delegate_class()
+    app = Application(delegate, argv=sys.argv if argv is None else argv, background_identifier=identifier,
+                      background_time=background_time)
+    launch = _Launch(app, delegate, handler_timeout)
+    previous = _shared
+    _shared = app
+    try:
+        with _Signals(app):
+            if app.is_background_launch:
+                return launch.background()
+            return launch.foreground()
+    finally:
+        _shared = previous
+        app._close()

@@ -1,0 +1,156 @@
+"""The server fault matrix, on both hosts: every fault ends in a byte-exact file or a clear
+TransferError, never a splice. ``python test_faults.py`` prints the README's table
+(requests and bytes each scenario cost, per host)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+
+import bgsession as bg
+import fake_server as fs
+from testkit import *  # noqa: F401,F403 (fixtures)
+from testkit import LONG, Recorder, Sessions, download, sha, stop_daemon
+
+SIZE = 1 << 20
+HALF = SIZE // 2
+DATA = fs.blob_bytes(SIZE, seed=71)
+NEW = fs.blob_bytes(SIZE, seed=72)
+NEW_LONGER = fs.blob_bytes(SIZE + 777, seed=73)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    setup: Callable[[fs.FakeServer], str]  # returns the URL to download
+    expect: Any  # bytes the file must equal, or an ErrorCode
+    retry: bg.Retry = bg.Retry(total=3, backoff_factor=0.001, backoff_max=0.01, retry_after_max=0.05)
+    timeout_for_request: float = 60.0
+
+
+def cut_then(second: Optional[fs.Fault], **kw: Any) -> Callable[[fs.FakeServer], str]:
+    def setup(srv: fs.FakeServer) -> str:
+        srv.add_blob("/f", DATA, faults=[fs.Fault(cut_after=HALF), second], **kw)
+        return srv.url("/f")
+    return setup
+
+
+def faults(*fl: Optional[fs.Fault], default: Optional[fs.Fault] = None, data: bytes = DATA, **kw: Any):
+    def setup(srv: fs.FakeServer) -> str:
+        srv.add_blob("/f", data, faults=list(fl), default_fault=default, **kw)
+        return srv.url("/f")
+    return setup
+
+
+def entity_changes(new: bytes) -> Callable[[fs.FakeServer], str]:
+    def setup(srv: fs.FakeServer) -> str:
+        route = srv.add_blob("/f", DATA, faults=[fs.Fault(cut_after=HALF)])
+        srv.on_bytes("/f", HALF, lambda path, served: route.update(new))
+        return srv.url("/f")
+    return setup
+
+
+def redirect_loop(srv: fs.FakeServer) -> str:
+    srv.add_redirect("/f", "/f")
+    return srv.url("/f")
+
+
+SCENARIOS = [
+    Scenario("connection reset mid-body", faults(fs.Fault(cut_after=HALF, reset=True)), DATA),
+    Scenario("connection closed mid-body", cut_then(None), DATA),
+    Scenario("stall longer than timeout_for_request", faults(fs.Fault(stall_after=HALF, stall_seconds=5.0)), DATA,
+             timeout_for_request=0.3),
+    Scenario("500 without Retry-After", faults(fs.Fault(status=500), fs.Fault(status=500)), DATA),
+    Scenario("503 with Retry-After", faults(fs.Fault(status=503, retry_after="1")), DATA),
+    Scenario("429 with Retry-After", faults(fs.Fault(status=429, retry_after="1")), DATA),
+    Scenario("503 forever (retries exhausted)", faults(default=fs.Fault(status=503)), "status 503"),
+    Scenario("Range ignored (200)", cut_then(fs.Fault(ignore_range=True)), DATA),
+    Scenario("206 starting early", cut_then(fs.Fault(early_206=4096)), DATA),
+    Scenario("wrong Content-Range total", cut_then(fs.Fault(wrong_total=True)), DATA),
+    Scenario("malformed Content-Range", cut_then(fs.Fault(malformed_range=True)), DATA),
+    Scenario("entity changed, same length", entity_changes(NEW), NEW),
+    Scenario("entity changed, other length", entity_changes(NEW_LONGER), NEW_LONGER),
+    Scenario("weak ETag only", cut_then(None, weak_etag=True, last_modified=False), DATA),
+    Scenario("no validators", cut_then(None, etag=False, last_modified=False), DATA),
+    Scenario("chunked without length", faults(default=fs.Fault(chunked=True)), DATA),
+    Scenario("chunked, cut mid-body", faults(fs.Fault(chunked=True, cut_after=HALF)), DATA),
+    Scenario("short body (Content-Length larger)", faults(fs.Fault(short_body=1000)), DATA),
+    Scenario("416 on a complete file", faults(fs.Fault(chunked=True, cut_after=SIZE)), DATA),
+    Scenario("redirect loop", redirect_loop, bg.ErrorCode.HTTP_TOO_MANY_REDIRECTS),
+    Scenario("huge header, once", faults(fs.Fault(huge_header=200_000)), DATA),
+    Scenario("huge header, always", faults(default=fs.Fault(huge_header=200_000)), bg.ErrorCode.BAD_SERVER_RESPONSE),
+    Scenario("25 interruptions of 1 byte", faults(*[fs.Fault(cut_after=1)] * 25, data=DATA[:65536]), DATA[:65536],
+             retry=bg.Retry(total=2, backoff_factor=0.001)),
+]
+
+
+def run_scenario(scenario: Scenario, sessions: Sessions) -> Dict[str, Any]:
+    """Run one scenario; assert its outcome; return what it cost."""
+    with fs.FakeServer() as srv:
+        url = scenario.setup(srv)
+        rec = Recorder()
+        s = sessions.open(rec, retry=scenario.retry, timeout_for_request=scenario.timeout_for_request)
+        task = download(s, url)
+        try:
+            assert s.wait(LONG)
+        finally:
+            srv.release_stalls()
+        err = rec.errors[task.identifier]
+        if isinstance(scenario.expect, bytes):
+            assert err is None, err
+            assert sha(rec.files[task.identifier]) == sha(scenario.expect)
+            outcome = "exact file"
+        elif isinstance(scenario.expect, str):
+            assert err is None and f"status {rec.statuses[task.identifier]}" == scenario.expect
+            outcome = f"response, {scenario.expect}"
+        else:
+            assert err is not None and err.code is scenario.expect, err
+            assert task.identifier not in rec.files
+            outcome = scenario.expect.name
+        path = "/f"
+        return {"outcome": outcome, "requests": len(srv.requests(path)), "served": srv.bytes_served(path)}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_fault_ends_in_exact_file_or_clear_error(scenario, sessions):
+    """Each server fault ends in the exact file, or the documented response or error, never a splice."""
+    run_scenario(scenario, sessions)
+
+
+def main() -> int:
+    """Print the fault table (Markdown) for the README."""
+    rows: List[str] = ["| fault | outcome | requests (in-process / daemon) | bytes served for a 1 MiB file |",
+                       "|---|---|---|---|"]
+
+    class Path:
+        def __init__(self, p: str) -> None:
+            self.p = p
+
+        def __truediv__(self, name: str) -> str:
+            return os.path.join(self.p, name)
+
+    for scenario in SCENARIOS:
+        results = {}
+        for host in ("inprocess", "daemon"):
+            with tempfile.TemporaryDirectory() as tmp:
+                sessions = Sessions(Path(tmp), host)
+                try:
+                    results[host] = run_scenario(scenario, sessions)
+                finally:
+                    sessions.teardown()
+                    for d in sessions.directories:
+                        stop_daemon(d)
+        a, b = results["inprocess"], results["daemon"]
+        rows.append(f"| {scenario.name} | {a['outcome']} | {a['requests']} / {b['requests']} | "
+                    f"{a['served']:,} / {b['served']:,} |")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
