@@ -98,17 +98,15 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 import bgsession
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AppDelegate",
-    "Application",
     "BACKGROUND_TIME_ENV",
-    "CompletionHandler",
     "DEFAULT_BACKGROUND_TIME",
     "DEFAULT_HANDLER_TIMEOUT",
     "EXIT_BACKGROUND_TIME_EXPIRED",
@@ -117,6 +115,9 @@ __all__ = [
     "HANDLER_TIMEOUT_ENV",
     "INVALID_BACKGROUND_TASK",
     "LAUNCH_OPTIONS_URL_SESSION",
+    "AppDelegate",
+    "Application",
+    "CompletionHandler",
     "main",
     "shared_application",
 ]
@@ -158,9 +159,9 @@ class CompletionHandler:
     call raises :class:`RuntimeError` and does nothing else.
     """
 
-    __slots__ = ("_identifier", "_on_call", "_lock", "_called")
+    __slots__ = ("_called", "_identifier", "_lock", "_on_call")
 
-    def __init__(self, identifier: str, on_call: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, identifier: str, on_call: Callable[[], None] | None = None) -> None:
         self._identifier = identifier
         self._on_call = on_call
         self._lock = threading.Lock()
@@ -194,9 +195,9 @@ class CompletionHandler:
 
 
 class _BackgroundTask:
-    __slots__ = ("task_id", "name", "expiration_handler")
+    __slots__ = ("expiration_handler", "name", "task_id")
 
-    def __init__(self, task_id: int, name: Optional[str], expiration_handler: Optional[Callable[[], None]]) -> None:
+    def __init__(self, task_id: int, name: str | None, expiration_handler: Callable[[], None] | None) -> None:
         self.task_id = task_id
         self.name = name
         self.expiration_handler = expiration_handler
@@ -208,30 +209,30 @@ class _BackgroundTask:
 class Application:
     """The running app (``UIApplication``), passed to every delegate method. Created by :func:`main`."""
 
-    def __init__(self, delegate: Optional["AppDelegate"] = None, *, argv: Sequence[str] = (),
-                 background_identifier: Optional[str] = None,
+    def __init__(self, delegate: AppDelegate | None = None, *, argv: Sequence[str] = (),
+                 background_identifier: str | None = None,
                  background_time: float = DEFAULT_BACKGROUND_TIME) -> None:
         self._delegate = delegate
         self._argv = list(argv)
         self._background_identifier = background_identifier
         self._background_time = float(background_time)
         self._lock = threading.Lock()
-        self._tasks: Dict[int, _BackgroundTask] = {}
+        self._tasks: dict[int, _BackgroundTask] = {}
         self._last_task_id = INVALID_BACKGROUND_TASK
-        self._deadline: Optional[float] = None  # time.monotonic() at which the background time runs out
+        self._deadline: float | None = None  # time.monotonic() at which the background time runs out
         self._expired = False
-        self._signals: List[int] = []  # appended by signal handlers, read by the lifecycle loop
+        self._signals: list[int] = []  # appended by signal handlers, read by the lifecycle loop
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
 
     # -- public ---------------------------------------------------------------------------
     @property
-    def delegate(self) -> Optional["AppDelegate"]:
+    def delegate(self) -> AppDelegate | None:
         return self._delegate
 
     @property
-    def argv(self) -> List[str]:
+    def argv(self) -> list[str]:
         """The command line given to :func:`main` (``sys.argv`` by default)."""
         return list(self._argv)
 
@@ -241,7 +242,7 @@ class Application:
         return self._background_identifier is not None
 
     @property
-    def background_identifier(self) -> Optional[str]:
+    def background_identifier(self) -> str | None:
         """The session identifier of a background launch (``BGSESSION_BACKGROUND_EVENTS``), else None."""
         return self._background_identifier
 
@@ -255,8 +256,8 @@ class Application:
                 return float("inf")
             return max(0.0, self._deadline - time.monotonic())
 
-    def begin_background_task(self, expiration_handler: Optional[Callable[[], None]] = None, *,
-                              name: Optional[str] = None) -> int:
+    def begin_background_task(self, expiration_handler: Callable[[], None] | None = None, *,
+                              name: str | None = None) -> int:
         """Ask for time to finish work if the app is told to terminate; returns a task id.
 
         While the task is open, SIGTERM, SIGINT or the end of ``run`` do not end the
@@ -287,7 +288,7 @@ class Application:
         self._wake()
 
     # -- lifecycle plumbing (used by main) --------------------------------------------------
-    def _open_tasks(self) -> List[_BackgroundTask]:
+    def _open_tasks(self) -> list[_BackgroundTask]:
         with self._lock:
             return list(self._tasks.values())
 
@@ -302,7 +303,7 @@ class Application:
             assert self._deadline is not None
             return self._deadline - time.monotonic()
 
-    def _expire(self) -> List[_BackgroundTask]:
+    def _expire(self) -> list[_BackgroundTask]:
         """The background time is over: run the expiration handlers; return the tasks still open."""
         with self._lock:
             self._expired = True
@@ -312,7 +313,7 @@ class Application:
                 continue
             try:
                 task.expiration_handler()
-            except Exception:
+            except Exception:  # noqa: BLE001 - a user hook's failure is reported, never fatal
                 sys.stderr.write(f"appdelegate: the expiration handler of {task} raised:\n")
                 traceback.print_exc()
         left = self._open_tasks()
@@ -328,7 +329,7 @@ class Application:
         except (BlockingIOError, OSError):
             pass  # a wake-up is already pending, or the loop is gone
 
-    def _wait(self, timeout: Optional[float]) -> None:
+    def _wait(self, timeout: float | None) -> None:
         """Block the lifecycle loop until woken (thread, signal) or *timeout* seconds passed."""
         if timeout is not None and timeout <= 0:
             return
@@ -376,10 +377,10 @@ class AppDelegate:
         """The process is about to exit (not after SIGKILL, nor when a handler timeout kills it)."""
 
 
-_shared: Optional[Application] = None
+_shared: Application | None = None
 
 
-def shared_application() -> Optional[Application]:
+def shared_application() -> Application | None:
     """The :class:`Application` of the running :func:`main`, or None outside it."""
     return _shared
 
@@ -414,13 +415,13 @@ class _Signals:
 
     def __init__(self, app: Application) -> None:
         self.app = app
-        self.previous: Dict[int, Any] = {}
-        self.previous_fd: Optional[int] = None
+        self.previous: dict[int, Any] = {}
+        self.previous_fd: int | None = None
 
     def _record(self, signum: int, frame: Any) -> None:
         self.app._signals.append(signum)  # only record: the lifecycle loop acts
 
-    def __enter__(self) -> "_Signals":
+    def __enter__(self) -> _Signals:
         if threading.current_thread() is not threading.main_thread():
             return self
         self.previous_fd = signal.set_wakeup_fd(self.app._wake_w.fileno(), warn_on_full_buffer=False)
@@ -428,7 +429,7 @@ class _Signals:
             self.previous[signum] = signal.signal(signum, self._record)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.previous_fd is None:
             return
         for signum, handler in self.previous.items():
@@ -463,7 +464,7 @@ class _Launch:
     def _run_delegate(self) -> None:
         try:
             self.delegate.run(self.app)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - run() failing is reported as exit code 1
             self.run_raised = True
             sys.stderr.write("appdelegate: run() raised:\n")
             traceback.print_exc()
@@ -481,7 +482,7 @@ class _Launch:
         # The handler's time limit runs from when the session delivered its backlog (bgsession tells
         # us); while it is delivering (an in-process host finishes its transfers first) it is paused.
         # If the app never re-creates that session, it runs from the release of delivery.
-        backlog: Dict[str, Optional[float]] = {"deadline": None, "delivering": False}
+        backlog: dict[str, float | None] = {"deadline": None, "delivering": False}
 
         def on_backlog(session_identifier: str, state: str) -> None:
             if session_identifier != identifier:
@@ -508,7 +509,7 @@ class _Launch:
             bgsession._backlog_listeners.remove(on_backlog)
 
     def _background_loop(self, app: Application, identifier: str, handler: CompletionHandler,
-                         backlog: Dict[str, Any], released_deadline: float, expired: bool) -> int:
+                         backlog: dict[str, Any], released_deadline: float, expired: bool) -> int:
         while True:
             if app._signals:
                 return self.terminate()
@@ -560,12 +561,12 @@ class _Launch:
     def _will_terminate(self) -> None:
         try:
             self.delegate.will_terminate(self.app)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a user hook's failure is reported, never fatal
             sys.stderr.write("appdelegate: will_terminate() raised:\n")
             traceback.print_exc()
 
 
-def main(delegate_class: Type[AppDelegate], *, argv: Optional[Sequence[str]] = None,
+def main(delegate_class: type[AppDelegate], *, argv: Sequence[str] | None = None,
          handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
          background_time: float = DEFAULT_BACKGROUND_TIME) -> int:
     """Run the app's lifecycle for this process; returns the exit code (``sys.exit(main(App))``).

@@ -60,18 +60,10 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import (
     Any,
     Callable,
-    Dict,
-    Iterable,
-    Iterator,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
 )
 
 # Platform differences are detected once, here.
@@ -197,7 +189,7 @@ class JournalError(BGSessionError, OSError):
     ``.corrupt-<time>`` suffix) rather than deleted.
     """
 
-    def __init__(self, message: str, path: Optional[str] = None) -> None:
+    def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
 
@@ -217,8 +209,8 @@ class TransferError(BGSessionError):
         code: ErrorCode,
         message: str,
         *,
-        resume_data: Optional[bytes] = None,
-        url: Optional[str] = None,
+        resume_data: bytes | None = None,
+        url: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = ErrorCode(code)
@@ -232,12 +224,12 @@ class TransferError(BGSessionError):
     def __repr__(self) -> str:
         return f"TransferError({self.code.name}, {self.message!r})"
 
-    def _to_record(self) -> Dict[str, Any]:
+    def _to_record(self) -> dict[str, Any]:
         return {"code": int(self.code), "message": self.message, "url": self.url,
                 "resume": self.resume_data is not None}
 
     @classmethod
-    def _from_record(cls, rec: Mapping[str, Any]) -> "TransferError":
+    def _from_record(cls, rec: Mapping[str, Any]) -> TransferError:
         try:
             code = ErrorCode(rec.get("code", -1))
         except ValueError:
@@ -277,7 +269,7 @@ class Phase(str, enum.Enum):
 
 P = Phase
 #: Transition table: phase -> {event: next phase}. Terminal phases map to {}.
-_TRANSITIONS: Dict[Phase, Dict[str, Phase]] = {
+_TRANSITIONS: dict[Phase, dict[str, Phase]] = {
     P.SUSPENDED: {"resume": P.QUEUED, "cancel": P.DELIVERING, "fail": P.DELIVERING},
     P.QUEUED: {"start": P.TRANSFERRING, "suspend": P.SUSPENDED, "cancel": P.DELIVERING,
                "fail": P.DELIVERING},
@@ -345,7 +337,7 @@ class CompletedEvent:
     """A task ended; ``error`` is None for a response (whatever its status)."""
 
     task_id: int
-    error: Optional[TransferError]
+    error: TransferError | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,11 +381,11 @@ class Retry:
     ``timeout_for_resource``) bounds ``attempts``.
     """
 
-    total: Optional[int] = DEFAULT_RETRY_TOTAL
+    total: int | None = DEFAULT_RETRY_TOTAL
     backoff_factor: float = DEFAULT_BACKOFF_FACTOR
     backoff_max: float = DEFAULT_BACKOFF_MAX
     backoff_jitter: float = DEFAULT_BACKOFF_JITTER
-    status_forcelist: frozenset = DEFAULT_RETRY_STATUSES
+    status_forcelist: frozenset[int] = DEFAULT_RETRY_STATUSES
     respect_retry_after: bool = True
     retry_after_max: float = DEFAULT_RETRY_AFTER_MAX
     attempts: int = 0
@@ -408,11 +400,11 @@ class Retry:
             raise _invalid(f"Retry.backoff_jitter must be within [0, 1], not {self.backoff_jitter!r}")
         object.__setattr__(self, "status_forcelist", frozenset(self.status_forcelist))
 
-    def increment(self, *, progressed: bool = False) -> "Retry":
+    def increment(self, *, progressed: bool = False) -> Retry:
         """The policy after one more failed attempt (reset to 1 if it made progress)."""
         return dataclasses.replace(self, attempts=1 if progressed else self.attempts + 1)
 
-    def reset(self) -> "Retry":
+    def reset(self) -> Retry:
         return dataclasses.replace(self, attempts=0)
 
     def is_exhausted(self) -> bool:
@@ -428,7 +420,7 @@ class Retry:
         base = min(self.backoff_max, self.backoff_factor * (2.0 ** (self.attempts - 1)))
         return base * (1.0 - self.backoff_jitter * rng())
 
-    def parse_retry_after(self, value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    def parse_retry_after(self, value: str | None, now: float | None = None) -> float | None:
         """Seconds asked by a ``Retry-After`` value, clamped to [0, retry_after_max]; None if absent/invalid."""
         if not value or not self.respect_retry_after:
             return None
@@ -445,8 +437,8 @@ class Retry:
             seconds = when.timestamp() - (time.time() if now is None else now)
         return max(0.0, min(self.retry_after_max, seconds))
 
-    def delay(self, retry_after: Optional[str] = None, rng: Callable[[], float] = random.random,
-              now: Optional[float] = None) -> float:
+    def delay(self, retry_after: str | None = None, rng: Callable[[], float] = random.random,
+              now: float | None = None) -> float:
         """The wait before the next attempt: backoff, or ``Retry-After`` if that is longer."""
         wait = self.backoff(rng)
         asked = self.parse_retry_after(retry_after, now)
@@ -474,7 +466,7 @@ class _Clock:
     def time(self) -> float:
         return time.time()
 
-    def wait(self, event: threading.Event, timeout: Optional[float]) -> bool:
+    def wait(self, event: threading.Event, timeout: float | None) -> bool:
         return event.wait(timeout)
 
 
@@ -507,7 +499,7 @@ def _check_url(url: Any, what: str = "URL") -> str:
     return url
 
 
-def _check_headers(headers: Optional[Mapping[str, str]], what: str = "header") -> Tuple[Tuple[str, str], ...]:
+def _check_headers(headers: Mapping[str, str] | None, what: str = "header") -> tuple[tuple[str, str], ...]:
     if headers is None:
         return ()
     if not isinstance(headers, Mapping):
@@ -525,9 +517,9 @@ def _check_headers(headers: Optional[Mapping[str, str]], what: str = "header") -
 class Headers(Mapping[str, str]):
     """Case-insensitive, read-only header mapping that keeps repeated fields."""
 
-    def __init__(self, pairs: Iterable[Tuple[str, str]] = ()) -> None:
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()) -> None:
         self._pairs = tuple((str(k), str(v)) for k, v in pairs)
-        self._map: Dict[str, str] = {}
+        self._map: dict[str, str] = {}
         for k, v in self._pairs:
             key = k.lower()
             self._map[key] = f"{self._map[key]}, {v}" if key in self._map else v
@@ -548,11 +540,11 @@ class Headers(Mapping[str, str]):
     def __len__(self) -> int:
         return len(self._map)
 
-    def get_all(self, key: str) -> List[str]:
+    def get_all(self, key: str) -> list[str]:
         key = key.lower()
         return [v for k, v in self._pairs if k.lower() == key]
 
-    def pairs(self) -> Tuple[Tuple[str, str], ...]:
+    def pairs(self) -> tuple[tuple[str, str], ...]:
         return self._pairs
 
     def __repr__(self) -> str:
@@ -576,7 +568,7 @@ class Request:
     url: str
     method: str = "GET"
     headers: Any = None
-    sha256: Optional[str] = None
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         _check_url(self.url)
@@ -592,20 +584,20 @@ class Request:
                 raise _invalid(f"sha256 must be 64 hex digits, not {self.sha256!r}")
             object.__setattr__(self, "sha256", self.sha256.lower())
 
-    def _to_record(self) -> Dict[str, Any]:
+    def _to_record(self) -> dict[str, Any]:
         public = [[k, v] for k, v in self.headers.pairs() if k.lower() not in _SECRET_HEADERS]
         return {"url": self.url, "method": self.method, "headers": public, "sha256": self.sha256}
 
     @classmethod
-    def _from_record(cls, rec: Mapping[str, Any]) -> "Request":
+    def _from_record(cls, rec: Mapping[str, Any]) -> Request:
         return cls(rec["url"], rec.get("method", "GET"), dict(rec.get("headers") or []), rec.get("sha256"))
 
-    def _with_url(self, url: str, method: Optional[str] = None) -> "Request":
+    def _with_url(self, url: str, method: str | None = None) -> Request:
         return dataclasses.replace(self, url=url, method=method or self.method,
                                    headers=dict(self.headers.pairs()))
 
 
-def _coerce_request(request: Union[str, Request]) -> Request:
+def _coerce_request(request: str | Request) -> Request:
     if isinstance(request, Request):
         return request
     if isinstance(request, str):
@@ -618,7 +610,7 @@ _WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(1, 10)] + [f"LPT{i}" for i in range(1, 10)])
 
 
-def sanitize_filename(name: Optional[str], default: str = "download") -> str:
+def sanitize_filename(name: str | None, default: str = "download") -> str:
     """A safe single file name from an untrusted one (URL path, Content-Disposition).
 
     Drops directories (``/``, ``\\``), ``..``, control characters and NUL, leading
@@ -675,11 +667,11 @@ class Response:
             return sanitize_filename(m.group(1))
         return sanitize_filename(urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1])
 
-    def _to_record(self) -> Dict[str, Any]:
+    def _to_record(self) -> dict[str, Any]:
         return {"url": self.url, "status": self.status, "headers": [list(p) for p in self.headers.pairs()]}
 
     @classmethod
-    def _from_record(cls, rec: Optional[Mapping[str, Any]]) -> Optional["Response"]:
+    def _from_record(cls, rec: Mapping[str, Any] | None) -> Response | None:
         if not rec:
             return None
         return cls(rec["url"], int(rec["status"]), Headers(tuple(p) for p in rec.get("headers", [])))
@@ -715,7 +707,7 @@ class ProtectionSpace:
 
     host: str
     port: int
-    realm: Optional[str]
+    realm: str | None
     scheme: str
     protocol: str = "http"
 
@@ -733,8 +725,8 @@ class AuthChallenge:
 
     protection_space: ProtectionSpace
     previous_failure_count: int
-    failure_response: Optional[Response]
-    proposed_credential: Optional[Credential] = None
+    failure_response: Response | None
+    proposed_credential: Credential | None = None
 
 
 def default_directory(identifier: str) -> str:
@@ -774,17 +766,17 @@ class Configuration:
     ``TIMED_OUT``.
     """
 
-    identifier: Optional[str]
-    directory: Optional[str]
+    identifier: str | None
+    directory: str | None
     host: str
-    relaunch_command: Optional[Tuple[str, ...]] = None
+    relaunch_command: tuple[str, ...] | None = None
     max_connections_per_host: int = 6
     timeout_for_request: float = 60.0
     timeout_for_resource: float = 7 * 24 * 3600.0
     retry: Retry = dataclasses.field(default_factory=Retry)
     headers: Any = None
-    ssl_context: Optional[ssl.SSLContext] = None
-    working_directory: Optional[str] = None
+    ssl_context: ssl.SSLContext | None = None
+    working_directory: str | None = None
     daemon_idle_timeout: float = 30.0
     relaunch_backoff: float = 1.0
 
@@ -793,18 +785,18 @@ class Configuration:
         cls,
         identifier: str,
         *,
-        directory: Optional[str] = None,
+        directory: str | None = None,
         host: str = "daemon",
-        relaunch_command: Optional[Sequence[str]] = None,
+        relaunch_command: Sequence[str] | None = None,
         max_connections_per_host: int = 6,
         timeout_for_request: float = 60.0,
         timeout_for_resource: float = 7 * 24 * 3600.0,
-        retry: Optional[Retry] = None,
-        headers: Optional[Mapping[str, str]] = None,
-        ssl_context: Optional[ssl.SSLContext] = None,
+        retry: Retry | None = None,
+        headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         daemon_idle_timeout: float = 30.0,
         relaunch_backoff: float = 1.0,
-    ) -> "Configuration":
+    ) -> Configuration:
         """A durable session: its tasks and undelivered events survive the process."""
         _check_identifier(identifier)
         if directory is None:
@@ -846,10 +838,10 @@ class Configuration:
         max_connections_per_host: int = 6,
         timeout_for_request: float = 60.0,
         timeout_for_resource: float = 7 * 24 * 3600.0,
-        retry: Optional[Retry] = None,
-        headers: Optional[Mapping[str, str]] = None,
-        ssl_context: Optional[ssl.SSLContext] = None,
-    ) -> "Configuration":
+        retry: Retry | None = None,
+        headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> Configuration:
         """An in-process, in-memory session: nothing durable (``NSURLSessionConfiguration.default``)."""
         return cls(
             identifier=None, directory=None, host="inprocess",
@@ -880,7 +872,7 @@ def _check_retry(retry: Any) -> Retry:
     return retry
 
 
-def _check_ssl(ctx: Any) -> Optional[ssl.SSLContext]:
+def _check_ssl(ctx: Any) -> ssl.SSLContext | None:
     if ctx is not None and not isinstance(ctx, ssl.SSLContext):
         raise _invalid(f"ssl_context must be an ssl.SSLContext, not {type(ctx).__name__}")
     return ctx
@@ -904,7 +896,7 @@ _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 
 
-def _boot_id() -> Optional[str]:
+def _boot_id() -> str | None:
     """An identifier of the running kernel boot, or None where there is none.
 
     Same boot as the journal record => the page cache survived a process kill, so
@@ -912,7 +904,7 @@ def _boot_id() -> Optional[str]:
     => only bytes covered by an fsynced offset record are trusted.
     """
     try:
-        with open("/proc/sys/kernel/random/boot_id", "r", encoding="ascii") as f:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             return f.read().strip() or None
     except OSError:
         return None
@@ -1005,38 +997,58 @@ class _TaskRecord:
     """One task as the journal knows it. Mutated only by :class:`_SessionState`."""
 
     __slots__ = (
-        "id", "kind", "request", "description", "created", "started", "phase", "cancel_requested",
-        "want_resume_data", "upload", "response", "validator", "total", "durable_offset", "boot",
-        "error", "file", "resume_file", "delivery_seq", "acked", "current_url", "problem", "live",
+        "acked",
+        "boot",
+        "cancel_requested",
+        "created",
+        "current_url",
+        "delivery_seq",
+        "description",
+        "durable_offset",
+        "error",
+        "file",
+        "id",
+        "kind",
+        "live",
+        "phase",
+        "problem",
+        "request",
+        "response",
+        "resume_file",
+        "started",
+        "total",
+        "upload",
+        "validator",
+        "want_resume_data",
     )
 
     def __init__(self, rec: Mapping[str, Any]) -> None:
         self.id: int = int(rec["id"])
         self.kind: str = rec.get("kind", "download")
-        self.request: Dict[str, Any] = dict(rec["request"])
-        self.description: Optional[str] = rec.get("description")
+        self.request: dict[str, Any] = dict(rec["request"])
+        self.description: str | None = rec.get("description")
         self.created: float = float(rec.get("created", 0.0))
-        self.started: Optional[float] = rec.get("started")
+        self.started: float | None = rec.get("started")
         self.phase: Phase = Phase(rec.get("phase", Phase.SUSPENDED.value))
         self.cancel_requested: bool = bool(rec.get("cancel_requested", False))
         self.want_resume_data: bool = bool(rec.get("want_resume_data", False))
-        self.upload: Optional[Dict[str, Any]] = rec.get("upload")
-        self.response: Optional[Dict[str, Any]] = rec.get("response")
-        self.validator: Optional[Dict[str, Any]] = rec.get("validator")
-        self.total: Optional[int] = rec.get("total")
+        self.upload: dict[str, Any] | None = rec.get("upload")
+        self.response: dict[str, Any] | None = rec.get("response")
+        self.validator: dict[str, Any] | None = rec.get("validator")
+        self.total: int | None = rec.get("total")
         self.durable_offset: int = int(rec.get("durable_offset", 0))
-        self.boot: Optional[str] = rec.get("boot")
-        self.error: Optional[Dict[str, Any]] = rec.get("error")
-        self.file: Optional[str] = rec.get("file")
-        self.resume_file: Optional[str] = rec.get("resume_file")
-        self.delivery_seq: Optional[int] = rec.get("delivery_seq")
-        self.acked: List[str] = list(rec.get("acked", []))
+        self.boot: str | None = rec.get("boot")
+        self.error: dict[str, Any] | None = rec.get("error")
+        self.file: str | None = rec.get("file")
+        self.resume_file: str | None = rec.get("resume_file")
+        self.delivery_seq: int | None = rec.get("delivery_seq")
+        self.acked: list[str] = list(rec.get("acked", []))
         self.current_url: str = rec.get("current_url") or self.request["url"]
-        self.problem: Optional[str] = rec.get("problem")  # e.g. unusable resume data: fails at resume()
+        self.problem: str | None = rec.get("problem")  # e.g. unusable resume data: fails at resume()
         self.live: Any = None  # engine-side state, never persisted
 
-    def snapshot(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for name in self.__slots__:
             if name == "live":
                 continue
@@ -1044,7 +1056,7 @@ class _TaskRecord:
             out[name] = value.value if isinstance(value, Phase) else value
         return out
 
-    def events(self) -> List[str]:
+    def events(self) -> list[str]:
         """The durable events this task owes the app, in order, not yet acknowledged."""
         if self.phase is not Phase.DELIVERING:
             return []
@@ -1065,15 +1077,15 @@ class _SessionState:
     """
 
     def __init__(self) -> None:
-        self.tasks: Dict[int, _TaskRecord] = {}
+        self.tasks: dict[int, _TaskRecord] = {}
         self.next_id = 1
         self.delivery_counter = 0
         self.generation = 0
-        self.problems: List[str] = []
+        self.problems: list[str] = []
         self.records_since_snapshot = 0
 
     # -- snapshots ------------------------------------------------------------
-    def to_snapshot(self) -> Dict[str, Any]:
+    def to_snapshot(self) -> dict[str, Any]:
         return {
             "v": JOURNAL_VERSION, "t": "snapshot", "generation": self.generation,
             "next_id": self.next_id, "delivery_counter": self.delivery_counter,
@@ -1081,7 +1093,7 @@ class _SessionState:
         }
 
     @classmethod
-    def from_snapshot(cls, snap: Mapping[str, Any]) -> "_SessionState":
+    def from_snapshot(cls, snap: Mapping[str, Any]) -> _SessionState:
         state = cls()
         state.generation = int(snap["generation"])
         state.next_id = int(snap["next_id"])
@@ -1092,7 +1104,7 @@ class _SessionState:
         return state
 
     # -- reducer --------------------------------------------------------------
-    def apply(self, rec: Mapping[str, Any]) -> Optional[_TaskRecord]:
+    def apply(self, rec: Mapping[str, Any]) -> _TaskRecord | None:
         kind = rec.get("t")
         if rec.get("v", JOURNAL_VERSION) > JOURNAL_VERSION:
             raise JournalError(f"record of journal version {rec.get('v')} is newer than this bgsession "
@@ -1175,18 +1187,18 @@ class _SessionState:
                     raise
                 self.problems.append(f"journal record skipped: {err} in {dict(rec)!r}"[:500])
 
-    def backlog(self) -> List[_TaskRecord]:
+    def backlog(self) -> list[_TaskRecord]:
         """Tasks owing durable events, in the order their outcomes were journaled."""
         owing = [t for t in self.tasks.values() if t.phase is Phase.DELIVERING]
         return sorted(owing, key=lambda t: t.delivery_seq or 0)
 
 
-def _read_journal_lines(data: bytes, path: str, problems: List[str]) -> Tuple[List[Dict[str, Any]], int]:
+def _read_journal_lines(data: bytes, path: str, problems: list[str]) -> tuple[list[dict[str, Any]], int]:
     """Parse JSON Lines; a torn last line (no newline, or unparseable) is ignored.
 
     Returns the records and the length of the valid prefix (where appends resume).
     """
-    records: List[Dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     good = 0
     pos = 0
     while pos < len(data):
@@ -1229,10 +1241,10 @@ class _JournalWriter:
         os.lseek(self._fd, valid_length, os.SEEK_SET)
         self._length = valid_length
         self._cond = threading.Condition()
-        self._pending: List[bytes] = []
+        self._pending: list[bytes] = []
         self._appended = 0
         self._durable = 0
-        self._error: Optional[JournalError] = None
+        self._error: JournalError | None = None
         self._closing = False
         self.records_written = 0
         self._thread = threading.Thread(target=self._run, name="bgsession-journal", daemon=True)
@@ -1348,7 +1360,7 @@ def _keep_aside(path: str) -> str:
     return aside
 
 
-def _load_state(directory: str) -> Tuple[_SessionState, int, List[str]]:
+def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
     """Recover the session state: snapshot + journal replay.
 
     Returns (state, valid length of the journal to append after, problems).
@@ -1356,7 +1368,7 @@ def _load_state(directory: str) -> Tuple[_SessionState, int, List[str]]:
     once; the next open recovers from the journal alone. Files written by a
     newer bgsession are refused and left untouched.
     """
-    problems: List[str] = []
+    problems: list[str] = []
     snap_path = os.path.join(directory, _SNAPSHOT_NAME)
     journal_path = os.path.join(directory, _JOURNAL_NAME)
     state = _SessionState()
@@ -1404,8 +1416,7 @@ def _load_state(directory: str) -> Tuple[_SessionState, int, List[str]]:
             records, valid = [], 0  # already folded into the snapshot (crash during compaction)
         elif gen > state.generation and raw is not None:
             problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
-        if gen > state.generation:
-            state.generation = gen
+        state.generation = max(state.generation, gen)
     state.replay(records)
     state.records_since_snapshot = len(records)
     problems.extend(state.problems)
@@ -1428,11 +1439,11 @@ class Journal:
         state.problems = problems
         return state
 
-    def tasks(self) -> List[Dict[str, Any]]:
+    def tasks(self) -> list[dict[str, Any]]:
         """The tasks not yet acknowledged, as plain dicts (snapshot form)."""
         return [t.snapshot() for t in self.state().tasks.values() if t.phase is not Phase.ACKNOWLEDGED]
 
-    def check(self) -> List[str]:
+    def check(self) -> list[str]:
         d = self.directory
         if not os.path.isdir(d):
             return [f"{d}: no such session directory"]
@@ -1496,7 +1507,7 @@ class Journal:
 _CONTENT_RANGE_RE = re.compile(r"\A\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*\Z", re.I)
 
 
-def parse_content_range(value: Optional[str]) -> Optional[Tuple[Optional[int], Optional[int], Optional[int]]]:
+def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
     """``bytes A-B/T`` -> (A, B, T); ``bytes */T`` -> (None, None, T); T may be None for ``*``.
 
     Returns None for anything malformed (including B < A or B >= T).
@@ -1517,7 +1528,7 @@ def parse_content_range(value: Optional[str]) -> Optional[Tuple[Optional[int], O
     return first, last, total
 
 
-def resume_validator(headers: Mapping[str, str]) -> Optional[Dict[str, str]]:
+def resume_validator(headers: Mapping[str, str]) -> dict[str, str] | None:
     """The validator a later ``If-Range`` may use: a strong ETag, else Last-Modified, else None."""
     etag = headers.get("ETag")
     if etag and not etag.strip().startswith("W/"):
@@ -1539,13 +1550,13 @@ class RangePlan:
 
     action: str
     start: int = 0
-    total: Optional[int] = None
+    total: int | None = None
     resumable: bool = False
     reason: str = ""
 
 
 def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[str, str],
-                  known_total: Optional[int]) -> RangePlan:
+                  known_total: int | None) -> RangePlan:
     """The validated-resume policy of DESIGN §4.5, as a pure function.
 
     *offset*: bytes held locally; *asked_range*: a ``Range: bytes=offset-`` with
@@ -1581,14 +1592,14 @@ def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[
     return RangePlan("write", start=0, total=_content_length(headers), resumable=False)
 
 
-def _content_length(headers: Mapping[str, str]) -> Optional[int]:
+def _content_length(headers: Mapping[str, str]) -> int | None:
     value = headers.get("Content-Length")
     if value is None or not value.strip().isdigit():
         return None
     return int(value)
 
 
-def _origin(url: str) -> Tuple[str, str, int]:
+def _origin(url: str) -> tuple[str, str, int]:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
@@ -1597,9 +1608,9 @@ def _origin(url: str) -> Tuple[str, str, int]:
 _AUTH_PARAM_RE = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
 
 
-def parse_www_authenticate(values: Sequence[str]) -> List[Tuple[str, Dict[str, str]]]:
+def parse_www_authenticate(values: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
     """``WWW-Authenticate`` field values -> [(scheme lower-case, params)], in offered order."""
-    out: List[Tuple[str, Dict[str, str]]] = []
+    out: list[tuple[str, dict[str, str]]] = []
     for value in values:
         pos = 0
         while pos < len(value):
@@ -1608,7 +1619,7 @@ def parse_www_authenticate(values: Sequence[str]) -> List[Tuple[str, Dict[str, s
                 break
             scheme = m.group(1).lower()
             pos = m.end()
-            params: Dict[str, str] = {}
+            params: dict[str, str] = {}
             while pos < len(value):
                 pm = _AUTH_PARAM_RE.match(value, pos)
                 if not pm:
@@ -1623,11 +1634,11 @@ def parse_www_authenticate(values: Sequence[str]) -> List[Tuple[str, Dict[str, s
 
 
 def _basic_authorization(cred: Credential) -> str:
-    return "Basic " + base64.b64encode(f"{cred.user}:{cred.password}".encode("utf-8")).decode("ascii")
+    return "Basic " + base64.b64encode(f"{cred.user}:{cred.password}".encode()).decode("ascii")
 
 
 def _digest_authorization(cred: Credential, params: Mapping[str, str], method: str, uri: str,
-                          nc: int, cnonce: Optional[str] = None) -> str:
+                          nc: int, cnonce: str | None = None) -> str:
     """RFC 7616 Digest with qop=auth (or none), MD5 or SHA-256 (and their -sess forms)."""
     algorithm = params.get("algorithm", "MD5")
     base_alg = algorithm.upper().replace("-SESS", "")
@@ -1660,7 +1671,7 @@ def _digest_authorization(cred: Credential, params: Mapping[str, str], method: s
 
 
 class _Retryable(Exception):
-    def __init__(self, code: ErrorCode, message: str, retry_after: Optional[str] = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after: str | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.retry_after = code, message, retry_after
 
@@ -1700,8 +1711,8 @@ class _Control:
     """Lets another thread stop a running attempt (suspend, cancel, close)."""
 
     def __init__(self) -> None:
-        self.reason: Optional[str] = None
-        self.conn: Optional[http.client.HTTPConnection] = None
+        self.reason: str | None = None
+        self.conn: http.client.HTTPConnection | None = None
         self.lock = threading.Lock()
 
     def stop(self, reason: str) -> None:
@@ -1723,30 +1734,51 @@ class _Control:
 class _Live:
     """Engine-side state of one task; never persisted."""
 
-    __slots__ = ("offset", "expected", "retry", "due", "control", "worker", "sent", "expected_send",
-                 "progress_at", "progress_pending", "secret_headers", "auth_header", "auth_origin",
-                 "failures", "rerequest", "redirects", "events_ready", "resume_data", "done", "delivered_at",
-                 "rate", "rate_at", "rate_bytes")
+    __slots__ = (
+        "auth_header",
+        "auth_origin",
+        "control",
+        "delivered_at",
+        "done",
+        "due",
+        "events_ready",
+        "expected",
+        "expected_send",
+        "failures",
+        "offset",
+        "progress_at",
+        "progress_pending",
+        "rate",
+        "rate_at",
+        "rate_bytes",
+        "redirects",
+        "rerequest",
+        "resume_data",
+        "retry",
+        "secret_headers",
+        "sent",
+        "worker",
+    )
 
     def __init__(self, retry: Retry) -> None:
         self.offset = 0
         self.expected = -1
         self.retry = retry
         self.due = 0.0
-        self.control: Optional[_Control] = None
+        self.control: _Control | None = None
         self.worker = False
         self.sent = 0
         self.expected_send = -1
         self.progress_at = 0.0
         self.progress_pending = 0
-        self.secret_headers: Tuple[Tuple[str, str], ...] = ()
-        self.auth_header: Optional[str] = None
-        self.auth_origin: Optional[Tuple[str, str, int]] = None
-        self.failures: Dict[Tuple[str, int, Optional[str], str], int] = {}
+        self.secret_headers: tuple[tuple[str, str], ...] = ()
+        self.auth_header: str | None = None
+        self.auth_origin: tuple[str, str, int] | None = None
+        self.failures: dict[tuple[str, int, str | None, str], int] = {}
         self.rerequest = False
         self.redirects = 0
         self.events_ready = True
-        self.resume_data: Optional[bytes] = None
+        self.resume_data: bytes | None = None
         self.done = threading.Event()
         self.delivered_at = time.monotonic()  # when its outcome was journaled (daemon relaunch batching)
         self.rate = 0.0  # bytes per second, smoothed (status display)
@@ -1759,15 +1791,15 @@ class _HostPool:
 
     IDLE_CONNECTION_SECONDS = 30.0
 
-    def __init__(self, key: Tuple[str, str, int], limit: int) -> None:
+    def __init__(self, key: tuple[str, str, int], limit: int) -> None:
         self.key = key
         self.limit = limit
-        self.queue: collections.deque = collections.deque()
+        self.queue: collections.deque[int] = collections.deque()
         self.workers = 0  # threads alive for this host
         self.active = 0  # of which are running an attempt
-        self.idle: List[Tuple[float, http.client.HTTPConnection]] = []
+        self.idle: list[tuple[float, http.client.HTTPConnection]] = []
 
-    def take_connection(self) -> Optional[http.client.HTTPConnection]:
+    def take_connection(self) -> http.client.HTTPConnection | None:
         now = time.monotonic()
         while self.idle:
             at, conn = self.idle.pop()
@@ -1797,11 +1829,11 @@ _MAX_REREQUESTS = 3
 #: 401s for one protection space before the 401 is handed through as the response.
 _MAX_AUTH_FAILURES = 10
 
-_PROCESS_LOCKS: Dict[str, int] = {}
+_PROCESS_LOCKS: dict[str, int] = {}
 _PROCESS_LOCKS_GUARD = threading.Lock()
 
 
-def _acquire_lock(directory: str, name: str, identifier: Optional[str]) -> int:
+def _acquire_lock(directory: str, name: str, identifier: str | None) -> int:
     """Take the exclusive lock file *name* in *directory*; the OS releases it when the owner dies.
 
     A lock held by a live owner (this process or another) raises TransferError
@@ -1848,8 +1880,8 @@ def _release_lock(directory: str, name: str) -> None:
         os.close(fd)  # closing the descriptor drops flock
 
 
-def recovered_offset(file_size: Optional[int], durable_offset: int, record_boot: Optional[str],
-                     current_boot: Optional[str]) -> int:
+def recovered_offset(file_size: int | None, durable_offset: int, record_boot: str | None,
+                     current_boot: str | None) -> int:
     """How many bytes of a partial file to keep after a restart (pure).
 
     Same kernel boot as the last record: the page cache survived the process, so
@@ -1864,7 +1896,7 @@ def recovered_offset(file_size: Optional[int], durable_offset: int, record_boot:
     return min(file_size, durable_offset)
 
 
-def _entity_response(rec: Mapping[str, Any]) -> Dict[str, Any]:
+def _entity_response(rec: Mapping[str, Any]) -> dict[str, Any]:
     """A finished download's response as the app sees it: a resumed 206 becomes the entity's 200."""
     if rec.get("status") != 206:
         return dict(rec)
@@ -1884,7 +1916,7 @@ class _Core:
     after it is released so that concurrent callers share one fsync.
     """
 
-    def __init__(self, config: Configuration, *, clock: Optional[_Clock] = None,
+    def __init__(self, config: Configuration, *, clock: _Clock | None = None,
                  buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
         self.config = config
         self.clock = clock or _Clock()
@@ -1893,15 +1925,15 @@ class _Core:
         self.changed = threading.Condition(self.lock)
         self.sink: Any = None
         self.closed = False
-        self.pools: Dict[Tuple[str, str, int], _HostPool] = {}
-        self.timers: List[Tuple[float, int, int]] = []
-        self.credentials: Dict[Tuple[str, int, Optional[str], str], Credential] = {}
-        self.threads: "set[threading.Thread]" = set()
+        self.pools: dict[tuple[str, str, int], _HostPool] = {}
+        self.timers: list[tuple[float, int, int]] = []
+        self.credentials: dict[tuple[str, int, str | None, str], Credential] = {}
+        self.threads: set[threading.Thread] = set()
         self.waiting_challenges = 0  # workers blocked until an app answers a challenge
-        self._backlog_waiting: Optional["set[int]"] = None  # see attach(wait_for_active=True)
+        self._backlog_waiting: set[int] | None = None  # see attach(wait_for_active=True)
         self.acks = 0  # acknowledgements received (the daemon's relaunch backoff watches it)
         self._timer_seq = itertools.count()
-        self._ssl: Optional[ssl.SSLContext] = None  # created once: loading the CA store is slow
+        self._ssl: ssl.SSLContext | None = None  # created once: loading the CA store is slow
         self._wake = threading.Event()
         self.directory = config.directory
         if self.directory is not None:
@@ -1944,9 +1976,9 @@ class _Core:
                     self._enqueue(task)
 
     # -- journal plumbing -------------------------------------------------------
-    def _record(self, task: Optional[_TaskRecord], record_type: str, /, **fields: Any) -> int:
+    def _record(self, task: _TaskRecord | None, record_type: str, /, **fields: Any) -> int:
         """Apply a record to the state (validated first) and queue it for the journal."""
-        rec: Dict[str, Any] = {"v": JOURNAL_VERSION, "t": record_type}
+        rec: dict[str, Any] = {"v": JOURNAL_VERSION, "t": record_type}
         if task is not None:
             rec["id"] = task.id
         rec.update(fields)
@@ -1955,7 +1987,7 @@ class _Core:
         if task is not None and task.live is not None and task.phase is Phase.DELIVERING \
                 and before is not Phase.DELIVERING:
             task.live.delivered_at = time.monotonic()
-        return self.writer.append(rec)
+        return int(self.writer.append(rec))
 
     def _compact(self) -> None:
         """Fold the journal into a new snapshot (generation + 1) and start a fresh journal."""
@@ -2020,7 +2052,7 @@ class _Core:
                     # and verified; take it back as the partial file (the resume gets a 416 and completes)
                     os.replace(done, part)
                 try:
-                    size: Optional[int] = os.path.getsize(part)
+                    size: int | None = os.path.getsize(part)
                 except OSError:
                     size = None
                 keep = 0 if task.validator is None else recovered_offset(
@@ -2066,8 +2098,8 @@ class _Core:
         if self.closed:
             raise SessionInvalidatedError("the session is closed")
 
-    def create_task(self, kind: str, request: Request, description: Optional[str], *,
-                    upload_path: Optional[str] = None, resume: Optional[Dict[str, Any]] = None) -> int:
+    def create_task(self, kind: str, request: Request, description: str | None, *,
+                    upload_path: str | None = None, resume: dict[str, Any] | None = None) -> int:
         if description is not None and not isinstance(description, str):
             raise _invalid("task description must be a str or None")
         upload = None
@@ -2076,7 +2108,7 @@ class _Core:
             upload = {"path": upload_path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         with self.lock:
             self._check_open()
-            fields: Dict[str, Any] = {"kind": kind, "request": request._to_record(), "description": description,
+            fields: dict[str, Any] = {"kind": kind, "request": request._to_record(), "description": description,
                                       "created": self.clock.time(), "upload": upload}
             if resume and resume.get("invalid"):
                 fields["problem"] = resume["invalid"]
@@ -2142,7 +2174,7 @@ class _Core:
             self.changed.notify_all()
         self.writer.wait(ticket)
 
-    def cancel(self, tid: int, produce_resume_data: bool = False) -> Optional[bytes]:
+    def cancel(self, tid: int, produce_resume_data: bool = False) -> bytes | None:
         with self.lock:
             self._check_open()
             task = self._task(tid)
@@ -2173,7 +2205,7 @@ class _Core:
             self.changed.notify_all()
             return self._resume_data_for(task) if produce_resume_data else None
 
-    def set_description(self, tid: int, description: Optional[str]) -> None:
+    def set_description(self, tid: int, description: str | None) -> None:
         if description is not None and not isinstance(description, str):
             raise _invalid("task description must be a str or None")
         with self.lock:
@@ -2204,12 +2236,12 @@ class _Core:
             self.changed.notify_all()
         self._maybe_compact()
 
-    def task_info(self, tid: int) -> Dict[str, Any]:
+    def task_info(self, tid: int) -> dict[str, Any]:
         with self.lock:
             task = self._task(tid)
             return self._info(task)
 
-    def _info(self, task: _TaskRecord) -> Dict[str, Any]:
+    def _info(self, task: _TaskRecord) -> dict[str, Any]:
         live = task.live
         return {
             "id": task.id, "kind": task.kind, "description": task.description,
@@ -2227,7 +2259,7 @@ class _Core:
                           and task.phase is Phase.DELIVERING else None),
         }
 
-    def tasks(self) -> List[Dict[str, Any]]:
+    def tasks(self) -> list[dict[str, Any]]:
         with self.lock:
             return [self._info(t) for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED]
 
@@ -2315,14 +2347,14 @@ class _Core:
                 self.sink.post(CompletedEvent(task.id, self._error_for(task)))
         self._backlog_step(task)
 
-    def _error_for(self, task: _TaskRecord) -> Optional[TransferError]:
+    def _error_for(self, task: _TaskRecord) -> TransferError | None:
         if not task.error:
             return None
         err = TransferError._from_record(task.error)
         err.resume_data = self._resume_data_for(task)
         return err
 
-    def _resume_data_for(self, task: _TaskRecord) -> Optional[bytes]:
+    def _resume_data_for(self, task: _TaskRecord) -> bytes | None:
         if not task.resume_file or task.validator is None:
             return None
         path = os.path.join(self.tmp, task.resume_file)
@@ -2335,7 +2367,7 @@ class _Core:
                 "identifier": self.config.identifier}
         return _RESUME_MAGIC + json.dumps(body, sort_keys=True).encode("utf-8")
 
-    def _keep_for_resume(self, task: _TaskRecord) -> Optional[str]:
+    def _keep_for_resume(self, task: _TaskRecord) -> str | None:
         """Move a partial file aside so that resume data can refer to it after the task ends."""
         if task.kind != "download" or task.validator is None:
             return None
@@ -2356,7 +2388,7 @@ class _Core:
         return name
 
     # -- scheduling -----------------------------------------------------------------
-    def _pool(self, key: Tuple[str, str, int]) -> _HostPool:
+    def _pool(self, key: tuple[str, str, int]) -> _HostPool:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = _HostPool(key, self.config.max_connections_per_host)
@@ -2372,7 +2404,7 @@ class _Core:
             self.threads.add(thread)
             thread.start()
 
-    def _next_task(self, pool: _HostPool) -> Optional[_TaskRecord]:
+    def _next_task(self, pool: _HostPool) -> _TaskRecord | None:
         while pool.queue and not self.closed:
             task = self.state.tasks.get(pool.queue.popleft())
             if task is not None and task.phase is Phase.QUEUED and not task.live.worker:
@@ -2429,7 +2461,7 @@ class _Core:
         err = TransferError(ErrorCode.CANCELLED, "cancelled", url=task.request["url"])
         return self._record(task, "finish", error=err._to_record(), resume_file=resume_file)
 
-    def _settle(self, task: _TaskRecord, outcome: Tuple[str, Any]) -> Optional[int]:
+    def _settle(self, task: _TaskRecord, outcome: tuple[str, Any]) -> int | None:
         """Turn an attempt's outcome into a journaled transition. Returns a ticket to wait for."""
         kind, value = outcome
         live = task.live
@@ -2462,7 +2494,7 @@ class _Core:
 
     # -- workers ----------------------------------------------------------------------------
     def _worker(self, pool: _HostPool) -> None:
-        conns: Dict[Tuple[str, str, int], http.client.HTTPConnection] = {}  # by origin; kept: pool.key's
+        conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}  # by origin; kept: pool.key's
         buf = bytearray(self.buffer_size)
         try:
             while True:
@@ -2518,7 +2550,7 @@ class _Core:
         finally:
             self.threads.discard(threading.current_thread())
 
-    def _release_connections(self, pool: _HostPool, conns: Dict[Tuple[str, str, int], Any], ok: bool) -> None:
+    def _release_connections(self, pool: _HostPool, conns: dict[tuple[str, str, int], Any], ok: bool) -> None:
         """After an attempt: keep the worker's own connection, return others (redirect targets) to
         their origin's idle list; close everything if the attempt failed."""
         for key in list(conns):
@@ -2531,8 +2563,8 @@ class _Core:
                 with self.lock:
                     self._pool(key).give_connection(conn)
 
-    def _connection(self, url: str, conns: Dict[Tuple[str, str, int], Any], fresh: bool
-                    ) -> Tuple[http.client.HTTPConnection, bool]:
+    def _connection(self, url: str, conns: dict[tuple[str, str, int], Any], fresh: bool
+                    ) -> tuple[http.client.HTTPConnection, bool]:
         """A connection for *url*'s origin: the attempt's own, an idle one, or a new one."""
         key = _origin(url)
         conn = conns.get(key)
@@ -2550,7 +2582,7 @@ class _Core:
         conns[key] = conn
         return conn, False
 
-    def _new_connection(self, key: Tuple[str, str, int]) -> http.client.HTTPConnection:
+    def _new_connection(self, key: tuple[str, str, int]) -> http.client.HTTPConnection:
         scheme, host, port = key
         timeout = self.config.timeout_for_request
         if scheme == "https":
@@ -2559,9 +2591,9 @@ class _Core:
             return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
         return http.client.HTTPConnection(host, port, timeout=timeout)
 
-    def _headers(self, task: _TaskRecord, url: str, method: str, extra: Mapping[str, str]) -> Dict[str, str]:
+    def _headers(self, task: _TaskRecord, url: str, method: str, extra: Mapping[str, str]) -> dict[str, str]:
         live = task.live
-        headers: Dict[str, str] = {"User-Agent": f"bgsession/{__version__} Python/{sys.version.split()[0]}"}
+        headers: dict[str, str] = {"User-Agent": f"bgsession/{__version__} Python/{sys.version.split()[0]}"}
         for k, v in self.config.headers.pairs():
             headers[k] = v
         for k, v in task.request.get("headers", []):
@@ -2577,9 +2609,9 @@ class _Core:
         return headers
 
     def _send(self, task: _TaskRecord, control: _Control, url: str, method: str,
-              conns: Dict[Tuple[str, str, int], Any], headers: Mapping[str, str],
-              body: Optional[Callable[[http.client.HTTPConnection], None]] = None
-              ) -> Tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+              conns: dict[tuple[str, str, int], Any], headers: Mapping[str, str],
+              body: Callable[[http.client.HTTPConnection], None] | None = None
+              ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         """Send one request; a reused keep-alive connection that turns out dead is replaced once."""
         parts = urllib.parse.urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -2687,16 +2719,17 @@ class _Core:
                 counter = itertools.count(1)
                 chosen, p = cred, dict(params)
 
-                def digest(m: str, u: str, _c: Credential = chosen, _p: Dict[str, str] = p) -> str:
+                def digest(m: str, u: str, _c: Credential = chosen, _p: dict[str, str] = p,
+                           _n: Iterator[int] = counter) -> str:
                     parts = urllib.parse.urlsplit(u)
                     uri = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                    return _digest_authorization(_c, _p, m, uri, next(counter))
+                    return _digest_authorization(_c, _p, m, uri, next(_n))
                 live.auth_header = digest
             return True
         return False
 
     def _ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge
-             ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+             ) -> tuple[AuthChallengeDisposition, Credential | None]:
         while True:
             with self.lock:
                 self.waiting_challenges += 1
@@ -2754,7 +2787,7 @@ class _Core:
                 self._record(task, "progress", offset=offset, boot=_BOOT_ID)
 
     def _attempt_download(self, task: _TaskRecord, control: _Control, pool: _HostPool,
-                          conns: Dict[Tuple[str, str, int], Any], buf: bytearray) -> Tuple[Tuple[str, Any], bool]:
+                          conns: dict[tuple[str, str, int], Any], buf: bytearray) -> tuple[tuple[str, Any], bool]:
         live = task.live
         part = os.path.join(self.tmp, task.partial_name)
         start_offset = live.offset
@@ -2766,8 +2799,7 @@ class _Core:
             except OSError as err:
                 raise _Fatal(TransferError(ErrorCode.CANNOT_CREATE_FILE, f"cannot create {part}: {err}",
                                            url=task.current_url)) from err
-            if live.offset > size:
-                live.offset = size
+            live.offset = min(live.offset, size)
             start_offset = live.offset
             url = task.request["url"]
             redirects = rerequests = 0
@@ -2908,8 +2940,8 @@ class _Core:
                                                url=task.current_url))
         self._progress(task, 0, final=True)
 
-    def _finalize(self, task: _TaskRecord, fd: int, part: str, response: Dict[str, Any]
-                  ) -> Tuple[str, Dict[str, Any]]:
+    def _finalize(self, task: _TaskRecord, fd: int, part: str, response: dict[str, Any]
+                  ) -> tuple[str, dict[str, Any]]:
         """Verify, fsync, rename to ``<id>.done``, fsync the directory: then the record may point to it."""
         expected = task.request.get("sha256")
         try:
@@ -2935,7 +2967,7 @@ class _Core:
         return "finished", {"file": done_name, "response": response, "error": None}
 
     def _attempt_upload(self, task: _TaskRecord, control: _Control, pool: _HostPool,
-                        conns: Dict[Tuple[str, str, int], Any]) -> Tuple[Tuple[str, Any], bool]:
+                        conns: dict[tuple[str, str, int], Any]) -> tuple[tuple[str, Any], bool]:
         live = task.live
         info = task.upload or {}
         path = info.get("path", "")
@@ -2958,7 +2990,7 @@ class _Core:
                 extra = {"Content-Length": str(st.st_size)}
                 headers = self._headers(task, url, method, extra)
 
-                def body(c: http.client.HTTPConnection) -> None:
+                def body(c: http.client.HTTPConnection, url: str = url) -> None:
                     # Send all but the last byte, check the source did not change meanwhile, then
                     # send the last byte: a changed file leaves the server an incomplete body, never a mix.
                     size = st.st_size
@@ -3061,20 +3093,20 @@ def _release_delivery() -> None:
     _delivery_gate.set()
 
 
-def _background_launch_identifier() -> Optional[str]:
+def _background_launch_identifier() -> str | None:
     return os.environ.get(BACKGROUND_EVENTS_ENV) or None
 
 
 #: Callables (identifier, state) told when a background launch's session starts delivering its
 #: backlog ("delivering") and when did_finish_events_for_background_session has run ("delivered").
 #: appdelegate starts its completion-handler time limit from "delivered".
-_backlog_listeners: List[Callable[[str, str], None]] = []
+_backlog_listeners: list[Callable[[str, str], None]] = []
 
 
-def _notify_backlog(identifier: Optional[str], state: str) -> None:
+def _notify_backlog(identifier: str | None, state: str) -> None:
     if identifier is None:
         return
-    for listener in list(_backlog_listeners):
+    for listener in _backlog_listeners:
         try:
             listener(identifier, state)
         except Exception:
@@ -3090,42 +3122,42 @@ class SessionDelegate:
     session: that is what makes them survive a relaunch.
     """
 
-    def download_task_did_finish_downloading(self, session: "Session", task: "DownloadTask",
+    def download_task_did_finish_downloading(self, session: Session, task: DownloadTask,
                                              location: str) -> None:
         """The file is complete at *location*; move or open it before returning (it is deleted after)."""
 
-    def download_task_did_write_data(self, session: "Session", task: "DownloadTask", bytes_written: int,
+    def download_task_did_write_data(self, session: Session, task: DownloadTask, bytes_written: int,
                                      total_bytes_written: int, total_bytes_expected: int) -> None:
         """Progress (throttled); *total_bytes_expected* is -1 when unknown."""
 
-    def task_did_send_body_data(self, session: "Session", task: "Task", bytes_sent: int,
+    def task_did_send_body_data(self, session: Session, task: Task, bytes_sent: int,
                                 total_bytes_sent: int, total_bytes_expected: int) -> None:
         """Upload progress (throttled)."""
 
-    def task_did_receive_challenge(self, session: "Session", task: "Task", challenge: AuthChallenge
-                                   ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+    def task_did_receive_challenge(self, session: Session, task: Task, challenge: AuthChallenge
+                                   ) -> tuple[AuthChallengeDisposition, Credential | None]:
         """A 401: return (disposition, credential). Default: use the session's stored credential, if any."""
         return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
 
-    def task_did_complete(self, session: "Session", task: "Task", error: Optional[TransferError]) -> None:
+    def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
         """The task ended. *error* is None for any HTTP response (check ``task.response.status``)."""
 
-    def did_finish_events_for_background_session(self, session: "Session") -> None:
+    def did_finish_events_for_background_session(self, session: Session) -> None:
         """Every event that waited for the app was delivered: call the saved completion handler here."""
 
-    def did_become_invalid(self, session: "Session", error: Optional[BaseException]) -> None:
+    def did_become_invalid(self, session: Session, error: BaseException | None) -> None:
         """The session was invalidated; its identifier may be used again."""
 
 
 class Task:
     """A transfer in a session (``NSURLSessionTask``). Get one from the session; never construct it."""
 
-    def __init__(self, session: "Session", identifier: int, info: Dict[str, Any]) -> None:
+    def __init__(self, session: Session, identifier: int, info: dict[str, Any]) -> None:
         self._session = session
         self._identifier = identifier
         self._cache = info
 
-    def _info(self) -> Dict[str, Any]:
+    def _info(self) -> dict[str, Any]:
         try:
             self._cache = self._session._backend.task_info(self._identifier)
         except (InvalidArgumentError, SessionInvalidatedError, BGSessionError):
@@ -3138,12 +3170,13 @@ class Task:
         return self._identifier
 
     @property
-    def description(self) -> Optional[str]:
+    def description(self) -> str | None:
         """App-owned text (e.g. ``"photo:42"``): persisted, restored after a relaunch, never changed by bgsession."""
-        return self._info()["description"]
+        desc: str | None = self._info()["description"]
+        return desc
 
     @description.setter
-    def description(self, value: Optional[str]) -> None:
+    def description(self, value: str | None) -> None:
         self._session._backend.set_description(self._identifier, value)
         self._cache = dict(self._cache, description=value)
 
@@ -3157,7 +3190,7 @@ class Task:
         return Request._from_record(info["request"])._with_url(info["current_url"])
 
     @property
-    def response(self) -> Optional[Response]:
+    def response(self) -> Response | None:
         return Response._from_record(self._info()["response"])
 
     @property
@@ -3165,7 +3198,7 @@ class Task:
         return TaskState(self._info()["state"])
 
     @property
-    def error(self) -> Optional[TransferError]:
+    def error(self) -> TransferError | None:
         rec = self._info()["error"]
         return TransferError._from_record(rec) if rec else None
 
@@ -3204,14 +3237,15 @@ class Task:
 
 
 class DownloadTask(Task):
-    def cancel_producing_resume_data(self) -> Optional[bytes]:
+    def cancel_producing_resume_data(self) -> bytes | None:
         """Cancel and return opaque resume data for ``download_task_with_resume_data`` (None if not resumable)."""
-        return self._session._backend.cancel(self._identifier, True)
+        data: bytes | None = self._session._backend.cancel(self._identifier, True)
+        return data
 
 
 class UploadTask(Task):
     @property
-    def response_data(self) -> Optional[bytes]:
+    def response_data(self) -> bytes | None:
         """The server's response body, readable until ``task_did_complete`` returns."""
         info = self._info()
         path = info.get("body_path")
@@ -3236,17 +3270,17 @@ class _Answer:
 class _Delivery:
     """The delegate thread: runs hooks serially and acknowledges each after it returns."""
 
-    def __init__(self, session: "Session") -> None:
+    def __init__(self, session: Session) -> None:
         self.session = session
         self.cond = threading.Condition()
-        self.queue: collections.deque = collections.deque()
+        self.queue: collections.deque[Any] = collections.deque()
         self.busy = False
         self.stopping = False
         self.generation = 0  # bumped after every event, for waiters
         self.finish_pending = False
-        self.held: "set[int]" = set()  # tasks whose hook raised: redelivered at the next launch
-        self.queued: "set[Tuple[int, str]]" = set()  # durable events taken in (a reconnect re-sends them)
-        self.returned: "set[Tuple[int, str]]" = set()  # hooks that returned, in case their ack was lost
+        self.held: set[int] = set()  # tasks whose hook raised: redelivered at the next launch
+        self.queued: set[tuple[int, str]] = set()  # durable events taken in (a reconnect re-sends them)
+        self.returned: set[tuple[int, str]] = set()  # hooks that returned, in case their ack was lost
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"bgsession-delegate-{session.configuration.identifier or 'default'}")
 
@@ -3269,8 +3303,8 @@ class _Delivery:
             self.queue.append(event)
             self.cond.notify_all()
 
-    def challenge(self, tid: int, challenge: AuthChallenge, control: Optional[_Control] = None
-                  ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+    def challenge(self, tid: int, challenge: AuthChallenge, control: _Control | None = None
+                  ) -> tuple[AuthChallengeDisposition, Credential | None]:
         answer = _Answer()
         self.post(("challenge", tid, challenge, answer))
         while not answer.event.wait(0.5):
@@ -3278,7 +3312,7 @@ class _Delivery:
                 control.check()
             if self.stopping:
                 raise _Stopped("close")
-        return answer.value
+        return answer.value  # type: ignore[no-any-return]
 
     def start(self) -> None:
         self.thread.start()
@@ -3326,7 +3360,7 @@ class _Delivery:
                 self.cond.notify_all()
             self.session._after_event()
 
-    def _hook(self, name: str, *args: Any) -> Tuple[bool, Any]:
+    def _hook(self, name: str, *args: Any) -> tuple[bool, Any]:
         delegate = self.session.delegate
         fn = getattr(delegate, name, None) if delegate is not None else None
         if fn is None:
@@ -3403,15 +3437,15 @@ class Session:
     BACKGROUND_SESSION_IN_USE until this one is closed or invalidated.
     """
 
-    def __init__(self, configuration: Configuration, delegate: Optional[SessionDelegate] = None, *,
-                 _deferred: bool = False, _clock: Optional[_Clock] = None) -> None:
+    def __init__(self, configuration: Configuration, delegate: SessionDelegate | None = None, *,
+                 _deferred: bool = False, _clock: _Clock | None = None) -> None:
         if not isinstance(configuration, Configuration):
             raise _invalid(f"configuration must be a bgsession.Configuration, not {type(configuration).__name__}")
         self.configuration = configuration
         self.delegate = delegate
-        self._objects: Dict[int, Task] = {}
+        self._objects: dict[int, Task] = {}
         self._objects_lock = threading.Lock()
-        self._invalidating: Optional[str] = None
+        self._invalidating: str | None = None
         self._invalid = False
         self._delivery = _Delivery(self)
         self._backend: Any = _open_backend(configuration, _clock)
@@ -3432,7 +3466,7 @@ class Session:
 
     # -- tasks ----------------------------------------------------------------------
     @property
-    def identifier(self) -> Optional[str]:
+    def identifier(self) -> str | None:
         return self.configuration.identifier
 
     def _check_usable(self) -> None:
@@ -3449,7 +3483,7 @@ class Session:
                 obj = self._objects.setdefault(tid, obj)
         return obj
 
-    def download_task(self, request: Union[str, Request], *, description: Optional[str] = None) -> DownloadTask:
+    def download_task(self, request: str | Request, *, description: str | None = None) -> DownloadTask:
         """A download task, suspended: call ``resume()`` to start it."""
         self._check_usable()
         req = _coerce_request(request)
@@ -3458,8 +3492,8 @@ class Session:
         tid = self._backend.create_task("download", req, description)
         return self._task_object(tid)  # type: ignore[return-value]
 
-    def upload_task(self, request: Union[str, Request], from_file: Any = None, *,
-                    description: Optional[str] = None, **kwargs: Any) -> UploadTask:
+    def upload_task(self, request: str | Request, from_file: Any = None, *,
+                    description: str | None = None, **kwargs: Any) -> UploadTask:
         """An upload of a file's contents (PUT by default; POST if the Request says so).
 
         Background uploads come from a file only, as on iOS (which aborts on data
@@ -3486,7 +3520,7 @@ class Session:
         tid = self._backend.create_task("upload", req, description, upload_path=path)
         return self._task_object(tid)  # type: ignore[return-value]
 
-    def download_task_with_resume_data(self, resume_data: bytes, *, description: Optional[str] = None
+    def download_task_with_resume_data(self, resume_data: bytes, *, description: str | None = None
                                        ) -> DownloadTask:
         """Continue a cancelled or failed download. Bad or stale data fails the task via ``task_did_complete``."""
         self._check_usable()
@@ -3501,7 +3535,7 @@ class Session:
             tid = self._backend.create_task("download", req, description, resume=parsed)
         return self._task_object(tid)  # type: ignore[return-value]
 
-    def get_tasks(self) -> List[Task]:
+    def get_tasks(self) -> list[Task]:
         """Tasks not yet completed and delivered, including those re-created after a relaunch."""
         return [self._task_object(info["id"]) for info in self._backend.tasks()]
 
@@ -3515,7 +3549,7 @@ class Session:
         if self._invalidating and not self._invalid and self._settled():
             self._become_invalid()
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         """Block until every task has completed and its events were delivered. False on timeout.
 
         Suspended tasks count as not completed. A task whose hook raised counts as
@@ -3573,17 +3607,17 @@ class Session:
         self._backend.detach(self._delivery)
         self._backend.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
         return f"<Session {self.identifier!r} host={self.configuration.host}>"
 
 
-def _parse_resume_data(data: bytes) -> Tuple[Optional[Dict[str, Any]], str]:
+def _parse_resume_data(data: bytes) -> tuple[dict[str, Any] | None, str]:
     """Validate resume data: version, fields, and the partial file it refers to."""
     if not data.startswith(_RESUME_MAGIC):
         return None, "resume data is not bgsession resume data (or of an unknown version)"
@@ -3608,12 +3642,12 @@ def _parse_resume_data(data: bytes) -> Tuple[Optional[Dict[str, Any]], str]:
 
 
 class _TaskBlocks:
-    __slots__ = ("progress", "destination", "completion_handler", "file_path")
+    __slots__ = ("completion_handler", "destination", "file_path", "progress")
 
-    def __init__(self, progress: Optional[Callable[..., Any]], destination: Optional[Callable[..., Any]],
-                 completion_handler: Optional[Callable[..., Any]]) -> None:
+    def __init__(self, progress: Callable[..., Any] | None, destination: Callable[..., Any] | None,
+                 completion_handler: Callable[..., Any] | None) -> None:
         self.progress, self.destination, self.completion_handler = progress, destination, completion_handler
-        self.file_path: Optional[str] = None
+        self.file_path: str | None = None
 
 
 def _umask() -> int:
@@ -3686,42 +3720,42 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         manager.set_download_task_did_finish_downloading(destination)
     """
 
-    def __init__(self, configuration: Optional[Configuration] = None) -> None:
-        self._blocks: Dict[str, Callable[..., Any]] = {}
-        self._task_blocks: Dict[int, _TaskBlocks] = {}
+    def __init__(self, configuration: Configuration | None = None) -> None:
+        self._blocks: dict[str, Callable[..., Any]] = {}
+        self._task_blocks: dict[int, _TaskBlocks] = {}
         self._task_blocks_lock = threading.Lock()
         self.session = Session(configuration or Configuration.default(), delegate=self, _deferred=True)
 
     # -- block setters (AFURLSessionManager names) ----------------------------------------
-    def set_download_task_did_finish_downloading(self, fn: Optional[Callable[..., Optional[str]]]) -> None:
+    def set_download_task_did_finish_downloading(self, fn: Callable[..., str | None] | None) -> None:
         """fn(session, task, location) -> destination path or None."""
         self._set("finish", fn)
 
-    def set_task_did_complete(self, fn: Optional[Callable[..., None]]) -> None:
+    def set_task_did_complete(self, fn: Callable[..., None] | None) -> None:
         """fn(session, task, error)."""
         self._set("complete", fn)
 
-    def set_did_finish_events_for_background_session(self, fn: Optional[Callable[..., None]]) -> None:
+    def set_did_finish_events_for_background_session(self, fn: Callable[..., None] | None) -> None:
         """fn(session): call the completion handler saved by handle_events_for_background_url_session."""
         self._set("events", fn)
 
-    def set_download_task_did_write_data(self, fn: Optional[Callable[..., None]]) -> None:
+    def set_download_task_did_write_data(self, fn: Callable[..., None] | None) -> None:
         """fn(session, task, bytes_written, total_bytes_written, total_bytes_expected)."""
         self._set("write", fn)
 
-    def set_task_did_send_body_data(self, fn: Optional[Callable[..., None]]) -> None:
+    def set_task_did_send_body_data(self, fn: Callable[..., None] | None) -> None:
         """fn(session, task, bytes_sent, total_bytes_sent, total_bytes_expected)."""
         self._set("send", fn)
 
-    def set_task_did_receive_authentication_challenge(self, fn: Optional[Callable[..., Any]]) -> None:
+    def set_task_did_receive_authentication_challenge(self, fn: Callable[..., Any] | None) -> None:
         """fn(session, task, challenge) -> (AuthChallengeDisposition, Credential | None)."""
         self._set("challenge", fn)
 
-    def set_session_did_become_invalid(self, fn: Optional[Callable[..., None]]) -> None:
+    def set_session_did_become_invalid(self, fn: Callable[..., None] | None) -> None:
         """fn(session, error)."""
         self._set("invalid", fn)
 
-    def _set(self, name: str, fn: Optional[Callable[..., Any]]) -> None:
+    def _set(self, name: str, fn: Callable[..., Any] | None) -> None:
         if fn is not None and not callable(fn):
             raise _invalid(f"expected a callable or None, not {type(fn).__name__}")
         if fn is None:
@@ -3742,10 +3776,10 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         with self._task_blocks_lock:
             self._task_blocks[task.identifier] = _TaskBlocks(progress, destination, completion_handler)
 
-    def download_task(self, request: Union[str, Request], progress: Optional[Callable[[int, int], None]] = None,
-                      destination: Optional[Callable[[str, Optional[Response]], Optional[str]]] = None,
-                      completion_handler: Optional[Callable[..., None]] = None, *,
-                      description: Optional[str] = None) -> DownloadTask:
+    def download_task(self, request: str | Request, progress: Callable[[int, int], None] | None = None,
+                      destination: Callable[[str, Response | None], str | None] | None = None,
+                      completion_handler: Callable[..., None] | None = None, *,
+                      description: str | None = None) -> DownloadTask:
         """A suspended download task; optional task-level blocks (in memory only):
         progress(total_bytes_written, total_bytes_expected), destination(location, response) -> path,
         completion_handler(response, file_path, error)."""
@@ -3753,21 +3787,21 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         self._remember(task, progress, destination, completion_handler)
         return task
 
-    def upload_task(self, request: Union[str, Request], from_file: Any,
-                    progress: Optional[Callable[[int, int], None]] = None,
-                    completion_handler: Optional[Callable[..., None]] = None, *,
-                    description: Optional[str] = None) -> UploadTask:
+    def upload_task(self, request: str | Request, from_file: Any,
+                    progress: Callable[[int, int], None] | None = None,
+                    completion_handler: Callable[..., None] | None = None, *,
+                    description: str | None = None) -> UploadTask:
         """A suspended upload task; completion_handler(response, response_data, error)."""
         task = self.session.upload_task(request, from_file, description=description)
         self._remember(task, progress, None, completion_handler)
         return task
 
-    def _blocks_for(self, task: Task) -> Optional[_TaskBlocks]:
+    def _blocks_for(self, task: Task) -> _TaskBlocks | None:
         with self._task_blocks_lock:
             return self._task_blocks.get(task.identifier)
 
     # -- SessionDelegate, implemented with the blocks ------------------------------------------
-    def download_task_did_finish_downloading(self, session: "Session", task: "DownloadTask",
+    def download_task_did_finish_downloading(self, session: Session, task: DownloadTask,
                                              location: str) -> None:
         blocks = self._blocks_for(task)
         dest: Any = None
@@ -3781,7 +3815,7 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
             if blocks is not None:
                 blocks.file_path = dest
 
-    def download_task_did_write_data(self, session: "Session", task: "DownloadTask", bytes_written: int,
+    def download_task_did_write_data(self, session: Session, task: DownloadTask, bytes_written: int,
                                      total_bytes_written: int, total_bytes_expected: int) -> None:
         blocks = self._blocks_for(task)
         if blocks is not None and blocks.progress is not None:
@@ -3789,7 +3823,7 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         if "write" in self._blocks:
             self._blocks["write"](session, task, bytes_written, total_bytes_written, total_bytes_expected)
 
-    def task_did_send_body_data(self, session: "Session", task: "Task", bytes_sent: int,
+    def task_did_send_body_data(self, session: Session, task: Task, bytes_sent: int,
                                 total_bytes_sent: int, total_bytes_expected: int) -> None:
         blocks = self._blocks_for(task)
         if blocks is not None and blocks.progress is not None:
@@ -3797,13 +3831,13 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         if "send" in self._blocks:
             self._blocks["send"](session, task, bytes_sent, total_bytes_sent, total_bytes_expected)
 
-    def task_did_receive_challenge(self, session: "Session", task: "Task", challenge: AuthChallenge
-                                   ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+    def task_did_receive_challenge(self, session: Session, task: Task, challenge: AuthChallenge
+                                   ) -> tuple[AuthChallengeDisposition, Credential | None]:
         if "challenge" in self._blocks:
             return self._blocks["challenge"](session, task, challenge)  # type: ignore[no-any-return]
         return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
 
-    def task_did_complete(self, session: "Session", task: "Task", error: Optional[TransferError]) -> None:
+    def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
         with self._task_blocks_lock:
             blocks = self._task_blocks.pop(task.identifier, None)
         if "complete" in self._blocks:
@@ -3814,11 +3848,11 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
             else:
                 blocks.completion_handler(task.response, blocks.file_path, error)
 
-    def did_finish_events_for_background_session(self, session: "Session") -> None:
+    def did_finish_events_for_background_session(self, session: Session) -> None:
         if "events" in self._blocks:
             self._blocks["events"](session)
 
-    def did_become_invalid(self, session: "Session", error: Optional[BaseException]) -> None:
+    def did_become_invalid(self, session: Session, error: BaseException | None) -> None:
         if "invalid" in self._blocks:
             self._blocks["invalid"](session, error)
 
@@ -3852,14 +3886,14 @@ RELAUNCH_BACKOFF_MAX = 600.0
 RELAUNCH_MAX_PER_HOUR = 20
 
 
-def _open_backend(config: Configuration, clock: Optional[_Clock] = None) -> Any:
+def _open_backend(config: Configuration, clock: _Clock | None = None) -> Any:
     """The engine behind a Session: in this process, or a daemon reached over a Unix socket."""
     if config.host == "inprocess" or not config.is_background:
         return _Core(config, clock=clock)
     return _DaemonClient(config)
 
 
-def _process_start_token(pid: int) -> Optional[str]:
+def _process_start_token(pid: int) -> str | None:
     """Start time of *pid* in clock ticks since boot (Linux), to tell a live daemon from a reused pid."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -3869,7 +3903,7 @@ def _process_start_token(pid: int) -> Optional[str]:
         return None
 
 
-def _pid_alive(pid: int, token: Optional[str] = None) -> bool:
+def _pid_alive(pid: int, token: str | None = None) -> bool:
     """Proof, not guess: the pid exists, is not a zombie, and (where the OS tells) started when
     the pid file says."""
     try:
@@ -3889,16 +3923,16 @@ def _pid_alive(pid: int, token: Optional[str] = None) -> bool:
     return token is None or current is None or current == token
 
 
-def _read_pid_file(directory: str) -> Tuple[Optional[int], Optional[str]]:
+def _read_pid_file(directory: str) -> tuple[int | None, str | None]:
     try:
-        with open(os.path.join(directory, _PID_NAME), "r", encoding="ascii") as f:
+        with open(os.path.join(directory, _PID_NAME), encoding="ascii") as f:
             parts = f.read().split()
         return int(parts[0]), (parts[1] if len(parts) > 1 and parts[1] != "-" else None)
     except (OSError, ValueError, IndexError):
         return None, None
 
 
-def _socket_address(directory: str) -> Tuple[str, Optional[int]]:
+def _socket_address(directory: str) -> tuple[str, int | None]:
     """A connectable path for the daemon socket (sun_path is ~104 bytes; long directories go
     through /proc/self/fd on Linux). Returns (path, directory fd to close after connect)."""
     path = os.path.join(directory, _SOCKET_NAME)
@@ -3911,7 +3945,7 @@ def _socket_address(directory: str) -> Tuple[str, Optional[int]]:
                        directory)
 
 
-def _peer_uid(sock: socket.socket) -> Optional[int]:
+def _peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process on the other end of a Unix socket, where the OS tells it."""
     if hasattr(socket, "SO_PEERCRED"):
         import struct
@@ -3920,7 +3954,7 @@ def _peer_uid(sock: socket.socket) -> Optional[int]:
     return None
 
 
-def _config_to_wire(config: Configuration) -> Dict[str, Any]:
+def _config_to_wire(config: Configuration) -> dict[str, Any]:
     retry = dataclasses.asdict(config.retry)
     retry["status_forcelist"] = sorted(config.retry.status_forcelist)
     retry.pop("attempts", None)
@@ -3961,7 +3995,7 @@ def _config_from_wire(d: Mapping[str, Any]) -> Configuration:
     )
 
 
-def _event_to_wire(event: Any) -> Dict[str, Any]:
+def _event_to_wire(event: Any) -> dict[str, Any]:
     if isinstance(event, ProgressEvent):
         return {"ev": "progress", **dataclasses.asdict(event)}
     if isinstance(event, FinishedEvent):
@@ -3993,7 +4027,7 @@ def _event_from_wire(msg: Mapping[str, Any]) -> Any:
     raise ValueError(f"unknown event {ev!r}")
 
 
-def _challenge_to_wire(ch: AuthChallenge) -> Dict[str, Any]:
+def _challenge_to_wire(ch: AuthChallenge) -> dict[str, Any]:
     return {"space": dataclasses.asdict(ch.protection_space), "previous_failure_count": ch.previous_failure_count,
             "failure_response": ch.failure_response._to_record() if ch.failure_response else None}
 
@@ -4009,7 +4043,7 @@ class _Connection:
     def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock = sock
         self.reader = sock.makefile("rb")
-        self._out: collections.deque = collections.deque()
+        self._out: collections.deque[bytes] = collections.deque()
         self._cond = threading.Condition()
         self.closed = False
         self._writer = threading.Thread(target=self._write_loop, name=f"{name}-writer", daemon=True)
@@ -4023,7 +4057,7 @@ class _Connection:
             self._out.append(data)
             self._cond.notify()
 
-    def read(self) -> Optional[Dict[str, Any]]:
+    def read(self) -> dict[str, Any] | None:
         """The next frame, or None at end of stream."""
         try:
             line = self.reader.readline(_MAX_FRAME)
@@ -4073,7 +4107,7 @@ class _RemoteSink:
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn
-        self._answers: Dict[int, _Answer] = {}
+        self._answers: dict[int, _Answer] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -4083,8 +4117,8 @@ class _RemoteSink:
         except _SinkGone:
             pass  # durable events are sent again at the next attach
 
-    def challenge(self, tid: int, challenge: AuthChallenge, control: Optional[_Control] = None
-                  ) -> Tuple[AuthChallengeDisposition, Optional[Credential]]:
+    def challenge(self, tid: int, challenge: AuthChallenge, control: _Control | None = None
+                  ) -> tuple[AuthChallengeDisposition, Credential | None]:
         answer = _Answer()
         with self._lock:
             cid = next(self._ids)
@@ -4133,15 +4167,15 @@ class _DaemonServer:
         self.config = config
         self.core = _Core(config)  # takes the session lock: one daemon per directory
         self.stop = threading.Event()
-        self.clients: "set[_Connection]" = set()
-        self.attached: Optional[Tuple[_Connection, _RemoteSink]] = None
+        self.clients: set[_Connection] = set()
+        self.attached: tuple[_Connection, _RemoteSink] | None = None
         self.lock = threading.Lock()
-        self.child: Optional[subprocess.Popen] = None  # type: ignore[type-arg]
+        self.child: subprocess.Popen | None = None  # type: ignore[type-arg]
         self.child_acks = 0
         self.failures = 0
         self.next_relaunch = 0.0
-        self.relaunch_times: collections.deque = collections.deque()
-        self.idle_since: Optional[float] = time.monotonic()
+        self.relaunch_times: collections.deque[float] = collections.deque()
+        self.idle_since: float | None = time.monotonic()
         self.token = _process_start_token(os.getpid())
         self.sock_path = os.path.join(directory, _SOCKET_NAME)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -4187,7 +4221,7 @@ class _DaemonServer:
             self.listener.close()
         except OSError:
             pass
-        pid, token = _read_pid_file(self.directory)
+        pid, _ = _read_pid_file(self.directory)
         if pid == os.getpid():
             _unlink_quietly(os.path.join(self.directory, _PID_NAME))
         try:
@@ -4290,7 +4324,7 @@ class _DaemonServer:
                          ).start()
 
     def _serve_client(self, conn: _Connection) -> None:
-        sink: Optional[_RemoteSink] = None
+        sink: _RemoteSink | None = None
         try:
             while not self.stop.is_set():
                 try:
@@ -4308,7 +4342,7 @@ class _DaemonServer:
                 rid = msg.get("rid")
                 try:
                     result, sink = self._handle(conn, sink, op, msg)
-                    reply: Dict[str, Any] = {"re": rid, "ok": True, "result": result}
+                    reply: dict[str, Any] = {"re": rid, "ok": True, "result": result}
                 except TransferError as err:
                     reply = {"re": rid, "ok": False, "error": "transfer", "code": int(err.code),
                              "message": err.message}
@@ -4334,8 +4368,8 @@ class _DaemonServer:
                 self.clients.discard(conn)
             conn.close()
 
-    def _handle(self, conn: _Connection, sink: Optional[_RemoteSink], op: Any, msg: Mapping[str, Any]
-                ) -> Tuple[Any, Optional[_RemoteSink]]:
+    def _handle(self, conn: _Connection, sink: _RemoteSink | None, op: Any, msg: Mapping[str, Any]
+                ) -> tuple[Any, _RemoteSink | None]:
         core = self.core
         if op == "hello":
             if msg.get("version") != JOURNAL_VERSION:
@@ -4373,16 +4407,20 @@ class _DaemonServer:
             return core.create_task(msg["kind"], req, msg.get("description"), upload_path=msg.get("upload_path"),
                                     resume=msg.get("resume")), sink
         if op == "resume":
-            return core.resume(int(msg["id"])), sink
+            core.resume(int(msg["id"]))
+            return None, sink
         if op == "suspend":
-            return core.suspend(int(msg["id"])), sink
+            core.suspend(int(msg["id"]))
+            return None, sink
         if op == "cancel":
             data = core.cancel(int(msg["id"]), bool(msg.get("resume_data")))
             return (base64.b64encode(data).decode("ascii") if data else None), sink
         if op == "describe":
-            return core.set_description(int(msg["id"]), msg.get("description")), sink
+            core.set_description(int(msg["id"]), msg.get("description"))
+            return None, sink
         if op == "ack":
-            return core.ack(int(msg["id"]), str(msg["event"])), sink
+            core.ack(int(msg["id"]), str(msg["event"]))
+            return None, sink
         if op == "task_info":
             return core.task_info(int(msg["id"])), sink
         if op == "tasks":
@@ -4395,7 +4433,7 @@ class _DaemonServer:
         raise InvalidArgumentError(f"unknown operation {op!r}")
 
 
-def _run_daemon(directory: str, config_fd: Optional[int] = None) -> int:
+def _run_daemon(directory: str, config_fd: int | None = None) -> int:
     """Entry of ``bgsession.py daemon --directory DIR``: read the configuration from stdin
     (never from argv or disk: it may hold secrets), detach, serve until idle."""
     directory = os.path.abspath(directory)
@@ -4473,12 +4511,12 @@ class _DaemonClient:
         if not observer:
             _acquire_lock(self.directory, _APP_LOCK_NAME, config.identifier)
         self._sink: Any = None
-        self._pending: Dict[int, _Answer] = {}
+        self._pending: dict[int, _Answer] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._closed = False
-        self._conn: Optional[_Connection] = None
+        self._conn: _Connection | None = None
         try:
             self._connect()
         except BaseException:
@@ -4559,7 +4597,7 @@ class _DaemonClient:
         if sink is not None and ev is not None:
             sink.post(_event_from_wire(msg))
 
-    def _answer_challenge(self, msg: Dict[str, Any]) -> None:
+    def _answer_challenge(self, msg: dict[str, Any]) -> None:
         sink = self._sink
         if sink is None:
             return
@@ -4567,7 +4605,7 @@ class _DaemonClient:
             disposition, cred = sink.challenge(int(msg["id"]), _challenge_from_wire(msg["challenge"]), None)
         except _Stopped:
             return
-        reply: Dict[str, Any] = {"op": "challenge_reply", "cid": msg["cid"], "disposition": disposition.value}
+        reply: dict[str, Any] = {"op": "challenge_reply", "cid": msg["cid"], "disposition": disposition.value}
         if cred is not None:
             reply["credential"] = {"user": cred.user, "password": cred.password,
                                    "persistence": cred.persistence.value}
@@ -4638,8 +4676,8 @@ class _DaemonClient:
                         self._connected.clear()
 
     # -- the backend interface ----------------------------------------------------------------
-    def create_task(self, kind: str, request: Request, description: Optional[str], *,
-                    upload_path: Optional[str] = None, resume: Optional[Dict[str, Any]] = None) -> int:
+    def create_task(self, kind: str, request: Request, description: str | None, *,
+                    upload_path: str | None = None, resume: dict[str, Any] | None = None) -> int:
         secret = [[k, v] for k, v in request.headers.pairs() if k.lower() in _SECRET_HEADERS]
         return int(self._call("create", retry=False, kind=kind, request=request._to_record(), secret_headers=secret,
                               description=description, upload_path=upload_path, resume=resume))
@@ -4650,11 +4688,11 @@ class _DaemonClient:
     def suspend(self, tid: int) -> None:
         self._call("suspend", id=tid)
 
-    def cancel(self, tid: int, produce_resume_data: bool = False) -> Optional[bytes]:
+    def cancel(self, tid: int, produce_resume_data: bool = False) -> bytes | None:
         data = self._call("cancel", id=tid, resume_data=produce_resume_data)
         return base64.b64decode(data) if data else None
 
-    def set_description(self, tid: int, description: Optional[str]) -> None:
+    def set_description(self, tid: int, description: str | None) -> None:
         if description is not None and not isinstance(description, str):
             raise _invalid("task description must be a str or None")
         self._call("describe", id=tid, description=description)
@@ -4662,10 +4700,10 @@ class _DaemonClient:
     def ack(self, tid: int, event: str) -> None:
         self._call("ack", id=tid, event=event)
 
-    def task_info(self, tid: int) -> Dict[str, Any]:
+    def task_info(self, tid: int) -> dict[str, Any]:
         return self._call("task_info", id=tid)  # type: ignore[no-any-return]
 
-    def tasks(self) -> List[Dict[str, Any]]:
+    def tasks(self) -> list[dict[str, Any]]:
         return self._call("tasks")  # type: ignore[no-any-return]
 
     def outstanding(self) -> int:
@@ -4760,7 +4798,7 @@ def _connect_daemon(config: Configuration) -> socket.socket:
         os.close(start_fd)
 
 
-def _try_connect(directory: str) -> Optional[socket.socket]:
+def _try_connect(directory: str) -> socket.socket | None:
     path, dir_fd = _socket_address(directory)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -4817,7 +4855,7 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _cli_meta(info: Mapping[str, Any]) -> Dict[str, Any]:
+def _cli_meta(info: Mapping[str, Any]) -> dict[str, Any]:
     desc = info.get("description") or ""
     if desc.startswith(_CLI_PREFIX):
         try:
@@ -4849,7 +4887,7 @@ class _CliApp(SessionDelegate):
     def __init__(self, out: Any, tty: bool) -> None:
         self.out = out
         self.tty = tty
-        self.results: Dict[int, Optional[str]] = {}  # task id -> None (ok) or a reason
+        self.results: dict[int, str | None] = {}  # task id -> None (ok) or a reason
         self.done = threading.Event()
         self.lock = threading.Lock()
 
@@ -4857,7 +4895,7 @@ class _CliApp(SessionDelegate):
         with self.lock:
             print(text, file=self.out, flush=True)
 
-    def download_task_did_finish_downloading(self, session: "Session", task: "DownloadTask", location: str) -> None:
+    def download_task_did_finish_downloading(self, session: Session, task: DownloadTask, location: str) -> None:
         response = task.response
         meta = _cli_meta(task._info())
         if response is None or not 200 <= response.status < 300:
@@ -4876,21 +4914,21 @@ class _CliApp(SessionDelegate):
         if not self.tty:
             self._say(f"done {task.identifier} {task.original_request.url} -> {target}")
 
-    def task_did_complete(self, session: "Session", task: "Task", error: Optional[TransferError]) -> None:
+    def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
         if error is not None:
             self.results[task.identifier] = str(error)
         reason = self.results.setdefault(task.identifier, None)
         if reason is not None and not self.tty:
             self._say(f"failed {task.identifier} {task.original_request.url}: {reason}")
 
-    def did_finish_events_for_background_session(self, session: "Session") -> None:
+    def did_finish_events_for_background_session(self, session: Session) -> None:
         self.done.set()
 
 
-def _progress_loop(session: "Session", app: _CliApp, out: Any, tty: bool, ids: Optional["set[int]"]) -> None:
+def _progress_loop(session: Session, app: _CliApp, out: Any, tty: bool, ids: set[int] | None) -> None:
     """Wait for the session's tasks, drawing one line per task in place on a TTY."""
     drawn = 0
-    finished_lines: List[str] = []
+    finished_lines: list[str] = []
     while True:
         settled = session.wait(0.25)
         if tty:
@@ -4914,7 +4952,7 @@ def _progress_loop(session: "Session", app: _CliApp, out: Any, tty: bool, ids: O
             return
 
 
-def _cli_session(args: argparse.Namespace, app: SessionDelegate) -> "Session":
+def _cli_session(args: argparse.Namespace, app: SessionDelegate) -> Session:
     try:
         return Session(_cli_config(args), app)
     except TransferError as err:
@@ -4924,7 +4962,7 @@ def _cli_session(args: argparse.Namespace, app: SessionDelegate) -> "Session":
         raise
 
 
-def _cli_observer(args: argparse.Namespace) -> "_DaemonClient":
+def _cli_observer(args: argparse.Namespace) -> _DaemonClient:
     return _DaemonClient(_cli_config(args), observer=True)
 
 
@@ -4978,7 +5016,7 @@ def _cmd_status(args: argparse.Namespace, out: Any) -> int:
     config = _cli_config(args)
     assert config.directory is not None
     if not os.path.isdir(config.directory):
-        infos: List[Dict[str, Any]] = []
+        infos: list[dict[str, Any]] = []
     else:
         client = _cli_observer(args)
         try:
@@ -5061,7 +5099,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m bgsession`` and the ``bgsession`` script; returns the exit code."""
     args = _parser().parse_args(argv)
     out = sys.stdout

@@ -38,7 +38,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import appdelegate
 import bgsession
@@ -74,8 +75,8 @@ class PhotoMessage:
     id: str
     url: str
     state: str = DOWNLOADING
-    resource_path: Optional[str] = None  # the photo in Documents, once downloaded
-    error: Optional[str] = None
+    resource_path: str | None = None  # the photo in Documents, once downloaded
+    error: str | None = None
 
     @property
     def name(self) -> str:
@@ -119,7 +120,7 @@ def _append_line(path: str, record: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-def _read_lines(path: str) -> List[Dict[str, Any]]:
+def _read_lines(path: str) -> list[dict[str, Any]]:
     try:
         with open(path, "rb") as f:
             return [json.loads(line) for line in f if line.endswith(b"\n")]
@@ -134,7 +135,7 @@ class PhotoStore:
         self.path = path
         self._lock = threading.Lock()
 
-    def _load(self) -> Dict[str, PhotoMessage]:
+    def _load(self) -> dict[str, PhotoMessage]:
         try:
             with open(self.path, "rb") as f:
                 raw = json.load(f)
@@ -142,11 +143,11 @@ class PhotoStore:
             return {}
         return {m["id"]: PhotoMessage(**m) for m in raw}
 
-    def messages(self) -> List[PhotoMessage]:
+    def messages(self) -> list[PhotoMessage]:
         with self._lock:
             return sorted(self._load().values(), key=lambda m: (len(m.id), m.id))
 
-    def get(self, message_id: str) -> Optional[PhotoMessage]:
+    def get(self, message_id: str) -> PhotoMessage | None:
         with self._lock:
             return self._load().get(message_id)
 
@@ -192,7 +193,7 @@ class AppSettings:
         """One JSON line per launch and per completion-handler call (so the story can count them)."""
         return os.path.join(self.state, "launches.jsonl")
 
-    def app_argv(self) -> List[str]:
+    def app_argv(self) -> list[str]:
         """The command that launches this app (the daemon host's relaunch_command)."""
         return [sys.executable, os.path.abspath(__file__), "app", "--state", self.state,
                 "--identifier", self.identifier, "--host", self.host]
@@ -222,8 +223,8 @@ class BackgroundSessionManager(bgsession.SessionManager):
     whole construction (this ``__init__`` included) has returned, so none is missed.
     """
 
-    _settings: Optional[AppSettings] = None
-    _shared: Optional["BackgroundSessionManager"] = None
+    _settings: AppSettings | None = None
+    _shared: BackgroundSessionManager | None = None
     _shared_lock = threading.Lock()
 
     @classmethod
@@ -232,7 +233,7 @@ class BackgroundSessionManager(bgsession.SessionManager):
         cls._settings = settings
 
     @classmethod
-    def shared_manager(cls) -> "BackgroundSessionManager":
+    def shared_manager(cls) -> BackgroundSessionManager:
         """The process-wide manager, created on first use (``+[BackgroundSessionManager sharedManager]``)."""
         with cls._shared_lock:
             if cls._shared is None:
@@ -250,7 +251,7 @@ class BackgroundSessionManager(bgsession.SessionManager):
         self.settings = settings
         self.store = PhotoStore(settings.store_path)
         self._handler_lock = threading.Lock()
-        self.saved_completion_handler: Optional[appdelegate.CompletionHandler] = None
+        self.saved_completion_handler: appdelegate.CompletionHandler | None = None
         self._configure_download_finished()
         self._configure_task_completion()
         self._configure_background_session_finished()
@@ -260,7 +261,7 @@ class BackgroundSessionManager(bgsession.SessionManager):
     def _configure_download_finished(self) -> None:
         documents = self.settings.documents
 
-        def destination(session: bgsession.Session, task: bgsession.DownloadTask, location: str) -> Optional[str]:
+        def destination(session: bgsession.Session, task: bgsession.DownloadTask, location: str) -> str | None:
             name = _photo_name(task)
             status = task.response.status if task.response is not None else None
             if status != 200:
@@ -278,7 +279,7 @@ class BackgroundSessionManager(bgsession.SessionManager):
 
     def _configure_task_completion(self) -> None:
         def completed(session: bgsession.Session, task: bgsession.Task,
-                      error: Optional[bgsession.TransferError]) -> None:
+                      error: bgsession.TransferError | None) -> None:
             message = self.message_for(task)  # the seed's question: "how do I update newPhotoMsg?"
             if message is None:
                 return
@@ -312,7 +313,7 @@ class BackgroundSessionManager(bgsession.SessionManager):
         account = _load_account(self.settings.account_path)
 
         def challenge(session: bgsession.Session, task: bgsession.Task, challenge: bgsession.AuthChallenge
-                      ) -> Tuple[bgsession.AuthChallengeDisposition, Optional[bgsession.Credential]]:
+                      ) -> tuple[bgsession.AuthChallengeDisposition, bgsession.Credential | None]:
             if challenge.previous_failure_count == 0 and account is not None:
                 _say(f"{_photo_name(task)}: server asks for a password (realm {challenge.protection_space.realm!r})"
                      f"; answering as {account[0]!r}")
@@ -327,14 +328,14 @@ class BackgroundSessionManager(bgsession.SessionManager):
         with self._handler_lock:
             self.saved_completion_handler = handler
 
-    def message_for(self, task: bgsession.Task) -> Optional[PhotoMessage]:
+    def message_for(self, task: bgsession.Task) -> PhotoMessage | None:
         """The PhotoMessage a task downloads, found through its persisted description."""
         description = task.description or ""
         if not description.startswith(DESCRIPTION_PREFIX):
             return None
         return self.store.get(description[len(DESCRIPTION_PREFIX):])
 
-    def photo_tasks(self) -> Dict[str, bgsession.Task]:
+    def photo_tasks(self) -> dict[str, bgsession.Task]:
         """Unfinished tasks by message id."""
         out = {}
         for task in self.session.get_tasks():
@@ -348,7 +349,7 @@ def _photo_name(task: bgsession.Task) -> str:
     return bgsession.sanitize_filename(urllib.parse.urlsplit(task.original_request.url).path.rsplit("/", 1)[-1])
 
 
-def _load_account(path: str) -> Optional[Tuple[str, str]]:
+def _load_account(path: str) -> tuple[str, str] | None:
     try:
         with open(path, "rb") as f:
             raw = json.load(f)
@@ -471,7 +472,7 @@ def app_main(argv: Sequence[str]) -> int:
 class _Photo:
     id: str
     path: str
-    size: Optional[int]  # None: not on the server (404)
+    size: int | None  # None: not on the server (404)
     note: str = ""
 
 
@@ -491,7 +492,7 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def story(host: str, workdir: Optional[str], seed: int) -> int:
+def story(host: str, workdir: str | None, seed: int) -> int:
     """Run the whole demo; returns 0 when every check passed."""
     import fake_server  # the story's stand-in for the internet; the app itself does not need it
 
@@ -519,7 +520,7 @@ def story(host: str, workdir: Optional[str], seed: int) -> int:
     slow = photos[2]
     server = fake_server.FakeServer()
     server.start()
-    controller: Optional[fake_server.AppController] = None
+    controller: fake_server.AppController | None = None
     try:
         # -- 1. the server -----------------------------------------------------------------------
         print(f"1. Start a fake photo server at {server.base_url}")
@@ -673,7 +674,7 @@ def _story_main(argv: Sequence[str]) -> int:
     return story(args.host, args.workdir, args.seed)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["app"]:
         return app_main(argv[1:])

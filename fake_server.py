@@ -57,12 +57,16 @@ import threading
 import time
 import traceback
 import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKGROUND_EVENTS_ENV",
+    "CHUNK_SIZE",
+    "DEFAULT_LAST_MODIFIED",
     "AppController",
     "BasicAuth",
     "DigestAuth",
@@ -72,9 +76,6 @@ __all__ = [
     "RequestRecord",
     "Route",
     "blob_bytes",
-    "BACKGROUND_EVENTS_ENV",
-    "CHUNK_SIZE",
-    "DEFAULT_LAST_MODIFIED",
 ]
 
 #: Body bytes written (or read) per socket call; boundaries split chunks exactly.
@@ -93,7 +94,8 @@ DEFAULT_STOP_TIMEOUT = 5.0
 MAX_QUERY_BLOB = 2 * 1024 ** 3
 #: ``/blob/<size>`` entities kept in memory between requests.
 QUERY_BLOB_CACHE_ENTRIES = 8
-#: A rejected upload's body is read and discarded up to this size (to keep the connection); above it the connection closes.
+#: A rejected upload's body is read and discarded up to this size (to keep the connection);
+#: above it the connection closes.
 MAX_DRAIN = 1024 * 1024
 #: Idle keep-alive connections are closed after this many seconds.
 KEEP_ALIVE_TIMEOUT = 120.0
@@ -341,7 +343,7 @@ def _plan_status_fault(fault: Fault) -> _Plan:
 class _HeaderLookup(Protocol):
     """Request headers: an ``email.message.Message`` or a dict with lower-case names."""
 
-    def get(self, name: str, default: None = None) -> Optional[str]: ...
+    def get(self, name: str, default: None = None) -> str | None: ...
 
 
 def _plan_response(method: str, request_headers: _HeaderLookup, entity: _Entity,
@@ -470,7 +472,7 @@ class DigestAuth:
     """
 
     scheme = "Digest"
-    _HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
+    _HASHES: ClassVar[dict[str, Any]] = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 
     def __init__(self, user: str, password: str, realm: str = "fake", algorithm: str = "MD5",
                  qop: str | None = "auth") -> None:
@@ -506,7 +508,8 @@ class DigestAuth:
 
     def hash(self, text: str) -> str:
         """H() of RFC 7616 for this algorithm, as lower-case hex."""
-        return self._HASHES[self.algorithm](text.encode("utf-8")).hexdigest()
+        digest: str = self._HASHES[self.algorithm](text.encode("utf-8")).hexdigest()
+        return digest
 
     def expected_response(self, method: str, uri: str, nonce: str, nc: str = "", cnonce: str = "") -> str:
         """The ``response`` value a correct client sends."""
@@ -616,7 +619,7 @@ class Hold:
         if self._action is not None:
             try:
                 self._action()
-            except Exception as err:  # kept for the test to inspect
+            except Exception as err:  # kept for the test to inspect  # noqa: BLE001
                 self.error = err
         self.reached.set()
         if self._auto_release:
@@ -1256,7 +1259,8 @@ class FakeServer:
         self._stopping.clear()
         self._httpd = _HTTPServer(self, (self.host, self._port or self._requested_port))
         self._port = self._httpd.server_address[1]
-        self._serve_thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": ACCEPT_POLL_INTERVAL},
+        self._serve_thread = threading.Thread(target=self._httpd.serve_forever,
+                                              kwargs={"poll_interval": ACCEPT_POLL_INTERVAL},
                                               name="fake_server-accept", daemon=True)
         self._serve_thread.start()
         return self
@@ -1295,7 +1299,7 @@ class FakeServer:
             self.start()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     @property
@@ -1512,7 +1516,7 @@ class FakeServer:
             if watch.callback is not None:
                 try:
                     watch.callback(path, count)
-                except Exception:
+                except Exception:  # noqa: BLE001 - a test callback's failure must not kill the handler
                     traceback.print_exc()
             if watch.hold is not None:
                 watch.hold._arrive(count)
@@ -1626,7 +1630,7 @@ class AppController:
             launches = list(self._launches)
         for launch in launches:
             launch.process.poll()
-        return [(l.process.pid, l.background, l.process.returncode) for l in launches]
+        return [(x.process.pid, x.background, x.process.returncode) for x in launches]
 
     def launch(self, background: bool = False) -> subprocess.Popen:  # type: ignore[type-arg]
         """Start the app; ``background=True`` marks it a background launch for ``identifier``."""
@@ -1643,7 +1647,7 @@ class AppController:
             env[BACKGROUND_EVENTS_ENV] = str(self.identifier)
         out = None
         if self.output is not None:
-            out = open(self.output, "ab")
+            out = open(self.output, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             process = subprocess.Popen(self.argv, env=env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                        stdout=out, stderr=subprocess.STDOUT if out is not None else None)
@@ -1688,7 +1692,7 @@ class AppController:
     def __enter__(self) -> AppController:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 

@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
 
 import pytest
 
@@ -41,7 +42,7 @@ class Child:
     """A child running one scenario: stdout lines are queued; stdin takes commands."""
 
     def __init__(self, scenario: str, tmp: str, *, background: bool = False,
-                 env: Optional[Mapping[str, str]] = None, extra: Sequence[str] = ()) -> None:
+                 env: Mapping[str, str] | None = None, extra: Sequence[str] = ()) -> None:
         full_env = dict(os.environ)
         full_env.pop(bgsession.BACKGROUND_EVENTS_ENV, None)
         for name in (appdelegate.HANDLER_TIMEOUT_ENV, appdelegate.BACKGROUND_TIME_ENV):
@@ -51,12 +52,12 @@ class Child:
         full_env.update(env or {})
         full_env["PYTHONPATH"] = HERE + os.pathsep + full_env.get("PYTHONPATH", "")
         self.stderr_path = os.path.join(tmp, f"{scenario}-{id(self)}.stderr")
-        self._stderr = open(self.stderr_path, "wb")
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - the child writes it; closed in close()
         self.proc = subprocess.Popen([sys.executable, "-W", "error", os.path.abspath(__file__), scenario, tmp,
                                       *extra], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._stderr, env=full_env, cwd=tmp)
-        self.lines: List[str] = []
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -121,7 +122,7 @@ class Child:
 @pytest.fixture
 def spawn(tmp_path: Any) -> Iterator[Callable[..., Child]]:
     """Start children; every one is killed (if still running) and reaped at teardown."""
-    children: List[Child] = []
+    children: list[Child] = []
 
     def start(scenario: str, **kwargs: Any) -> Child:
         child = Child(scenario, str(tmp_path), **kwargs)
@@ -152,10 +153,10 @@ def test_handler_second_call_raises_and_does_nothing() -> None:
 
 def test_handler_called_from_many_threads_runs_once() -> None:
     """Racing calls from several threads: exactly one succeeds, every other raises RuntimeError."""
-    calls: List[int] = []
+    calls: list[int] = []
     handler = appdelegate.CompletionHandler("x", lambda: calls.append(1))
     barrier = threading.Barrier(8)
-    outcomes: List[str] = []
+    outcomes: list[str] = []
 
     def call() -> None:
         barrier.wait()
@@ -414,7 +415,7 @@ class _Twice(_Base):
 class _Idle(_Base):
     """A background launch for a session with nothing pending, wired like the seed."""
 
-    handler: Optional[appdelegate.CompletionHandler] = None
+    handler: appdelegate.CompletionHandler | None = None
 
     def did_finish_launching(self, app: appdelegate.Application, launch_options: Mapping[str, Any]) -> None:
         _say(f"did_finish_launching {dict(launch_options)} background={app.is_background_launch}")
@@ -472,7 +473,7 @@ class _Blocked(_Base):
 
 class _Raises(_Base):
     def run(self, app: appdelegate.Application) -> None:
-        1 / 0
+        raise ZeroDivisionError("run() fails on purpose")
 
 
 class _Expire(_Base):
@@ -500,7 +501,7 @@ class _Stuck(_Expire):
 class _Held(appdelegate.AppDelegate):
     """Re-creates a session that has waiting events, then checks no hook ran before the handler was saved."""
 
-    handler: Optional[appdelegate.CompletionHandler] = None
+    handler: appdelegate.CompletionHandler | None = None
 
     def did_finish_launching(self, app: appdelegate.Application, launch_options: Mapping[str, Any]) -> None:
         delegate = self
@@ -533,7 +534,7 @@ class _Held(appdelegate.AppDelegate):
         _say("handler saved")
 
 
-_SCENARIOS: Dict[str, type] = {
+_SCENARIOS: dict[str, type] = {
     "order": _Order, "twice": _Twice, "idle": _Idle, "silent": _Silent, "bgtask": _BackgroundTask,
     "blocked": _Blocked, "raises": _Raises, "expire": _Expire, "stuck": _Stuck, "held": _Held,
 }

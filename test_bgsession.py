@@ -8,6 +8,7 @@ is closed at teardown and its directory must pass ``Journal.check()``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,14 +18,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Callable, List
+from typing import Callable
 
 import pytest
 
 import bgsession as bg
 import fake_server as fs
-from testkit import *  # noqa: F401,F403 (fixtures)
-from testkit import HERE, LONG, MiB, SHORT, FakeClock, Recorder, download, file_sha, sha, stop_daemon
+from testkit import *
+from testkit import HERE, LONG, SHORT, FakeClock, MiB, Recorder, download, file_sha, sha, stop_daemon
 
 # ---------------------------------------------------------------------------
 # downloads and delivery
@@ -152,8 +153,8 @@ def test_session_manager_subclass_blocks_set_in_init_get_every_event(server, ses
         assert time.monotonic() < deadline
         time.sleep(0.01)
     sessions.close_all()
-    seen: List[str] = []
-    started_during_init: List[bool] = []
+    seen: list[str] = []
+    started_during_init: list[bool] = []
 
     class Manager(bg.SessionManager):
         def __init__(self, config):
@@ -395,7 +396,7 @@ def test_retry_increment_returns_new_policy():
     r = bg.Retry()
     r2 = r.increment()
     assert r.attempts == 0 and r2.attempts == 1 and r2 is not r
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.attempts = 5  # type: ignore[misc]
 
 
@@ -551,7 +552,7 @@ def test_journal_from_future_version_is_refused_and_kept(tmp_path):
     path = os.path.join(cfg.directory, "journal.jsonl")
     with open(path, "wb") as f:
         f.write(b'{"v":99,"t":"header","generation":1}\n')
-    with pytest.raises(bg.JournalError, match="journal.jsonl"):
+    with pytest.raises(bg.JournalError, match=r"journal\.jsonl"):
         bg.Session(cfg)
     with open(path, "rb") as f:
         assert f.read().startswith(b'{"v":99')
@@ -564,7 +565,7 @@ def test_corrupt_snapshot_is_kept_aside_then_recovery_continues(tmp_path):
     path = os.path.join(cfg.directory, "snapshot.json")
     with open(path, "wb") as f:
         f.write(b"{not json")
-    with pytest.raises(bg.JournalError, match="snapshot.json"):
+    with pytest.raises(bg.JournalError, match=r"snapshot\.json"):
         bg.Session(cfg)
     assert any(n.startswith("snapshot.json.corrupt-") for n in os.listdir(cfg.directory))
     bg.Session(cfg).close()
@@ -670,7 +671,7 @@ class Child:
         self.directory = str(tmp_path / "session")
         self.ledger = str(tmp_path / "ledger.jsonl")
         self.host = host
-        self.procs: List[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []
 
     def start(self, mode: str = "normal", *urls: str) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-W", "error", str(self.script), self.directory, self.host,
@@ -678,13 +679,13 @@ class Child:
         self.procs.append(proc)
         return proc
 
-    def entries(self) -> List[dict]:
+    def entries(self) -> list[dict]:
         if not os.path.exists(self.ledger):
             return []
         with open(self.ledger) as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def wait_for(self, predicate: Callable[[List[dict]], bool], proc: subprocess.Popen) -> None:
+    def wait_for(self, predicate: Callable[[list[dict]], bool], proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + LONG
         while not predicate(self.entries()):
             assert proc.poll() is None or predicate(self.entries()), f"child exited with {proc.returncode}"

@@ -15,7 +15,7 @@ import pytest
 
 import bgsession as bg
 import fake_server as fs
-from testkit import *  # noqa: F401,F403 (fixtures)
+from testkit import *
 from testkit import HERE, LONG, MiB, sha, stop_daemon, wait_until
 
 BGSESSION = os.path.join(HERE, "bgsession.py")

@@ -13,14 +13,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import List
 
 import pytest
 
 import bgsession as bg
 import fake_server as fs
-from testkit import *  # noqa: F401,F403 (fixtures)
-from testkit import HERE, LONG, MiB, SHORT, Recorder, download, received, sha, stop_daemon, wait_until
+from testkit import *
+from testkit import HERE, LONG, SHORT, MiB, Recorder, download, received, sha, stop_daemon, wait_until
 
 if bg.fcntl is None:  # pragma: no cover
     pytest.skip("the daemon host needs POSIX", allow_module_level=True)
@@ -90,7 +89,7 @@ class App:
         self.script.write_text(APP.format(here=HERE))
         self.directory = str(tmp_path / "session")
         self.ledger = str(tmp_path / "ledger.jsonl")
-        self.procs: List[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []
 
     def start(self, mode: str, *urls: str) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if k != bg.BACKGROUND_EVENTS_ENV}
@@ -99,13 +98,13 @@ class App:
         self.procs.append(proc)
         return proc
 
-    def entries(self) -> List[dict]:
+    def entries(self) -> list[dict]:
         if not os.path.exists(self.ledger):
             return []
         with open(self.ledger) as f:
             return [json.loads(line) for line in f if line.endswith("\n")]
 
-    def events(self, name: str) -> List[dict]:
+    def events(self, name: str) -> list[dict]:
         return [e for e in self.entries() if e["event"] == name]
 
     def close(self) -> None:
@@ -165,10 +164,12 @@ def test_download_finishes_while_no_app_runs_then_app_is_relaunched(server, app)
 def test_crashing_app_is_relaunched_with_growing_delays(server, app):
     """A relaunched app that dies without acknowledging is relaunched after growing delays, not in a loop."""
     server.add_blob("/x.bin", size=1000)
+    hold = server.hold_at("/x.bin", 0)  # nothing completes while the first app is alive
     p = app.start("crash", server.url("/x.bin"))
     wait_until(lambda: app.events("resumed"), what="resume() to return")
     p.kill()
     p.wait()
+    hold.release()
     wait_until(lambda: len([e for e in app.events("launch") if e["background"]]) >= 4, what="four relaunches")
     with open(os.path.join(app.directory, "daemon.log")) as f:
         log = f.read()
@@ -189,13 +190,13 @@ def test_daemon_killed_mid_download_is_restarted_and_resumes(server, daemons):
     s = daemons.open(rec)
     task = download(s, server.url("/big.bin"))
     on_disk = []
-    for kill, stop in enumerate(stops):
+    for stop in stops:
         assert server.wait_stalled(1, LONG)
         on_disk.append((on_disk[-1] if on_disk else 0) + stop)  # asserted below via the Range headers
         wait_until(received(task, on_disk[-1]), what="the stalled response's bytes on disk")
         pid = daemon_pid(s.configuration.directory)
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not alive(pid), what="daemon death")
+        wait_until(lambda pid=pid: not alive(pid), what="daemon death")
         server.release_stalls()
     assert s.wait(LONG)
     assert sha(rec.files[task.identifier]) == sha(data)

@@ -8,13 +8,13 @@ import dataclasses
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 import pytest
 
 import bgsession as bg
 import fake_server as fs
-from testkit import *  # noqa: F401,F403 (fixtures)
+from testkit import *
 from testkit import LONG, Recorder, Sessions, download, sha, stop_daemon
 
 SIZE = 1 << 20
@@ -24,23 +24,27 @@ NEW = fs.blob_bytes(SIZE, seed=72)
 NEW_LONGER = fs.blob_bytes(SIZE + 777, seed=73)
 
 
+#: Retries in milliseconds, Retry-After clamped to 50 ms: the matrix is about outcomes, not waiting.
+FAST_RETRY = bg.Retry(total=3, backoff_factor=0.001, backoff_max=0.01, retry_after_max=0.05)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     name: str
     setup: Callable[[fs.FakeServer], str]  # returns the URL to download
     expect: Any  # bytes the file must equal, or an ErrorCode
-    retry: bg.Retry = bg.Retry(total=3, backoff_factor=0.001, backoff_max=0.01, retry_after_max=0.05)
+    retry: bg.Retry = FAST_RETRY
     timeout_for_request: float = 60.0
 
 
-def cut_then(second: Optional[fs.Fault], **kw: Any) -> Callable[[fs.FakeServer], str]:
+def cut_then(second: fs.Fault | None, **kw: Any) -> Callable[[fs.FakeServer], str]:
     def setup(srv: fs.FakeServer) -> str:
         srv.add_blob("/f", DATA, faults=[fs.Fault(cut_after=HALF), second], **kw)
         return srv.url("/f")
     return setup
 
 
-def faults(*fl: Optional[fs.Fault], default: Optional[fs.Fault] = None, data: bytes = DATA, **kw: Any):
+def faults(*fl: fs.Fault | None, default: fs.Fault | None = None, data: bytes = DATA, **kw: Any):
     def setup(srv: fs.FakeServer) -> str:
         srv.add_blob("/f", data, faults=list(fl), default_fault=default, **kw)
         return srv.url("/f")
@@ -89,7 +93,7 @@ SCENARIOS = [
 ]
 
 
-def run_scenario(scenario: Scenario, sessions: Sessions) -> Dict[str, Any]:
+def run_scenario(scenario: Scenario, sessions: Sessions) -> dict[str, Any]:
     """Run one scenario; assert its outcome; return what it cost."""
     with fs.FakeServer() as srv:
         url = scenario.setup(srv)
@@ -124,7 +128,7 @@ def test_fault_ends_in_exact_file_or_clear_error(scenario, sessions):
 
 def main() -> int:
     """Print the fault table (Markdown) for the README."""
-    rows: List[str] = ["| fault | outcome | requests (in-process / daemon) | bytes served for a 1 MiB file |",
+    rows: list[str] = ["| fault | outcome | requests (in-process / daemon) | bytes served for a 1 MiB file |",
                        "|---|---|---|---|"]
 
     class Path:

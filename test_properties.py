@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -27,9 +26,9 @@ P = bg.Phase
 # ---------------------------------------------------------------------------
 
 
-def _random_records(rng: random.Random, n: int) -> List[dict]:
+def _random_records(rng: random.Random, n: int) -> list[dict]:
     """A valid record sequence: tasks created, then random legal events through the table."""
-    records: List[dict] = [{"v": 1, "t": "header", "generation": 0}]
+    records: list[dict] = [{"v": 1, "t": "header", "generation": 0}]
     shadow = bg._SessionState()
     next_id = 1
     for _ in range(n):
@@ -57,7 +56,8 @@ def _random_records(rng: random.Random, n: int) -> List[dict]:
             elif event == "response":
                 rec.update(response={"url": "http://h/x", "status": 200, "headers": []}, start=0,
                            total=rng.randrange(1 << 20), validator={"etag": '"e"'}, boot="b")
-            elif event in ("finish", "fail") or (event == "cancel" and bg._TRANSITIONS[task.phase][event] is P.DELIVERING):
+            elif event in ("finish", "fail") or (
+                    event == "cancel" and bg._TRANSITIONS[task.phase][event] is P.DELIVERING):
                 ok = rng.random() < 0.5 and event == "finish"
                 rec.update(file=f"{task.id}.done" if ok else None,
                            error=None if ok else {"code": -999, "message": "x", "url": None, "resume": False})
@@ -68,7 +68,7 @@ def _random_records(rng: random.Random, n: int) -> List[dict]:
     return records
 
 
-def _fingerprint(state: bg._SessionState) -> Dict[int, tuple]:
+def _fingerprint(state: bg._SessionState) -> dict[int, tuple]:
     return {tid: (t.phase, tuple(t.acked), t.description, t.durable_offset, t.error is None, t.file)
             for tid, t in state.tasks.items()}
 
@@ -122,7 +122,7 @@ def _entity(rng: random.Random) -> bytes:
 
 
 def _server(rng: random.Random, entity: bytes, offset: int, asked: bool, behaviour: str
-            ) -> Tuple[int, "bg.Headers", bytes]:
+            ) -> tuple[int, bg.Headers, bytes]:
     """A response to ``Range: bytes=offset-`` (+If-Range) the way a (mis)behaving server would send it."""
     size = len(entity)
     if not asked or behaviour == "ignore_range" or behaviour == "changed":
@@ -146,7 +146,7 @@ def _server(rng: random.Random, entity: bytes, offset: int, asked: bool, behavio
 def test_range_policy_never_splices(chunk):
     """For random local states and server behaviours, the file the policy builds is one entity, whole."""
     rng = random.Random(SEED * 7 + chunk)
-    outcomes: Dict[str, int] = {}
+    outcomes: dict[str, int] = {}
     for case in range(2500):
         old = _entity(rng)
         behaviour = rng.choice(["honest", "honest", "ignore_range", "changed", "early", "late",
@@ -154,7 +154,7 @@ def test_range_policy_never_splices(chunk):
         current = _entity(rng) if behaviour == "changed" else old
         offset = rng.randrange(0, len(old) + 1)
         local = old[:offset]
-        known: Optional[int] = len(old) if rng.random() < 0.8 else None
+        known: int | None = len(old) if rng.random() < 0.8 else None
         asked = offset > 0
         for _ in range(4):  # a re-request goes out without Range
             status, headers, body = _server(rng, current, offset, asked, behaviour)

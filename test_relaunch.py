@@ -34,7 +34,8 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -85,7 +86,7 @@ class Ledger:
             finally:
                 os.close(fd)
 
-    def read(self) -> List[Dict[str, Any]]:
+    def read(self) -> list[dict[str, Any]]:
         try:
             with open(self.path, "rb") as f:
                 return [json.loads(line) for line in f if line.endswith(b"\n")]
@@ -109,14 +110,14 @@ def _say(text: str) -> None:
 class LedgerManager(bgsession.SessionManager):
     """The app's background session manager: session-level blocks set in __init__, as in the seed."""
 
-    def __init__(self, state: str, manifest: str, host: str, block: Optional[Tuple[str, str]]) -> None:
+    def __init__(self, state: str, manifest: str, host: str, block: tuple[str, str] | None) -> None:
         super().__init__(bgsession.Configuration.background(
             IDENTIFIER, directory=os.path.join(state, "session"), host=host,
             relaunch_command=_app_argv(state, manifest, host) if host == "daemon" else None))
         self.documents = os.path.join(state, "Documents")
         self.ledger = Ledger(os.path.join(state, "ledger.jsonl"))
         self.block = block  # (event, description): that hook blocks forever (the parent kills us there)
-        self.saved_completion_handler: Optional[appdelegate.CompletionHandler] = None
+        self.saved_completion_handler: appdelegate.CompletionHandler | None = None
         self.set_download_task_did_finish_downloading(self._finish)
         self.set_task_did_complete(self._complete)
         self.set_did_finish_events_for_background_session(self._events)
@@ -127,7 +128,7 @@ class LedgerManager(bgsession.SessionManager):
             _say(f"blocked in {event} {description}")
             threading.Event().wait()
 
-    def _finish(self, session: bgsession.Session, task: bgsession.DownloadTask, location: str) -> Optional[str]:
+    def _finish(self, session: bgsession.Session, task: bgsession.DownloadTask, location: str) -> str | None:
         status = task.response.status if task.response is not None else None
         self.ledger.append(event="finish", phase="started", desc=task.description, status=status,
                            sha256=_sha256_file(location))
@@ -141,7 +142,7 @@ class LedgerManager(bgsession.SessionManager):
         return dest
 
     def _complete(self, session: bgsession.Session, task: bgsession.Task,
-                  error: Optional[bgsession.TransferError]) -> None:
+                  error: bgsession.TransferError | None) -> None:
         status = task.response.status if task.response is not None else None
         self.ledger.append(event="complete", phase="started", desc=task.description, status=status,
                            error=None if error is None else error.code.name)
@@ -156,7 +157,7 @@ class LedgerManager(bgsession.SessionManager):
             handler()
 
     def _challenge(self, session: bgsession.Session, task: bgsession.Task, challenge: bgsession.AuthChallenge
-                   ) -> Tuple[bgsession.AuthChallengeDisposition, Optional[bgsession.Credential]]:
+                   ) -> tuple[bgsession.AuthChallengeDisposition, bgsession.Credential | None]:
         if challenge.previous_failure_count == 0:
             return bgsession.AuthChallengeDisposition.USE_CREDENTIAL, bgsession.Credential(
                 USER, PASSWORD, bgsession.CredentialPersistence.FOR_SESSION)
@@ -215,7 +216,7 @@ class LedgerApp(appdelegate.AppDelegate):
         self.manager.ledger.append(event="exit")
 
 
-def _app_argv(state: str, manifest: str, host: str) -> List[str]:
+def _app_argv(state: str, manifest: str, host: str) -> list[str]:
     """The app's command line (also the daemon host's relaunch_command)."""
     return [sys.executable, "-W", "error", os.path.abspath(__file__), "app", "--state", state,
             "--manifest", manifest, "--host", host]
@@ -245,10 +246,10 @@ def _app_parser() -> argparse.ArgumentParser:
 @dataclasses.dataclass(frozen=True)
 class File:
     name: str
-    size: Optional[int]  # None: the server answers 404
+    size: int | None  # None: the server answers 404
     seed: int = 0
     auth: bool = False
-    throttle: Optional[int] = None  # bytes/s: the client keeps up, so a kill lands where the client is
+    throttle: int | None = None  # bytes/s: the client keeps up, so a kill lands where the client is
 
     @property
     def desc(self) -> str:
@@ -271,12 +272,12 @@ class Launch:
 
     pid: int
     background: bool
-    proc: Optional[subprocess.Popen] = None  # type: ignore[type-arg]
-    lines: "queue.Queue[Optional[str]]" = dataclasses.field(default_factory=queue.Queue)
-    rc: Optional[int] = None
-    killed_at: Optional[Tuple[str, int]] = None
+    proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+    lines: queue.Queue[str | None] = dataclasses.field(default_factory=queue.Queue)
+    rc: int | None = None
+    killed_at: tuple[str, int] | None = None
     #: After a kill: the (description, event) pairs the journal had acknowledged when the process died.
-    acked: "set[Tuple[str, str]]" = dataclasses.field(default_factory=set)
+    acked: set[tuple[str, str]] = dataclasses.field(default_factory=set)
 
     def expect(self, prefix: str, timeout: float = LAUNCH_TIMEOUT) -> str:
         deadline = time.monotonic() + timeout
@@ -303,7 +304,7 @@ class Driver:
         with open(self.manifest, "w", encoding="utf-8") as f:
             json.dump([{"desc": x.desc, "url": server.url(x.path)} for x in files], f)
         self.log = os.path.join(root, "app.log")
-        self.launches: List[Launch] = []
+        self.launches: list[Launch] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
         for f in files:
@@ -321,7 +322,7 @@ class Driver:
     def session_directory(self) -> str:
         return os.path.join(self.state, "session")
 
-    def launch(self, background: bool, block: Optional[str] = None) -> Launch:
+    def launch(self, background: bool, block: str | None = None) -> Launch:
         env = dict(os.environ)
         env.pop(bgsession.BACKGROUND_EVENTS_ENV, None)
         if background:
@@ -469,7 +470,7 @@ def _basic_auth() -> Any:
     return fake_server.BasicAuth(USER, PASSWORD, realm="photos")
 
 
-def _throttled(rate: Optional[int]) -> Any:
+def _throttled(rate: int | None) -> Any:
     import fake_server
     return fake_server.Fault(throttle=rate) if rate else None
 
@@ -486,13 +487,13 @@ def server() -> Iterator[Any]:
         yield srv
 
 
-def _kill_loop(driver: Driver, rng: random.Random, kills: int) -> List[Launch]:
+def _kill_loop(driver: Driver, rng: random.Random, kills: int) -> list[Launch]:
     """Launch, kill at random byte offsets, relaunch; until every download completed.
 
     Returns the launches a kill was armed for: with the in-process host each of those kills is
     certain to land mid-download (while a file still has bytes the server never sent).
     """
-    armed: List[Launch] = []
+    armed: list[Launch] = []
     killable = [f for f in driver.files if f.size is not None and not f.auth and f.size >= 2]
     for n in range(MAX_LAUNCHES):
         targets = [f for f in killable if f.size is not None and f.size - driver.served_end(f) >= 2]
@@ -581,7 +582,7 @@ def _check(driver: Driver) -> None:
     assert bgsession.Journal(os.path.join(driver.state, "session")).check() == []
 
 
-def _mixed_files(rng: random.Random, *, big: int) -> List[File]:
+def _mixed_files(rng: random.Random, *, big: int) -> list[File]:
     """Mixed sizes (tiny to *big*), one 404, one behind Basic auth."""
     return [
         File("tiny.bin", 1, seed=1),

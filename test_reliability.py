@@ -13,9 +13,8 @@ import pytest
 
 import bgsession as bg
 import fake_server as fs
-from testkit import *  # noqa: F401,F403 (fixtures)
+from testkit import *
 from testkit import LONG, MiB, Recorder, download, sha, stop_daemon
-
 
 # ---------------------------------------------------------------------------
 # TLS

@@ -7,13 +7,12 @@ import base64
 import json
 import os
 import threading
-from typing import List, Optional
 
 import pytest
 
 import bgsession as bg
 import fake_server as fs
-from testkit import *  # noqa: F401,F403 (fixtures)
+from testkit import *
 from testkit import LONG, MiB, Recorder, download, received, sha, wait_until
 
 D = bg.AuthChallengeDisposition
@@ -33,7 +32,7 @@ def write(path, data: bytes) -> str:
 class UploadRecorder(Recorder):
     def __init__(self) -> None:
         super().__init__()
-        self.sent: List[tuple] = []
+        self.sent: list[tuple] = []
         self.bodies: dict = {}
 
     def task_did_send_body_data(self, session, task, sent, total, expected):
@@ -120,7 +119,7 @@ class Challenger(Recorder):
     def __init__(self, answers) -> None:
         super().__init__()
         self.answers = list(answers)
-        self.challenges: List[bg.AuthChallenge] = []
+        self.challenges: list[bg.AuthChallenge] = []
 
     def task_did_receive_challenge(self, session, task, challenge):
         self.challenges.append(challenge)
@@ -395,7 +394,7 @@ class Invalidation(Recorder):
     def __init__(self) -> None:
         super().__init__()
         self.invalid = threading.Event()
-        self.order: List[str] = []
+        self.order: list[str] = []
 
     def task_did_complete(self, session, task, error):
         self.order.append("complete")

@@ -11,15 +11,33 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import pytest
 
 import bgsession as bg
 import fake_server as fs
 
-__all__ = ["SHORT", "LONG", "MiB", "HERE", "sha", "file_sha", "server", "Recorder", "Sessions", "host",
-           "sessions", "inproc", "daemons", "download", "stop_daemon", "FakeClock", "wait_until", "received"]
+__all__ = [
+    "HERE",
+    "LONG",
+    "SHORT",
+    "FakeClock",
+    "MiB",
+    "Recorder",
+    "Sessions",
+    "daemons",
+    "download",
+    "file_sha",
+    "host",
+    "inproc",
+    "received",
+    "server",
+    "sessions",
+    "sha",
+    "stop_daemon",
+    "wait_until",
+]
 
 #: Generous bound for things that happen in well under a second.
 SHORT = 15.0
@@ -54,11 +72,11 @@ class Recorder(bg.SessionDelegate):
     """Records every hook call in order; keeps a copy of each finished file's bytes."""
 
     def __init__(self) -> None:
-        self.calls: List[tuple] = []
-        self.files: Dict[int, bytes] = {}
-        self.statuses: Dict[int, Optional[int]] = {}
-        self.errors: Dict[int, Optional[bg.TransferError]] = {}
-        self.progress: Dict[int, List[tuple]] = {}
+        self.calls: list[tuple] = []
+        self.files: dict[int, bytes] = {}
+        self.statuses: dict[int, int | None] = {}
+        self.errors: dict[int, bg.TransferError | None] = {}
+        self.progress: dict[int, list[tuple]] = {}
         self.completed = threading.Event()
         self.finished_events = 0
         self.lock = threading.Lock()
@@ -95,7 +113,7 @@ class Sessions:
     def __init__(self, tmp_path, host: str) -> None:
         self.tmp_path = tmp_path
         self.host = host
-        self.opened: List[bg.Session] = []
+        self.opened: list[bg.Session] = []
         self.directories: set = set()
         self.check_journal = True
         self.counter = 0
@@ -108,7 +126,7 @@ class Sessions:
         kwargs.setdefault("retry", bg.Retry(backoff_factor=0.01, backoff_max=0.05))
         return bg.Configuration.background(f"test.{name}", directory=directory, **kwargs)
 
-    def open(self, delegate: Optional[bg.SessionDelegate] = None, name: str = "s", **kwargs: Any) -> bg.Session:
+    def open(self, delegate: bg.SessionDelegate | None = None, name: str = "s", **kwargs: Any) -> bg.Session:
         session = bg.Session(self.config(name, **kwargs), delegate)
         self.opened.append(session)
         return session
@@ -169,7 +187,7 @@ def inproc(tmp_path):
     s.teardown()
 
 
-def download(session: bg.Session, url: str, description: Optional[str] = None) -> bg.DownloadTask:
+def download(session: bg.Session, url: str, description: str | None = None) -> bg.DownloadTask:
     task = session.download_task(url, description=description)
     task.resume()
     return task
@@ -180,7 +198,7 @@ class FakeClock(bg._Clock):
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.waits: List[float] = []
+        self.waits: list[float] = []
         self.lock = threading.Lock()
 
     def monotonic(self) -> float:
@@ -190,7 +208,7 @@ class FakeClock(bg._Clock):
     def time(self) -> float:
         return 1_700_000_000.0 + self.monotonic()
 
-    def wait(self, event: threading.Event, timeout: Optional[float]) -> bool:
+    def wait(self, event: threading.Event, timeout: float | None) -> bool:
         if timeout is not None:
             with self.lock:
                 self.waits.append(timeout)
