@@ -121,6 +121,8 @@ DEFAULT_PROGRESS_INTERVAL = 0.1
 #: Seconds (or bytes, below) of received data between two fsync + offset records.
 DEFAULT_SYNC_INTERVAL = 1.0
 DEFAULT_SYNC_BYTES = 64 << 20
+#: Seconds an idle transfer thread waits for more work before it exits.
+WORKER_LINGER = 2.0
 #: Redirects followed before a task fails with HTTP_TOO_MANY_REDIRECTS.
 MAX_REDIRECTS = 16
 #: Journal records after which the journal is compacted into the snapshot.
@@ -966,6 +968,33 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _GroupSync:
+    """One fsync shared by concurrent callers: a caller arriving during a sync waits for the next."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+        self._cond = threading.Condition(threading.Lock())
+        self._done = 0  # syncs completed
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            target = self._done + (2 if self._running else 1)  # a sync already under way may predate us
+            while self._done < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._cond.release()
+                try:
+                    self._fn()
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done += 1
+                    self._cond.notify_all()
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     """Same-directory temp file (0600) -> write -> fsync -> os.replace -> fsync the directory."""
     directory = os.path.dirname(path)
@@ -1223,13 +1252,15 @@ def _read_journal_lines(data: bytes, path: str, problems: list[str]) -> tuple[li
 
 
 class _JournalWriter:
-    """The one writer of ``journal.jsonl``: appends in order, fsyncs in batches.
+    """The one writer of ``journal.jsonl``: appends in order, fsyncs in batches (group commit).
 
     ``append`` queues a record and returns a ticket at once; ``wait(ticket)``
-    blocks until that record (and all before it) is on disk. Whoever waits shares
-    the fsync of everyone queued with them (group commit). A failed write is
+    blocks until that record (and all before it) is on disk. A waiter that finds
+    no flush under way flushes everything queued itself (no hand-off to another
+    thread); waiters that arrive meanwhile share the next one. A background thread
+    flushes what nobody waits for (progress and start records). A failed write is
     undone (the file is truncated to its last good length), reported to waiters
-    as :class:`JournalError`, and retried with the next batch.
+    as :class:`JournalError`, and retried by the background thread.
     """
 
     RETRY_PAUSE = 0.5
@@ -1240,12 +1271,15 @@ class _JournalWriter:
         os.ftruncate(self._fd, valid_length)  # drop a torn last line before appending
         os.lseek(self._fd, valid_length, os.SEEK_SET)
         self._length = valid_length
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._pending: list[bytes] = []
         self._appended = 0
         self._durable = 0
+        self._flushing = False
         self._error: JournalError | None = None
+        self._retry_at = 0.0
         self._closing = False
+        self._callbacks: list[tuple[int, Callable[[], None]]] = []
         self.records_written = 0
         self._thread = threading.Thread(target=self._run, name="bgsession-journal", daemon=True)
         self._thread.start()
@@ -1265,52 +1299,91 @@ class _JournalWriter:
             while self._durable < ticket:
                 if self._error is not None:
                     raise self._error
-                if self._closing and not self._thread.is_alive():
+                if self._closing and not self._thread.is_alive() and not self._pending:
                     raise SessionInvalidatedError("the session's journal closed before a record was written")
-                self._cond.wait(1.0)
+                if not self._flushing and self._pending:
+                    self._flush_locked()
+                else:
+                    self._cond.wait(1.0)
 
     def flush(self) -> None:
         with self._cond:
             ticket = self._appended
         self.wait(ticket)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if not self._pending and self._closing:
-                    return
-                batch = self._pending
-                upto = self._appended
-                self._pending = []
-            data = b"".join(batch)
+    def on_durable(self, ticket: int, callback: Callable[[], None]) -> None:
+        """Run *callback* (on the journal thread, without its lock) once *ticket* is on disk."""
+        with self._cond:
+            self._callbacks.append((ticket, callback))
+            self._cond.notify_all()
+
+    def _flush_locked(self) -> None:
+        """Write and fsync everything queued. Called and returns with the lock held; I/O runs without it."""
+        self._flushing = True
+        batch, self._pending = self._pending, []
+        upto = self._appended
+        data = b"".join(batch)
+        failure: OSError | None = None
+        self._cond.release()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            _fsync(self._fd)
+        except OSError as err:
+            failure = err
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view):]
-                _fsync(self._fd)
-            except OSError as err:
-                try:
-                    os.ftruncate(self._fd, self._length)
-                    os.lseek(self._fd, self._length, os.SEEK_SET)
-                except OSError:
-                    pass
-                error = JournalError(f"cannot write the journal {self.path}: {err.strerror or err}", self.path)
-                error.__cause__ = err
+                os.ftruncate(self._fd, self._length)
+                os.lseek(self._fd, self._length, os.SEEK_SET)
+            except OSError:
+                pass  # the write error is what matters
+        finally:
+            self._cond.acquire()
+        self._flushing = False
+        if failure is None:
+            self._length += len(data)
+            self.records_written += len(batch)
+            self._durable = upto
+            self._error = None
+        else:
+            error = JournalError(f"cannot write the journal {self.path}: {failure.strerror or failure}", self.path)
+            error.__cause__ = failure
+            if self._error is None:
                 log.error("%s", error)
-                with self._cond:
-                    self._error = error
-                    self._pending[:0] = batch
-                    self._cond.notify_all()
-                    self._cond.wait(self.RETRY_PAUSE)
-                continue
-            with self._cond:
-                self._length += len(data)
-                self.records_written += len(batch)
-                self._durable = upto
-                self._error = None
-                self._cond.notify_all()
+            self._error = error
+            self._pending[:0] = batch
+            self._retry_at = time.monotonic() + self.RETRY_PAUSE
+        self._cond.notify_all()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                due = [cb for t, cb in self._callbacks if t <= self._durable]
+                if due:
+                    self._callbacks = [(t, cb) for t, cb in self._callbacks if t > self._durable]
+                    self._cond.release()
+                    try:
+                        for callback in due:
+                            try:
+                                callback()
+                            except Exception:
+                                log.exception("journal callback failed")
+                    finally:
+                        self._cond.acquire()
+                    continue
+                if self._closing and not self._pending and not self._flushing:
+                    return
+                if not self._pending or self._flushing:
+                    self._cond.wait()
+                    continue
+                if self._error is not None:
+                    pause = self._retry_at - time.monotonic()
+                    if pause > 0 and not self._closing:
+                        self._cond.wait(pause)
+                        continue
+                    if self._closing:
+                        return  # the disk stays unwritable: give up; the records were never durable
+                self._flush_locked()
 
     def reopen(self, valid_length: int) -> None:
         """Switch to a new file at the same path (after compaction); nothing may be pending."""
@@ -1349,6 +1422,9 @@ class _MemoryWriter:
 
     def reopen(self, valid_length: int) -> None:
         return None
+
+    def on_durable(self, ticket: int, callback: Callable[[], None]) -> None:
+        callback()
 
     def close(self) -> None:
         return None
@@ -1791,9 +1867,10 @@ class _HostPool:
 
     IDLE_CONNECTION_SECONDS = 30.0
 
-    def __init__(self, key: tuple[str, str, int], limit: int) -> None:
+    def __init__(self, key: tuple[str, str, int], limit: int, lock: threading.RLock) -> None:
         self.key = key
         self.limit = limit
+        self.cond = threading.Condition(lock)  # the core's lock: idle workers wait here for work
         self.queue: collections.deque[int] = collections.deque()
         self.workers = 0  # threads alive for this host
         self.active = 0  # of which are running an attempt
@@ -1940,6 +2017,7 @@ class _Core:
             _ensure_private_dir(self.directory)
             self.tmp = os.path.join(self.directory, _TMP_DIR)
             _ensure_private_dir(self.tmp)
+            self._tmp_sync = _GroupSync(lambda: _fsync_dir(self.tmp))
             _acquire_lock(self.directory, _LOCK_NAME, config.identifier)
             try:
                 self.state, valid, problems = _load_state(self.directory)
@@ -1966,6 +2044,7 @@ class _Core:
                 raise
         else:
             self.tmp = tempfile.mkdtemp(prefix="bgsession-")
+            self._tmp_sync = _GroupSync(lambda: None)  # nothing durable in memory sessions
             self.state = _SessionState()
             self.writer = _MemoryWriter()
         self._scheduler = threading.Thread(target=self._schedule_loop, name="bgsession-scheduler", daemon=True)
@@ -2132,34 +2211,47 @@ class _Core:
             return tid
 
     def resume(self, tid: int) -> None:
+        self.resume_many([tid])
+
+    def resume_many(self, tids: Sequence[int]) -> None:
+        """Resume tasks; durable (one shared fsync) when it returns."""
+        ticket = 0
+        failed = []
         with self.lock:
             self._check_open()
-            task = self._task(tid)
-            if task.phase is not Phase.SUSPENDED:
-                return
-            upload = None
-            if task.kind == "upload" and task.upload:
-                upload = dict(task.upload)
-                try:
-                    st = os.stat(upload["path"])
-                    upload.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-                    task.live.expected_send = st.st_size
-                except OSError:
-                    pass  # the attempt reports FILE_DOES_NOT_EXIST
-            ticket = self._record(task, "resume", at=self.clock.time(), upload=upload)
-            if task.problem:
-                self._fail(task, TransferError(ErrorCode.CANNOT_RESUME, task.problem, url=task.request["url"]),
-                           "fail", keep_partial=False)
-                events_after = True
-            else:
-                events_after = False
-                self._enqueue(task)
+            for tid in tids:
+                t, failing = self._resume_locked(self._task(tid))
+                ticket = max(ticket, t)
+                if failing:
+                    failed.append(failing)
             self.changed.notify_all()
         self.writer.wait(ticket)
-        if events_after:
+        if failed:
             self.writer.flush()
             with self.lock:
-                self._post_task_events(task)
+                for task in failed:
+                    self._post_task_events(task)
+
+    def _resume_locked(self, task: _TaskRecord) -> tuple[int, _TaskRecord | None]:
+        """Journal a resume (under the lock). Returns (ticket, the task if it fails at once)."""
+        if task.phase is not Phase.SUSPENDED:
+            return 0, None
+        upload = None
+        if task.kind == "upload" and task.upload:
+            upload = dict(task.upload)
+            try:
+                st = os.stat(upload["path"])
+                upload.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+                task.live.expected_send = st.st_size
+            except OSError:
+                pass  # the attempt reports FILE_DOES_NOT_EXIST
+        ticket = self._record(task, "resume", at=self.clock.time(), upload=upload)
+        if task.problem:
+            ticket = self._fail(task, TransferError(ErrorCode.CANNOT_RESUME, task.problem,
+                                                    url=task.request["url"]), "fail", keep_partial=False)
+            return ticket, task
+        self._enqueue(task)
+        return ticket, None
 
     def suspend(self, tid: int) -> None:
         with self.lock:
@@ -2263,9 +2355,11 @@ class _Core:
         with self.lock:
             return [self._info(t) for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED]
 
-    def outstanding(self) -> int:
+    def outstanding(self, exclude: Iterable[int] = ()) -> int:
+        """Tasks not yet completed and delivered, leaving out *exclude* (cheap: no info built)."""
+        skip = set(exclude)
         with self.lock:
-            return sum(1 for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED)
+            return sum(1 for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED and t.id not in skip)
 
     def attach(self, sink: Any, wait_for_active: bool = False) -> None:
         """Attach the app: post every event that waited, then BacklogEnd.
@@ -2316,6 +2410,8 @@ class _Core:
                 if task.live is not None and task.live.control is not None:
                     task.live.control.stop("close")
             self.changed.notify_all()
+            for pool in self.pools.values():
+                pool.cond.notify_all()  # lingering workers exit now
         self._wake.set()
         for thread in list(self.threads):
             thread.join(30.0)
@@ -2381,7 +2477,7 @@ class _Core:
                 f.truncate(size)
                 _fsync(f.fileno())
             os.replace(part, os.path.join(self.tmp, name))
-            _fsync_dir(self.tmp)
+            self._tmp_sync.sync()
         except OSError as err:
             log.warning("task %s: cannot keep partial data for resume (%s)", task.id, err)
             return None
@@ -2391,12 +2487,13 @@ class _Core:
     def _pool(self, key: tuple[str, str, int]) -> _HostPool:
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = _HostPool(key, self.config.max_connections_per_host)
+            pool = self.pools[key] = _HostPool(key, self.config.max_connections_per_host, self.lock)
         return pool
 
     def _enqueue(self, task: _TaskRecord) -> None:
         pool = self._pool(_origin(task.request["url"]))
         pool.queue.append(task.id)
+        pool.cond.notify()  # wakes a lingering worker
         if pool.workers < pool.limit and pool.workers - pool.active < len(pool.queue):
             pool.workers += 1
             thread = threading.Thread(target=self._worker, args=(pool,), daemon=True,
@@ -2405,10 +2502,20 @@ class _Core:
             thread.start()
 
     def _next_task(self, pool: _HostPool) -> _TaskRecord | None:
-        while pool.queue and not self.closed:
-            task = self.state.tasks.get(pool.queue.popleft())
-            if task is not None and task.phase is Phase.QUEUED and not task.live.worker:
-                return task
+        """The next runnable task of *pool* (under the lock); an idle worker lingers a little
+        for more work before it exits, so a stream of small tasks does not start a thread each."""
+        deadline = None
+        while not self.closed:
+            while pool.queue:
+                task = self.state.tasks.get(pool.queue.popleft())
+                if task is not None and task.phase is Phase.QUEUED and not task.live.worker:
+                    return task
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + WORKER_LINGER
+            if now >= deadline:
+                return None
+            pool.cond.wait(deadline - now)
         return None
 
     def _push_timer(self, task: _TaskRecord, delay: float) -> None:
@@ -2531,24 +2638,26 @@ class _Core:
                     pool.active -= 1
                     task.live.control = None
                     ticket = self._settle(task, outcome)
-                    if ticket is not None:
-                        task.live.events_ready = False
-                if ticket is not None:
-                    try:
-                        self.writer.wait(ticket)
-                    except (JournalError, SessionInvalidatedError) as err:
-                        log.error("task %s: outcome not journaled: %s", task.id, err)
-                with self.lock:
-                    task.live.events_ready = True
                     task.live.worker = False
-                    if ticket is not None:
-                        self._post_task_events(task)
                     if task.phase is Phase.QUEUED and not self.closed:
                         self._enqueue(task)  # resumed again while this attempt was stopping
-                    task.live.done.set()
-                    self.changed.notify_all()
+                    if ticket is None:
+                        task.live.done.set()
+                        self.changed.notify_all()
+                    else:
+                        task.live.events_ready = False  # posted once the outcome is on disk
+                if ticket is not None:
+                    # the next transfer starts now; the events follow the record to the disk
+                    self.writer.on_durable(ticket, lambda task=task: self._outcome_durable(task))
         finally:
             self.threads.discard(threading.current_thread())
+
+    def _outcome_durable(self, task: _TaskRecord) -> None:
+        with self.lock:
+            task.live.events_ready = True
+            self._post_task_events(task)
+            task.live.done.set()
+            self.changed.notify_all()
 
     def _release_connections(self, pool: _HostPool, conns: dict[tuple[str, str, int], Any], ok: bool) -> None:
         """After an attempt: keep the worker's own connection, return others (redirect targets) to
@@ -2960,7 +3069,7 @@ class _Core:
             _fsync(fd)
             done_name = f"{task.id}.done"
             os.replace(part, os.path.join(self.tmp, done_name))
-            _fsync_dir(self.tmp)
+            self._tmp_sync.sync()
         except OSError as err:
             raise _Fatal(TransferError(ErrorCode.CANNOT_WRITE_TO_FILE, f"cannot finish the file: {err}",
                                        url=task.current_url)) from err
@@ -3050,7 +3159,7 @@ class _Core:
                     _fsync(fd)
                 finally:
                     os.close(fd)
-                _fsync_dir(self.tmp)
+                self._tmp_sync.sync()
                 return ("finished", {"file": body_name, "response": Response(url, status, hdrs)._to_record(),
                                      "error": None}), True
         except _Stopped as stop:
@@ -3535,15 +3644,26 @@ class Session:
             tid = self._backend.create_task("download", req, description, resume=parsed)
         return self._task_object(tid)  # type: ignore[return-value]
 
+    def resume_all(self, tasks: Iterable[Task]) -> None:
+        """``task.resume()`` for many tasks at once: the same guarantee (durable when it returns),
+        one journal fsync (and, with the daemon host, one round trip) for all of them."""
+        ids = []
+        for task in tasks:
+            if not isinstance(task, Task) or task._session is not self:
+                raise _invalid("resume_all takes tasks of this session")
+            ids.append(task.identifier)
+        self._backend.resume_many(ids)
+
     def get_tasks(self) -> list[Task]:
         """Tasks not yet completed and delivered, including those re-created after a relaunch."""
         return [self._task_object(info["id"]) for info in self._backend.tasks()]
 
     # -- waiting and ending -------------------------------------------------------------------
     def _settled(self) -> bool:
-        held = self._delivery.held
-        pending = [i for i in self._backend.tasks() if i["id"] not in held]
-        return not pending and self._delivery.idle()
+        delivery = self._delivery
+        if not delivery.idle():
+            return False  # cheap local answer first: events are still being delivered
+        return self._backend.outstanding(delivery.held) == 0 and delivery.idle()
 
     def _after_event(self) -> None:
         if self._invalidating and not self._invalid and self._settled():
@@ -4409,6 +4529,9 @@ class _DaemonServer:
         if op == "resume":
             core.resume(int(msg["id"]))
             return None, sink
+        if op == "resume_many":
+            core.resume_many([int(i) for i in msg["ids"]])
+            return None, sink
         if op == "suspend":
             core.suspend(int(msg["id"]))
             return None, sink
@@ -4425,6 +4548,8 @@ class _DaemonServer:
             return core.task_info(int(msg["id"])), sink
         if op == "tasks":
             return core.tasks(), sink
+        if op == "outstanding":
+            return core.outstanding(msg.get("exclude") or ()), sink
         if op == "ping":
             return "pong", sink
         if op == "shutdown":
@@ -4685,6 +4810,9 @@ class _DaemonClient:
     def resume(self, tid: int) -> None:
         self._call("resume", id=tid)
 
+    def resume_many(self, tids: Sequence[int]) -> None:
+        self._call("resume_many", ids=list(tids))
+
     def suspend(self, tid: int) -> None:
         self._call("suspend", id=tid)
 
@@ -4706,8 +4834,8 @@ class _DaemonClient:
     def tasks(self) -> list[dict[str, Any]]:
         return self._call("tasks")  # type: ignore[no-any-return]
 
-    def outstanding(self) -> int:
-        return len(self.tasks())
+    def outstanding(self, exclude: Iterable[int] = ()) -> int:
+        return int(self._call("outstanding", exclude=sorted(exclude)))
 
     def attach(self, sink: Any, wait_for_active: bool = False) -> None:
         if self.observer:

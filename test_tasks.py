@@ -528,3 +528,20 @@ def test_bad_redirects_fail_clearly(server, sessions, location, code):
     assert rec.errors[task.identifier].code is code
     if code is bg.ErrorCode.HTTP_TOO_MANY_REDIRECTS:
         assert len(server.requests("/loop")) == bg.MAX_REDIRECTS + 1
+
+
+def test_resume_all_resumes_every_task_durably(server, sessions):
+    """resume_all starts many tasks with one journal fsync; each is in the journal when it returns."""
+    for i in range(20):
+        server.add_blob(f"/m{i}", size=2000 + i, seed=i)
+    rec = Recorder()
+    rec.expect = 20
+    s = sessions.open(rec)
+    tasks = [s.download_task(server.url(f"/m{i}"), description=f"n{i}") for i in range(20)]
+    s.resume_all(tasks)
+    state = bg.Journal(s.configuration.directory).state()  # what a kill right now would recover
+    assert {t.id for t in state.tasks.values() if t.phase is not bg.Phase.SUSPENDED} == {t.identifier for t in tasks}
+    assert s.wait(LONG)
+    assert sorted(len(v) for v in rec.files.values()) == [2000 + i for i in range(20)]
+    with pytest.raises(bg.InvalidArgumentError):
+        s.resume_all(["not a task"])  # type: ignore[list-item]
