@@ -332,6 +332,7 @@ class FinishedEvent:
 
     task_id: int
     location: str
+    info: Any = None  # the task's state when posted: hooks read it without asking the daemon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +341,7 @@ class CompletedEvent:
 
     task_id: int
     error: TransferError | None
+    info: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2436,11 +2438,12 @@ class _Core:
         """Post the durable events *task* still owes, if an app is attached (under the lock)."""
         if self.sink is None or not task.live.events_ready:
             return
+        info = self._info(task)
         for event in task.events():
             if event == "finish":
-                self.sink.post(FinishedEvent(task.id, os.path.join(self.tmp, task.file or "")))
+                self.sink.post(FinishedEvent(task.id, os.path.join(self.tmp, task.file or ""), info))
             else:
-                self.sink.post(CompletedEvent(task.id, self._error_for(task)))
+                self.sink.post(CompletedEvent(task.id, self._error_for(task), info))
         self._backlog_step(task)
 
     def _error_for(self, task: _TaskRecord) -> TransferError | None:
@@ -3265,8 +3268,11 @@ class Task:
         self._session = session
         self._identifier = identifier
         self._cache = info
+        self._frozen = False  # finished: the state that came with its events is final
 
     def _info(self) -> dict[str, Any]:
+        if self._frozen:
+            return self._cache
         try:
             self._cache = self._session._backend.task_info(self._identifier)
         except (InvalidArgumentError, SessionInvalidatedError, BGSessionError):
@@ -3490,7 +3496,7 @@ class _Delivery:
         elif isinstance(event, FinishedEvent):
             if event.task_id in self.held:
                 return
-            task = session._task_object(event.task_id)
+            task = session._task_object(event.task_id, event.info)
             ok, _ = self._hook("download_task_did_finish_downloading", session, task, event.location)
             if ok:
                 self.returned.add((event.task_id, "finish"))
@@ -3500,11 +3506,9 @@ class _Delivery:
         elif isinstance(event, CompletedEvent):
             if event.task_id in self.held:
                 return
-            task = session._task_object(event.task_id)
-            task._info()
+            task = session._task_object(event.task_id, event.info)
             ok, _ = self._hook("task_did_complete", session, task, event.error)
             if ok:
-                task._info()
                 self.returned.add((event.task_id, "complete"))
                 session._backend.ack(event.task_id, "complete")
                 task._cache = dict(task._cache, state=int(TaskState.COMPLETED), events=[], body_path=None)
@@ -3582,12 +3586,18 @@ class Session:
         if self._invalid or self._invalidating:
             raise SessionInvalidatedError(f"session {self.identifier!r} was invalidated; create a new Session")
 
-    def _task_object(self, tid: int) -> Task:
+    def _task_object(self, tid: int, info: dict[str, Any] | None = None) -> Task:
         with self._objects_lock:
             obj = self._objects.get(tid)
+        if obj is not None and info is not None:
+            obj._cache = dict(info, description=obj._cache.get("description", info.get("description")))
+            obj._frozen = True
         if obj is None:
-            info = self._backend.task_info(tid)
+            frozen = info is not None
+            if info is None:
+                info = self._backend.task_info(tid)
             obj = _TASK_CLASSES.get(info["kind"], Task)(self, tid, info)
+            obj._frozen = frozen
             with self._objects_lock:
                 obj = self._objects.setdefault(tid, obj)
         return obj
@@ -4119,12 +4129,12 @@ def _event_to_wire(event: Any) -> dict[str, Any]:
     if isinstance(event, ProgressEvent):
         return {"ev": "progress", **dataclasses.asdict(event)}
     if isinstance(event, FinishedEvent):
-        return {"ev": "finish", "id": event.task_id, "location": event.location}
+        return {"ev": "finish", "id": event.task_id, "location": event.location, "info": event.info}
     if isinstance(event, CompletedEvent):
         err = event.error
         return {"ev": "complete", "id": event.task_id, "error": err._to_record() if err else None,
                 "resume_data": base64.b64encode(err.resume_data).decode("ascii") if err and err.resume_data
-                else None}
+                else None, "info": event.info}
     if isinstance(event, BacklogEnd):
         return {"ev": "backlog_end", "had_events": event.had_events}
     raise TypeError(f"cannot send {event!r}")
@@ -4136,12 +4146,12 @@ def _event_from_wire(msg: Mapping[str, Any]) -> Any:
         return ProgressEvent(msg["task_id"], msg["bytes_written"], msg["total_written"], msg["total_expected"],
                              msg.get("upload", False))
     if ev == "finish":
-        return FinishedEvent(msg["id"], msg["location"])
+        return FinishedEvent(msg["id"], msg["location"], msg.get("info"))
     if ev == "complete":
         err = TransferError._from_record(msg["error"]) if msg.get("error") else None
         if err is not None and msg.get("resume_data"):
             err.resume_data = base64.b64decode(msg["resume_data"])
-        return CompletedEvent(msg["id"], err)
+        return CompletedEvent(msg["id"], err, msg.get("info"))
     if ev == "backlog_end":
         return BacklogEnd(bool(msg["had_events"]))
     raise ValueError(f"unknown event {ev!r}")
