@@ -1113,7 +1113,6 @@ class _SessionState:
         self.delivery_counter = 0
         self.generation = 0
         self.problems: list[str] = []
-        self.records_since_snapshot = 0
 
     # -- snapshots ------------------------------------------------------------
     def to_snapshot(self) -> dict[str, Any]:
@@ -1496,7 +1495,6 @@ def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
             problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
         state.generation = max(state.generation, gen)
     state.replay(records)
-    state.records_since_snapshot = len(records)
     problems.extend(state.problems)
     state.problems = []
     return state, valid, problems
@@ -1829,9 +1827,7 @@ class _Live:
         "rate",
         "rate_at",
         "rate_bytes",
-        "redirects",
         "rerequest",
-        "resume_data",
         "retry",
         "secret_headers",
         "sent",
@@ -1850,13 +1846,11 @@ class _Live:
         self.progress_at = 0.0
         self.progress_pending = 0
         self.secret_headers: tuple[tuple[str, str], ...] = ()
-        self.auth_header: str | None = None
+        self.auth_header: str | Callable[[str, str], str] | None = None
         self.auth_origin: tuple[str, str, int] | None = None
         self.failures: dict[tuple[str, int, str | None, str], int] = {}
         self.rerequest = False
-        self.redirects = 0
         self.events_ready = True
-        self.resume_data: bytes | None = None
         self.done = threading.Event()
         self.delivered_at = time.monotonic()  # when its outcome was journaled (daemon relaunch batching)
         self.rate = 0.0  # bytes per second, smoothed (status display)
@@ -2083,7 +2077,6 @@ class _Core:
             header = _dumps({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
             _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
             self.writer.reopen(len(header))
-            self.state.records_since_snapshot = 0
 
     def _make_reserve(self) -> None:
         """Keep RESERVE_BYTES allocated; released when the disk fills so the journal can record it."""
@@ -2597,9 +2590,7 @@ class _Core:
             self._push_timer(task, delay)
             return None
         if kind == "stopped":
-            if value == "close":
-                return None
-            return None
+            return None  # suspend or close: the attempt already recorded how far it got
         raise AssertionError(kind)
 
     # -- workers ----------------------------------------------------------------------------
@@ -2906,6 +2897,9 @@ class _Core:
         fd = -1
         try:
             try:
+                done = os.path.join(self.tmp, f"{task.id}.done")
+                if not os.path.exists(part) and os.path.exists(done):
+                    os.replace(done, part)  # finished just as it was suspended: the file is whole
                 fd = _open_private(part, os.O_RDWR | os.O_CREAT)
                 size = os.fstat(fd).st_size
             except OSError as err:
