@@ -790,7 +790,7 @@ class Configuration:
         identifier: str,
         *,
         directory: str | None = None,
-        host: str = "daemon",
+        host: str | None = None,
         relaunch_command: Sequence[str] | None = None,
         max_connections_per_host: int = 6,
         timeout_for_request: float = 60.0,
@@ -801,8 +801,15 @@ class Configuration:
         daemon_idle_timeout: float = 30.0,
         relaunch_backoff: float = 1.0,
     ) -> Configuration:
-        """A durable session: its tasks and undelivered events survive the process."""
+        """A durable session: its tasks and undelivered events survive the process.
+
+        *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
+        on while the app is dead) or ``"inprocess"`` (the default on Windows: transfers run in
+        the app and resume when it re-creates the session).
+        """
         _check_identifier(identifier)
+        if host is None:
+            host = "daemon" if fcntl is not None and hasattr(socket, "AF_UNIX") else "inprocess"
         if directory is None:
             directory = default_directory(identifier)
         elif not isinstance(directory, (str, os.PathLike)) or not os.path.isabs(os.fspath(directory)):

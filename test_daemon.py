@@ -305,3 +305,20 @@ def test_challenge_with_no_app_attached_waits_for_the_next_attach(server, daemon
     s2 = daemons.open(rec)
     assert s2.wait(LONG)
     assert list(map(sha, rec.files.values())) == [sha(data)]
+
+
+def test_challenge_with_no_app_attached_relaunches_the_app(server, app):
+    """A 401 while no app runs makes the daemon relaunch the app, which answers; the file arrives once."""
+    data = fs.blob_bytes(20_000, seed=54)
+    # the first answer is a 503 asking for a 2 s pause: the app is long dead when the 401 comes
+    server.add_blob("/private.jpg", data, auth=fs.BasicAuth("ann", "pw"),
+                    faults=[fs.Fault(status=503, retry_after="2")])
+    p = app.start("normal", server.url("/private.jpg"))
+    wait_until(lambda: app.events("resumed"), what="resume() to return")
+    p.kill()
+    p.wait()
+    wait_until(lambda: app.events("exit"), what="the relaunched app to finish")
+    background = [e["pid"] for e in app.events("launch") if e["background"]]
+    assert [e["pid"] for e in app.events("challenge")] == background[:1]  # answered by the relaunched app
+    assert [e["sha"] for e in app.events("finish")] == [sha(data)]
+    assert len(app.events("handler")) == 1
