@@ -2592,7 +2592,7 @@ class _Core:
                 return self._fail(task, TransferError(code, f"{err.message} ({why})", url=task.current_url), "finish")
             live.retry = retry
             delay = retry.delay(err.retry_after, now=self.clock.time())
-            log.info("task %s: %s; retry %s in %.2fs", task.id, err.message, retry.attempts, delay)
+            log.debug("task %s: %s; retry %s in %.2fs", task.id, err.message, retry.attempts, delay)
             self._record(task, "backoff", delay=round(delay, 3), code=int(err.code))
             self._push_timer(task, delay)
             return None
@@ -3587,14 +3587,16 @@ class Session:
         if self._invalid or self._invalidating:
             raise SessionInvalidatedError(f"session {self.identifier!r} was invalidated; create a new Session")
 
-    def _task_object(self, tid: int, info: dict[str, Any] | None = None) -> Task:
+    def _task_object(self, tid: int, info: dict[str, Any] | None = None, final: bool = True) -> Task:
+        """The one Task object of *tid*. *info*: its state, known already (*final*: it will not
+        change any more — it came with the task's events)."""
         with self._objects_lock:
             obj = self._objects.get(tid)
         if obj is not None and info is not None:
             obj._cache = dict(info, description=obj._cache.get("description", info.get("description")))
-            obj._frozen = True
+            obj._frozen = obj._frozen or final
         if obj is None:
-            frozen = info is not None
+            frozen = info is not None and final
             if info is None:
                 info = self._backend.task_info(tid)
             obj = _TASK_CLASSES.get(info["kind"], Task)(self, tid, info)
@@ -3667,7 +3669,7 @@ class Session:
 
     def get_tasks(self) -> list[Task]:
         """Tasks not yet completed and delivered, including those re-created after a relaunch."""
-        return [self._task_object(info["id"]) for info in self._backend.tasks()]
+        return [self._task_object(info["id"], info, final=False) for info in self._backend.tasks()]
 
     # -- waiting and ending -------------------------------------------------------------------
     def _settled(self) -> bool:
