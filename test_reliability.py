@@ -128,11 +128,15 @@ def test_unwritable_destination_keeps_the_file_deliverable(server, sessions, tmp
     blocker.write_bytes(b"")
     good = tmp_path / "Documents"
 
+    class Manager(bg.SessionManager):
+        def __init__(self, destination_dir):
+            super().__init__(sessions.config())  # blocks set in __init__: none can miss an event
+            self.set_download_task_did_finish_downloading(
+                lambda s, t, loc: os.path.join(str(destination_dir), t.response.suggested_filename))
+
     def make_manager(destination_dir):
-        m = bg.SessionManager(sessions.config())
+        m = Manager(destination_dir)
         sessions.opened.append(m.session)
-        m.set_download_task_did_finish_downloading(
-            lambda s, t, loc: os.path.join(str(destination_dir), t.response.suggested_filename))
         return m
 
     m = make_manager(blocker)  # "<file>/photo.jpg": the move must fail
