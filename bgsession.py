@@ -2097,8 +2097,8 @@ class _Core:
             try:
                 if hasattr(os, "posix_fallocate"):
                     os.posix_fallocate(fd, 0, RESERVE_BYTES)
-                else:  # pragma: no cover
-                    os.pwrite(fd, b"\0" * RESERVE_BYTES, 0)
+                else:  # pragma: no cover - Windows
+                    os.write(fd, b"\0" * RESERVE_BYTES)
             finally:
                 os.close(fd)
         except OSError as err:

@@ -3,7 +3,7 @@
 Usage (by run.py only): ``python bench/worker.py '<json spec>'``. The spec's
 ``mode`` picks the contender; the last line on stdout is a JSON object with the
 measurements (seconds from ``time.perf_counter``, ``rss_kib`` = this process's
-``ru_maxrss``). Exit status 3 with ``{"skip": reason}`` means "this contender
+peak RSS, VmHWM). Exit status 3 with ``{"skip": reason}`` means "this contender
 cannot run here" (for example the daemon host before it exists).
 
 Timed intervals (the README explains why):
@@ -40,12 +40,31 @@ REQUEST_TIMEOUT = 600.0
 IDENTIFIER = "bench.bgsession"
 
 
+def _status_kib(pid: str, field: str) -> int:
+    """A ``/proc/<pid>/status`` size field in KiB, 0 when unavailable."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    """This process's peak RSS: VmHWM (per address space, so not inflated by the spawner).
+
+    ``ru_maxrss`` of a process started by fork+exec also counts the *parent's*
+    RSS at exec time on Linux (the kernel folds the old mm's high-water mark in),
+    so it is only used where /proc is missing.
+    """
+    return _status_kib("self", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _emit(result: dict, code: int = 0) -> None:
     result.setdefault("rss_kib", _rss_kib())
+    result["ru_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     sys.exit(code)
@@ -57,7 +76,7 @@ def _emit(result: dict, code: int = 0) -> None:
 
 def bare_single(spec: dict) -> dict:
     """One file: urlopen, readinto a reused 1 MiB buffer, write (optionally fsync at the end)."""
-    buf = bytearray(BUFFER_SIZE)
+    buf = bytearray(spec.get("buffer", BUFFER_SIZE))
     view = memoryview(buf)
     t0 = time.perf_counter()
     with urllib.request.urlopen(spec["url"]) as resp, open(spec["dest"], "wb", buffering=0) as f:
@@ -94,8 +113,13 @@ def bare_pool(spec: dict) -> dict:
 # bgsession contenders
 # ----------------------------------------------------------------------------
 
-def _import_bgsession():
-    sys.path.insert(0, ROOT)
+def _import_bgsession(spec: dict):
+    """bgsession from the spec's ``lib`` dir (run.py --compare-lib), else BENCH_LIB (run.py's frozen
+    copy, so one run measures one version), else the project root."""
+    sys.path.insert(0, spec.get("lib") or os.environ.get("BENCH_LIB") or ROOT)
+    import logging
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(relativeCreated)8.0f ms %(threadName)s %(levelname)s %(message)s")
     import bgsession  # noqa: E402
     return bgsession
 
@@ -155,18 +179,26 @@ def _daemon_rss_kib(session_dir: str) -> int:
     try:
         with open(os.path.join(session_dir, "daemon.pid"), encoding="ascii") as f:
             pid = int(f.read().split()[0])
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return 0
+    return _status_kib(str(pid), "VmHWM")
+
+
+def _resume_all(session, tasks) -> str:
+    """Resume every task the way an app starting many would: one ``Session.resume_all(tasks)``
+    call where the library has it (one journal fsync), else ``task.resume()`` in a loop."""
+    bulk = getattr(session, "resume_all", None)
+    if bulk is not None and len(tasks) > 1:
+        bulk(tasks)
+        return "Session.resume_all"
+    for task in tasks:
+        task.resume()
+    return "task.resume() loop"
 
 
 def bg_transfer(spec: dict) -> dict:
     """One or many downloads in one background session; timed from the first resume to wait()."""
-    bgsession = _import_bgsession()
+    bgsession = _import_bgsession(spec)
     if "list" in spec:
         with open(spec["list"], encoding="utf-8") as f:
             urls = [line.strip() for line in f if line.strip()]
@@ -179,8 +211,7 @@ def bg_transfer(spec: dict) -> dict:
     session = _open_session(bgsession, config, delegate)
     tasks = [session.download_task(u, description=n) for u, n in zip(urls, names)]
     t0 = time.perf_counter()
-    for task in tasks:
-        task.resume()
+    resume_api = _resume_all(session, tasks)
     t_resumed = time.perf_counter()
     ok = session.wait(timeout=spec.get("timeout", 3600))
     t1 = time.perf_counter()
@@ -188,12 +219,12 @@ def bg_transfer(spec: dict) -> dict:
     session.close()
     return {"t": t1 - t0, "setup": t0 - t_setup, "resume_loop": t_resumed - t0, "close": time.perf_counter() - t1,
             "files": delegate.moved, "errors": delegate.errors[:5], "n_errors": len(delegate.errors),
-            "waited": ok, "daemon_rss_kib": daemon_rss}
+            "waited": ok, "daemon_rss_kib": daemon_rss, "resume_api": resume_api}
 
 
 def bg_recover(spec: dict) -> dict:
     """A relaunch: re-create the session (same identifier and directory) and wait for what it recovers."""
-    bgsession = _import_bgsession()
+    bgsession = _import_bgsession(spec)
     t_start = time.perf_counter()
     config = _configuration(bgsession, spec)
     delegate = _delegate_class(bgsession)(spec["outdir"])
@@ -209,24 +240,23 @@ def bg_recover(spec: dict) -> dict:
 
 def bg_queue_create(spec: dict) -> dict:
     """Create and resume N downloads against a server that accepts and never answers, then close."""
-    bgsession = _import_bgsession()
+    bgsession = _import_bgsession(spec)
     config = _configuration(bgsession, spec)
     session = _open_session(bgsession, config, bgsession.SessionDelegate())
     n, prefix = spec["n"], spec["prefix"]
     t0 = time.perf_counter()
     tasks = [session.download_task(f"{prefix}{i}", description=f"q{i}") for i in range(n)]
     t1 = time.perf_counter()
-    for task in tasks:
-        task.resume()
+    resume_api = _resume_all(session, tasks)
     t2 = time.perf_counter()
     session.close()
     t3 = time.perf_counter()
-    return {"create": t1 - t0, "resume_loop": t2 - t1, "close": t3 - t2, "t": t3 - t0}
+    return {"create": t1 - t0, "resume_loop": t2 - t1, "close": t3 - t2, "t": t3 - t0, "resume_api": resume_api}
 
 
 def bg_queue_open(spec: dict) -> dict:
     """Open + recover: ``Session(...)`` construction and ``get_tasks()``; peak RSS of this process."""
-    bgsession = _import_bgsession()
+    bgsession = _import_bgsession(spec)
     config = _configuration(bgsession, spec)
     delegate = bgsession.SessionDelegate()
     prof = cProfile.Profile() if spec.get("cprofile") else None
@@ -251,7 +281,7 @@ def bg_queue_open(spec: dict) -> dict:
 
 def probe(spec: dict) -> dict:
     """Does this host exist? Open and close a session of it."""
-    bgsession = _import_bgsession()
+    bgsession = _import_bgsession(spec)
     config = _configuration(bgsession, spec)
     session = _open_session(bgsession, config, bgsession.SessionDelegate())
     session.close()
