@@ -126,6 +126,9 @@ DEFAULT_SYNC_BYTES = 64 << 20
 WORKER_LINGER = 2.0
 #: Redirects followed before a task fails with HTTP_TOO_MANY_REDIRECTS.
 MAX_REDIRECTS = 16
+#: Task identifiers reserved (durably) at a time: a task lost to a kill before its record reached
+#: the disk leaves a gap, never a reused identifier.
+ID_RESERVE_BLOCK = 1024
 #: Journal records after which the journal is compacted into the snapshot.
 DEFAULT_COMPACT_RECORDS = 20_000
 #: Upper bounds for configuration values; larger ones are rejected as mistakes.
@@ -1120,13 +1123,14 @@ class _SessionState:
         self.next_id = 1
         self.delivery_counter = 0
         self.generation = 0
+        self.reserved = 0  # see the "reserve" record
         self.problems: list[str] = []
 
     # -- snapshots ------------------------------------------------------------
     def to_snapshot(self) -> dict[str, Any]:
         return {
             "v": JOURNAL_VERSION, "t": "snapshot", "generation": self.generation,
-            "next_id": self.next_id, "delivery_counter": self.delivery_counter,
+            "next_id": max(self.next_id, self.reserved), "delivery_counter": self.delivery_counter,
             "tasks": [t.snapshot() for t in self.tasks.values() if t.phase is not Phase.ACKNOWLEDGED],
         }
 
@@ -1154,6 +1158,10 @@ class _SessionState:
                 if t.phase is not Phase.ACKNOWLEDGED:
                     raise JournalError(f"invalidate record while task {t.id} is {t.phase.value}")
             self.tasks.clear()
+            return None
+        if kind == "reserve":
+            # identifiers below "upto" may have been handed out: recovery never hands them out again
+            self.reserved = max(self.reserved, int(rec["upto"]))
             return None
         if kind == "task":
             tid = int(rec["id"])
@@ -1503,6 +1511,7 @@ def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
             problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
         state.generation = max(state.generation, gen)
     state.replay(records)
+    state.next_id = max(state.next_id, state.reserved)  # a task lost before its record leaves a gap
     problems.extend(state.problems)
     state.problems = []
     return state, valid, problems
@@ -2012,6 +2021,7 @@ class _Core:
         self.threads: set[threading.Thread] = set()
         self.waiting_challenges = 0  # workers blocked until an app answers a challenge
         self._backlog_waiting: set[int] | None = None  # see attach(wait_for_active=True)
+        self._reserved_ids = 0  # identifiers below this are reserved on disk (none yet in this process)
         self.acks = 0  # acknowledgements received (the daemon's relaunch backoff watches it)
         self._timer_seq = itertools.count()
         self._ssl: ssl.SSLContext | None = None  # created once: loading the CA store is slow
@@ -2144,11 +2154,8 @@ class _Core:
                         f.truncate(keep)
                 task.live.offset = keep
                 task.live.expected = task.total if task.total is not None else -1
-            elif task.phase is Phase.DELIVERING and task.file and "finish" in task.events():
-                if not os.path.exists(os.path.join(self.tmp, task.file)):
-                    # The hook moved the file and the process died before its ack was durable.
-                    log.info("task %s: finished file was consumed by the finish hook; acknowledging", task.id)
-                    self._record(task, "ack", event="finish")
+            elif task.phase is Phase.DELIVERING:
+                self._consumed_finish(task)
         live = {t.id for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED}
         keep_names = {t.resume_file for t in self.state.tasks.values() if t.resume_file}
         now = time.time()
@@ -2181,23 +2188,31 @@ class _Core:
             raise SessionInvalidatedError("the session is closed")
 
     def create_task(self, kind: str, request: Request, description: str | None, *,
-                    upload_path: str | None = None, resume: dict[str, Any] | None = None) -> int:
+                    upload_path: str | None = None, resume: dict[str, Any] | None = None,
+                    durable: bool = False) -> int:
+        """A new suspended task. Its identifier is never used again, even if a kill loses the task
+        before its record is on disk: identifiers are reserved durably, ID_RESERVE_BLOCK at a time.
+        *durable*: wait for the task's own record too (the daemon does, before it replies)."""
         if description is not None and not isinstance(description, str):
             raise _invalid("task description must be a str or None")
         upload = None
         if upload_path is not None:
             st = os.stat(upload_path)
             upload = {"path": upload_path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        reserve_ticket = 0
         with self.lock:
             self._check_open()
+            tid = self.state.next_id
+            if tid >= self._reserved_ids:
+                self._reserved_ids = tid + ID_RESERVE_BLOCK
+                reserve_ticket = self._record(None, "reserve", upto=self._reserved_ids)
             fields: dict[str, Any] = {"kind": kind, "request": request._to_record(), "description": description,
                                       "created": self.clock.time(), "upload": upload}
             if resume and resume.get("invalid"):
                 fields["problem"] = resume["invalid"]
             elif resume:
                 fields.update(resume.get("fields", {}))
-            tid = self.state.next_id
-            self._record(None, "task", id=tid, **fields)
+            ticket = self._record(None, "task", id=tid, **fields)
             task = self.state.tasks[tid]
             task.live = _Live(self.config.retry)
             task.live.secret_headers = tuple(
@@ -2211,7 +2226,8 @@ class _Core:
                     task.live.expected = task.total if task.total is not None else -1
                 except OSError as err:
                     log.warning("task %s: resume file unusable (%s); it will start from zero", tid, err)
-            return tid
+        self.writer.wait(ticket if durable else reserve_ticket)
+        return tid
 
     def resume(self, tid: int) -> None:
         self.resume_many([tid])
@@ -2378,6 +2394,7 @@ class _Core:
             self.sink = sink
             backlog = [t for t in self.state.backlog() if t.live.events_ready]
             for task in backlog:
+                self._consumed_finish(task)
                 self._post_task_events(task)
             waiting = {t.id for t in self.state.tasks.values()
                        if t.phase in _ACTIVE_PHASES or t.phase is Phase.CANCELING} if wait_for_active else set()
@@ -2386,6 +2403,15 @@ class _Core:
             else:
                 sink.post(BacklogEnd(bool(backlog)))
             self.changed.notify_all()
+
+    def _consumed_finish(self, task: _TaskRecord) -> None:
+        """An owed finish event whose file is gone was handled: the finish hook moved the file and
+        the app died before its acknowledgement was durable. Acknowledge it instead of posting it
+        again (the same rule as recovery; here for a daemon that outlived that app)."""
+        if task.file and "finish" in task.events() and not os.path.exists(os.path.join(self.tmp, task.file)):
+            log.info("task %s: finished file was consumed by the finish hook; acknowledging", task.id)
+            self._record(task, "ack", event="finish")
+            self.acks += 1
 
     def _backlog_step(self, task: _TaskRecord) -> None:
         """A task resumed at attach ended or was suspended: post BacklogEnd after the last one."""
@@ -4073,7 +4099,8 @@ def _pid_alive(pid: int, token: str | None = None) -> bool:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
         if data[data.rindex(b")") + 2:].startswith(b"Z"):
-            return False  # exited; waiting for its parent (init) to reap it
+            # the main thread exited; the process is gone once its other threads are
+            return len(os.listdir(f"/proc/{pid}/task")) > 1
     except (OSError, ValueError):
         pass
     current = _process_start_token(pid)
@@ -4425,7 +4452,26 @@ class _DaemonServer:
             self.failures = 0
         self.child = None
 
+    def _app_present(self) -> bool:
+        """True while an app holds app.lock (it may be starting and about to attach)."""
+        if fcntl is None:
+            return False
+        path = os.path.join(self.directory, _APP_LOCK_NAME)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # (also drops the probe's lock)
+        return False
+
     def _relaunch_wanted(self) -> bool:
+        if self._app_present():
+            return False  # an app is opening the session: it gets the events; no second app
         with self.core.lock:
             if self.core.sink is not None:
                 return False
@@ -4562,7 +4608,7 @@ class _DaemonServer:
             req = Request(msg["request"]["url"], msg["request"].get("method", "GET"), headers,
                           msg["request"].get("sha256"))
             return core.create_task(msg["kind"], req, msg.get("description"), upload_path=msg.get("upload_path"),
-                                    resume=msg.get("resume")), sink
+                                    resume=msg.get("resume"), durable=True), sink
         if op == "resume":
             core.resume(int(msg["id"]))
             return None, sink
@@ -4680,7 +4726,7 @@ class _DaemonClient:
         self._closed = False
         self._conn: _Connection | None = None
         try:
-            self._connect()
+            self._connect_retrying()
         except BaseException:
             if not observer:
                 _release_lock(self.directory, _APP_LOCK_NAME)
@@ -4703,6 +4749,23 @@ class _DaemonClient:
         with self._lock:
             self._conn = conn
             self._connected.set()
+
+    def _connect_retrying(self) -> None:
+        """Connect (starting a daemon if none serves); a daemon that dies as we connect (its socket
+        still accepting for a moment) is replaced."""
+        deadline = time.monotonic() + DAEMON_RECONNECT_TIMEOUT
+        delay = 0.02
+        while True:
+            try:
+                self._connect()
+                return
+            except (_Disconnected, ConnectionError) as err:
+                if time.monotonic() > deadline:
+                    raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED,
+                                        f"the bgsession daemon for {self.directory} keeps going away ({err!r})"
+                                        ) from None
+                time.sleep(delay)  # backoff before trying again (a daemon is exiting or starting)
+                delay = min(0.5, delay * 2)
 
     def _call_on(self, conn: _Connection, op: str, **args: Any) -> Any:
         """Send a request on *conn* and wait for its reply (the reader thread routes replies)."""

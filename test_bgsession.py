@@ -912,3 +912,38 @@ def test_upload_from_bytes_is_refused(inproc, tmp_path):
 def test_sanitize_filename(name, expected):
     """Names from URLs or Content-Disposition lose directories, dot-dot, NUL and control characters."""
     assert bg.sanitize_filename(name) == expected
+
+
+def test_task_identifiers_are_never_reused_after_a_kill(tmp_path):
+    """A task lost to a kill right after download_task() leaves a gap: its identifier is never handed out again."""
+    script = tmp_path / "creator.py"
+    script.write_text(textwrap.dedent(f'''
+        import os, signal, sys
+        sys.path.insert(0, {HERE!r})
+        import bgsession as bg
+        s = bg.Session(bg.Configuration.background("test.ids", directory=sys.argv[1], host="inprocess"))
+        t = s.download_task("http://127.0.0.1:9/x", description=sys.argv[2])
+        print(t.identifier, flush=True)
+        if sys.argv[3] == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        s.close()
+    '''))
+    d = str(tmp_path / "s")
+    run = [sys.executable, str(script), d]
+    first = subprocess.run(run + ["A", "die"], capture_output=True, text=True, timeout=LONG)
+    second = subprocess.run(run + ["B", "live"], capture_output=True, text=True, timeout=LONG)
+    first_id, second_id = int(first.stdout), int(second.stdout)
+    assert first_id != second_id
+    described = {t["id"]: t["description"] for t in bg.Journal(d).tasks()}
+    assert described.get(second_id) == "B" and described.get(first_id) in (None, "A")
+
+
+def test_recovery_skips_reserved_identifiers(tmp_path):
+    """Recovery resumes numbering after the durable reservation, not after the last task that reached the disk."""
+    d = tmp_path / "s"
+    d.mkdir()
+    records = [{"v": 1, "t": "header", "generation": 0}, {"v": 1, "t": "reserve", "upto": 1025},
+               {"v": 1, "t": "task", "id": 1, "request": {"url": "http://h/1"}}]  # tasks 2.. were lost
+    (d / "journal.jsonl").write_bytes(b"".join(bg._dumps(r) for r in records))
+    state, _, problems = bg._load_state(str(d))
+    assert problems == [] and state.next_id == 1025

@@ -322,3 +322,79 @@ def test_challenge_with_no_app_attached_relaunches_the_app(server, app):
     assert [e["pid"] for e in app.events("challenge")] == background[:1]  # answered by the relaunched app
     assert [e["sha"] for e in app.events("finish")] == [sha(data)]
     assert len(app.events("handler")) == 1
+
+
+MOVE_THEN_DIE = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, {here!r})
+    import bgsession
+    url, session_dir, dest, ledger, mode = sys.argv[1:6]
+    if mode == "first":
+        real_move = bgsession._move_file
+        def move_then_die(src, dst):
+            real_move(src, dst)
+            os.kill(os.getpid(), signal.SIGKILL)  # after the move, before the acknowledgement
+        bgsession._move_file = move_then_die
+
+    def note(text):
+        with open(ledger, "a") as f:
+            f.write(text + "\\n")
+
+    class Manager(bgsession.SessionManager):
+        def __init__(self):
+            super().__init__(bgsession.Configuration.background("test.moved", directory=session_dir,
+                                                                daemon_idle_timeout=5.0))
+            self.set_download_task_did_finish_downloading(lambda s, t, loc: note("finish") or dest)
+            self.set_task_did_complete(lambda s, t, e: note(f"complete {{e}}"))
+
+    m = Manager()
+    if mode == "first":
+        m.session.download_task(url).resume()
+    m.session.wait(30)
+    m.session.close()
+''')
+
+
+def test_file_moved_then_app_killed_is_not_delivered_again(server, tmp_path):
+    """App killed after the manager moved the file, before its ack: the daemon acknowledges it at the next
+    attach (the file is gone: it was consumed) and delivers complete; the finish block runs once."""
+    data = fs.blob_bytes(100_000, seed=55)
+    server.add_blob("/f.bin", data)
+    script = tmp_path / "mover.py"
+    script.write_text(MOVE_THEN_DIE.format(here=HERE))
+    session, dest, ledger = str(tmp_path / "s"), str(tmp_path / "f.bin"), str(tmp_path / "ledger")
+    try:
+        first = subprocess.run([sys.executable, str(script), server.url("/f.bin"), session, dest, ledger, "first"],
+                               timeout=LONG)
+        assert first.returncode == -signal.SIGKILL
+        assert daemon_pid(session) is not None and alive(daemon_pid(session))  # the daemon outlived the app
+        second = subprocess.run([sys.executable, str(script), server.url("/f.bin"), session, dest, ledger,
+                                 "second"], timeout=LONG)
+        assert second.returncode == 0
+        with open(ledger) as f:
+            assert f.read().splitlines() == ["finish", "complete None"]
+        with open(dest, "rb") as f:
+            assert sha(f.read()) == sha(data)
+        assert bg.Journal(session).tasks() == []
+    finally:
+        stop_daemon(session)
+
+
+def test_daemon_does_not_relaunch_while_an_app_holds_the_session(server, daemons):
+    """Events wait and no app is attached, but an app holds app.lock (it is opening the session): no relaunch."""
+    server.add_blob("/x.bin", size=1000)
+    marker = daemons.tmp_path / "relaunched"
+    config = daemons.config(relaunch_command=[sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"])
+    s = bg.Session(config, None, _deferred=True)  # holds app.lock, never attaches: events wait
+    daemons.opened.append(s)
+    download(s, server.url("/x.bin"))
+    d = s.configuration.directory
+    wait_until(lambda: s._backend.tasks()[0]["events"] == ["finish", "complete"], what="the backlog")
+    server_pid = daemon_pid(d)
+    deadline = time.monotonic() + 1.5  # several of the daemon's 0.25 s relaunch checks
+    while time.monotonic() < deadline:
+        assert not marker.exists()
+        time.sleep(0.05)  # observing that nothing happens over a bounded time
+    assert alive(server_pid)
+    daemons.close_all()  # app.lock released: now the daemon relaunches
+    wait_until(marker.exists, what="the relaunch once the app is gone")
