@@ -1124,6 +1124,7 @@ class _SessionState:
         self.delivery_counter = 0
         self.generation = 0
         self.reserved = 0  # see the "reserve" record
+        self.replayed = 0  # journal records recovery replayed on top of the snapshot
         self.problems: list[str] = []
 
     # -- snapshots ------------------------------------------------------------
@@ -1511,6 +1512,7 @@ def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
             problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
         state.generation = max(state.generation, gen)
     state.replay(records)
+    state.replayed = len(records)
     state.next_id = max(state.next_id, state.reserved)  # a task lost before its record leaves a gap
     problems.extend(state.problems)
     state.problems = []
@@ -2048,7 +2050,8 @@ class _Core:
                 if valid == 0:
                     self.writer.append({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
                 self._recover()
-                self._compact()
+                if self.state.replayed > 1 or not os.path.exists(os.path.join(self.directory, _SNAPSHOT_NAME)):
+                    self._compact()  # fold the journal in (nothing to fold: keep the snapshot as it is)
                 self._make_reserve()
             except BaseException:
                 w = getattr(self, "writer", None)
@@ -5074,7 +5077,7 @@ class _CliError(Exception):
 
 def _cli_config(args: argparse.Namespace) -> Configuration:
     directory = os.path.abspath(args.state_dir) if args.state_dir else None
-    relaunch = [sys.executable, os.path.abspath(__file__), "deliver", "--session", args.session]
+    relaunch = [sys.executable, "-c", _DAEMON_BOOT, os.path.abspath(__file__), "deliver", "--session", args.session]
     if directory:
         relaunch += ["--state-dir", directory]
     return Configuration.background(args.session, directory=directory, host="daemon", relaunch_command=relaunch)

@@ -292,7 +292,8 @@ def test_another_user_cannot_reach_the_socket(server, daemons):
 def test_challenge_with_no_app_attached_waits_for_the_next_attach(server, daemons):
     """A 401 while no app is attached (and no relaunch command) waits; the next attach answers it."""
     data = fs.blob_bytes(5000, seed=53)
-    server.add_blob("/p.jpg", data, auth=fs.BasicAuth("ann", "pw"))
+    # a 503 asking for a 2 s pause first: the 401 comes once no app is attached
+    server.add_blob("/p.jpg", data, auth=fs.BasicAuth("ann", "pw"), faults=[fs.Fault(status=503, retry_after="2")])
     s = daemons.open(None)
     download(s, server.url("/p.jpg"))
     daemons.close_all()
