@@ -120,7 +120,7 @@ def _import_bgsession(spec: dict):
     import logging
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(relativeCreated)8.0f ms %(threadName)s %(levelname)s %(message)s")
-    import bgsession  # noqa: E402
+    import bgsession
     return bgsession
 
 

@@ -1,0 +1,3 @@
+"""The benchmarks are not tests: keep pytest from collecting anything in bench/."""
+
+collect_ignore_glob = ["*"]
