@@ -41,6 +41,8 @@ import pytest
 
 import appdelegate
 import bgsession
+import fake_server
+from testkit import Ledger, file_sha
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Hosts every behaviour here runs against. Add "daemon" once bgsession's daemon host lands.
@@ -68,40 +70,6 @@ SIGKILLED = -signal.SIGKILL
 # ============================================================================
 
 
-class Ledger:
-    """Append-only JSON lines, each fsynced before ``append`` returns (survives SIGKILL)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def append(self, **record: Any) -> None:
-        record["pid"] = os.getpid()
-        line = json.dumps(record, sort_keys=True).encode("utf-8") + b"\n"
-        with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                return [json.loads(line) for line in f if line.endswith(b"\n")]
-        except FileNotFoundError:
-            return []
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _say(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -115,7 +83,7 @@ class LedgerManager(bgsession.SessionManager):
             IDENTIFIER, directory=os.path.join(state, "session"), host=host,
             relaunch_command=_app_argv(state, manifest, host) if host == "daemon" else None))
         self.documents = os.path.join(state, "Documents")
-        self.ledger = Ledger(os.path.join(state, "ledger.jsonl"))
+        self.ledger = Ledger(os.path.join(state, "ledger.jsonl"), pid=os.getpid())
         self.block = block  # (event, description): that hook blocks forever (the parent kills us there)
         self.saved_completion_handler: appdelegate.CompletionHandler | None = None
         self.set_download_task_did_finish_downloading(self._finish)
@@ -131,7 +99,7 @@ class LedgerManager(bgsession.SessionManager):
     def _finish(self, session: bgsession.Session, task: bgsession.DownloadTask, location: str) -> str | None:
         status = task.response.status if task.response is not None else None
         self.ledger.append(event="finish", phase="started", desc=task.description, status=status,
-                           sha256=_sha256_file(location))
+                           sha256=file_sha(location))
         self._maybe_block("finish", task.description)
         dest = None
         if status == 200:  # the seed's check: a 404 page is no photo
@@ -225,7 +193,7 @@ def _app_argv(state: str, manifest: str, host: str) -> list[str]:
 def _app_main() -> int:
     args, _ = _app_parser().parse_known_args(sys.argv[2:])
     code = appdelegate.main(LedgerApp)
-    Ledger(os.path.join(args.state, "ledger.jsonl")).append(event="exit_code", code=code)
+    Ledger(os.path.join(args.state, "ledger.jsonl"), pid=os.getpid()).append(event="exit_code", code=code)
     return code
 
 
@@ -261,7 +229,6 @@ class File:
 
     @property
     def sha256(self) -> str:
-        import fake_server
         assert self.size is not None
         return hashlib.sha256(fake_server.blob_bytes(self.size, self.seed)).hexdigest()
 
@@ -316,7 +283,7 @@ class Driver:
 
     @property
     def ledger(self) -> Ledger:
-        return Ledger(os.path.join(self.state, "ledger.jsonl"))
+        return Ledger(os.path.join(self.state, "ledger.jsonl"), pid=os.getpid())
 
     @property
     def session_directory(self) -> str:
@@ -466,12 +433,10 @@ def _alive(launch: Launch) -> bool:
 
 
 def _basic_auth() -> Any:
-    import fake_server
     return fake_server.BasicAuth(USER, PASSWORD, realm="photos")
 
 
 def _throttled(rate: int | None) -> Any:
-    import fake_server
     return fake_server.Fault(throttle=rate) if rate else None
 
 
@@ -482,7 +447,6 @@ def host(request: Any) -> str:
 
 @pytest.fixture
 def server() -> Iterator[Any]:
-    import fake_server
     with fake_server.FakeServer() as srv:
         yield srv
 
@@ -569,7 +533,7 @@ def _check(driver: Driver) -> None:
     assert saved == sorted(f.name for f in driver.files if f.size is not None), "the 404 must never be saved"
     for f in driver.files:
         if f.size is not None:
-            assert _sha256_file(os.path.join(documents, f.name)) == f.sha256, f"{f.name}: bytes differ"
+            assert file_sha(os.path.join(documents, f.name)) == f.sha256, f"{f.name}: bytes differ"
 
     for pid, launch in launches.items():
         calls = sum(1 for e in ledger if e["event"] == "handler_called" and e["pid"] == pid)
@@ -677,7 +641,6 @@ def test_demo_story_passes(tmp_path: Any, host: str) -> None:
 @pytest.mark.timeout(1800)
 def test_soak_random_kills(tmp_path: Any, host: str) -> None:
     """Many batches of random files, each killed many times at random offsets: the contract holds every time."""
-    import fake_server
 
     seed = int(os.environ.get("BGSESSION_SOAK_SEED", "1"))
     batches = int(os.environ.get("BGSESSION_SOAK_BATCHES", "12"))
