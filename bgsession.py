@@ -2355,6 +2355,11 @@ class _Core:
             task = self._task(tid)
             return self._info(task)
 
+    def new_task(self, kind: str, request: Request, description: str | None, *,
+                 upload_path: str | None = None, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``create_task`` returning the new task's info (the backend interface both hosts share)."""
+        return self.task_info(self.create_task(kind, request, description, upload_path=upload_path, resume=resume))
+
     def _info(self, task: _TaskRecord) -> dict[str, Any]:
         live = task.live
         return {
@@ -3654,14 +3659,17 @@ class Session:
                 obj = self._objects.setdefault(tid, obj)
         return obj
 
+    def _new_task_object(self, kind: str, request: Request, description: str | None, **extra: Any) -> Task:
+        info = self._backend.new_task(kind, request, description, **extra)
+        return self._task_object(int(info["id"]), info, final=False)
+
     def download_task(self, request: str | Request, *, description: str | None = None) -> DownloadTask:
         """A download task, suspended: call ``resume()`` to start it."""
         self._check_usable()
         req = _coerce_request(request)
         if req.method not in ("GET",):
             raise _invalid(f"download tasks use GET, not {req.method}; use upload_task to send a body")
-        tid = self._backend.create_task("download", req, description)
-        return self._task_object(tid)  # type: ignore[return-value]
+        return self._new_task_object("download", req, description)  # type: ignore[return-value]
 
     def upload_task(self, request: str | Request, from_file: Any = None, *,
                     description: str | None = None, **kwargs: Any) -> UploadTask:
@@ -3688,8 +3696,7 @@ class Session:
         req = _coerce_request(request)
         if req.method == "GET":
             req = dataclasses.replace(req, method="PUT", headers=dict(req.headers.pairs()))
-        tid = self._backend.create_task("upload", req, description, upload_path=path)
-        return self._task_object(tid)  # type: ignore[return-value]
+        return self._new_task_object("upload", req, description, upload_path=path)  # type: ignore[return-value]
 
     def download_task_with_resume_data(self, resume_data: bytes, *, description: str | None = None
                                        ) -> DownloadTask:
@@ -3699,12 +3706,10 @@ class Session:
             raise _invalid(f"resume_data must be bytes, not {type(resume_data).__name__}")
         parsed, problem = _parse_resume_data(bytes(resume_data))
         if parsed is None:
-            tid = self._backend.create_task("download", Request("http://invalid.invalid/"), description,
-                                            resume={"invalid": problem})
-        else:
-            req = Request._from_record(parsed["request"])
-            tid = self._backend.create_task("download", req, description, resume=parsed)
-        return self._task_object(tid)  # type: ignore[return-value]
+            return self._new_task_object("download", Request("http://invalid.invalid/"),  # type: ignore[return-value]
+                                         description, resume={"invalid": problem})
+        return self._new_task_object("download", Request._from_record(parsed["request"]),  # type: ignore[return-value]
+                                     description, resume=parsed)
 
     def resume_all(self, tasks: Iterable[Task]) -> None:
         """``task.resume()`` for many tasks at once: the same guarantee (durable when it returns),
@@ -4422,9 +4427,16 @@ class _DaemonServer:
         log.info("daemon exited")
 
     def _busy(self) -> bool:
+        """Work only this daemon can do: transfers, a challenge waiting for an answer, and events
+        waiting for an app -- the last only with a relaunch_command. Without one the daemon cannot
+        bring an app; the events wait in the journal, and the next attach starts a daemon that
+        delivers them (an idle daemon must not live on for an app that may never come back)."""
+        relaunches = bool(self.config.relaunch_command)
         with self.core.lock:
             for t in self.core.state.tasks.values():
-                if t.phase in _ACTIVE_PHASES or t.phase in (Phase.DELIVERING, Phase.CANCELING):
+                if t.phase in _ACTIVE_PHASES or t.phase is Phase.CANCELING:
+                    return True
+                if t.phase is Phase.DELIVERING and relaunches:
                     return True
             return self.core.waiting_challenges > 0
 
@@ -4610,8 +4622,9 @@ class _DaemonServer:
             headers.update(dict(msg.get("secret_headers") or []))
             req = Request(msg["request"]["url"], msg["request"].get("method", "GET"), headers,
                           msg["request"].get("sha256"))
-            return core.create_task(msg["kind"], req, msg.get("description"), upload_path=msg.get("upload_path"),
-                                    resume=msg.get("resume"), durable=True), sink
+            tid = core.create_task(msg["kind"], req, msg.get("description"), upload_path=msg.get("upload_path"),
+                                   resume=msg.get("resume"), durable=True)
+            return core.task_info(tid), sink
         if op == "resume":
             core.resume(int(msg["id"]))
             return None, sink
@@ -4904,11 +4917,16 @@ class _DaemonClient:
                         self._connected.clear()
 
     # -- the backend interface ----------------------------------------------------------------
-    def create_task(self, kind: str, request: Request, description: str | None, *,
-                    upload_path: str | None = None, resume: dict[str, Any] | None = None) -> int:
+    def new_task(self, kind: str, request: Request, description: str | None, *,
+                 upload_path: str | None = None, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create a task in the daemon; its info (``"id"`` and state) comes back in the same reply.
+
+        Not retried on a lost connection: the task may have been created (the caller lists the
+        tasks again to find out)."""
         secret = [[k, v] for k, v in request.headers.pairs() if k.lower() in _SECRET_HEADERS]
-        return int(self._call("create", retry=False, kind=kind, request=request._to_record(), secret_headers=secret,
-                              description=description, upload_path=upload_path, resume=resume))
+        info = self._call("create", retry=False, kind=kind, request=request._to_record(), secret_headers=secret,
+                          description=description, upload_path=upload_path, resume=resume)
+        return info  # type: ignore[no-any-return]
 
     def resume(self, tid: int) -> None:
         self._call("resume", id=tid)
@@ -5221,7 +5239,7 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
         client = _cli_observer(args)
         try:
             for req in requests:
-                tid = client.create_task("download", req, desc)
+                tid = client.new_task("download", req, desc)["id"]
                 client.resume(tid)
                 print(f"queued {tid} {req.url} -> {dest}", file=out, flush=True)
         finally:

@@ -221,6 +221,28 @@ def test_daemon_exits_when_idle_and_cleans_up(server, daemons):
     assert not os.path.exists(os.path.join(d, "daemon.pid"))
 
 
+def test_events_without_relaunch_command_wait_in_the_journal_not_in_a_daemon(server, daemons):
+    """Transfers done, no app attached, no relaunch_command: the daemon cannot bring an app, so it exits
+    when idle; the events wait in the journal and the next attach (a new daemon) delivers them once."""
+    data = fs.blob_bytes(30_000, seed=57)
+    server.add_blob("/w.bin", data, faults=[fs.Fault(stall_after=10_000)])
+    s = daemons.open(None)
+    d = s.configuration.directory
+    download(s, server.url("/w.bin"))
+    assert server.wait_stalled(1, LONG)
+    pid = daemon_pid(d)
+    daemons.close_all()  # the app goes away while the transfer runs
+    server.release_stalls()
+    wait_until(lambda: not alive(pid), timeout=LONG, what="the daemon's idle exit with an event waiting")
+    assert [t["phase"] for t in bg.Journal(d).tasks()] == ["finished_awaiting_delivery"]
+    assert not os.path.exists(os.path.join(d, "daemon.sock"))
+    rec = Recorder()
+    s2 = daemons.open(rec)
+    assert s2.wait(LONG)
+    assert list(map(sha, rec.files.values())) == [sha(data)]
+    assert [c[0] for c in rec.calls] == ["finish", "complete", "did_finish_events"]  # the backlog, once
+
+
 def test_daemon_keeps_running_while_a_client_is_attached(server, daemons):
     """An attached app keeps an otherwise idle daemon alive (it does not exit under the app)."""
     s = daemons.open(Recorder())
