@@ -502,14 +502,14 @@ class _Launch:
         finally:
             bgsession._release_delivery()
         released_deadline = time.monotonic() + self.handler_timeout
-        expired = False
         try:
-            return self._background_loop(app, identifier, handler, backlog, released_deadline, expired)
+            return self._background_loop(app, identifier, handler, backlog, released_deadline)
         finally:
             bgsession._backlog_listeners.remove(on_backlog)
 
     def _background_loop(self, app: Application, identifier: str, handler: CompletionHandler,
-                         backlog: dict[str, Any], released_deadline: float, expired: bool) -> int:
+                         backlog: dict[str, Any], released_deadline: float) -> int:
+        expired = False
         while True:
             if app._signals:
                 return self.terminate()
@@ -579,7 +579,7 @@ def main(delegate_class: type[AppDelegate], *, argv: Sequence[str] | None = None
     global _shared
     handler_timeout = _seconds_from_env(HANDLER_TIMEOUT_ENV, handler_timeout, "handler_timeout")
     background_time = _seconds_from_env(BACKGROUND_TIME_ENV, background_time, "background_time")
-    identifier = os.environ.get(bgsession.BACKGROUND_EVENTS_ENV) or None
+    identifier = bgsession._background_launch_identifier()  # the rule the session itself uses
     delegate = delegate_class()
     app = Application(delegate, argv=sys.argv if argv is None else argv, background_identifier=identifier,
                       background_time=background_time)

@@ -1109,6 +1109,11 @@ class _TaskRecord:
     def partial_name(self) -> str:
         return f"{self.id}.part"
 
+    @property
+    def done_name(self) -> str:
+        """The verified, fsynced file between its rename and its finish record (recovery takes it back)."""
+        return f"{self.id}.done"
+
 
 class _SessionState:
     """The journal's reducer: records in, model out. No I/O.
@@ -1448,8 +1453,13 @@ class _MemoryWriter:
         return None
 
 
+def _aside_name(path: str) -> str:
+    """Where a damaged file is kept for a post-mortem (never deleted)."""
+    return f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+
+
 def _keep_aside(path: str) -> str:
-    aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    aside = _aside_name(path)
     os.replace(path, aside)
     return aside
 
@@ -1580,11 +1590,14 @@ class Journal:
                     referenced.add(t.file)
                 referenced.add(t.partial_name)
             else:
-                referenced.update((t.partial_name, f"{t.id}.done"))  # .done: recovery takes it back
-                part = os.path.join(tmp, t.partial_name)
-                done = os.path.join(tmp, f"{t.id}.done")
-                size = os.path.getsize(part) if os.path.exists(part) else (
-                    os.path.getsize(done) if os.path.exists(done) else 0)
+                referenced.update((t.partial_name, t.done_name))  # .done: recovery takes it back
+                size = 0
+                for name in (t.partial_name, t.done_name):
+                    try:
+                        size = os.path.getsize(os.path.join(tmp, name))
+                        break
+                    except OSError:
+                        pass
                 if t.durable_offset > size:
                     problems.append(f"task {t.id}: journal says {t.durable_offset} bytes are durable "
                                     f"but tmp/{t.partial_name} has {size}")
@@ -2042,7 +2055,7 @@ class _Core:
                 if any("unreadable line" in p for p in problems):
                     # compaction below rewrites the journal: keep the damaged one for a post-mortem
                     journal = os.path.join(self.directory, _JOURNAL_NAME)
-                    aside = f"{journal}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                    aside = _aside_name(journal)
                     shutil.copyfile(journal, aside)
                     os.chmod(aside, _FILE_MODE)
                     log.warning("session %s: damaged journal kept as %s", config.identifier, aside)
@@ -2123,7 +2136,11 @@ class _Core:
             _unlink_quietly(os.path.join(self.directory, _RESERVE_NAME))
 
     def _maybe_compact(self) -> None:
-        if self.directory is not None and self.writer.records_written > DEFAULT_COMPACT_RECORDS:
+        if self.directory is None or self.writer.records_written <= DEFAULT_COMPACT_RECORDS:
+            return  # the cheap unlocked check, on every progress sync
+        with self.lock:
+            if self.writer.records_written <= DEFAULT_COMPACT_RECORDS:
+                return  # another thread compacted while this one waited for the lock
             try:
                 self._compact()
             except OSError as err:
@@ -2141,7 +2158,7 @@ class _Core:
                 self._finish_cancel(task)
             elif task.phase in (Phase.QUEUED, Phase.SUSPENDED) and task.kind == "download":
                 part = os.path.join(self.tmp, task.partial_name)
-                done = os.path.join(self.tmp, f"{task.id}.done")
+                done = os.path.join(self.tmp, task.done_name)
                 if os.path.exists(done):
                     # killed after the finished file was renamed, before its record: the file is whole
                     # and verified; take it back as the partial file (the resume gets a 416 and completes)
@@ -2247,9 +2264,8 @@ class _Core:
                 if failing:
                     failed.append(failing)
             self.changed.notify_all()
-        self.writer.wait(ticket)
+        self.writer.wait(ticket)  # the highest ticket: every resume and fail record is durable
         if failed:
-            self.writer.flush()
             with self.lock:
                 for task in failed:
                     self._post_task_events(task)
@@ -2356,9 +2372,11 @@ class _Core:
             return self._info(task)
 
     def new_task(self, kind: str, request: Request, description: str | None, *,
-                 upload_path: str | None = None, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+                 upload_path: str | None = None, resume: dict[str, Any] | None = None,
+                 durable: bool = False) -> dict[str, Any]:
         """``create_task`` returning the new task's info (the backend interface both hosts share)."""
-        return self.task_info(self.create_task(kind, request, description, upload_path=upload_path, resume=resume))
+        return self.task_info(self.create_task(kind, request, description, upload_path=upload_path, resume=resume,
+                                               durable=durable))
 
     def _info(self, task: _TaskRecord) -> dict[str, Any]:
         live = task.live
@@ -2474,7 +2492,7 @@ class _Core:
         if self.sink is None or not task.live.events_ready:
             return
         info = self._info(task)
-        for event in task.events():
+        for event in info["events"]:
             if event == "finish":
                 self.sink.post(FinishedEvent(task.id, os.path.join(self.tmp, task.file or ""), info))
             else:
@@ -2601,7 +2619,7 @@ class _Core:
         self.changed.notify_all()
 
     def _finish_cancel(self, task: _TaskRecord) -> int:
-        _unlink_quietly(os.path.join(self.tmp, f"{task.id}.done"))  # finished just as it was cancelled
+        _unlink_quietly(os.path.join(self.tmp, task.done_name))  # finished just as it was cancelled
         resume_file = self._keep_for_resume(task) if task.want_resume_data else None
         err = TransferError(ErrorCode.CANCELLED, "cancelled", url=task.request["url"])
         return self._record(task, "finish", error=err._to_record(), resume_file=resume_file)
@@ -2943,8 +2961,8 @@ class _Core:
         fd = -1
         try:
             try:
-                done = os.path.join(self.tmp, f"{task.id}.done")
-                if not os.path.exists(part) and os.path.exists(done):
+                done = os.path.join(self.tmp, task.done_name)
+                if os.path.exists(done) and not os.path.exists(part):  # .done is rare: one stat mostly
                     os.replace(done, part)  # finished just as it was suspended: the file is whole
                 fd = _open_private(part, os.O_RDWR | os.O_CREAT)
                 size = os.fstat(fd).st_size
@@ -3063,7 +3081,7 @@ class _Core:
         # or an http.client without them, use read1().
         fp: Any = getattr(resp, "fp", None)
         direct = not resp.chunked and fp is not None and hasattr(fp, "readinto1")
-        data: bytes | memoryview
+        data: memoryview
         while True:
             try:
                 if direct:
@@ -3073,7 +3091,7 @@ class _Core:
                         resp.length -= n
                     data = view[:n]
                 else:
-                    data = resp.read1(size)
+                    data = memoryview(resp.read1(size))
                     n = len(data)
             except (OSError, http.client.HTTPException) as err:
                 control.check()
@@ -3085,7 +3103,7 @@ class _Core:
                     raise _classify_os_error(err) from err
                 break
             try:
-                chunk = memoryview(data) if isinstance(data, bytes) else data
+                chunk = data
                 while chunk:
                     chunk = chunk[os.write(fd, chunk):]
             except OSError as err:
@@ -3125,7 +3143,7 @@ class _Core:
                                                f"SHA-256 {digest.hexdigest()} does not match the expected "
                                                f"{expected}", url=task.current_url), keep_partial=False)
             _fsync(fd)
-            done_name = f"{task.id}.done"
+            done_name = task.done_name
             os.replace(part, os.path.join(self.tmp, done_name))
             self._tmp_sync.sync()
         except OSError as err:
@@ -4485,8 +4503,11 @@ class _DaemonServer:
         return False
 
     def _relaunch_wanted(self) -> bool:
-        if self._app_present():
-            return False  # an app is opening the session: it gets the events; no second app
+        # an app opening the session (holding app.lock) gets the events: no second app. Asked
+        # last: the state answers "no" from memory on most ticks, without touching the lock file
+        return self._relaunch_due() and not self._app_present()
+
+    def _relaunch_due(self) -> bool:
         with self.core.lock:
             if self.core.sink is not None:
                 return False
@@ -4622,9 +4643,8 @@ class _DaemonServer:
             headers.update(dict(msg.get("secret_headers") or []))
             req = Request(msg["request"]["url"], msg["request"].get("method", "GET"), headers,
                           msg["request"].get("sha256"))
-            tid = core.create_task(msg["kind"], req, msg.get("description"), upload_path=msg.get("upload_path"),
-                                   resume=msg.get("resume"), durable=True)
-            return core.task_info(tid), sink
+            return core.new_task(msg["kind"], req, msg.get("description"), upload_path=msg.get("upload_path"),
+                                 resume=msg.get("resume"), durable=True), sink
         if op == "resume":
             core.resume(int(msg["id"]))
             return None, sink
@@ -5000,6 +5020,11 @@ _DAEMON_BOOT = ("import importlib.util, sys\n"
                 "sys.exit(module._main(sys.argv[2:]))\n")
 
 
+def _self_command(*args: str) -> list[str]:
+    """``bgsession.py <args>`` as a command line: this very file, through the cached-bytecode loader."""
+    return [sys.executable, "-c", _DAEMON_BOOT, os.path.abspath(__file__), *args]
+
+
 def _connect_daemon(config: Configuration) -> socket.socket:
     """Connect to the session's daemon, starting one if none runs (idempotent under a lock)."""
     assert config.directory is not None
@@ -5016,9 +5041,8 @@ def _connect_daemon(config: Configuration) -> socket.socket:
             return sock
         log_fd = _open_private(os.path.join(directory, _DAEMON_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         env = {k: v for k, v in os.environ.items() if k != BACKGROUND_EVENTS_ENV}
-        script = os.path.abspath(__file__)
         try:
-            proc = subprocess.Popen([sys.executable, "-c", _DAEMON_BOOT, script, "daemon", "--directory", directory],
+            proc = subprocess.Popen(_self_command("daemon", "--directory", directory),
                                     stdin=subprocess.PIPE, stdout=log_fd, stderr=log_fd, env=env, cwd=directory,
                                     close_fds=True, start_new_session=True)
         finally:
@@ -5095,7 +5119,7 @@ class _CliError(Exception):
 
 def _cli_config(args: argparse.Namespace) -> Configuration:
     directory = os.path.abspath(args.state_dir) if args.state_dir else None
-    relaunch = [sys.executable, "-c", _DAEMON_BOOT, os.path.abspath(__file__), "deliver", "--session", args.session]
+    relaunch = _self_command("deliver", "--session", args.session)
     if directory:
         relaunch += ["--state-dir", directory]
     return Configuration.background(args.session, directory=directory, host="daemon", relaunch_command=relaunch)
@@ -5184,22 +5208,18 @@ class _CliApp(SessionDelegate):
         self.done.set()
 
 
-def _progress_loop(session: Session, app: _CliApp, out: Any, tty: bool, ids: set[int] | None) -> None:
+def _progress_loop(session: Session, app: _CliApp, out: Any, tty: bool) -> None:
     """Wait for the session's tasks, drawing one line per task in place on a TTY."""
     drawn = 0
-    finished_lines: list[str] = []
+    finished_lines: dict[str, None] = {}  # ordered, and O(1) to test (thousands of tasks)
     while True:
         settled = session.wait(0.25)
         if tty:
-            infos = [i for i in session._backend.tasks() if ids is None or i["id"] in ids]
             width = shutil.get_terminal_size((100, 20)).columns - 1
-            lines = [_task_line(i, width) for i in infos]
+            lines = [_task_line(i, width) for i in session._backend.tasks()]
             for tid, reason in sorted(app.results.items()):
-                if ids is None or tid in ids:
-                    line = f"{tid:>5} {'done' if reason is None else 'failed: ' + reason}"
-                    if line not in finished_lines:
-                        finished_lines.append(line)
-            frame = finished_lines + lines
+                finished_lines.setdefault(f"{tid:>5} {'done' if reason is None else 'failed: ' + reason}")
+            frame = list(finished_lines) + lines
             buf = ("\x1b[%dF" % drawn if drawn else "") + "".join("\x1b[2K" + line + "\n" for line in frame)
             if drawn > len(frame):
                 buf += "\x1b[2K\n" * (drawn - len(frame))
@@ -5235,37 +5255,41 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
         raise _CliError("--sha256 applies to a single URL")
     requests = [Request(url, sha256=args.sha256) for url in args.urls]  # bad URLs fail here, before any enqueue
     desc = _CLI_PREFIX + json.dumps({"dir": dest}, separators=(",", ":"))
-    if not args.wait:
-        client = _cli_observer(args)
+    if args.wait:
+        def enqueue(session: Session) -> None:
+            tasks: list[Task] = []
+            try:
+                for req in requests:
+                    tasks.append(session.download_task(req, description=desc))
+            finally:
+                session.resume_all(tasks)  # what was created runs, even if a later create failed
+
+        return _cmd_wait(args, out, enqueue=enqueue)
+    client = _cli_observer(args)
+    try:
+        queued: list[tuple[int, str]] = []
         try:
             for req in requests:
-                tid = client.new_task("download", req, desc)["id"]
-                client.resume(tid)
-                print(f"queued {tid} {req.url} -> {dest}", file=out, flush=True)
+                queued.append((client.new_task("download", req, desc)["id"], req.url))
         finally:
-            client.close()
-        return EXIT_OK
-    tty = out.isatty()
-    app = _CliApp(out, tty)
-    session = _cli_session(args, app)
-    try:
-        ids = set()
-        for req in requests:
-            task = session.download_task(req, description=desc)
-            task.resume()
-            ids.add(task.identifier)
-        _progress_loop(session, app, out, tty, ids=None)
+            client.resume_many([tid for tid, _ in queued])  # one fsync and one round trip for all
+            for tid, url in queued:
+                print(f"queued {tid} {url} -> {dest}", file=out, flush=True)
     finally:
-        session.close()
-    return EXIT_FAILED if any(r is not None for r in app.results.values()) else EXIT_OK
+        client.close()
+    return EXIT_OK
 
 
-def _cmd_wait(args: argparse.Namespace, out: Any, deliver: bool = False) -> int:
+def _cmd_wait(args: argparse.Namespace, out: Any, deliver: bool = False,
+              enqueue: Callable[[Session], None] | None = None) -> int:
+    """Attach, run *enqueue* (``download --wait``), then show progress until everything is delivered."""
     tty = out.isatty() and not deliver
     app = _CliApp(out, tty)
     session = _cli_session(args, app)
     try:
-        _progress_loop(session, app, out, tty, ids=None)
+        if enqueue is not None:
+            enqueue(session)
+        _progress_loop(session, app, out, tty)
     finally:
         session.close()
     return EXIT_FAILED if any(r is not None for r in app.results.values()) else EXIT_OK

@@ -80,7 +80,7 @@ class PhotoMessage:
 
     @property
     def name(self) -> str:
-        return bgsession.sanitize_filename(urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1])
+        return _name_from_url(self.url)
 
 
 def _atomic_write_json(path: str, value: Any) -> None:
@@ -330,23 +330,32 @@ class BackgroundSessionManager(bgsession.SessionManager):
 
     def message_for(self, task: bgsession.Task) -> PhotoMessage | None:
         """The PhotoMessage a task downloads, found through its persisted description."""
-        description = task.description or ""
-        if not description.startswith(DESCRIPTION_PREFIX):
-            return None
-        return self.store.get(description[len(DESCRIPTION_PREFIX):])
+        message_id = _message_id(task)
+        return self.store.get(message_id) if message_id is not None else None
 
     def photo_tasks(self) -> dict[str, bgsession.Task]:
         """Unfinished tasks by message id."""
         out = {}
         for task in self.session.get_tasks():
-            description = task.description or ""
-            if description.startswith(DESCRIPTION_PREFIX):
-                out[description[len(DESCRIPTION_PREFIX):]] = task
+            message_id = _message_id(task)
+            if message_id is not None:
+                out[message_id] = task
         return out
 
 
+def _message_id(task: bgsession.Task) -> str | None:
+    """The message a task belongs to, from its persisted description (None: not a photo task)."""
+    description = task.description or ""
+    return description[len(DESCRIPTION_PREFIX):] if description.startswith(DESCRIPTION_PREFIX) else None
+
+
+def _name_from_url(url: str) -> str:
+    """The destination file name: the URL's last path segment, made safe (the seed's rule)."""
+    return bgsession.sanitize_filename(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+
+
 def _photo_name(task: bgsession.Task) -> str:
-    return bgsession.sanitize_filename(urllib.parse.urlsplit(task.original_request.url).path.rsplit("/", 1)[-1])
+    return _name_from_url(task.original_request.url)
 
 
 def _load_account(path: str) -> tuple[str, str] | None:
@@ -377,9 +386,9 @@ class PhotoApp(appdelegate.AppDelegate):
              f"{len(tasks)} unfinished download(s) recovered")
         if not app.is_background_launch:
             self.receive_messages(manager, tasks)
-        for task in manager.photo_tasks().values():
-            if task.state is bgsession.TaskState.SUSPENDED:
-                task.resume()
+            tasks = manager.photo_tasks()  # with the ones just created
+        # one journal fsync (one daemon round trip) for all; running or finished tasks stay as they are
+        manager.session.resume_all(tasks.values())
         self.keep_transfers_alive(app, manager)
 
     def handle_events_for_background_url_session(self, app: appdelegate.Application, identifier: str,

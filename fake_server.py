@@ -1183,16 +1183,16 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
             sock = self.fake.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def finish_request(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
-            try:
-                request.settimeout(10.0)
-                request.do_handshake()
-                request.settimeout(None)
-            except (OSError, ssl.SSLError):
-                self.fake._connection_closed(request)
-                self.shutdown_request(request)  # e.g. the client refused our certificate
-                return
+            # a failed handshake (e.g. the client refused our certificate) is an OSError: handle_error
+            # ignores it and the connection is shut down like any other
+            request.settimeout(10.0)
+            request.do_handshake()
+            request.settimeout(None)
+        super().finish_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -1333,21 +1333,21 @@ class FakeServer:
         body = data if data is not None else blob_bytes(size or 0, seed)
         route = Route(_check_path(path), body, etag=etag, last_modified=last_modified, weak_etag=weak_etag,
                       content_type=content_type, faults=faults, default_fault=default_fault, auth=auth)
-        return self._add(route)
+        return self.add_route(route)
 
     def add_redirect(self, path: str, location: str, status: int = 302) -> _BaseRoute:
         """Answer every request to ``path`` with ``status`` and ``Location: location`` (sent as given)."""
-        return self._add(_RedirectRoute(_check_path(path), location, status))
+        return self.add_route(_RedirectRoute(_check_path(path), location, status))
 
     def add_upload(self, path: str, *, status: int = 201, auth: BasicAuth | DigestAuth | None = None,
                    faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None) -> _BaseRoute:
         """Accept PUT/POST bodies at ``path`` (Content-Length or chunked) and answer JSON size/sha256."""
-        return self._add(_UploadRoute(_check_path(path), status, auth, faults, default_fault))
+        return self.add_route(_UploadRoute(_check_path(path), status, auth, faults, default_fault))
 
     def add_status(self, path: str, status: int, body: bytes = b"",
                    headers: Mapping[str, str] | None = None) -> _BaseRoute:
         """Answer every request to ``path`` with a fixed status, body and headers."""
-        return self._add(_StatusRoute(_check_path(path), status, body, headers))
+        return self.add_route(_StatusRoute(_check_path(path), status, body, headers))
 
     def remove(self, path: str) -> None:
         """Forget the route at ``path`` (it then answers 404)."""
@@ -1367,7 +1367,9 @@ class FakeServer:
         with route._lock:
             return list(route.bodies)
 
-    def _add(self, route: _R) -> _R:
+    def add_route(self, route: _R) -> _R:
+        """Serve *route* at ``route.path`` (replacing what was there): for a Route subclass of
+        a test's own; the ``add_*`` methods cover the usual cases."""
         with self._lock:
             self._routes[route.path] = route
         return route

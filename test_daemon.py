@@ -4,7 +4,6 @@ mid-download, socket permissions, and idle exit."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ import pytest
 import bgsession as bg
 import fake_server as fs
 from testkit import *
-from testkit import HERE, LONG, SHORT, MiB, Recorder, download, received, sha, stop_daemon, wait_until
+from testkit import HERE, LONG, SHORT, Ledger, MiB, Recorder, download, received, sha, stop_daemon, wait_until
 
 if bg.fcntl is None:  # pragma: no cover
     pytest.skip("the daemon host needs POSIX", allow_module_level=True)
@@ -99,10 +98,7 @@ class App:
         return proc
 
     def entries(self) -> list[dict]:
-        if not os.path.exists(self.ledger):
-            return []
-        with open(self.ledger) as f:
-            return [json.loads(line) for line in f if line.endswith("\n")]
+        return Ledger(self.ledger).read()
 
     def events(self, name: str) -> list[dict]:
         return [e for e in self.entries() if e["event"] == name]

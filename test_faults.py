@@ -5,7 +5,7 @@ TransferError, never a splice. ``python test_faults.py`` prints the README's tab
 from __future__ import annotations
 
 import dataclasses
-import os
+import pathlib
 import sys
 import tempfile
 from typing import Any, Callable
@@ -15,7 +15,7 @@ import pytest
 import bgsession as bg
 import fake_server as fs
 from testkit import *
-from testkit import LONG, Recorder, Sessions, download, sha, stop_daemon
+from testkit import LONG, Recorder, Sessions, download, sha
 
 SIZE = 1 << 20
 HALF = SIZE // 2
@@ -131,24 +131,15 @@ def main() -> int:
     rows: list[str] = ["| fault | outcome | requests (in-process / daemon) | bytes served for a 1 MiB file |",
                        "|---|---|---|---|"]
 
-    class Path:
-        def __init__(self, p: str) -> None:
-            self.p = p
-
-        def __truediv__(self, name: str) -> str:
-            return os.path.join(self.p, name)
-
     for scenario in SCENARIOS:
         results = {}
         for host in ("inprocess", "daemon"):
             with tempfile.TemporaryDirectory() as tmp:
-                sessions = Sessions(Path(tmp), host)
+                sessions = Sessions(pathlib.Path(tmp), host)
                 try:
                     results[host] = run_scenario(scenario, sessions)
                 finally:
-                    sessions.teardown()
-                    for d in sessions.directories:
-                        stop_daemon(d)
+                    sessions.teardown()  # stops the daemons too
         a, b = results["inprocess"], results["daemon"]
         rows.append(f"| {scenario.name} | {a['outcome']} | {a['requests']} / {b['requests']} | "
                     f"{a['served']:,} / {b['served']:,} |")

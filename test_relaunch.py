@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import queue
@@ -34,7 +33,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -42,11 +41,9 @@ import pytest
 import appdelegate
 import bgsession
 import fake_server
-from testkit import Ledger, file_sha
+from testkit import *  # the host (both hosts) and server fixtures
+from testkit import HERE, Ledger, file_sha, sha, stop_daemon
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-#: Hosts every behaviour here runs against. Add "daemon" once bgsession's daemon host lands.
-HOSTS = ["inprocess", "daemon"]
 IDENTIFIER = "com.example.relaunch-test"
 #: Longest wait for one app launch to end (or for one expected line).
 LAUNCH_TIMEOUT = 60.0
@@ -230,7 +227,7 @@ class File:
     @property
     def sha256(self) -> str:
         assert self.size is not None
-        return hashlib.sha256(fake_server.blob_bytes(self.size, self.seed)).hexdigest()
+        return sha(fake_server.blob_bytes(self.size, self.seed))
 
 
 @dataclasses.dataclass
@@ -405,8 +402,7 @@ class Driver:
             elif launch.rc is None and _alive(launch):
                 os.kill(launch.pid, signal.SIGKILL)
         if self.host == "daemon":
-            import testkit
-            testkit.stop_daemon(self.session_directory)
+            stop_daemon(self.session_directory)
 
     def served_end(self, f: File) -> int:
         """How far into the entity the server has sent bytes (a client has at most this much of it)."""
@@ -438,17 +434,6 @@ def _basic_auth() -> Any:
 
 def _throttled(rate: int | None) -> Any:
     return fake_server.Fault(throttle=rate) if rate else None
-
-
-@pytest.fixture(params=HOSTS)
-def host(request: Any) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def server() -> Iterator[Any]:
-    with fake_server.FakeServer() as srv:
-        yield srv
 
 
 def _kill_loop(driver: Driver, rng: random.Random, kills: int) -> list[Launch]:
@@ -630,8 +615,7 @@ def test_demo_story_passes(tmp_path: Any, host: str) -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=LAUNCH_TIMEOUT * 2)
     finally:
         if host == "daemon":
-            import testkit
-            testkit.stop_daemon(str(tmp_path / "app" / "session"))
+            stop_daemon(str(tmp_path / "app" / "session"))
     out = done.stdout.decode("utf-8", "replace")
     assert done.returncode == 0, out
     assert "All checks passed." in out and "exit status -9" in out and out.count("SHA-256 ok") == 4, out

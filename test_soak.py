@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import email.utils
-import hashlib
 import json
 import os
 import random
@@ -50,10 +49,9 @@ import pytest
 import appdelegate
 import bgsession
 import fake_server
-from testkit import Ledger, file_sha
+from testkit import HERE, SHORT, Ledger, MiB, file_sha, sha, wait_until
 
-KiB, MiB = 1 << 10, 1 << 20
-HERE = os.path.dirname(os.path.abspath(__file__))
+KiB = 1 << 10
 THIS_FILE = os.path.abspath(__file__)
 IDENTIFIER = "com.example.soak"
 USER, PASSWORD = "soak", "s3cret"
@@ -93,8 +91,6 @@ FOREGROUND = (5.0, 20.0)
 BACKGROUND = (bgsession.RELAUNCH_BATCH_WINDOW + 5.0, bgsession.RELAUNCH_BATCH_WINDOW + 20.0)
 #: Exit code of an app that found another app attached (one session per identifier): it quits.
 EXIT_IN_USE = 75
-#: Bound on things that happen in well under a second.
-SHORT = 15.0
 #: Polling interval for processes this test cannot wait on (the daemon and its children).
 POLL = 0.05
 #: Longest time an app's finish/complete hook works (uniform 0..this): wide enough for kills to land inside.
@@ -266,7 +262,7 @@ class SoakApp(appdelegate.AppDelegate):
         for attempt in range(20):
             # get_tasks first, then the ledger: a task acknowledged in between has its "returned" line already
             live: dict[str, bgsession.Task] = {t.description or "": t for t in session.get_tasks()}
-            records = LedgerReader(cfg["ledger"]).refresh()
+            records = ledger.read()
             submitted = any(r["event"] == "submitted" for r in records)
             done = {r["desc"] for r in records if r["event"] == "complete" and r["phase"] == "returned"}
             try:
@@ -539,7 +535,7 @@ class Soak:
             route = TrackedRoute(f.path, fake_server.blob_bytes(f.size, f.seed), faults=_random_faults(rng, f),
                                  default_fault=default,
                                  auth=fake_server.BasicAuth(USER, PASSWORD, realm="soak") if f.auth else None)
-            server._add(route)  # a Route subclass: FakeServer has no public way to add one
+            server.add_route(route)
             self.routes[f.path] = route
         self.cfg = {
             "identifier": IDENTIFIER, "directory": self.session_dir, "documents": self.documents,
@@ -779,10 +775,8 @@ class Soak:
                 f"{[(p.key, p.rc) for p in list(self.procs.values())[-MAX_DRAIN_LAUNCHES:]]}")
 
     def wait_daemon_gone(self) -> None:
-        deadline = time.monotonic() + IDLE_TIMEOUT + SHORT
-        while self.daemon()[0] is not None:
-            assert time.monotonic() < deadline, f"the daemon still runs {IDLE_TIMEOUT + SHORT} s after the last app"
-            time.sleep(POLL)  # polling another process's exit (not ours to reap)
+        wait_until(lambda: self.daemon()[0] is None, IDLE_TIMEOUT + SHORT,
+                   what=f"the daemon to exit within {IDLE_TIMEOUT + SHORT} s after the last app")
 
     def tail(self, path: str, n: int = 6000) -> str:
         try:
@@ -825,6 +819,10 @@ def _check(soak: Soak) -> list[str]:
     def later_delegate_line(index: int, key: str) -> bool:
         return any(x["proc"] == key and x["event"] in DELEGATE_EVENTS for x in ledger[index + 1:])
 
+    calls: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}  # (hook, desc) -> its ledger lines
+    for i, e in enumerate(ledger):
+        if e["event"] in ("finish", "complete"):
+            calls.setdefault((e["event"], e["desc"]), []).append((i, e))
     ids: dict[str, set[int]] = {}
     expected_sha: dict[str, str] = {}
     for f in soak.files:
@@ -836,10 +834,10 @@ def _check(soak: Soak) -> list[str]:
             if entity is None:
                 problems.append(f"{f.desc}: the server never answered it with 200/206/416")
                 continue
-            expected_sha[f.desc] = hashlib.sha256(entity.data).hexdigest()
+            expected_sha[f.desc] = sha(entity.data)
         first_complete = None
         for event in ("finish", "complete"):
-            entries = [(i, e) for i, e in enumerate(ledger) if e["event"] == event and e.get("desc") == f.desc]
+            entries = calls.get((event, f.desc), [])
             returns = [(i, e) for i, e in entries if e["phase"] == "returned"]
             if not returns:
                 problems.append(f"{f.desc}: the {event} hook never returned ({len(entries)} calls started)")
@@ -876,13 +874,12 @@ def _check(soak: Soak) -> list[str]:
                 last = starts[-1][1] if starts else None
                 if last is not None and last["error"] is not None:
                     problems.append(f"{f.desc}: completed with an error: {last['error']}")
-        finish_returns = [i for i, e in enumerate(ledger) if e["event"] == "finish" and e.get("desc") == f.desc
-                          and e["phase"] == "returned"]
+        finish_calls = calls.get(("finish", f.desc), [])
+        finish_returns = [i for i, e in finish_calls if e["phase"] == "returned"]
         if first_complete is not None:
             if not finish_returns or finish_returns[0] > first_complete:
                 problems.append(f"{f.desc}: complete hook called before the finish hook returned")
-            if any(i > first_complete for i, e in enumerate(ledger)
-                   if e["event"] == "finish" and e.get("desc") == f.desc):
+            if any(i > first_complete for i, _ in finish_calls):
                 problems.append(f"{f.desc}: finish hook called after the complete hook")
 
     all_ids = [next(iter(s)) for s in ids.values() if len(s) == 1]
