@@ -11,7 +11,16 @@ It also *observes*: body bytes served per path, every request, TCP connections
 accepted, and byte boundaries on a path at which a callback runs or the serving
 thread holds still (``on_bytes``, ``hold_at``), so a test can kill a client at an
 exact offset.  ``AppController`` launches an app as a real subprocess, SIGKILLs it
-at such a boundary and relaunches it as a "background launch".
+at such a boundary and relaunches it as a "background launch"; it also adopts the
+app processes that bgsession's daemon launches and kills them, or the daemon, by
+pid and start token (``ProcessRef``), never hitting a recycled pid.
+
+Sections, each using only what is above it: blobs and entities; faults and the
+response plan (pure: request headers + entity + fault -> status, headers, body
+span); authentication; observation (request records, holds, the traffic counters,
+byte boundaries, stalls); the HTTP handler (I/O); routes and the route table; the
+server (its lifecycle in ``_Listener``, ``FakeServer`` a facade over the parts);
+processes and ``AppController``; the command line.
 
 Typical use::
 
@@ -46,6 +55,7 @@ import json
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import socketserver
@@ -67,15 +77,19 @@ __all__ = [
     "BACKGROUND_EVENTS_ENV",
     "CHUNK_SIZE",
     "DEFAULT_LAST_MODIFIED",
+    "FAULT_STAGES",
     "AppController",
+    "AppProcess",
     "BasicAuth",
     "DigestAuth",
     "FakeServer",
     "Fault",
     "Hold",
+    "ProcessRef",
     "RequestRecord",
     "Route",
     "blob_bytes",
+    "process_start_token",
 ]
 
 #: Body bytes written (or read) per socket call; boundaries split chunks exactly.
@@ -99,12 +113,16 @@ QUERY_BLOB_CACHE_ENTRIES = 8
 MAX_DRAIN = 1024 * 1024
 #: Idle keep-alive connections are closed after this many seconds.
 KEEP_ALIVE_TIMEOUT = 120.0
+#: How often a process is checked for its exit where the OS gives no pidfd to wait on.
+PROCESS_POLL_INTERVAL = 0.01
+#: How long a SIGKILLed process may take to exit before a kill gives up waiting (TimeoutError).
+DEFAULT_KILL_TIMEOUT = 10.0
 
 _BLOB_PATH = re.compile(r"^/blob/([0-9]+)$")
 _RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$", re.IGNORECASE)
 _AUTH_PARAM = re.compile(r'([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 _NC = re.compile(r"^[0-9a-fA-F]{8}$")
-_SIGKILL = getattr(signal, "SIGKILL", None)
+_SIGKILL: int | None = getattr(signal, "SIGKILL", None)
 
 
 # ---------------------------------------------------------------------------
@@ -175,6 +193,23 @@ class _Entity:
 # Faults and the response plan (no I/O)
 # ---------------------------------------------------------------------------
 
+#: The stages of a request that read a ``Fault``, and the functions that make up each.  Every
+#: field of ``Fault`` names its stages in its ``#: Stages:`` comment; test_fake_server.py checks
+#: those comments against the attribute reads of these functions (a new reader belongs to a stage).
+FAULT_STAGES: dict[str, tuple[str, ...]] = {
+    # deciding status, headers and which body bytes to send (pure: no I/O)
+    "planning": ("_plan_response", "_plan_status_fault", "_apply_common"),
+    # before any byte of the response: resets, delays, whether to challenge for credentials
+    "pre-response": ("_Handler._pre_response_faults", "_Handler.serve_entity"),
+    # writing the planned body (the plan carries the fields it needs)
+    "body sending": ("_Handler.send_plan", "_Handler._send_body"),
+    # reading an upload's request body
+    "upload reading": ("_Handler._read_body",),
+    # answering an upload whose body was read
+    "upload answer": ("_UploadRoute.serve",),
+}
+
+
 @dataclass(frozen=True)
 class Fault:
     """How one response misbehaves.  Every field defaults to "behave normally".
@@ -184,24 +219,61 @@ class Fault:
     body instead, and ``status`` is sent after the body was read.  ``reset`` without
     ``cut_after`` resets the connection before any response.  ``wrong_total``,
     ``malformed_range`` and ``early_206`` only change a response that is a 206.
+    Each field's comment names the stages (``FAULT_STAGES``) that read it.
     """
 
+    #: Stages: planning, pre-response, upload reading.
+    #: Send only this many body bytes, then close (reset, with ``reset``); an upload is read up to
+    #: here, then the connection closes.  Pre-response only checks it is unset (``reset`` alone).
     cut_after: int | None = None
+    #: Stages: planning, pre-response, upload reading.
+    #: End with RST instead of FIN: at ``cut_after``, or before any response when ``cut_after`` is unset.
     reset: bool = False
+    #: Stages: planning, body sending, upload reading.
+    #: Stop after this many body bytes (sent, or read on an upload) for ``stall_seconds`` or until
+    #: ``release_stalls()``.
     stall_after: int | None = None
+    #: Stages: planning, body sending, upload reading.
+    #: How long a stall lasts (None: until ``release_stalls()`` or stop()).
     stall_seconds: float | None = None
+    #: Stages: planning, body sending, upload reading.
+    #: Pace the body (sent, or read on an upload) to this many bytes per second.
     throttle: int | None = None
+    #: Stages: planning, pre-response, upload answer.
+    #: Answer this status with a small body instead of the entity (a GET or HEAD is not asked for
+    #: credentials first); an upload's body is read, and credentials checked, first.
     status: int | None = None
+    #: Stages: planning.
+    #: The Retry-After value sent with ``status``.
     retry_after: str | None = None
+    #: Stages: planning.
+    #: Answer 200 with the whole entity whatever the Range header asks.
     ignore_range: bool = False
+    #: Stages: planning.
+    #: A 206 starts this many bytes before the requested first byte (Content-Range says so).
     early_206: int | None = None
+    #: Stages: planning.
+    #: A 206's Content-Range claims a total 1000 bytes larger than the entity.
     wrong_total: bool = False
+    #: Stages: planning.
+    #: A 206's Content-Range is not parseable.
     malformed_range: bool = False
+    #: Stages: planning, body sending.
+    #: Send the body with chunked transfer coding instead of Content-Length.
     chunked: bool = False
+    #: Stages: planning.
+    #: Announce the full length but send this many bytes less, then close.
     short_body: int | None = None
+    #: Stages: planning.
+    #: Add an ``X-Huge-Header`` of this many bytes.
     huge_header: int | None = None
+    #: Stages: planning.
+    #: Send neither ETag nor Last-Modified.
     drop_validators: bool = False
+    #: Stages: pre-response.
+    #: Wait this many seconds before answering (after the request was read).
     delay: float | None = None
+
 
     def __post_init__(self) -> None:
         for name in ("cut_after", "stall_after", "early_206", "short_body", "huge_header"):
@@ -563,7 +635,7 @@ def _parse_auth_params(text: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------
-# Observation: request records, watches, holds
+# Observation: request records, holds, traffic counters, byte boundaries, stalls
 # ---------------------------------------------------------------------------
 
 @dataclass
@@ -595,7 +667,7 @@ class Hold:
     ``AppController.kill_when``); ``served`` is the path's byte count at that moment.
     """
 
-    def __init__(self, path: str, nbytes: int, action: Callable[[], Any] | None = None,
+    def __init__(self, path: str, nbytes: int, action: Callable[[Hold], Any] | None = None,
                  auto_release: bool = False) -> None:
         self.path = path
         self.nbytes = nbytes
@@ -618,7 +690,7 @@ class Hold:
         self.served = served
         if self._action is not None:
             try:
-                self._action()
+                self._action(self)
             except Exception as err:  # kept for the test to inspect  # noqa: BLE001
                 self.error = err
         self.reached.set()
@@ -642,6 +714,207 @@ class _Watch:
 
 class _Aborted(Exception):
     """The handler cut the connection on purpose, or the server is stopping."""
+
+
+def _check_path(path: str) -> str:
+    if not path.startswith("/") or "?" in path:
+        raise ValueError(f"a route path starts with '/' and has no query: {path!r}")
+    return path
+
+
+def _strip_query(path: str) -> str:
+    return path.split("?", 1)[0]
+
+
+class _Traffic:
+    """What the server has seen: body bytes per path each way, the requests, the connections."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._served: dict[str, int] = collections.defaultdict(int)
+        self._received: dict[str, int] = collections.defaultdict(int)
+        self._records: list[RequestRecord] = []
+        self._accepted = 0
+        self._open: dict[Any, int] = {}  # socket -> connection number
+
+    def count(self, path: str, received: bool) -> int:
+        """Body bytes moved on ``path`` so far: received (uploads) or served."""
+        with self._lock:
+            return (self._received if received else self._served).get(_strip_query(path), 0)
+
+    def advance(self, path: str, n: int, received: bool) -> None:
+        """Count ``n`` more body bytes on ``path`` (negative: take back bytes a failed write did not send)."""
+        with self._lock:
+            (self._received if received else self._served)[path] += n
+
+    def requests(self, path: str | None = None) -> list[RequestRecord]:
+        with self._lock:
+            records = list(self._records)
+        if path is not None:
+            wanted = _strip_query(path)
+            records = [r for r in records if r.path == wanted]
+        return [dataclasses.replace(r, headers=dict(r.headers)) for r in records]
+
+    @property
+    def connections_accepted(self) -> int:
+        with self._lock:
+            return self._accepted
+
+    def reset(self) -> None:
+        with self._lock:
+            self._served.clear()
+            self._received.clear()
+            self._records.clear()
+            self._accepted = 0
+
+    def begin_record(self, method: str, path: str, query: str, headers: Iterable[tuple[str, str]],
+                     client_port: int, sock: Any) -> RequestRecord:
+        """Record a request as it arrives (its status and byte counts are filled in as it is answered)."""
+        folded: dict[str, str] = {}
+        for name, value in headers:
+            key = name.lower()
+            folded[key] = folded[key] + ", " + value if key in folded else value
+        with self._lock:
+            record = RequestRecord(method=method, path=path, query=query, headers=folded, client_port=client_port,
+                                   connection=self._open.get(sock, 0), range_header=folded.get("range"))
+            self._records.append(record)
+        return record
+
+    def connection_opened(self, sock: Any) -> int:
+        """Number a new connection (1, 2, ... since start or reset)."""
+        with self._lock:
+            self._accepted += 1
+            self._open[sock] = self._accepted
+            return self._accepted
+
+    def connection_closed(self, sock: Any) -> None:
+        with self._lock:
+            self._open.pop(sock, None)
+
+    def open_sockets(self) -> list[Any]:
+        with self._lock:
+            return list(self._open)
+
+
+class _Boundaries:
+    """Byte boundaries armed on paths: callbacks (``on_bytes``) and holds (``hold_at``).
+
+    A handler asks ``room()`` how far it may go before the next boundary and calls ``fire_due()``
+    with the path's count after every move; the callbacks and holds then run in that handler's thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: dict[str, list[_Watch]] = collections.defaultdict(list)
+        self._holds: list[Hold] = []
+
+    def arm(self, watch: _Watch) -> None:
+        if watch.nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, not {watch.nbytes}")
+        with self._lock:
+            self._watches[watch.path].append(watch)
+            self._watches[watch.path].sort(key=lambda w: w.nbytes)
+
+    def hold(self, path: str, nbytes: int, action: Callable[[Hold], Any] | None = None,
+             auto_release: bool = False) -> Hold:
+        hold = Hold(_strip_query(path), nbytes, action=action, auto_release=auto_release)
+        with self._lock:
+            self._holds.append(hold)
+        self.arm(_Watch(hold.path, nbytes, hold=hold))
+        return hold
+
+    def release_holds(self) -> None:
+        """Release every hold armed so far (reached or not)."""
+        with self._lock:
+            holds = list(self._holds)
+        for hold in holds:
+            hold.release()
+
+    def room(self, path: str, count: int) -> int:
+        """Bytes that may be moved on ``path``, now at ``count``, before its next armed boundary."""
+        with self._lock:
+            room = [w.nbytes - count for w in self._watches.get(path, ()) if not w.fired and w.nbytes > count]
+        return min(room) if room else CHUNK_SIZE
+
+    def fire_due(self, path: str, count: int) -> None:
+        """Fire every boundary on ``path`` at or below ``count``, once each (callbacks, then holds wait)."""
+        with self._lock:
+            due = [w for w in self._watches.get(path, ()) if not w.fired and w.nbytes <= count]
+            for watch in due:
+                watch.fired = True
+        for watch in due:
+            if watch.callback is not None:
+                try:
+                    watch.callback(path, count)
+                except Exception:  # noqa: BLE001 - a test callback's failure must not kill the handler
+                    traceback.print_exc()
+            if watch.hold is not None:
+                watch.hold._arrive(count)
+
+
+class _Stalls:
+    """Handlers inside a ``Fault.stall_*`` stall: counted, and ended together by ``release()``."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        self._stopping = stopping
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._stalled = 0
+
+    def release(self) -> None:
+        """End every stall in progress; later stalls are not affected."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait_stalled(self, count: int, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._stalled >= count, timeout)
+
+    def stall(self, seconds: float | None) -> bool:
+        """Wait out a stall of ``seconds`` (None: until released); False if the server is stopping."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        with self._cond:
+            generation = self._generation
+            self._stalled += 1
+            self._cond.notify_all()
+            try:
+                while self._generation == generation and not self._stopping.is_set():
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            finally:
+                self._stalled -= 1
+        return not self._stopping.is_set()
+
+
+class _Meter:
+    """One body's bytes on its path, in one direction: counted, and stopped at the path's boundaries.
+
+    ``watched`` is False for bodies that boundaries do not watch (error pages, the other direction
+    of the route): they are counted but never held.
+    """
+
+    def __init__(self, traffic: _Traffic, boundaries: _Boundaries, path: str, received: bool,
+                 watched: bool) -> None:
+        self._traffic = traffic
+        self._boundaries = boundaries
+        self._path = path
+        self._received = received
+        self.watched = watched
+
+    def room(self) -> int:
+        if not self.watched:
+            return CHUNK_SIZE
+        return self._boundaries.room(self._path, self._traffic.count(self._path, self._received))
+
+    def add(self, n: int) -> None:
+        self._traffic.advance(self._path, n, self._received)
+
+    def fire(self) -> None:
+        if self.watched:
+            self._boundaries.fire_due(self._path, self._traffic.count(self._path, self._received))
 
 
 # ---------------------------------------------------------------------------
@@ -707,6 +980,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     timeout = KEEP_ALIVE_TIMEOUT
     server: _HTTPServer
+    #: The route answering the current request (set by _dispatch).
+    _route: _BaseRoute | None = None
 
     # -- plumbing ---------------------------------------------------------
 
@@ -721,18 +996,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return True
 
     def log_message(self, format: str, *args: Any) -> None:
-        if self.server.fake.verbose:
+        if self.server.parts.verbose:
             sys.stderr.write("%s - - [%s] %s\n" % (self.address_string(), self.log_date_time_string(),
                                                    format % args))
 
     def _dispatch(self) -> None:
-        fake = self.server.fake
+        parts = self.server.parts
         split = urllib.parse.urlsplit(self.path)
         path = split.path or "/"
-        record = fake._begin_record(self, path, split.query)
+        record = parts.traffic.begin_record(self.command, path, split.query, self.headers.items(),
+                                            self.client_address[1], self.request)
         query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
+        self._route = None
         try:
-            route = fake._resolve(path, query)
+            route = parts.routes.resolve(path, query)
             query_fault = Fault.from_query(query)
         except ValueError as err:
             self.drain_request_body()
@@ -743,6 +1020,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_plan(record, _plan_fixed(404, b"not found\n"))
             return
         record.path = route.path
+        self._route = route
         route.serve(self, record, query_fault)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
@@ -784,7 +1062,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault.reset and fault.cut_after is None:
             self._abort("reset")
         if fault.delay:
-            if self.server.fake._stopping.wait(fault.delay):
+            if self.server.parts.stopping.wait(fault.delay):
                 self._abort("close")
 
     def _authorized(self, record: RequestRecord, auth: BasicAuth | DigestAuth, draining: bool = False) -> bool:
@@ -829,16 +1107,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if plan.chunked:
             self.wfile.write(b"0\r\n\r\n")
 
+    def _meter(self, path: str, received: bool, watched: bool) -> _Meter:
+        """Count this body's bytes on ``path``; stop at its boundaries if ``watched`` and the route's
+        boundaries count this direction (an upload route's count bytes received)."""
+        parts = self.server.parts
+        route = self._route
+        counts_received = route.watches_received if route is not None else received
+        return _Meter(parts.traffic, parts.boundaries, path, received, watched and counts_received == received)
+
     def _send_body(self, record: RequestRecord, view: memoryview, plan: _Plan) -> None:
-        fake = self.server.fake
-        path = record.path
+        meter = self._meter(record.path, received=False, watched=plan.watched)
         total = len(view)
         stall_at = None if plan.stall_after is None else min(plan.stall_after, total)
         pos = 0
         paced_from, paced_bytes = time.monotonic(), 0
         while True:
-            if plan.watched:
-                fake._fire_due(path, received=False)
+            meter.fire()
             if stall_at is not None and pos >= stall_at:
                 stall_at = None
                 self._stall(plan.stall_seconds)
@@ -851,13 +1135,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if plan.throttle:
                 n = min(n, max(1, plan.throttle // THROTTLE_TICKS_PER_SECOND))
                 self._pace(paced_from, paced_bytes, plan.throttle)
-            if plan.watched:
-                n = min(n, fake._room(path, received=False))
+            n = min(n, meter.room())
             piece = view[pos:pos + n]
             # Counted before the write so a client that has the bytes sees them counted;
             # taken back if the write fails.
             record.bytes_sent += n
-            fake._advance(path, n, received=False)
+            meter.add(n)
             try:
                 if plan.chunked:
                     self.wfile.write(b"".join((b"%x\r\n" % n, piece, b"\r\n")))
@@ -865,21 +1148,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(piece)
             except BaseException:
                 record.bytes_sent -= n
-                fake._advance(path, -n, received=False)
+                meter.add(-n)
                 raise
             pos += n
             paced_bytes += n
-            if plan.watched:
-                fake._fire_due(path, received=False)
+            meter.fire()
 
     def _stall(self, seconds: float | None) -> None:
-        fake = self.server.fake
-        if not fake._wait_stall(seconds):
+        if not self.server.parts.stalls.stall(seconds):
             self._abort("close")
 
     def _pace(self, since: float, sent: int, rate: int) -> None:
         due = since + sent / rate - time.monotonic()
-        if due > 0 and self.server.fake._stopping.wait(due):
+        if due > 0 and self.server.parts.stopping.wait(due):
             self._abort("close")
 
     def _abort(self, how: str) -> None:
@@ -897,7 +1178,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.rfile.close()
         finally:
             sock.close()
-        if self.server.fake.verbose:
+        if self.server.parts.verbose:
             self.log_message("%s %s: connection %s by fault", self.command, self.path,
                              "reset" if how == "reset" else "closed")
         raise _Aborted(how)
@@ -927,15 +1208,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return True
 
     def _read_body(self, record: RequestRecord, fault: Fault) -> bytes:
-        fake = self.server.fake
-        path = record.path
+        meter = self._meter(record.path, received=True, watched=True)
         reader = self._body_reader()
         parts: list[bytes] = []
         pos = 0
         stall_at = fault.stall_after
         paced_from, paced_bytes = time.monotonic(), 0
         while True:
-            fake._fire_due(path, received=True)
+            meter.fire()
             if stall_at is not None and pos >= stall_at:
                 stall_at = None
                 self._stall(fault.stall_seconds)
@@ -950,7 +1230,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if fault.throttle:
                 n = min(n, max(1, fault.throttle // THROTTLE_TICKS_PER_SECOND))
                 self._pace(paced_from, paced_bytes, fault.throttle)
-            n = min(n, fake._room(path, received=True))
+            n = min(n, meter.room())
             piece = reader.read(n)
             if not piece:
                 break
@@ -958,15 +1238,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pos += len(piece)
             paced_bytes += len(piece)
             record.bytes_received = pos
-            fake._advance(path, len(piece), received=True)
-            fake._fire_due(path, received=True)
+            meter.add(len(piece))
+            meter.fire()
         if reader.incomplete:
             self._abort("close")
         return b"".join(parts)
 
 
 # ---------------------------------------------------------------------------
-# Routes
+# Routes and the route table
 # ---------------------------------------------------------------------------
 
 class _BaseRoute:
@@ -1131,6 +1411,11 @@ class _UploadRoute(_BaseRoute):
         self.auth = auth
         self.bodies: list[bytes] = []
 
+    def received_bodies(self) -> list[bytes]:
+        """The bodies stored so far (complete and answered with success), in order."""
+        with self._lock:
+            return list(self.bodies)
+
     def serve(self, handler: _Handler, record: RequestRecord, query_fault: Fault | None) -> None:
         fault = self.next_fault()
         if fault is None:
@@ -1150,17 +1435,96 @@ class _UploadRoute(_BaseRoute):
         handler.send_plan(record, _plan_fixed(status, payload, content_type="application/json"))
 
 
+_R = TypeVar("_R", bound=_BaseRoute)
+
+
+class _RouteTable:
+    """Which route answers a path: routes added by exact path, else ``/files/<relpath>`` under
+    ``root`` (when given), else ``/blob/<size>?seed=…``; None for anything else (404)."""
+
+    def __init__(self, root: str | None) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._routes: dict[str, _BaseRoute] = {}
+        self._file_cache: dict[str, tuple[tuple[int, int], _Entity]] = {}
+        self._file_cache_lock = threading.Lock()
+        self._blob_cache: collections.OrderedDict[tuple[int, int, bool], _Entity] = collections.OrderedDict()
+
+    def add(self, route: _R) -> _R:
+        with self._lock:
+            self._routes[route.path] = route
+        return route
+
+    def remove(self, path: str) -> None:
+        with self._lock:
+            self._routes.pop(path, None)
+
+    def get(self, path: str) -> _BaseRoute | None:
+        with self._lock:
+            return self._routes.get(path)
+
+    def resolve(self, path: str, query: Mapping[str, str]) -> _BaseRoute | None:
+        """The route for a request to ``path`` (ValueError for a bad ``/blob/`` request)."""
+        with self._lock:
+            route = self._routes.get(path) or self._routes.get(urllib.parse.unquote(path))
+        if route is not None:
+            return route
+        if self.root is not None and path.startswith("/files/"):
+            relpath = urllib.parse.unquote(path[len("/files/"):])
+            filename = os.path.realpath(os.path.join(self.root, relpath))
+            if filename.startswith(self.root + os.sep) and os.path.isfile(filename):
+                return _FileRoute(path, filename, self._file_cache, self._file_cache_lock)
+            return None
+        match = _BLOB_PATH.match(path)
+        if match:
+            size = int(match.group(1))
+            if size > MAX_QUERY_BLOB:
+                raise ValueError(f"blob size {size} is above {MAX_QUERY_BLOB}")
+            seed = int(query.get("seed", "0"))
+            weak = _parse_bool(query["weak_etag"]) if "weak_etag" in query else False
+            return _QueryBlobRoute(path, self._query_blob(size, seed, weak))
+        return None
+
+    def _query_blob(self, size: int, seed: int, weak: bool) -> _Entity:
+        key = (size, seed, weak)
+        with self._lock:
+            entity = self._blob_cache.get(key)
+            if entity is not None:
+                self._blob_cache.move_to_end(key)
+                return entity
+        entity = _Entity.build(blob_bytes(size, seed), modified=DEFAULT_LAST_MODIFIED, weak_etag=weak)
+        with self._lock:
+            self._blob_cache[key] = entity
+            while len(self._blob_cache) > QUERY_BLOB_CACHE_ENTRIES:
+                self._blob_cache.popitem(last=False)
+        return entity
+
+
 # ---------------------------------------------------------------------------
-# The server
+# The server: parts, lifecycle, facade
 # ---------------------------------------------------------------------------
+
+@dataclass
+class _Parts:
+    """What a connection's handler works with: one FakeServer's routes, counters, boundaries and stalls."""
+
+    routes: _RouteTable
+    traffic: _Traffic
+    boundaries: _Boundaries
+    stalls: _Stalls
+    stopping: threading.Event
+    verbose: bool
+    tls: ssl.SSLContext | None
+
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, fake: FakeServer, address: tuple[str, int]) -> None:
-        self.fake = fake
+    def __init__(self, parts: _Parts, listener: _Listener, address: tuple[str, int]) -> None:
+        self.parts = parts
+        self.listener = listener
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -1171,16 +1535,19 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self.server_port = int(port)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        number = self.fake._connection_opened(request)
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  name=f"fake_server-conn-{number}", daemon=True)
-        self.fake._track_thread(thread)
-        thread.start()
+        number = self.parts.traffic.connection_opened(request)
+        if self.parts.stopping.is_set():
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.listener.start_thread(self.process_request_thread, (request, client_address),
+                                   name=f"fake_server-conn-{number}")
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = super().get_request()
-        if self.fake.tls is not None:  # the handshake runs in the connection's thread
-            sock = self.fake.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        if self.parts.tls is not None:  # the handshake runs in the connection's thread
+            sock = self.parts.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -1196,16 +1563,82 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.fake._connection_closed(request)
+            self.parts.traffic.connection_closed(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
-        if isinstance(error, (_Aborted, OSError)) or self.fake._stopping.is_set():
+        if isinstance(error, (_Aborted, OSError)) or self.parts.stopping.is_set():
             return
         super().handle_error(request, client_address)
 
 
-_R = TypeVar("_R", bound=_BaseRoute)
+class _Listener:
+    """The server's lifecycle: the listening socket, the accept thread and one thread per connection.
+
+    It owns every thread it starts and joins them in ``stop()`` (within its timeout).  Started
+    again after ``stop()``, it binds the port it had, so URLs stay valid across an outage.
+    """
+
+    def __init__(self, parts: _Parts, host: str, port: int) -> None:
+        self._parts = parts
+        self.host = host
+        self._requested_port = port
+        self.port: int | None = None
+        self._lock = threading.Lock()
+        self._httpd: _HTTPServer | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._threads: set[threading.Thread] = set()
+
+    @property
+    def running(self) -> bool:
+        return self._httpd is not None
+
+    def start(self) -> None:
+        if self._httpd is not None:
+            raise RuntimeError("server already started")
+        self._parts.stopping.clear()
+        httpd = _HTTPServer(self._parts, self, (self.host, self.port or self._requested_port))
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        self._accept_thread = threading.Thread(target=httpd.serve_forever,
+                                               kwargs={"poll_interval": ACCEPT_POLL_INTERVAL},
+                                               name="fake_server-accept", daemon=True)
+        self._accept_thread.start()
+
+    def start_thread(self, target: Callable[..., Any], args: tuple[Any, ...], name: str) -> None:
+        """Start a connection's thread; it is joined by stop() (finished ones are forgotten here)."""
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._lock:
+            self._threads = {t for t in self._threads if t.is_alive()}
+            self._threads.add(thread)
+        thread.start()
+
+    def stop(self, timeout: float, wake: Callable[[], None]) -> None:
+        """Stop accepting, ``wake()`` the handlers that wait (holds, stalls), cut every connection,
+        then join the connection threads and the accept thread, all within ``timeout``."""
+        httpd = self._httpd
+        if httpd is None:
+            return
+        self._parts.stopping.set()
+        wake()
+        httpd.shutdown()
+        for sock in self._parts.traffic.open_sockets():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._lock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        httpd.server_close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._threads = {t for t in self._threads if t.is_alive()}
+        self._httpd = None
+        self._accept_thread = None
 
 
 class FakeServer:
@@ -1215,36 +1648,42 @@ class FakeServer:
     Paths are matched exactly (query strings aside); unknown paths get 404.
     With ``root``, files under it are served at ``/files/<relpath>``; ``/blob/<size>``
     always serves ``blob_bytes(size, seed)`` with faults from the query string.
+
+    A facade: the route table, the traffic counters, the byte boundaries, the stalls and the
+    listener each do one job; this class wires them together and keeps the public methods.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",
                  port: int = 0, *, verbose: bool = False, tls: ssl.SSLContext | None = None) -> None:
         """``tls``: a server-side SSLContext (with its certificate loaded) to serve HTTPS."""
-        self.tls = tls
-        self.root = os.path.realpath(os.fspath(root)) if root is not None else None
-        self.host = host
-        self.verbose = verbose
-        self._requested_port = port
-        self._port: int | None = None
-        self._httpd: _HTTPServer | None = None
-        self._serve_thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._routes: dict[str, _BaseRoute] = {}
-        self._served: dict[str, int] = collections.defaultdict(int)
-        self._received: dict[str, int] = collections.defaultdict(int)
-        self._records: list[RequestRecord] = []
-        self._watches: dict[str, list[_Watch]] = collections.defaultdict(list)
-        self._holds: list[Hold] = []
-        self._connections_accepted = 0
-        self._open_sockets: dict[Any, int] = {}  # socket -> connection number
-        self._threads: set[threading.Thread] = set()
-        self._stopping = threading.Event()
-        self._stall_cond = threading.Condition(self._lock)
-        self._stall_generation = 0
-        self._stalled = 0
-        self._file_cache: dict[str, tuple[tuple[int, int], _Entity]] = {}
-        self._file_cache_lock = threading.Lock()
-        self._blob_cache: collections.OrderedDict[tuple[int, int, bool], _Entity] = collections.OrderedDict()
+        stopping = threading.Event()
+        self._parts = _Parts(
+            routes=_RouteTable(os.path.realpath(os.fspath(root)) if root is not None else None),
+            traffic=_Traffic(), boundaries=_Boundaries(), stalls=_Stalls(stopping), stopping=stopping,
+            verbose=verbose, tls=tls)
+        self._listener = _Listener(self._parts, host, port)
+
+    @property
+    def root(self) -> str | None:
+        """The directory served under ``/files/`` (resolved), or None."""
+        return self._parts.routes.root
+
+    @property
+    def host(self) -> str:
+        return self._listener.host
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        return self._parts.tls
+
+    @property
+    def verbose(self) -> bool:
+        """Whether requests are logged to stderr."""
+        return self._parts.verbose
+
+    @verbose.setter
+    def verbose(self, value: bool) -> None:
+        self._parts.verbose = value
 
     # -- lifecycle --------------------------------------------------------
 
@@ -1254,48 +1693,19 @@ class FakeServer:
         A server started again after stop() binds the same port as before, so URLs stay
         valid across a simulated outage.
         """
-        if self._httpd is not None:
-            raise RuntimeError("server already started")
-        self._stopping.clear()
-        self._httpd = _HTTPServer(self, (self.host, self._port or self._requested_port))
-        self._port = self._httpd.server_address[1]
-        self._serve_thread = threading.Thread(target=self._httpd.serve_forever,
-                                              kwargs={"poll_interval": ACCEPT_POLL_INTERVAL},
-                                              name="fake_server-accept", daemon=True)
-        self._serve_thread.start()
+        self._listener.start()
         return self
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """Stop serving: release holds and stalls, close connections, join threads (bounded)."""
-        httpd = self._httpd
-        if httpd is None:
-            return
-        self._stopping.set()
-        self.release_stalls()
-        with self._lock:
-            holds = list(self._holds)
-        for hold in holds:
-            hold.release()
-        httpd.shutdown()
-        with self._lock:
-            sockets = list(self._open_sockets)
-            threads = list(self._threads)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        httpd.server_close()
-        if self._serve_thread is not None:
-            self._serve_thread.join(max(0.0, deadline - time.monotonic()))
-        self._httpd = None
-        self._serve_thread = None
+        self._listener.stop(timeout, wake=self._wake_handlers)
+
+    def _wake_handlers(self) -> None:
+        self._parts.stalls.release()
+        self._parts.boundaries.release_holds()
 
     def __enter__(self) -> FakeServer:
-        if self._httpd is None:
+        if not self._listener.running:
             self.start()
         return self
 
@@ -1305,9 +1715,9 @@ class FakeServer:
     @property
     def port(self) -> int:
         """The bound port (available after the first start(); kept after stop())."""
-        if self._port is None:
+        if self._listener.port is None:
             raise RuntimeError("server not started")
-        return self._port
+        return self._listener.port
 
     @property
     def base_url(self) -> str:
@@ -1351,101 +1761,51 @@ class FakeServer:
 
     def remove(self, path: str) -> None:
         """Forget the route at ``path`` (it then answers 404)."""
-        with self._lock:
-            self._routes.pop(path, None)
+        self._parts.routes.remove(path)
 
     def route(self, path: str) -> _BaseRoute | None:
         """The route added at ``path``, or None."""
-        with self._lock:
-            return self._routes.get(path)
+        return self._parts.routes.get(path)
 
     def uploads(self, path: str) -> list[bytes]:
         """Complete upload bodies received at ``path`` and answered with success, in order."""
         route = self.route(path)
         if not isinstance(route, _UploadRoute):
             raise KeyError(f"no upload route at {path!r}")
-        with route._lock:
-            return list(route.bodies)
+        return route.received_bodies()
 
     def add_route(self, route: _R) -> _R:
         """Serve *route* at ``route.path`` (replacing what was there): for a Route subclass of
         a test's own; the ``add_*`` methods cover the usual cases."""
-        with self._lock:
-            self._routes[route.path] = route
-        return route
-
-    def _resolve(self, path: str, query: Mapping[str, str]) -> _BaseRoute | None:
-        with self._lock:
-            route = self._routes.get(path) or self._routes.get(urllib.parse.unquote(path))
-        if route is not None:
-            return route
-        if self.root is not None and path.startswith("/files/"):
-            relpath = urllib.parse.unquote(path[len("/files/"):])
-            filename = os.path.realpath(os.path.join(self.root, relpath))
-            if filename.startswith(self.root + os.sep) and os.path.isfile(filename):
-                return _FileRoute(path, filename, self._file_cache, self._file_cache_lock)
-            return None
-        match = _BLOB_PATH.match(path)
-        if match:
-            size = int(match.group(1))
-            if size > MAX_QUERY_BLOB:
-                raise ValueError(f"blob size {size} is above {MAX_QUERY_BLOB}")
-            seed = int(query.get("seed", "0"))
-            weak = _parse_bool(query["weak_etag"]) if "weak_etag" in query else False
-            return _QueryBlobRoute(path, self._query_blob(size, seed, weak))
-        return None
-
-    def _query_blob(self, size: int, seed: int, weak: bool) -> _Entity:
-        key = (size, seed, weak)
-        with self._lock:
-            entity = self._blob_cache.get(key)
-            if entity is not None:
-                self._blob_cache.move_to_end(key)
-                return entity
-        entity = _Entity.build(blob_bytes(size, seed), modified=DEFAULT_LAST_MODIFIED, weak_etag=weak)
-        with self._lock:
-            self._blob_cache[key] = entity
-            while len(self._blob_cache) > QUERY_BLOB_CACHE_ENTRIES:
-                self._blob_cache.popitem(last=False)
-        return entity
+        return self._parts.routes.add(route)
 
     # -- counters and records ----------------------------------------------
 
     def bytes_served(self, path: str) -> int:
         """Response body bytes written to sockets for ``path`` (cumulative since reset_counters())."""
-        with self._lock:
-            return self._served.get(_strip_query(path), 0)
+        return self._parts.traffic.count(path, received=False)
 
     def bytes_received(self, path: str) -> int:
         """Request body bytes read for ``path`` (uploads)."""
-        with self._lock:
-            return self._received.get(_strip_query(path), 0)
+        return self._parts.traffic.count(path, received=True)
 
     def requests(self, path: str | None = None) -> list[RequestRecord]:
         """Snapshots of the requests seen (all, or those to ``path``), oldest first."""
-        with self._lock:
-            records = list(self._records)
-        if path is not None:
-            wanted = _strip_query(path)
-            records = [r for r in records if r.path == wanted]
-        return [dataclasses.replace(r, headers=dict(r.headers)) for r in records]
+        return self._parts.traffic.requests(path)
 
     @property
     def connections_accepted(self) -> int:
         """TCP connections accepted since start (or reset_counters())."""
-        with self._lock:
-            return self._connections_accepted
+        return self._parts.traffic.connections_accepted
 
     def reset_counters(self) -> None:
         """Zero bytes served/received, forget request records and the connection count.
 
         Fault positions of routes and armed watches are kept (watches then count from zero).
         """
-        with self._lock:
-            self._served.clear()
-            self._received.clear()
-            self._records.clear()
-            self._connections_accepted = 0
+        self._parts.traffic.reset()
+
+    # -- byte boundaries and stalls ----------------------------------------
 
     def on_bytes(self, path: str, nbytes: int, callback: Callable[[str, int], Any]) -> None:
         """Call ``callback(path, served)`` once, in the handler thread, when ``path`` reaches ``nbytes``.
@@ -1454,7 +1814,7 @@ class FakeServer:
         (quietly failing if the client is gone).  For an upload route the count is of
         bytes received.
         """
-        self._arm(_Watch(_strip_query(path), nbytes, callback=callback))
+        self._parts.boundaries.arm(_Watch(_strip_query(path), nbytes, callback=callback))
 
     def hold_at(self, path: str, nbytes: int) -> Hold:
         """Stop the handler at ``nbytes`` on ``path`` until ``hold.release()`` (or stop())."""
@@ -1462,137 +1822,257 @@ class FakeServer:
 
     def release_stalls(self) -> None:
         """End every stall in progress (timed ones too); later stalls are not affected."""
-        with self._stall_cond:
-            self._stall_generation += 1
-            self._stall_cond.notify_all()
+        self._parts.stalls.release()
 
     def wait_stalled(self, count: int = 1, timeout: float | None = None) -> bool:
         """Wait until at least ``count`` handlers are inside a stall; False on timeout.
 
         Call it before ``release_stalls()``: a release only ends stalls already begun.
         """
-        with self._stall_cond:
-            return self._stall_cond.wait_for(lambda: self._stalled >= count, timeout)
+        return self._parts.stalls.wait_stalled(count, timeout)
 
-    def _hold(self, path: str, nbytes: int, action: Callable[[], Any] | None = None,
+    def _hold(self, path: str, nbytes: int, action: Callable[[Hold], Any] | None = None,
               auto_release: bool = False) -> Hold:
-        hold = Hold(_strip_query(path), nbytes, action=action, auto_release=auto_release)
-        with self._lock:
-            self._holds.append(hold)
-        if self._stopping.is_set():
+        """A hold; ``action`` runs in the handler thread when it is reached (AppController.kill_when)."""
+        hold = self._parts.boundaries.hold(path, nbytes, action=action, auto_release=auto_release)
+        if self._parts.stopping.is_set():  # stop() released the holds already; this one would wait forever
             hold.release()
-        self._arm(_Watch(hold.path, nbytes, hold=hold))
         return hold
 
-    def _arm(self, watch: _Watch) -> None:
-        if watch.nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, not {watch.nbytes}")
-        with self._lock:
-            self._watches[watch.path].append(watch)
-            self._watches[watch.path].sort(key=lambda w: w.nbytes)
 
-    def _counter(self, received: bool) -> dict[str, int]:
-        return self._received if received else self._served
+# ---------------------------------------------------------------------------
+# Processes and the app controller
+# ---------------------------------------------------------------------------
 
-    def _room(self, path: str, received: bool) -> int:
-        """Bytes that may be moved on ``path`` before the next armed watch."""
-        with self._lock:
-            count = self._counter(received)[path]
-            room = [w.nbytes - count for w in self._watches.get(path, ()) if not w.fired and w.nbytes > count]
-        return min(room) if room else CHUNK_SIZE
+def _read_proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None (no such pid, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()
+    except (OSError, ValueError):
+        return None
 
-    def _advance(self, path: str, n: int, received: bool) -> None:
-        with self._lock:
-            self._counter(received)[path] += n
 
-    def _fire_due(self, path: str, received: bool) -> None:
-        with self._lock:
-            route = self._routes.get(path)
-            if route is not None and route.watches_received != received:
-                return
-            count = self._counter(received)[path]
-            due = [w for w in self._watches.get(path, ()) if not w.fired and w.nbytes <= count]
-            for watch in due:
-                watch.fired = True
-        for watch in due:
-            if watch.callback is not None:
-                try:
-                    watch.callback(path, count)
-                except Exception:  # noqa: BLE001 - a test callback's failure must not kill the handler
-                    traceback.print_exc()
-            if watch.hold is not None:
-                watch.hold._arrive(count)
+def process_start_token(pid: int) -> str | None:
+    """When ``pid`` started, in clock ticks since boot (Linux /proc), or None where that is unknown.
 
-    def _wait_stall(self, seconds: float | None) -> bool:
-        """Wait out a stall; False if the server is stopping."""
-        deadline = None if seconds is None else time.monotonic() + seconds
-        with self._stall_cond:
-            generation = self._stall_generation
-            self._stalled += 1
-            self._stall_cond.notify_all()
+    A pid and its start token name one process for good: pids are recycled, start times are not
+    (bgsession's daemon.pid file holds the same token).
+    """
+    fields = _read_proc_stat(pid)
+    return fields[19].decode("ascii") if fields is not None and len(fields) > 19 else None
+
+
+def _children_of(ppid: int) -> list[int]:
+    """Pids whose parent is ``ppid`` (Linux /proc; empty elsewhere)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if name.isdigit():
+            fields = _read_proc_stat(int(name))
+            if fields is not None and len(fields) > 1 and int(fields[1]) == ppid:
+                found.append(int(name))
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd for ``pid`` (pins the process: no recycled pid behind it); None where unsupported.
+
+    ProcessLookupError if there is no such process.
+    """
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise
+    except (AttributeError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """One process for good: its pid and start token (``process_start_token``), so that a recycled
+    pid is never mistaken for it.  A None token matches whatever runs under the pid."""
+
+    pid: int
+    token: str | None
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef:
+        """The process running under ``pid`` now."""
+        return cls(pid, process_start_token(pid))
+
+    @property
+    def key(self) -> str:
+        """``"<pid>-<token>"``: a name that stays unique when pids are recycled."""
+        return f"{self.pid}-{self.token}"
+
+    def alive(self) -> bool:
+        """The process exists, has not exited (a zombie whose other threads still run has not), and is
+        the one that started at ``token`` (where /proc tells)."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # someone else's process: /proc still tells whether it is the one
+        fields = _read_proc_stat(self.pid)
+        if fields is None:
+            return True
+        if fields[0] == b"Z":
             try:
-                while self._stall_generation == generation and not self._stopping.is_set():
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        break
-                    self._stall_cond.wait(remaining)
-            finally:
-                self._stalled -= 1
-        return not self._stopping.is_set()
-
-    def _begin_record(self, handler: _Handler, path: str, query: str) -> RequestRecord:
-        headers: dict[str, str] = {}
-        for name, value in handler.headers.items():
-            key = name.lower()
-            headers[key] = headers[key] + ", " + value if key in headers else value
-        with self._lock:
-            record = RequestRecord(method=handler.command, path=path, query=query, headers=headers,
-                                   client_port=handler.client_address[1],
-                                   connection=self._open_sockets.get(handler.request, 0),
-                                   range_header=headers.get("range"))
-            self._records.append(record)
-        return record
-
-    def _connection_opened(self, sock: Any) -> int:
-        with self._lock:
-            self._connections_accepted += 1
-            number = self._connections_accepted
-            self._open_sockets[sock] = number
-        if self._stopping.is_set():
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
+                if len(os.listdir(f"/proc/{self.pid}/task")) <= 1:
+                    return False
             except OSError:
-                pass
-        return number
+                return False
+        return self.token is None or len(fields) <= 19 or fields[19].decode("ascii") == self.token
 
-    def _connection_closed(self, sock: Any) -> None:
-        with self._lock:
-            self._open_sockets.pop(sock, None)
-            self._threads.discard(threading.current_thread())
+    def send(self, signum: int) -> bool:
+        """Send ``signum`` if this process still runs; True if it was sent.
 
-    def _track_thread(self, thread: threading.Thread) -> None:
-        with self._lock:
-            self._threads.add(thread)
+        Through a pidfd where there is one, so the check and the signal cannot hit a recycled pid.
+        """
+        try:
+            pidfd = _pidfd_open(self.pid)
+        except ProcessLookupError:
+            return False
+        try:
+            if not self.alive():
+                return False
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signum)
+            else:
+                os.kill(self.pid, signum)
+            return True
+        except ProcessLookupError:
+            return False
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def wait_exit(self, timeout: float | None = None) -> bool:
+        """Wait until this process has exited; False if it still runs after ``timeout`` seconds.
+
+        A pidfd becomes readable when the process exits (even one that is not our child), so this
+        waits on an event; without pidfds it checks every PROCESS_POLL_INTERVAL.
+        """
+        try:
+            pidfd = _pidfd_open(self.pid)
+        except ProcessLookupError:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            if not self.alive():
+                return True
+            if pidfd is not None:
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+            while self.alive():
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(PROCESS_POLL_INTERVAL)  # no pidfd: polling is all there is
+            return True
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def kill(self, timeout: float = DEFAULT_KILL_TIMEOUT) -> bool:
+        """SIGKILL this process if it still runs and wait (up to ``timeout``) until it has exited.
+
+        True if this call killed it.  Its exit status goes to its parent (which must reap it).
+        """
+        if not self.send(_SIGKILL if _SIGKILL is not None else signal.SIGTERM):
+            return False
+        if not self.wait_exit(timeout):
+            raise TimeoutError(f"pid {self.pid} still running {timeout} s after SIGKILL")
+        return True
 
 
-def _check_path(path: str) -> str:
-    if not path.startswith("/") or "?" in path:
-        raise ValueError(f"a route path starts with '/' and has no query: {path!r}")
-    return path
+class AppProcess:
+    """One run of the app: launched by an AppController (``popen`` is set) or adopted, that is,
+    started by someone else, such as bgsession's daemon relaunching the app in the background.
 
+    ``killed`` is True once the controller's SIGKILL ended it; ``killed_at`` is the (path, bytes)
+    boundary of the ``kill_when`` that did.
+    """
 
-def _strip_query(path: str) -> str:
-    return path.split("?", 1)[0]
+    def __init__(self, ref: ProcessRef, background: bool,
+                 popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.ref = ref
+        self.background = background
+        self.popen = popen
+        self.killed = False
+        self.killed_at: tuple[str, int] | None = None
 
+    @property
+    def pid(self) -> int:
+        return self.ref.pid
 
-# ---------------------------------------------------------------------------
-# The process controller
-# ---------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return self.ref.key
 
-@dataclass
-class _Launch:
-    process: subprocess.Popen  # type: ignore[type-arg]
-    background: bool
+    def running(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return self.ref.alive()
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it ended, as subprocess gives it; for an adopted process only a
+        kill by the controller is known (-SIGKILL), anything else is None (its parent reaps it)."""
+        if self.popen is not None:
+            return self.popen.poll()
+        if self.killed and _SIGKILL is not None:
+            return -_SIGKILL
+        return None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait until it has exited and return ``returncode``; TimeoutError after ``timeout`` seconds."""
+        if self.popen is not None:
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired as err:
+                raise TimeoutError(f"app pid {self.pid} still running after {timeout} s") from err
+        if not self.ref.wait_exit(timeout):
+            raise TimeoutError(f"app pid {self.pid} still running after {timeout} s")
+        return self.returncode
+
+    def kill(self) -> bool:
+        """SIGKILL it if it still runs and wait until it has exited (reaping it if launched); True if
+        this call killed it."""
+        if self.popen is not None:
+            hit = False
+            if self.popen.poll() is None:
+                try:
+                    if _SIGKILL is not None:
+                        os.kill(self.pid, _SIGKILL)
+                    else:
+                        self.popen.kill()
+                except ProcessLookupError:
+                    pass
+                hit = self.popen.wait() != 0 if _SIGKILL is None else self.popen.wait() == -_SIGKILL
+        else:
+            hit = self.ref.kill()
+        if hit:
+            self.killed = True
+        return hit
+
+    def __repr__(self) -> str:
+        how = "launched" if self.popen is not None else "adopted"
+        return f"<AppProcess {self.key} {how}{' background' if self.background else ''}>"
 
 
 class AppController:
@@ -1604,6 +2084,11 @@ class AppController:
     stdout and stderr (appended, every launch), or None to inherit this process's.
     Only the app process is killed, not processes it started (a daemon it spawned
     survives, as nsurlsessiond survives the app on iOS).
+
+    Besides the processes it launches, the controller can *adopt* app processes that someone
+    else started -- ``discover()`` finds the children of bgsession's daemon, which relaunches
+    the app -- so that ``kill_all()``, ``kill_when()`` and ``close()`` reach them too.  Every
+    process is named by pid and start token: a recycled pid is never killed.
     """
 
     def __init__(self, argv: Sequence[str], *, env: Mapping[str, str | None] | None = None,
@@ -1617,25 +2102,37 @@ class AppController:
         self.identifier = identifier
         self.output = output
         self._lock = threading.Lock()
-        self._launches: list[_Launch] = []
+        self._apps: list[AppProcess] = []
 
     @property
     def process(self) -> subprocess.Popen | None:  # type: ignore[type-arg]
         """The most recently launched process, or None."""
-        with self._lock:
-            return self._launches[-1].process if self._launches else None
+        launched = self._launched()
+        return launched[-1].popen if launched else None
 
     @property
     def launches(self) -> list[tuple[int, bool, int | None]]:
         """(pid, background, returncode or None while running) per launch, oldest first."""
-        with self._lock:
-            launches = list(self._launches)
-        for launch in launches:
-            launch.process.poll()
-        return [(x.process.pid, x.background, x.process.returncode) for x in launches]
+        return [(x.pid, x.background, x.returncode) for x in self._launched()]
 
-    def launch(self, background: bool = False) -> subprocess.Popen:  # type: ignore[type-arg]
-        """Start the app; ``background=True`` marks it a background launch for ``identifier``."""
+    @property
+    def apps(self) -> list[AppProcess]:
+        """Every app process known, launched or adopted, in the order they became known."""
+        with self._lock:
+            return list(self._apps)
+
+    def running(self) -> list[AppProcess]:
+        """The known app processes that still run."""
+        return [app for app in self.apps if app.running()]
+
+    def _launched(self) -> list[AppProcess]:
+        with self._lock:
+            return [app for app in self._apps if app.popen is not None]
+
+    def launch(self, background: bool = False, *,
+               extra_args: Sequence[str] = ()) -> subprocess.Popen:  # type: ignore[type-arg]
+        """Start the app (``argv`` + ``extra_args``); ``background=True`` marks it a background launch
+        for ``identifier``."""
         if background and not self.identifier:
             raise ValueError("a background launch needs an identifier")
         env = dict(os.environ)
@@ -1651,28 +2148,90 @@ class AppController:
         if self.output is not None:
             out = open(self.output, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
-            process = subprocess.Popen(self.argv, env=env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                                       stdout=out, stderr=subprocess.STDOUT if out is not None else None)
+            process = subprocess.Popen(self.argv + list(extra_args), env=env, cwd=self.cwd,
+                                       stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT if out is not None else None)
         finally:
             if out is not None:
                 out.close()
         with self._lock:
-            self._launches.append(_Launch(process, background))
+            self._apps.append(AppProcess(ProcessRef.of(process.pid), background, process))
         return process
 
-    def kill_when(self, server: FakeServer, path: str, nbytes: int) -> Hold:
-        """When ``path`` reaches ``nbytes`` on ``server``, SIGKILL and reap the current app, then go on.
+    def adopt(self, pid: int, *, token: str | None = None, background: bool = True) -> AppProcess:
+        """Know the app process ``pid`` (started at ``token``; now, if None) that someone else launched.
 
-        Returns the Hold; its ``reached`` is set after the kill and reap.
+        Returns the AppProcess, the one already known if the process was adopted or launched before.
         """
-        return server._hold(path, nbytes, action=self.kill, auto_release=True)
+        ref = ProcessRef(pid, token if token is not None else process_start_token(pid))
+        with self._lock:
+            for app in self._apps:
+                if app.key == ref.key:
+                    return app
+            app = AppProcess(ref, background)
+            self._apps.append(app)
+            return app
+
+    def discover(self, parent: int, *argv_items: str) -> list[AppProcess]:
+        """Adopt the children of ``parent`` whose command line has every one of ``argv_items``
+        (as whole arguments) as background launches; returns those not known before."""
+        known = {app.key for app in self.apps}
+        found = []
+        for pid in _children_of(parent):
+            argv = _cmdline(pid)
+            if argv and all(item in argv for item in argv_items):
+                app = self.adopt(pid, background=True)
+                if app.key not in known:
+                    found.append(app)
+        return found
+
+    def kill_when(self, server: FakeServer, path: str, nbytes: int, *, app_number: int | None = None,
+                  keep_held: bool = False) -> Hold:
+        """When ``path`` reaches ``nbytes`` on ``server``, SIGKILL the current app (and reap it), then go on.
+
+        The current app is the most recently launched one; with ``app_number``, it is app number
+        ``app_number`` of ``apps`` (from 0), if that is still the newest known, launched or adopted.
+        With ``keep_held`` the handler stays held after a kill (until released or stop()), so that no
+        byte is written into the dead app's connection.  Returns the Hold; its ``reached`` is set after
+        the kill, and the killed AppProcess has ``killed_at = (path, bytes)``.
+        """
+        def act(hold: Hold) -> None:
+            killed = False
+            try:
+                app = self._target(app_number)
+                killed = app is not None and app.kill()
+                if app is not None and killed:
+                    app.killed_at = (hold.path, hold.served if hold.served is not None else nbytes)
+            finally:
+                if not (killed and keep_held):
+                    hold.release()
+
+        return server._hold(path, nbytes, action=act)
+
+    def _target(self, app_number: int | None) -> AppProcess | None:
+        if app_number is None:
+            launched = self._launched()
+            return launched[-1] if launched else None
+        with self._lock:
+            return self._apps[app_number] if len(self._apps) == app_number + 1 else None
 
     def kill(self) -> int | None:
         """SIGKILL the current app (if running) and reap it; returns its return code."""
-        process = self.process
-        if process is None:
+        launched = self._launched()
+        if not launched:
             return None
-        return _kill_and_reap(process)
+        launched[-1].kill()
+        return launched[-1].returncode
+
+    def kill_all(self) -> list[AppProcess]:
+        """SIGKILL every known app process that runs (launched or adopted); returns those it killed."""
+        return [app for app in self.running() if app.kill()]
+
+    @staticmethod
+    def kill_pid(pid: int, token: str | None = None, timeout: float = DEFAULT_KILL_TIMEOUT) -> bool:
+        """SIGKILL the process ``pid`` if it is still the one started at ``token`` (a daemon, say) and wait
+        until it has exited; True if this call killed it."""
+        return ProcessRef(pid, token).kill(timeout)
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the current app to exit and return its code; TimeoutError after ``timeout``."""
@@ -1685,29 +2244,15 @@ class AppController:
             raise TimeoutError(f"app pid {process.pid} still running after {timeout} s") from err
 
     def close(self) -> None:
-        """SIGKILL and reap every launched process still running."""
-        with self._lock:
-            launches = list(self._launches)
-        for launch in launches:
-            _kill_and_reap(launch.process)
+        """SIGKILL every known app process still running, and reap those launched."""
+        for app in self.apps:
+            app.kill()
 
     def __enter__(self) -> AppController:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _kill_and_reap(process: subprocess.Popen) -> int:  # type: ignore[type-arg]
-    if process.poll() is None:
-        try:
-            if _SIGKILL is not None:
-                os.kill(process.pid, _SIGKILL)
-            else:
-                process.kill()
-        except ProcessLookupError:
-            pass
-    return process.wait()
 
 
 # ---------------------------------------------------------------------------

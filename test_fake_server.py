@@ -1,10 +1,15 @@
 """Tests for fake_server.py: the test server's own behaviour, over real sockets."""
 from __future__ import annotations
 
+import ast
+import dataclasses
+import email.message
 import email.utils
 import hashlib
 import http.client
+import inspect
 import json
+import os
 import re
 import signal
 import socket
@@ -184,32 +189,241 @@ def test_blob_bytes_is_fast_for_large_sizes():
 
 
 # --- the response plan (no I/O) ---------------------------------------------------
+#
+# The planner is pure: (method, request headers, entity, fault) -> status, headers, which body
+# bytes, how the connection ends. These tables drive it without sockets.
 
 _ENTITY = fs._Entity.build(b"0123456789", modified=fs.DEFAULT_LAST_MODIFIED)
+_WEAK = fs._Entity.build(b"0123456789", modified=fs.DEFAULT_LAST_MODIFIED, weak_etag=True)
+_BARE = fs._Entity.build(b"0123456789", modified=fs.DEFAULT_LAST_MODIFIED, etag=False, last_modified=False)
+_EMPTY = fs._Entity.build(b"", modified=fs.DEFAULT_LAST_MODIFIED)
 _LM = email.utils.formatdate(fs.DEFAULT_LAST_MODIFIED, usegmt=True)
+_LATER = email.utils.formatdate(fs.DEFAULT_LAST_MODIFIED + 1, usegmt=True)
+_FULL = {"Content-Range": None, "Content-Length": "10"}
+_NO_VALIDATORS = {"ETag": None, "Last-Modified": None}
 
 
-@pytest.mark.parametrize("headers, status, content_range, span", [
-    ({}, 200, None, (0, 10)),
-    ({"range": "bytes=3-"}, 206, "bytes 3-9/10", (3, 10)),
-    ({"range": "bytes=3-4"}, 206, "bytes 3-4/10", (3, 5)),
-    ({"range": "bytes=-4"}, 206, "bytes 6-9/10", (6, 10)),
-    ({"range": "bytes=10-"}, 416, "bytes */10", None),
-    ({"range": "bytes=-0"}, 416, "bytes */10", None),
-    ({"range": "bytes=5-2"}, 200, None, (0, 10)),
-    ({"range": "bytes=0-1,3-4"}, 200, None, (0, 10)),
-    ({"range": "items=0-1"}, 200, None, (0, 10)),
-    ({"range": "bytes=3-", "if-range": _ENTITY.etag}, 206, "bytes 3-9/10", (3, 10)),
-    ({"range": "bytes=3-", "if-range": '"nope"'}, 200, None, (0, 10)),
-    ({"range": "bytes=3-", "if-range": "W/" + _ENTITY.etag}, 200, None, (0, 10)),
-    ({"range": "bytes=3-", "if-range": _LM}, 206, "bytes 3-9/10", (3, 10)),
-    ({"range": "bytes=3-", "if-range": "garbage"}, 200, None, (0, 10)),
-])
-def test_plan_table(headers, status, content_range, span):
-    """The pure planner decides status, Content-Range and body span from the request headers."""
-    plan = fs._plan_response("GET", headers, _ENTITY)
+def _planned_body(plan, entity):
+    """The body bytes a plan writes before it ends the connection (if it does)."""
+    data = entity.data[plan.span[0]:plan.span[1]] if plan.span is not None else plan.body
+    return data[:plan.send]
+
+
+def _message(**headers):
+    """Request headers as the HTTP handler holds them (an email.message.Message: names in any case)."""
+    message = email.message.Message()
+    for name, value in headers.items():
+        message[name] = value
+    return message
+
+
+def _row(id, headers=None, entity=_ENTITY, fault=fs.NO_FAULT, method="GET", *, status, sent=None, body=b"",
+         **plan_fields):
+    """One planner row: the request and fault, then the status, the headers that must (value) or must
+    not (None) be sent, the body bytes written, and other plan fields (abort, chunked, ...)."""
+    return pytest.param(method, headers or {}, entity, fault, status, sent or {}, body, plan_fields, id=id)
+
+
+PLAN_TABLE = [
+    # ranges
+    _row("no range", status=200, body=b"0123456789", abort=None, watched=True, chunked=False,
+         sent={"Accept-Ranges": "bytes", "ETag": _ENTITY.etag, "Last-Modified": _LM, **_FULL,
+               "Content-Type": "application/octet-stream", "Transfer-Encoding": None}),
+    _row("open range", {"range": "bytes=3-"}, status=206, body=b"3456789",
+         sent={"Content-Range": "bytes 3-9/10", "Content-Length": "7", "ETag": _ENTITY.etag}),
+    _row("closed range", {"range": "bytes=3-4"}, status=206, body=b"34",
+         sent={"Content-Range": "bytes 3-4/10", "Content-Length": "2"}),
+    _row("range past the end is clamped", {"range": "bytes=3-100"}, status=206, body=b"3456789",
+         sent={"Content-Range": "bytes 3-9/10"}),
+    _row("suffix range", {"range": "bytes=-4"}, status=206, body=b"6789", sent={"Content-Range": "bytes 6-9/10"}),
+    _row("suffix longer than the entity", {"range": "bytes=-40"}, status=206, body=b"0123456789",
+         sent={"Content-Range": "bytes 0-9/10"}),
+    _row("first byte past the end", {"range": "bytes=10-"}, status=416, body=b"",
+         sent={"Content-Range": "bytes */10", "Content-Length": "0"}),
+    _row("empty suffix", {"range": "bytes=-0"}, status=416, sent={"Content-Range": "bytes */10"}),
+    _row("any range of an empty entity", {"range": "bytes=0-"}, _EMPTY, status=416,
+         sent={"Content-Range": "bytes */0"}),
+    _row("last before first", {"range": "bytes=5-2"}, status=200, body=b"0123456789", sent=_FULL),
+    _row("several ranges", {"range": "bytes=0-1,3-4"}, status=200, body=b"0123456789", sent=_FULL),
+    _row("other unit", {"range": "items=0-1"}, status=200, body=b"0123456789", sent=_FULL),
+    _row("headers as the handler has them (any case)", _message(Range="bytes=8-", **{"IF-RANGE": _LM}), status=206,
+         body=b"89"),
+    # If-Range
+    _row("If-Range: current ETag", {"range": "bytes=3-", "if-range": _ENTITY.etag}, status=206, body=b"3456789"),
+    _row("If-Range: other ETag", {"range": "bytes=3-", "if-range": '"nope"'}, status=200, body=b"0123456789"),
+    _row("If-Range: weak form of the ETag", {"range": "bytes=3-", "if-range": "W/" + _ENTITY.etag}, status=200,
+         body=b"0123456789"),
+    _row("If-Range: a weak entity's own ETag", {"range": "bytes=3-", "if-range": _WEAK.etag}, _WEAK,
+         status=200, body=b"0123456789", sent={"ETag": _WEAK.etag}),
+    _row("If-Range: exact Last-Modified", {"range": "bytes=3-", "if-range": _LM}, status=206, body=b"3456789"),
+    _row("If-Range: other date", {"range": "bytes=3-", "if-range": _LATER}, status=200, body=b"0123456789"),
+    _row("If-Range: not a validator", {"range": "bytes=3-", "if-range": "garbage"}, status=200,
+         body=b"0123456789"),
+    _row("If-Range: entity without validators", {"range": "bytes=3-", "if-range": _LM}, _BARE, status=200,
+         body=b"0123456789", sent=_NO_VALIDATORS),
+    # faults of the planning stage
+    _row("status fault", fault=fs.Fault(status=503, retry_after="1"), status=503, body=b"fault: status 503\n",
+         watched=False, sent={"Retry-After": "1", "Content-Length": "18", "Content-Type": "text/plain; charset=utf-8",
+                              **_NO_VALIDATORS, "Accept-Ranges": None}),
+    _row("status fault wins over a range", {"range": "bytes=3-"}, fault=fs.Fault(status=500), status=500,
+         body=b"fault: status 500\n", sent={"Retry-After": None, "Content-Range": None}),
+    _row("ignore_range", {"range": "bytes=3-"}, fault=fs.Fault(ignore_range=True), status=200,
+         body=b"0123456789", sent=_FULL),
+    _row("early_206", {"range": "bytes=5-"}, fault=fs.Fault(early_206=2), status=206, body=b"3456789",
+         sent={"Content-Range": "bytes 3-9/10", "Content-Length": "7"}),
+    _row("early_206 stops at byte 0", {"range": "bytes=1-"}, fault=fs.Fault(early_206=5), status=206,
+         body=b"0123456789", sent={"Content-Range": "bytes 0-9/10"}),
+    _row("wrong_total", {"range": "bytes=3-"}, fault=fs.Fault(wrong_total=True), status=206, body=b"3456789",
+         sent={"Content-Range": "bytes 3-9/1010"}),
+    _row("malformed_range", {"range": "bytes=3-"}, fault=fs.Fault(malformed_range=True), status=206,
+         body=b"3456789", sent={"Content-Range": "bytes garbage-3/unknown"}),
+    _row("range faults leave a 200 alone", fault=fs.Fault(wrong_total=True, malformed_range=True, early_206=3),
+         status=200, body=b"0123456789", sent=_FULL),
+    _row("drop_validators", fault=fs.Fault(drop_validators=True), status=200, body=b"0123456789",
+         sent=_NO_VALIDATORS),
+    _row("drop_validators: If-Range still judged on the entity", {"range": "bytes=3-", "if-range": _ENTITY.etag},
+         fault=fs.Fault(drop_validators=True), status=206, body=b"3456789", sent=_NO_VALIDATORS),
+    _row("chunked", fault=fs.Fault(chunked=True), status=200, body=b"0123456789", chunked=True,
+         sent={"Transfer-Encoding": "chunked", "Content-Length": None}),
+    _row("short_body", fault=fs.Fault(short_body=3), status=200, body=b"0123456", abort="close",
+         sent={"Content-Length": "10"}),
+    _row("short_body longer than the body", fault=fs.Fault(short_body=40), status=200, body=b"", abort="close"),
+    _row("cut_after", fault=fs.Fault(cut_after=4), status=200, body=b"0123", abort="close",
+         sent={"Content-Length": "10"}),
+    _row("cut_after with reset", fault=fs.Fault(cut_after=4, reset=True), status=200, body=b"0123", abort="reset"),
+    _row("cut_after counts the range's bytes", {"range": "bytes=3-"}, fault=fs.Fault(cut_after=2), status=206,
+         body=b"34", abort="close", sent={"Content-Length": "7"}),
+    _row("cut_after past the body still closes", fault=fs.Fault(cut_after=40), status=200, body=b"0123456789",
+         abort="close"),
+    _row("cut_after and short_body: the shorter", fault=fs.Fault(cut_after=5, short_body=2), status=200,
+         body=b"01234", abort="close"),
+    _row("reset alone is no body fault", fault=fs.Fault(reset=True), status=200, body=b"0123456789", abort=None),
+    _row("cut a status fault", fault=fs.Fault(status=503, cut_after=4), status=503, body=b"faul", abort="close"),
+    _row("huge_header", fault=fs.Fault(huge_header=50), status=200, body=b"0123456789",
+         sent={"X-Huge-Header": "h" * 50}),
+    _row("pacing faults ride in the plan", fault=fs.Fault(stall_after=3, stall_seconds=0.5, throttle=1000),
+         status=200, body=b"0123456789", stall_after=3, stall_seconds=0.5, throttle=1000, abort=None),
+    _row("delay is not the planner's", fault=fs.Fault(delay=1.0), status=200, body=b"0123456789", abort=None),
+    # HEAD
+    _row("HEAD", method="HEAD", status=200, body=b"", span=None, watched=False, sent=_FULL),
+    _row("HEAD of a range", {"range": "bytes=3-"}, method="HEAD", status=206, body=b"",
+         sent={"Content-Range": "bytes 3-9/10", "Content-Length": "7"}),
+    _row("HEAD chunked", method="HEAD", fault=fs.Fault(chunked=True), status=200, body=b"",
+         sent={"Transfer-Encoding": "chunked", "Content-Length": None}),
+    _row("HEAD ignores body faults", method="HEAD", fault=fs.Fault(cut_after=2, short_body=1), status=200,
+         body=b"", abort=None, sent={"Content-Length": "10"}),
+]
+
+
+@pytest.mark.parametrize("method, headers, entity, fault, status, sent, body, plan_fields", PLAN_TABLE)
+def test_plan_table(method, headers, entity, fault, status, sent, body, plan_fields):
+    """The pure planner turns request headers, entity and fault into status, headers and body bytes."""
+    plan = fs._plan_response(method, headers, entity, fault)
     got = dict(plan.headers)
-    assert (plan.status, got.get("Content-Range"), plan.span) == (status, content_range, span)
+    assert len(got) == len(plan.headers), f"a header sent twice: {plan.headers}"
+    assert plan.status == status
+    assert {name: got.get(name) for name in sent} == sent
+    assert _planned_body(plan, entity) == body
+    assert {name: getattr(plan, name) for name in plan_fields} == plan_fields
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("bytes=0-", (0, None)), ("bytes=3-7", (3, 7)), ("bytes=-5", (None, 5)), ("BYTES = 3 - 7", (3, 7)),
+    ("bytes=7-3", None), ("bytes=-", None), ("bytes=1-2,4-5", None), ("items=1-2", None), ("bytes=a-b", None),
+    ("", None), (None, None),
+])
+def test_parse_range_table(value, parsed):
+    """A Range header parses to (first, last), (first, None) or (None, suffix); anything else to None."""
+    assert fs._parse_range(value) == parsed
+
+
+@pytest.mark.parametrize("requested, size, resolved", [
+    ((0, None), 10, (0, 9)), ((3, 4), 10, (3, 4)), ((3, 100), 10, (3, 9)), ((9, None), 10, (9, 9)),
+    ((10, None), 10, None), ((None, 4), 10, (6, 9)), ((None, 40), 10, (0, 9)), ((None, 0), 10, None),
+    ((None, 4), 0, None), ((0, None), 0, None),
+])
+def test_resolve_range_table(requested, size, resolved):
+    """A parsed range becomes an inclusive (first, last) inside the entity, or None (416)."""
+    assert fs._resolve_range(requested, size) == resolved
+
+
+@pytest.mark.parametrize("value, entity, matches", [
+    (_ENTITY.etag, _ENTITY, True), (" " + _ENTITY.etag + " ", _ENTITY, True), ('"other"', _ENTITY, False),
+    ("W/" + _ENTITY.etag, _ENTITY, False), (_WEAK.etag, _WEAK, False), (_LM, _ENTITY, True),
+    (_LATER, _ENTITY, False), (_LM, _BARE, False), ("garbage", _ENTITY, False),
+])
+def test_if_range_table(value, entity, matches):
+    """If-Range holds for the current strong ETag or the exact Last-Modified date, and nothing else."""
+    assert fs._if_range_matches(value, entity) is matches
+
+
+@pytest.mark.parametrize("fault, status, retry_after", [
+    (fs.Fault(status=503), 503, None), (fs.Fault(status=429, retry_after="2"), 429, "2"),
+    (fs.Fault(status=500, retry_after="Wed, 21 Oct 2015 07:28:00 GMT"), 500, "Wed, 21 Oct 2015 07:28:00 GMT"),
+])
+def test_plan_status_fault_table(fault, status, retry_after):
+    """A status fault answers that status with a small body and its Retry-After, if any."""
+    plan = fs._plan_status_fault(fault)
+    assert (plan.status, dict(plan.headers).get("Retry-After"), plan.body) == (
+        status, retry_after, b"fault: status %d\n" % status)
+
+
+def _declared_fault_stages():
+    """Each Fault field's stages, as its ``#: Stages: a, b.`` comment states them."""
+    declared, comment = {}, []
+    for line in inspect.getsource(fs.Fault).splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            comment.append(text[2:].strip())
+            continue
+        field = re.match(r"(\w+): ", text)
+        if field and comment:
+            match = re.fullmatch(r"Stages: (.+)\.", comment[0])
+            assert match, f"Fault.{field.group(1)}: the comment does not start with 'Stages: ...': {comment[0]!r}"
+            declared[field.group(1)] = {stage.strip() for stage in match.group(1).split(",")}
+        comment = []
+    return declared
+
+
+def _fault_reads_by_function():
+    """{qualified function name: Fault fields it reads} in fake_server.py: ``fault.<field>``, or
+    ``plan.<field>`` for a field the planner carries into the plan (``replace(plan, <field>=fault.<field>)``)."""
+    tree = ast.parse(Path(fs.__file__).read_text(encoding="utf-8"))
+    fields = {f.name for f in dataclasses.fields(fs.Fault)}
+    carried = {kw.arg for node in ast.walk(tree) if isinstance(node, ast.Call) for kw in node.keywords
+               if isinstance(kw.value, ast.Attribute) and isinstance(kw.value.value, ast.Name)
+               and kw.value.value.id == "fault" and kw.value.attr == kw.arg}
+    assert carried, "the planner carries no Fault field into the plan?"
+    found = {}
+
+    def reads(n):
+        if not (isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load) and isinstance(n.value, ast.Name)):
+            return False
+        return (n.value.id == "fault" and n.attr in fields) or (n.value.id == "plan" and n.attr in carried)
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, prefix + child.name + ".")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found[prefix + child.name] = {n.attr for n in ast.walk(child) if reads(n)}
+
+    visit(tree, "")
+    return found
+
+
+def test_each_fault_field_states_the_stages_that_read_it():
+    """Every Fault field's comment names exactly the stages (FAULT_STAGES) whose functions read it."""
+    reads = _fault_reads_by_function()
+    stage_of = {name: stage for stage, names in fs.FAULT_STAGES.items() for name in names}
+    assert set(stage_of) <= set(reads), f"FAULT_STAGES names no such function: {set(stage_of) - set(reads)}"
+    unstaged = [name for name, fields in reads.items() if fields and name not in stage_of]
+    assert unstaged == [], f"these functions read Fault fields but belong to no stage in FAULT_STAGES: {unstaged}"
+    actual = {f.name: set() for f in dataclasses.fields(fs.Fault)}
+    for name, fields in reads.items():
+        for field in fields:
+            actual[field].add(stage_of[name])
+    assert _declared_fault_stages() == actual
 
 
 # --- full GET, ranges, validators -------------------------------------------------
@@ -1050,3 +1264,153 @@ def test_app_controller_background_needs_identifier():
     """A background launch without an identifier is refused."""
     with pytest.raises(ValueError):
         fs.AppController([sys.executable, "-c", "pass"]).launch(background=True)
+
+
+CHILD_WAIT = "import threading; threading.Event().wait()"
+
+#: A parent that starts a child with a marker argument, prints its pid, and reports how it ended
+#: (the child is the parent's, not ours: like an app relaunched by bgsession's daemon).
+PARENT_OF_ONE = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], "marker-arg"])
+print(child.pid, flush=True)
+print("child ended", child.wait(), flush=True)
+"""
+
+
+def _spawn_parent():
+    """A parent process with one child; returns (parent Popen, child pid)."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT_OF_ONE, CHILD_WAIT], stdout=subprocess.PIPE, text=True)
+    return parent, int(parent.stdout.readline())
+
+
+def _close_parent(parent):
+    if parent.poll() is None:
+        parent.kill()
+    parent.wait()
+    parent.stdout.close()
+
+
+def test_process_ref_names_one_process_for_good():
+    """A ProcessRef is alive for its own process only: another start token is another process."""
+    me = fs.ProcessRef.of(os.getpid())
+    assert me.token == fs.process_start_token(os.getpid()) and me.key == f"{os.getpid()}-{me.token}"
+    assert me.alive()
+    assert not fs.ProcessRef(os.getpid(), "1").alive()  # a recycled pid: not the process named
+
+
+def test_process_ref_kill_waits_for_the_exit_and_spares_a_recycled_pid():
+    """kill() SIGKILLs the named process and returns once it has exited; a wrong token kills nothing."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD_WAIT])
+    try:
+        assert not fs.ProcessRef(child.pid, "1").kill()
+        assert child.poll() is None
+        ref = fs.ProcessRef.of(child.pid)
+        assert ref.kill(LONG)
+        assert not ref.alive() and ref.wait_exit(0)  # exited (a zombie until we reap it)
+        assert not ref.kill()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        assert child.wait(LONG) == -signal.SIGKILL
+
+
+def test_process_ref_wait_exit_times_out_while_running():
+    """wait_exit() returns False while the process still runs after the timeout."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD_WAIT])
+    try:
+        assert not fs.ProcessRef.of(child.pid).wait_exit(QUIET)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_app_controller_discovers_and_kills_an_app_it_did_not_launch():
+    """discover() adopts another process's child by its command line; kill_all() SIGKILLs it."""
+    parent, child_pid = _spawn_parent()
+    try:
+        with fs.AppController([sys.executable, "-c", "pass"]) as ctl:
+            assert ctl.discover(parent.pid, "not-there") == []
+            (app,) = ctl.discover(parent.pid, "marker-arg")
+            assert (app.pid, app.background, app.popen, app.running()) == (child_pid, True, None, True)
+            assert ctl.discover(parent.pid, "marker-arg") == []  # known already
+            assert ctl.kill_all() == [app]
+            assert app.killed and not app.running() and app.returncode == -signal.SIGKILL
+            assert ctl.launches == []  # launches lists what the controller launched
+        assert parent.stdout.readline() == f"child ended {-signal.SIGKILL}\n"
+    finally:
+        _close_parent(parent)
+
+
+def test_app_controller_close_kills_adopted_apps():
+    """close() SIGKILLs adopted processes too (by pid and start token)."""
+    parent, child_pid = _spawn_parent()
+    try:
+        with fs.AppController([sys.executable, "-c", "pass"]) as ctl:
+            app = ctl.adopt(child_pid)
+            assert ctl.adopt(child_pid) is app and ctl.apps == [app]
+        assert parent.stdout.readline() == f"child ended {-signal.SIGKILL}\n"
+    finally:
+        _close_parent(parent)
+
+
+def test_app_controller_kill_pid_checks_the_start_token():
+    """kill_pid() kills a process only if it is still the one started at the token given."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD_WAIT])
+    try:
+        assert not fs.AppController.kill_pid(child.pid, "1")
+        assert fs.AppController.kill_pid(child.pid, fs.process_start_token(child.pid))
+        assert child.wait(LONG) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_app_controller_kill_when_keeps_the_handler_held(srv, tmp_path):
+    """kill_when(app_number=..., keep_held=True): the app is killed at the boundary and the handler
+    stays held (no byte goes into the dead app's connection) until released."""
+    out = tmp_path / "out.txt"
+    path = "/blob/2000000"
+    with fs.AppController([sys.executable, "-c", CHILD_FETCH, srv.url(path + "?throttle=4000000")],
+                          output=out) as ctl:
+        hold = ctl.kill_when(srv, path, 300_000, app_number=0, keep_held=True)
+        ctl.launch()
+        assert hold.wait(LONG) and hold.error is None
+        assert ctl.wait(SHORT) == -signal.SIGKILL
+        (app,) = ctl.apps
+        assert app.killed and app.killed_at == (path, 300_000)
+        assert not hold.released.is_set() and srv.bytes_served(path) == 300_000
+        hold.release()
+
+
+def test_app_controller_kill_when_spares_another_launch(srv, tmp_path):
+    """kill_when(app_number=N) kills nothing when the newest app is not number N: the handler goes on."""
+    out = tmp_path / "out.txt"
+    path = "/blob/200000"
+    with fs.AppController([sys.executable, "-c", CHILD_FETCH, srv.url(path)], output=out) as ctl:
+        hold = ctl.kill_when(srv, path, 100_000, app_number=1, keep_held=True)
+        ctl.launch()
+        assert hold.wait(LONG) and hold.released.is_set()
+        assert ctl.wait(LONG) == 0
+        assert not ctl.apps[0].killed and ctl.apps[0].killed_at is None
+    assert "finished" in out.read_text()
+
+
+def test_stop_joins_every_thread_the_server_started(srv, raw):
+    """stop() joins the accept thread and every connection thread, idle, held or stalled."""
+    srv.add_blob("/held", size=100_000)
+    srv.add_blob("/stalled", size=100_000, default_fault=fs.Fault(stall_after=10))
+    srv.add_blob("/idle", size=10)
+    hold = srv.hold_at("/held", 1000)
+    raw("/held"), raw("/stalled")
+    idle = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=SHORT)
+    try:
+        idle.request("GET", "/idle")
+        idle.getresponse().read()  # the keep-alive connection's thread now waits for a next request
+        assert hold.wait(SHORT) and srv.wait_stalled(1, SHORT)
+        assert [t for t in threading.enumerate() if t.name.startswith("fake_server-")]
+        srv.stop()
+        assert [t.name for t in threading.enumerate() if t.name.startswith("fake_server-")] == []
+    finally:
+        idle.close()

@@ -33,6 +33,7 @@ __all__ = [
     "file_sha",
     "host",
     "inproc",
+    "read_pid_file",
     "received",
     "server",
     "sessions",
@@ -180,19 +181,21 @@ class Sessions:
                     assert bg.Journal(d).check() == [], d
 
 
-def stop_daemon(directory: str) -> None:
-    pid, _ = bg._read_pid_file(directory)
-    if pid is None:
-        return
-    deadline = time.monotonic() + SHORT
+def read_pid_file(directory: str) -> fs.ProcessRef | None:
+    """The daemon that ``<directory>/daemon.pid`` names (``"<pid> <start token>\\n"``), or None."""
     try:
-        os.kill(pid, signal.SIGTERM)
-        while time.monotonic() < deadline and bg._pid_alive(pid):
-            time.sleep(0.01)  # polling another process's exit (not ours to reap)
-        if bg._pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        with open(os.path.join(directory, "daemon.pid"), encoding="ascii") as f:
+            parts = f.read().split()
+        return fs.ProcessRef(int(parts[0]), parts[1] if len(parts) > 1 and parts[1] != "-" else None)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stop_daemon(directory: str) -> None:
+    """SIGTERM the session's daemon, if it runs, and wait for it to exit (SIGKILL after SHORT)."""
+    daemon = read_pid_file(directory)
+    if daemon is not None and daemon.send(signal.SIGTERM) and not daemon.wait_exit(SHORT):
+        daemon.kill()
 
 
 @pytest.fixture(params=["inprocess", "daemon"])
