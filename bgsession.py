@@ -10,12 +10,8 @@ again every time it re-creates the session with the same identifier. When the ap
 relaunched for background events) it receives every event that waited for it, then
 ``did_finish_events_for_background_session``.
 
-Guarantees (each has a test that can fail; ARCHITECTURE.md has the durability order): a task accepted by ``resume()``
-ends, across any number of kills, in exactly one of a complete file handed to the finish hook or a ``TransferError``
-handed to ``task_did_complete``, never a spliced file; an event is acknowledged when its hook returns, so a process
-killed inside a hook gets it again and a hook that returned never does; per task: progress..., finish, complete, hooks
-serially; validated resume (``Range`` + ``If-Range``); one live session per identifier; directory 0700, files 0600,
-credentials in memory only.
+Guarantees (README, "Guarantees"; ARCHITECTURE.md says how each is kept): nothing is lost, never a spliced file;
+exactly-once hook completion; per-task order; validated resume; one live session per identifier; private files.
 
 Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md draws the seams between them):
 
@@ -37,8 +33,7 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
 10. Session        -- ``SessionDelegate``, ``Task``, ``Session``, ``SessionManager``.
 11. Wire           -- JSON-lines frames and the codecs of the daemon socket.
 12. Daemon         -- the daemon host: server, relauncher, client, start-up.
-13. CLI            -- ``python -m bgsession`` / the ``bgsession`` command.
-"""
+13. CLI            -- ``python -m bgsession`` / the ``bgsession`` command."""
 
 from __future__ import annotations
 
@@ -148,11 +143,8 @@ class SessionInvalidatedError(BGSessionError, RuntimeError):
 
 
 class JournalError(BGSessionError, OSError):
-    """The session's on-disk state cannot be read or written.
-
-    ``.path`` names the file; a corrupt file is kept aside (renamed with a
-    ``.corrupt-<time>`` suffix) rather than deleted.
-    """
+    """The session's on-disk state cannot be read or written. ``.path`` names the file; a corrupt file is kept aside
+    (renamed with a ``.corrupt-<time>`` suffix) rather than deleted."""
 
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
@@ -163,11 +155,8 @@ class JournalError(BGSessionError, OSError):
 
 
 class TransferError(BGSessionError):
-    """A task ended without a result, or a session could not be used.
-
-    ``.code`` is an :class:`ErrorCode`; ``.resume_data`` (bytes or None) lets a
-    failed download continue with ``Session.download_task_with_resume_data``.
-    """
+    """A task ended without a result, or a session could not be used. ``.code`` is an :class:`ErrorCode`;
+    ``.resume_data`` (bytes or None) lets a failed download continue with ``Session.download_task_with_resume_data``."""
 
     def __init__(self, code: ErrorCode, message: str, *, resume_data: bytes | None = None,
                  url: str | None = None) -> None:
@@ -264,12 +253,9 @@ def next_phase(task_id: int, phase: Phase, event: str) -> Phase:
 
 @dataclasses.dataclass(frozen=True)
 class TaskInfo:
-    """A task's state as it crosses a boundary (engine -> session, daemon -> app): a value.
-
-    ``request``, ``response`` and ``error`` are in their journal form (plain JSON, no
-    secret header); ``Task`` turns them into ``Request``, ``Response`` and ``TransferError``.
-    ``events`` lists the durable events the task still owes the app, in order.
-    """
+    """A task's state as it crosses a boundary (engine -> session, daemon -> app): a value. ``request``, ``response``
+    and ``error`` are in their journal form (plain JSON, no secret header); ``Task`` turns them into ``Request``,
+    ``Response`` and ``TransferError``. ``events``: the durable events the task still owes the app, in order."""
 
     id: int
     kind: str  # "download" or "upload"
@@ -415,8 +401,7 @@ class Retry:
     With the defaults (factor 0.5, max 60 s, jitter 0.25) the delays before jitter are 0.5, 1, 2, 4, 8, 16, 32, 60, 60
     ... seconds, and jitter only shortens them (by up to a quarter), so the cap is never exceeded. A ``Retry-After``
     header (seconds or HTTP date) replaces a shorter delay and is clamped to ``retry_after_max``. ``total`` (None: no
-    limit but ``timeout_for_resource``) bounds ``attempts``.
-    """
+    limit but ``timeout_for_resource``) bounds ``attempts``."""
 
     total: int | None = DEFAULT_RETRY_TOTAL
     backoff_factor: float = DEFAULT_BACKOFF_FACTOR
@@ -621,8 +606,7 @@ class Request:
     """What to transfer: ``Request(url, method="GET", headers=None, sha256=None)``.
 
     ``sha256`` (hex) is verified before a download reaches the finish hook. ``Authorization`` given here is used in
-    this process only, never journaled; after a relaunch the server's 401 reaches ``task_did_receive_challenge``.
-    """
+    this process only, never journaled; after a relaunch the server's 401 reaches ``task_did_receive_challenge``."""
 
     url: str
     method: str = "GET"
@@ -676,8 +660,7 @@ def sanitize_filename(name: str | None, default: str = "download") -> str:
     """A safe single file name from an untrusted one (URL path, Content-Disposition).
 
     Drops directories (``/``, ``\\``), ``..``, control characters and NUL, leading dots and trailing dots/spaces,
-    Windows device names; bounds the length to 200 characters; returns *default* when nothing usable is left.
-    """
+    Windows device names; bounds the length to 200 characters; returns *default* when nothing usable is left."""
     if not name:
         return default
     name = urllib.parse.unquote(str(name))
@@ -699,8 +682,7 @@ _CONTENT_RANGE_RE = re.compile(r"\A\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*\Z",
 def parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
     """``bytes A-B/T`` -> (A, B, T); ``bytes */T`` -> (None, None, T); T may be None for ``*``.
 
-    Returns None for anything malformed (including B < A or B >= T).
-    """
+    Returns None for anything malformed (including B < A or B >= T)."""
     if not value:
         return None
     m = _CONTENT_RANGE_RE.match(value)
@@ -717,13 +699,11 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None, int 
     return first, last, total
 
 
-
 def _content_length(headers: Mapping[str, str]) -> int | None:
     value = headers.get("Content-Length")
     if value is None or not value.strip().isdigit():
         return None
     return int(value)
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -830,8 +810,7 @@ def default_directory(identifier: str) -> str:
 
     Linux/BSD: ``$XDG_STATE_HOME`` (or ``~/.local/state``)``/bgsession/<identifier>``;
     macOS: ``~/Library/Application Support/bgsession/<identifier>``;
-    Windows: ``%LOCALAPPDATA%\\bgsession\\<identifier>``.
-    """
+    Windows: ``%LOCALAPPDATA%\\bgsession\\<identifier>``."""
     _check_identifier(identifier)
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
@@ -850,8 +829,7 @@ class Configuration:
 
     ``timeout_for_request`` is the longest wait for the next byte (connect, headers or body) before the attempt counts
     as failed and is retried; it does not bound a slow but moving transfer. ``timeout_for_resource`` bounds a task's
-    whole life, wall-clock, from its first ``resume()``, across relaunches; then it fails with ``TIMED_OUT``.
-    """
+    whole life, wall-clock, from its first ``resume()``, across relaunches; then it fails with ``TIMED_OUT``."""
 
     identifier: str | None
     directory: str | None
@@ -878,8 +856,7 @@ class Configuration:
 
         *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
         on while the app is dead) or ``"inprocess"`` (the default on Windows: transfers run in
-        the app and resume when it re-creates the session).
-        """
+        the app and resume when it re-creates the session)."""
         _check_identifier(identifier)
         if host is None:
             host = "daemon" if fcntl is not None and hasattr(socket, "AF_UNIX") else "inprocess"
@@ -948,11 +925,9 @@ def resume_validator(headers: Mapping[str, str]) -> dict[str, str] | None:
 
 @dataclasses.dataclass(frozen=True)
 class RangePlan:
-    """What to do with a download response (see :func:`plan_response`).
-
-    ``action``: ``"write"`` (write the body at ``start``, truncating the partial file there first), ``"complete"``
-    (the local file is already whole), ``"rerequest"`` (discard this response, ask again without Range).
-    """
+    """What to do with a download response (:func:`plan_response`). ``action``: ``"write"`` (write the body at
+    ``start``, truncating the partial file there first), ``"complete"`` (the local file is already whole),
+    ``"rerequest"`` (discard this response, ask again without Range)."""
 
     action: str
     start: int = 0
@@ -965,12 +940,10 @@ def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[
                   known_total: int | None) -> RangePlan:
     """The validated-resume rule (README, "Guarantees"), as a pure function.
 
-    *offset*: bytes held locally; *asked_range*: a ``Range: bytes=offset-`` with
-    ``If-Range`` was sent; *known_total*: the entity length recorded earlier.
-    A 206 is appended only if its Content-Range starts at *offset* (or earlier:
-    truncate to its start) and its total matches; a 200, a changed total or a
-    malformed range restarts from zero; 416 ``*/N`` with N == offset completes.
-    """
+    *offset*: bytes held locally; *asked_range*: a ``Range: bytes=offset-`` with ``If-Range`` was sent;
+    *known_total*: the entity length recorded earlier. A 206 is appended only if its Content-Range starts at *offset*
+    (or earlier: truncate to its start) and its total matches; a 200, a changed total or a malformed range restarts
+    from zero; 416 ``*/N`` with N == offset completes."""
     if status == 206:
         cr = parse_content_range(headers.get("Content-Range"))
         if cr is None or cr[0] is None:
@@ -1207,7 +1180,7 @@ _PHASE_RECORDS = frozenset({"resume", "suspend", "start", "backoff", "due", "req
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 #: Every journal record type; the reducer (_SessionState.apply) handles exactly these.
-_RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "invalidate", "reserve", "task", "ack", "describe",
+_RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "reserve", "task", "ack", "describe",
                                             "response", "progress", "redirect"})
 #: Task identifiers reserved (durably) at a time: a task lost to a kill before its record reached
 #: the disk leaves a gap, never a reused identifier.
@@ -1221,11 +1194,8 @@ RESUME_FILE_TTL = 7 * 24 * 3600.0
 
 
 def _boot_id() -> str | None:
-    """An identifier of the running kernel boot, or None where there is none.
-
-    Same boot as the journal record => the page cache survived a process kill, so every byte written to a partial file
-    is there (no re-download). Another boot => only bytes covered by an fsynced offset record are trusted.
-    """
+    """The running kernel boot's identifier (None: none here). Same boot as a journal record: the page cache survived
+    a process kill, every byte written is there; another boot: only what an fsynced offset record covers."""
     with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
         return f.read().strip() or None
     return None
@@ -1340,6 +1310,14 @@ def _dumps(record: Mapping[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
 
 
+def _size(path: str) -> int | None:
+    """The file's size, or None if it cannot be read."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -1354,11 +1332,8 @@ _PROCESS_LOCKS_GUARD = threading.Lock()
 
 
 def _acquire_lock(directory: str, name: str, identifier: str | None) -> int:
-    """Take the exclusive lock file *name* in *directory*; the OS releases it when the owner dies.
-
-    A lock held by a live owner (this process or another) raises TransferError BACKGROUND_SESSION_IN_USE; the lock of
-    a dead owner is simply taken over (flock and LockFile are released by the kernel when their process exits).
-    """
+    """Take the exclusive lock file *name* in *directory*: held by a live owner (this process or another), it raises
+    TransferError BACKGROUND_SESSION_IN_USE; the kernel releases it when its owner dies, so a dead one's is taken."""
     path = os.path.join(directory, name)
     with _PROCESS_LOCKS_GUARD:
         if path in _PROCESS_LOCKS:
@@ -1451,12 +1426,8 @@ class _TaskRecord:
 
 
 class _SessionState:
-    """The journal's reducer: records in, model out. No I/O.
-
-    ``apply(record)`` validates first and changes nothing when a record does not
-    fit (raising :class:`IllegalTransition` or :class:`JournalError`); during
-    recovery such records are skipped and listed in ``problems``.
-    """
+    """The journal's reducer: records in, model out, no I/O. ``apply(record)`` validates first and changes nothing
+    when a record does not fit (IllegalTransition, JournalError); recovery skips such records into ``problems``."""
 
     def __init__(self) -> None:
         self.tasks: dict[int, _TaskRecord] = {}
@@ -1465,7 +1436,6 @@ class _SessionState:
         self.replayed = 0  # journal records recovery replayed on top of the snapshot
         self.problems: list[str] = []
 
-    # -- snapshots ------------------------------------------------------------
     def to_snapshot(self) -> dict[str, Any]:
         return {"v": JOURNAL_VERSION, "t": "snapshot", "generation": self.generation,
                 "next_id": max(self.next_id, self.reserved), "delivery_counter": self.delivery_counter,
@@ -1479,7 +1449,6 @@ class _SessionState:
         state.tasks = {task.id: task for task in map(_TaskRecord, snap.get("tasks", []))}
         return state
 
-    # -- reducer --------------------------------------------------------------
     def apply(self, rec: Mapping[str, Any]) -> _TaskRecord | None:
         kind = rec.get("t")
         if rec.get("v", JOURNAL_VERSION) > JOURNAL_VERSION:
@@ -1488,12 +1457,6 @@ class _SessionState:
         if kind not in _RECORD_TYPES:
             raise JournalError(f"unknown record type {kind!r}")
         if kind == "header":
-            return None
-        if kind == "invalidate":
-            for t in self.tasks.values():
-                if t.phase is not Phase.ACKNOWLEDGED:
-                    raise JournalError(f"invalidate record while task {t.id} is {t.phase.value}")
-            self.tasks.clear()
             return None
         if kind == "reserve":
             # identifiers below "upto" may have been handed out: recovery never hands them out again
@@ -1574,10 +1537,7 @@ class _SessionState:
 
 
 def _read_journal_lines(data: bytes, path: str, problems: list[str]) -> tuple[list[dict[str, Any]], int]:
-    """Parse JSON Lines; a torn last line (no newline, or unparseable) is ignored.
-
-    Returns the records and the length of the valid prefix (where appends resume).
-    """
+    """Parse JSON Lines, ignoring a torn last line: (records, length of the valid prefix where appends resume)."""
     records: list[dict[str, Any]] = []
     good = pos = 0
     while pos < len(data):
@@ -1602,14 +1562,10 @@ def _read_journal_lines(data: bytes, path: str, problems: list[str]) -> tuple[li
 
 
 class _JournalWriter:
-    """The one writer of ``journal.jsonl``: appends in order, fsyncs in batches (group commit).
-
-    ``append`` queues a record and returns a ticket at once; ``wait(ticket)`` blocks until that record (and all before
-    it) is on disk. A waiter that finds no flush under way flushes everything queued itself (no hand-off to another
-    thread); waiters that arrive meanwhile share the next one. A background thread flushes what nobody waits for
-    (progress and start records). A failed write is undone (the file is truncated to its last good length), reported
-    to waiters as :class:`JournalError`, and retried by the background thread.
-    """
+    """The one writer of ``journal.jsonl``, in order, fsynced in batches (group commit). ``append`` returns a ticket
+    at once; ``wait(ticket)`` blocks until that record (and all before it) is on disk: a waiter that finds no flush
+    under way flushes everything queued itself, waiters arriving meanwhile share the next one, and a background thread
+    flushes what nobody waits for. A failed write is undone (truncated), raised to waiters as JournalError, retried."""
 
     RETRY_PAUSE = 0.5
 
@@ -1765,12 +1721,6 @@ def _aside_name(path: str) -> str:
     return f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
 
-def _keep_aside(path: str) -> str:
-    aside = _aside_name(path)
-    os.replace(path, aside)
-    return aside
-
-
 def _read_if_exists(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
@@ -1788,12 +1738,8 @@ def _check_version(rec: Mapping[str, Any], path: str) -> None:
 
 
 def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
-    """Recover the session state: snapshot + journal replay.
-
-    Returns (state, valid length of the journal to append after, problems). A snapshot that cannot be read is kept
-    aside and reported as JournalError once; the next open recovers from the journal alone. Files written by a newer
-    bgsession are refused and left untouched.
-    """
+    """Snapshot + journal replay: (state, valid length of the journal to append after, problems). A snapshot that
+    cannot be read is kept aside and reported once; a file of a newer bgsession is refused and left untouched."""
     problems: list[str] = []
     snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, _JOURNAL_NAME)
     state = _SessionState()
@@ -1806,7 +1752,8 @@ def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
             _check_version(snap, snap_path)
             state = _SessionState.from_snapshot(snap)
         except (ValueError, KeyError, TypeError) as err:
-            aside = _keep_aside(snap_path)
+            aside = _aside_name(snap_path)
+            os.replace(snap_path, aside)
             raise JournalError(f"the snapshot {snap_path} is corrupt ({err}); it was kept aside as {aside}. Opening "
                                "the session again recovers what the journal holds; partial files stay in tmp/.",
                                snap_path) from err
@@ -1829,11 +1776,8 @@ def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
 
 
 class Journal:
-    """A session directory's journal, read-only: for tests, the CLI and post-mortems.
-
-    ``Journal(directory).check()`` lists every inconsistency it finds (an empty
-    list means clean). It does not take the session lock and changes nothing.
-    """
+    """A session directory's journal, read-only: for tests, the CLI and post-mortems. ``Journal(directory).check()``
+    lists every inconsistency it finds (empty: clean); it takes no lock and changes nothing."""
 
     def __init__(self, directory: str) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
@@ -1879,11 +1823,7 @@ class Journal:
                 referenced.add(t.partial_name)
             else:
                 referenced.update((t.partial_name, t.done_name))  # .done: recovery takes it back
-                size = 0
-                for name in (t.partial_name, t.done_name):
-                    with contextlib.suppress(OSError):
-                        size = os.path.getsize(os.path.join(tmp, name))
-                        break
+                size = _size(os.path.join(tmp, t.partial_name)) or _size(os.path.join(tmp, t.done_name)) or 0
                 if t.durable_offset > size:
                     problems.append(f"task {t.id}: journal says {t.durable_offset} bytes are durable "
                                     f"but tmp/{t.partial_name} has {size}")
@@ -1896,12 +1836,9 @@ class Journal:
 
 def recovered_offset(file_size: int | None, durable_offset: int, record_boot: str | None,
                      current_boot: str | None) -> int:
-    """How many bytes of a partial file to keep after a restart (pure).
-
-    Same kernel boot as the last record: the page cache survived the process, so every byte written is there and
-    consistent (the record of a restart is committed before its first byte); keep the whole file. Another boot (or no
-    boot id on this platform): keep only what an fsynced offset record covers.
-    """
+    """How many bytes of a partial file to keep after a restart (pure). Same kernel boot as the last record: the page
+    cache survived the process, every byte written is there and consistent (a restart's record is committed before
+    its first byte): keep them all. Another boot (or no boot id): keep what an fsynced offset record covers."""
     if not file_size:
         return 0
     if record_boot is not None and record_boot == current_boot:
@@ -1922,9 +1859,8 @@ def _parse_resume_data(data: bytes) -> tuple[dict[str, Any] | None, str]:
             raise ValueError("no validator")
     except (ValueError, KeyError, TypeError, BGSessionError) as err:
         return None, f"resume data is malformed ({err})"
-    try:
-        actual = os.path.getsize(path)
-    except OSError:
+    actual = _size(path)
+    if actual is None:
         return None, f"resume data is stale: its partial file {path} no longer exists"
     if actual < size:
         return None, f"resume data is stale: its partial file {path} has {actual} bytes, not {size}"
@@ -1934,13 +1870,9 @@ def _parse_resume_data(data: bytes) -> tuple[dict[str, Any] | None, str]:
 
 
 class _Store:
-    """One session's durable state: the directory and its lock, the reducer's state, the journal writer, compaction,
-    the disk reserve, recovery, tmp/ and resume data.
-
-    Callers that change the state hold ``lock`` (the engine's); :meth:`record` applies a record and queues it, and the
-    caller waits for the ticket after releasing the lock so that concurrent callers share one fsync.
-    ``Configuration.default()`` sessions get a store in memory: a temp dir for tmp/, nothing journaled.
-    """
+    """One session's durable state: directory and lock, reducer state, journal writer, compaction, disk reserve,
+    recovery, tmp/ and resume data. Callers that change the state hold ``lock`` (the engine's) and wait for a record's
+    ticket after releasing it. ``Configuration.default()`` gets a store in memory: a temp tmp/, nothing journaled."""
 
     def __init__(self, directory: str | None, identifier: str | None, lock: threading.RLock) -> None:
         self.lock, self.directory, self.identifier = lock, directory, identifier
@@ -1950,10 +1882,8 @@ class _Store:
         self._reserved_ids = 0  # identifiers below this are reserved on disk (none yet in this process)
         self.writer: _JournalWriter | _MemoryWriter
         if directory is None:
-            self.tmp = tempfile.mkdtemp(prefix="bgsession-")
-            self.tmp_sync = _GroupSync(lambda: None)
-            self.state = _SessionState()
-            self.writer = _MemoryWriter()
+            self.tmp, self.tmp_sync = tempfile.mkdtemp(prefix="bgsession-"), _GroupSync(lambda: None)
+            self.state, self.writer = _SessionState(), _MemoryWriter()
             return
         _ensure_private_dir(directory)
         self.tmp = os.path.join(directory, _TMP_DIR)
@@ -2042,15 +1972,13 @@ class _Store:
         err = TransferError(ErrorCode.CANCELLED, "cancelled", url=task.request["url"])
         return self.record(task, "finish", error=err._to_record(), resume_file=resume_file)
 
-    def consume_missing_finish(self, task: _TaskRecord) -> bool:
+    def consume_missing_finish(self, task: _TaskRecord) -> None:
         """An owed finish event whose file is gone was handled: the finish hook moved the file and
         the app died before its acknowledgement was durable. Acknowledge it instead of posting it
         again (at recovery, and at attach for a daemon that outlived that app)."""
         if task.file and "finish" in task.events() and not os.path.exists(self.path(task.file)):
             log.info("task %s: finished file was consumed by the finish hook; acknowledging", task.id)
             self.record(task, "ack", event="finish")
-            return True
-        return False
 
     def release_files(self, task: _TaskRecord, event: str) -> None:
         """After the acknowledgement of *event* is durable: remove what the task no longer needs."""
@@ -2084,9 +2012,8 @@ class _Store:
         if not task.resume_file or task.validator is None:
             return None
         path = self.path(task.resume_file)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
+        size = _size(path)
+        if size is None:
             return None
         body = {"url": task.request["url"], "request": task.request, "file": path, "size": size,
                 "validator": task.validator, "total": task.total, "response": task.response,
@@ -2097,10 +2024,10 @@ class _Store:
         """Take the partial file that resume data refers to as *task*'s own."""
         try:
             os.replace(path, self.path(task.partial_name))
-            return True
         except OSError as err:
             log.warning("task %s: resume file unusable (%s); it will start from zero", task.id, err)
             return False
+        return True
 
     # -- recovery ------------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -2127,10 +2054,7 @@ class _Store:
             # killed after the finished file was renamed, before its record: the file is whole
             # and verified; take it back as the partial file (the resume gets a 416 and completes)
             os.replace(done, part)
-        try:
-            size: int | None = os.path.getsize(part)
-        except OSError:
-            size = None
+        size = _size(part)
         keep = 0 if task.validator is None else recovered_offset(size, task.durable_offset, task.boot, _BOOT_ID)
         if size is not None and size != keep:
             with open(part, "r+b") as f:
@@ -2185,16 +2109,15 @@ class _Store:
         assert self.directory is not None
         path = os.path.join(self.directory, _RESERVE_NAME)
         try:
-            if os.path.exists(path) and os.path.getsize(path) >= RESERVE_BYTES:
-                return
-            fd = _open_private(path, os.O_WRONLY | os.O_CREAT)
-            try:
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(fd, 0, RESERVE_BYTES)
-                else:  # pragma: no cover - Windows
-                    os.write(fd, b"\0" * RESERVE_BYTES)
-            finally:
-                os.close(fd)
+            if not os.path.exists(path) or os.path.getsize(path) < RESERVE_BYTES:
+                fd = _open_private(path, os.O_WRONLY | os.O_CREAT)
+                try:
+                    if hasattr(os, "posix_fallocate"):  # allocated blocks, not a sparse file
+                        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+                    else:  # pragma: no cover - Windows
+                        _write_all(fd, bytes(RESERVE_BYTES))
+                finally:
+                    os.close(fd)
         except OSError as err:
             _unlink_quietly(path)
             log.warning("cannot keep %d bytes in reserve in %s: %s", RESERVE_BYTES, self.directory, err)
@@ -2251,10 +2174,6 @@ class _AttemptEnded(Exception):
 
 def _fail(code: ErrorCode, message: str, url: str | None, keep_partial: bool = True) -> _AttemptEnded:
     return _AttemptEnded(_Failed(TransferError(code, message, url=url), keep_partial))
-
-
-def _transport_error(err: BaseException) -> _AttemptEnded:
-    return _AttemptEnded(_Interrupted(*Retry.classify(err)))
 
 
 class _Control:
@@ -2523,7 +2442,7 @@ class _HTTP:
                 c.close()
                 control.check()
                 if not reused or attempt == 1:
-                    raise _transport_error(err) from err
+                    raise _AttemptEnded(_Interrupted(*Retry.classify(err))) from err
             except (OSError, http.client.HTTPException) as err:
                 c.close()
                 control.check()
@@ -2532,7 +2451,7 @@ class _HTTP:
                                 f"TLS certificate of {parts.hostname} not trusted: {err.verify_message}", url) from err
                 if isinstance(err, ssl.SSLError):
                     raise _fail(ErrorCode.SECURE_CONNECTION_FAILED, f"TLS failed: {err}", url) from err
-                raise _transport_error(err) from err
+                raise _AttemptEnded(_Interrupted(*Retry.classify(err))) from err
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -2656,7 +2575,7 @@ class _Transfer:
                     break
             except (OSError, http.client.HTTPException) as err:
                 control.check()
-                raise _transport_error(err) from err
+                raise _AttemptEnded(_Interrupted(*Retry.classify(err))) from err
             self._write(task, fd, data)
             live.offset += len(data)
             unsynced += len(data)
@@ -2821,16 +2740,15 @@ class _Transfer:
 WORKER_LINGER = 2.0
 
 
+@dataclasses.dataclass(eq=False)
 class _HostQueue:
     """The queued tasks of one origin and the worker threads serving it (at most ``limit``)."""
-
-    def __init__(self, key: _Origin, limit: int, lock: threading.RLock) -> None:
-        self.key = key
-        self.limit = limit
-        self.cond = threading.Condition(lock)  # the engine's lock: idle workers wait here for work
-        self.queue: collections.deque[int] = collections.deque()
-        self.workers = 0  # threads alive for this origin
-        self.active = 0  # of which are running an attempt
+    key: _Origin
+    limit: int
+    cond: threading.Condition  # on the engine's lock: idle workers wait here for work
+    queue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    workers: int = 0  # threads alive for this origin
+    active: int = 0  # of which are running an attempt
 
 
 class _Scheduler:
@@ -2843,8 +2761,7 @@ class _Scheduler:
         self.lock, self.clock, self.limit = lock, clock, limit
         self.closed = False
         self.queues: dict[_Origin, _HostQueue] = {}
-        self._work = work
-        self._due = due
+        self._work, self._due = work, due
         self._timers: list[tuple[float, int, int]] = []
         self._timer_seq = itertools.count()
         self._wake = threading.Event()
@@ -2856,7 +2773,7 @@ class _Scheduler:
         """Queue a task on its origin; start a worker if the origin's limit allows one more."""
         q = self.queues.get(origin)
         if q is None:
-            q = self.queues[origin] = _HostQueue(origin, self.limit, self.lock)
+            q = self.queues[origin] = _HostQueue(origin, self.limit, threading.Condition(self.lock))
         q.queue.append(task_id)
         q.cond.notify()  # wakes a lingering worker
         if q.workers < q.limit and q.workers - q.active < len(q.queue):
@@ -2910,7 +2827,7 @@ class _Scheduler:
                 next_due = self._timers[0][0] - now if self._timers else None
                 self._wake.clear()
             if next_due is None:
-                self._wake.wait()
+                self._wake.wait()  # until a timer is pushed (a test's clock only simulates timed waits)
             else:
                 self.clock.wait(self._wake, next_due)
 
@@ -2973,17 +2890,13 @@ class _Sink(Protocol):
 
 def _checked_answer(answer: Any) -> _Answer:
     """A challenge hook's return value, or default handling if it is not a valid answer."""
-    try:
-        disposition, cred = answer
-    except (TypeError, ValueError):
-        disposition, cred = None, None
-    if not isinstance(disposition, AuthChallengeDisposition):
-        log.warning("task_did_receive_challenge returned %r; performing default handling", answer)
-        return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
-    if disposition is AuthChallengeDisposition.USE_CREDENTIAL and not isinstance(cred, Credential):
-        log.warning("USE_CREDENTIAL without a Credential; performing default handling")
-        return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
-    return disposition, cred
+    disposition, cred = answer if isinstance(answer, (tuple, list)) and len(answer) == 2 else (None, None)
+    if isinstance(disposition, AuthChallengeDisposition) and (
+            disposition is not AuthChallengeDisposition.USE_CREDENTIAL or isinstance(cred, Credential)):
+        return disposition, cred
+    log.warning("task_did_receive_challenge returned %r, not (disposition, credential); performing default handling",
+                answer)
+    return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
 
 
 def _task_info(task: _TaskRecord, store: _Store) -> TaskInfo:
@@ -3095,11 +3008,10 @@ class _EngineStatus:
 
 
 class _Engine:
-    """A session's engine: owns the tasks (the store), runs them (the scheduler's workers run
-    the transfer's attempts) and reports to the attached app (the outbox). It is the in-process
-    implementation of the app<->engine interface (section 9); the daemon serves it over a socket.
-    *durable_create*: ``new_task`` returns only once the task's record is on disk (the daemon,
-    whose app may outlive it); otherwise once its identifier is reserved."""
+    """A session's engine: owns the tasks (the store), runs them (the scheduler's workers run the transfer's
+    attempts) and reports to the attached app (the outbox): the in-process _Backend; the daemon serves it over a
+    socket. *durable_create*: ``new_task`` returns once the task's record is on disk (the daemon: its app may outlive
+    it), not only its reserved identifier."""
 
     def __init__(self, config: Configuration, *, clock: _Clock | None = None,
                  buffer_size: int = DEFAULT_BUFFER_SIZE, durable_create: bool = False) -> None:
@@ -3252,12 +3164,9 @@ class _Engine:
                        if t.phase is not Phase.ACKNOWLEDGED and t.id not in skip)
 
     def attach(self, sink: _Sink, wait_for_active: bool = False) -> None:
-        """Attach the app: post every event that waited, then BacklogEnd.
-
-        *wait_for_active* (in-process host, background launch): the transfers this launch
-        resumed belong to the backlog too; BacklogEnd waits until they end (or are suspended),
-        so did_finish_events does not come before them.
-        """
+        """Attach the app: post every event that waited, then BacklogEnd. *wait_for_active* (in-process host,
+        background launch): the transfers this launch resumed belong to the backlog too, so BacklogEnd (and
+        did_finish_events) waits until they end or are suspended."""
         with self.lock:
             self._check_open()
             self.outbox.bind(sink)
@@ -3361,18 +3270,15 @@ class _Engine:
                 return None
             task = self.store.state.tasks[tid]
             if self.resource_expired(task):
-                self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded",
-                                                   url=task.request["url"]))
+                self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
                 continue
             self.store.record(task, "start")
             q.active += 1
-            task.live.control = _Control()
-            task.live.worker = True
-            task.live.done = threading.Event()
+            task.live.control, task.live.worker, task.live.done = _Control(), True, threading.Event()
             return task
 
     def _runnable(self, tid: int) -> bool:
-        task = self.store.state.tasks.get(tid)
+        task = self.store.state.tasks.get(tid)  # (None: cancelled, acknowledged and compacted away)
         return task is not None and task.phase is Phase.QUEUED and not task.live.worker
 
     def _end_attempt(self, q: _HostQueue, task: _TaskRecord, outcome: _Outcome) -> None:
@@ -3428,8 +3334,7 @@ class _Engine:
         if task is None or task.phase is not Phase.WAITING_RETRY or task.live.due != due:
             return  # suspended, cancelled or rescheduled meanwhile
         if self.resource_expired(task):
-            self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded",
-                                               url=task.request["url"]))
+            self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
         else:
             self.store.record(task, "due")
             self._enqueue(task)
@@ -3475,6 +3380,7 @@ class _Engine:
 
     def _fail_now(self, task: _TaskRecord, error: TransferError) -> None:
         """Fail a task that no attempt runs for (rare paths: waits for the journal under the lock)."""
+        error.url = error.url or task.request["url"]
         self.store.wait(self.store.fail(task, error, "fail", offset=task.live.offset))
         self.outbox.post_task_events(task)
         self.changed.notify_all()
@@ -3598,19 +3504,10 @@ def _open_backend(config: Configuration, clock: _Clock | None = None) -> _Backen
 # 10. Session: SessionDelegate, Task, Session, SessionManager
 # ============================================================================
 
-#: Open unless an app-lifecycle shim (appdelegate.main) holds hook delivery until
-#: ``handle_events_for_background_url_session`` has returned.
+#: Set unless an app-lifecycle shim holds every session's hook delivery: appdelegate.main clears it during a
+#: background launch until ``handle_events_for_background_url_session`` has returned.
 _delivery_gate = threading.Event()
 _delivery_gate.set()
-
-
-def _hold_delivery() -> None:
-    """Hold every session's hook delivery (used by ``appdelegate`` during a background launch)."""
-    _delivery_gate.clear()
-
-
-def _release_delivery() -> None:
-    _delivery_gate.set()
 
 
 def _background_launch_identifier() -> str | None:
@@ -3638,8 +3535,7 @@ class SessionDelegate:
 
     They run serially on the session's delegate thread, never concurrently, and only after the Session (or
     SessionManager, subclass ``__init__`` included) is fully constructed. Register them again every time the app
-    re-creates the session: that is what makes them survive a relaunch.
-    """
+    re-creates the session: that is what makes them survive a relaunch."""
 
     def download_task_did_finish_downloading(self, session: Session, task: DownloadTask, location: str) -> None:
         """The file is complete at *location*; move or open it before returning (it is deleted after)."""
@@ -3825,18 +3721,12 @@ class _Delivery:
         return cast(_Answer, waiter.wait(control, lambda: self.stopping))
 
     # -- the thread --------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.thread.start()
-
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(30.0)
-
-    def _durable_queued(self) -> bool:
-        return any(isinstance(e, (FinishedEvent, CompletedEvent)) for e in self.queue)
 
     def idle(self) -> bool:
         return not self.queue and not self.busy
@@ -3859,7 +3749,8 @@ class _Delivery:
             except Exception:  # pragma: no cover - _dispatch guards every hook itself
                 log.exception("bgsession delegate thread: unexpected error")
             with self.cond:
-                fire = self.finish_pending and not self._durable_queued()
+                fire = self.finish_pending and not any(isinstance(e, (FinishedEvent, CompletedEvent))
+                                                        for e in self.queue)
                 if fire:
                     self.finish_pending = False
             if fire:
@@ -3932,8 +3823,7 @@ class Session:
     ``Session(Configuration.background("com.example.app"), delegate=MyDelegate())`` recovers the identifier's journal,
     resumes its unfinished transfers and, once constructed, delivers every event that waited (then
     ``did_finish_events_for_background_session``). One live session per identifier: another one, in any thread or
-    process, raises TransferError BACKGROUND_SESSION_IN_USE until this one is closed or invalidated.
-    """
+    process, raises TransferError BACKGROUND_SESSION_IN_USE until this one is closed or invalidated."""
 
     def __init__(self, configuration: Configuration, delegate: SessionDelegate | None = None, *,
                  _deferred: bool = False, _clock: _Clock | None = None) -> None:
@@ -3959,7 +3849,7 @@ class Session:
         background = _background_launch_identifier() == self.identifier and self.identifier is not None
         if background:
             _notify_backlog(self.identifier, "delivering")
-        self._delivery.start()
+        self._delivery.thread.start()
         self._backend.attach(self._delivery, wait_for_active=background)
 
     # -- tasks ----------------------------------------------------------------------
@@ -4006,8 +3896,7 @@ class Session:
         """An upload of a file's contents (PUT by default; POST if the Request says so).
 
         Background uploads come from a file only, as on iOS (which aborts on data uploads in background sessions): a
-        file can be read again after a relaunch; bytes in this process's memory cannot.
-        """
+        file can be read again after a relaunch; bytes in this process's memory cannot."""
         self._check_usable()
         if kwargs:
             raise _invalid(f"upload_task got unexpected arguments {sorted(kwargs)}; background uploads "
@@ -4063,9 +3952,8 @@ class Session:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every task has completed and its events were delivered. False on timeout.
 
-        Suspended tasks count as not completed. A task whose hook raised counts as
-        delivered for this process (it is delivered again at the next launch).
-        """
+        Suspended tasks count as not completed. A task whose hook raised counts as delivered for this process (it is
+        delivered again at the next launch)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delivery = self._delivery
         while True:
@@ -4146,19 +4034,15 @@ def _umask() -> int:
 
 
 def _move_file(src: str, dest: str) -> None:
-    """Move a finished download to *dest* (replacing it), durably; the source stays until the ack.
-
-    Inside the session directory files are 0600; the moved file gets the permissions
-    a file created by this process would have (0666 minus the umask).
-    """
+    """Move a finished download to *dest* (replacing it), durably; the source stays until the ack. The moved file
+    gets the mode a file this process creates would have (0666 minus the umask), not the session's 0600."""
     parent = os.path.dirname(os.path.abspath(dest)) or "."
     mode = 0o666 & ~_umask()
     try:
         os.makedirs(parent, exist_ok=True)
         try:
             os.replace(src, dest)
-            if os.name == "posix":
-                os.chmod(dest, mode)
+            os.chmod(dest, mode)
         except OSError as err:
             if err.errno != errno.EXDEV:
                 raise
@@ -4166,8 +4050,7 @@ def _move_file(src: str, dest: str) -> None:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 _fsync(f.fileno())
-            if os.name == "posix":
-                os.chmod(tmp, mode)
+            os.chmod(tmp, mode)
             os.replace(tmp, dest)
         _fsync_dir(parent)
     except OSError as err:
@@ -4198,8 +4081,7 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
             if task.response is None or task.response.status != 200:
                 return None          # no file for a 404 page
             return os.path.join(documents, task.response.suggested_filename)
-        manager.set_download_task_did_finish_downloading(destination)
-    """
+        manager.set_download_task_did_finish_downloading(destination)"""
 
     def __init__(self, configuration: Configuration | None = None) -> None:
         self._blocks: dict[str, Callable[..., Any] | None] = {}
@@ -4247,11 +4129,11 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
 
     # -- tasks ----------------------------------------------------------------------
     def _remember(self, task: Task, progress: Any, destination: Any, completion_handler: Any) -> None:
-        if progress is None and destination is None and completion_handler is None:
+        given = [fn for fn in (progress, destination, completion_handler) if fn is not None]
+        if not given:
             return
-        for fn in (progress, destination, completion_handler):
-            if fn is not None and not callable(fn):
-                raise _invalid(f"task blocks must be callables, not {type(fn).__name__}")
+        if not all(callable(fn) for fn in given):
+            raise _invalid(f"task blocks must be callables, not {[type(fn).__name__ for fn in given]}")
         if self.session.configuration.is_background:
             log.warning("task-level blocks given to background session %r live in this process only; after a "
                         "relaunch only the session-level blocks (set_...) fire", self.session.identifier)
@@ -4323,10 +4205,8 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
             blocks = self._task_blocks.pop(task.identifier, None)
         self._block("complete", session, task, error)
         if blocks is not None and blocks.completion_handler is not None:
-            if isinstance(task, UploadTask):
-                blocks.completion_handler(task.response, task.response_data, error)
-            else:
-                blocks.completion_handler(task.response, blocks.file_path, error)
+            data = task.response_data if isinstance(task, UploadTask) else blocks.file_path
+            blocks.completion_handler(task.response, data, error)
 
     def did_finish_events_for_background_session(self, session: Session) -> None:
         self._block("events", session)
@@ -4649,8 +4529,7 @@ class _Relauncher:
     nothing, and launches at most RELAUNCH_MAX_PER_HOUR times an hour."""
 
     def __init__(self, directory: str, engine: _Engine) -> None:
-        self.directory = directory
-        self.engine = engine
+        self.directory, self.engine = directory, engine
         self.child: subprocess.Popen | None = None  # type: ignore[type-arg]
         self._child_acks = self._failures = 0
         self._next_at = 0.0
@@ -4679,11 +4558,9 @@ class _Relauncher:
 
     @staticmethod
     def _due(status: _EngineStatus) -> bool:
-        if status.attached:
-            return False
-        if status.waiting_challenges > 0:
-            return True
-        return status.backlog > 0 and (status.running == 0 or status.backlog_age >= RELAUNCH_BATCH_WINDOW)
+        """Events (once the other transfers ended, or waited long enough) or a challenge wait, and no app is here."""
+        waited = status.running == 0 or status.backlog_age >= RELAUNCH_BATCH_WINDOW
+        return not status.attached and (status.waiting_challenges > 0 or (status.backlog > 0 and waited))
 
     def _app_present(self) -> bool:
         """True while an app holds app.lock (it may be starting and about to attach)."""
@@ -4715,8 +4592,7 @@ class _Relauncher:
             self._times.popleft()
         if len(self._times) >= RELAUNCH_MAX_PER_HOUR:
             return
-        env = dict(os.environ)
-        env[BACKGROUND_EVENTS_ENV] = config.identifier or ""
+        env = {**os.environ, BACKGROUND_EVENTS_ENV: config.identifier or ""}
         try:
             self.child = subprocess.Popen(list(cmd), env=env, cwd=config.working_directory or None,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
@@ -4761,16 +4637,13 @@ class _DaemonServer:
         try:
             while not self.stop.is_set():
                 try:
-                    sock, _ = self.listener.accept()
+                    self._accept(self.listener.accept()[0])
                 except socket.timeout:
-                    sock = None
+                    pass  # a tick: the relauncher and the idle timer run at least every 0.25 s
                 except OSError as err:
                     if self.stop.is_set():
                         break
                     log.warning("accept failed: %s", err)
-                    sock = None
-                if sock is not None:
-                    self._accept(sock)
                 self.relauncher.tick()
                 if self._idle_expired():
                     log.info("idle for %.1fs with nothing to do: exiting", self.engine.config.daemon_idle_timeout)
@@ -4783,8 +4656,7 @@ class _DaemonServer:
         self.stop.set()
         with contextlib.suppress(OSError):
             self.listener.close()
-        pid, _ = _read_pid_file(self.directory)
-        if pid == os.getpid():
+        if _read_pid_file(self.directory)[0] == os.getpid():
             _unlink_quietly(os.path.join(self.directory, _PID_NAME))
         if os.path.exists(self.sock_path):
             _unlink_quietly(self.sock_path)
@@ -4798,10 +4670,9 @@ class _DaemonServer:
         log.info("daemon exited")
 
     def _busy(self) -> bool:
-        """Work only this daemon can do: transfers, a challenge waiting for an answer, and events
-        waiting for an app -- the last only with a relaunch_command. Without one the daemon cannot
-        bring an app; the events wait in the journal, and the next attach starts a daemon that
-        delivers them (an idle daemon must not live on for an app that may never come back)."""
+        """Work only this daemon can do: transfers, a challenge waiting for an answer, and events waiting for an app --
+        the last only with a relaunch_command. Without one it cannot bring an app: the events wait in the journal for
+        the daemon the next attach starts (an idle daemon must not live on for an app that may never come back)."""
         status = self.engine.status()
         relaunches = bool(self.engine.config.relaunch_command)
         return bool(status.running or status.canceling or status.waiting_challenges or (status.backlog and relaunches))
@@ -4812,10 +4683,8 @@ class _DaemonServer:
         if has_clients or self.relauncher.child is not None or self._busy():
             self.idle_since = None
             return False
-        now = time.monotonic()
-        if self.idle_since is None:
-            self.idle_since = now
-        return now - self.idle_since >= self.engine.config.daemon_idle_timeout
+        self.idle_since = self.idle_since or time.monotonic()
+        return time.monotonic() - self.idle_since >= self.engine.config.daemon_idle_timeout
 
     def _accept(self, sock: socket.socket) -> None:
         uid = _peer_uid(sock)
@@ -5020,12 +4889,9 @@ class _Disconnected(Exception):
 
 
 class _DaemonClient:
-    """The app side of the daemon host: a _Backend whose operations travel over daemon.sock.
-
-    Its operation methods are made from _OPERATIONS (below the class); attach and detach also
-    bind the sink (the session's delegate thread) here. A reader thread, owned and joined on
-    close, routes replies and events, and reconnects (restarting the daemon) if it goes away.
-    """
+    """The app side of the daemon host: a _Backend whose operations (methods made from _OPERATIONS, below the class)
+    travel over daemon.sock; attach and detach also bind the sink here. Its reader thread routes replies and events
+    and reconnects (restarting the daemon) if it goes away."""
 
     def __init__(self, config: Configuration, observer: bool = False) -> None:
         """*observer*: a client that never attaches (CLI status/enqueue): it takes no app lock."""
@@ -5415,26 +5281,21 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
         raise _CliError("--sha256 applies to a single URL")
     requests = [Request(url, sha256=args.sha256) for url in args.urls]  # bad URLs fail here, before any enqueue
     desc = _CLI_PREFIX + json.dumps({"dir": dest}, separators=(",", ":"))
-    if args.wait:
-        def enqueue(session: Session) -> None:
-            tasks: list[Task] = []
-            try:
-                for req in requests:
-                    tasks.append(session.download_task(req, description=desc))
-            finally:
-                session.resume_all(tasks)  # what was created runs, even if a later create failed
 
-        return _cmd_wait(args, out, enqueue=enqueue)
+    def enqueue(backend: _Backend) -> None:
+        queued: list[TaskInfo] = []
+        try:
+            queued.extend(backend.new_task("download", req, desc) for req in requests)
+        finally:
+            backend.resume([info.id for info in queued])  # what was created runs, even if a later create failed
+            if not args.wait:
+                for info in queued:
+                    print(f"queued {info.id} {info.request['url']} -> {dest}", file=out, flush=True)
+    if args.wait:
+        return _cmd_wait(args, out, enqueue=lambda session: enqueue(session._backend))
     client = _cli_observer(args)
     try:
-        queued: list[tuple[int, str]] = []
-        try:
-            for req in requests:
-                queued.append((client.new_task("download", req, desc).id, req.url))
-        finally:
-            client.resume([tid for tid, _ in queued])  # one fsync and one round trip for all
-            for tid, url in queued:
-                print(f"queued {tid} {url} -> {dest}", file=out, flush=True)
+        enqueue(client)  # one fsync and one round trip for all
     finally:
         client.close()
     return EXIT_OK
@@ -5443,9 +5304,8 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
 def _cmd_status(args: argparse.Namespace, out: Any) -> int:
     config = _cli_config(args)
     assert config.directory is not None
-    if not os.path.isdir(config.directory):
-        infos: list[TaskInfo] = []
-    else:
+    infos: list[TaskInfo] = []
+    if os.path.isdir(config.directory):
         client = _cli_observer(args)
         try:
             infos = client.tasks()
@@ -5470,15 +5330,12 @@ def _cmd_status(args: argparse.Namespace, out: Any) -> int:
 def _cmd_task_op(args: argparse.Namespace, out: Any) -> int:
     client = _cli_observer(args)
     try:
-        known = {i.id for i in client.tasks()}
-        if args.id not in known:
+        if args.id not in {i.id for i in client.tasks()}:
             raise _CliError(f"no task {args.id} in session {args.session!r} (see `bgsession status`)")
-        if args.command == "cancel":
-            client.cancel(args.id, False)
-        elif args.command == "suspend":
-            client.suspend(args.id)
-        else:
-            client.resume(args.id)
+        act: dict[str, Callable[[], Any]] = {"cancel": lambda: client.cancel(args.id),
+                                             "suspend": lambda: client.suspend(args.id),
+                                             "resume": lambda: client.resume([args.id])}
+        act[args.command]()
     finally:
         client.close()
     print(f"{args.command} {args.id}", file=out)
