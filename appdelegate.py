@@ -34,7 +34,7 @@ in its environment is a *background launch* (the bgsession daemon, or whoever
 plays the system, relaunched it because that session has events waiting).
 ``main`` then:
 
-1. holds hook delivery for every bgsession session (``bgsession._hold_delivery()``);
+1. holds hook delivery for every bgsession session (``bgsession._delivery_gate``);
 2. calls ``did_finish_launching(app, {"url_session": identifier})`` — the app
    re-creates its sessions there, every launch; they recover and resume, but no
    hook runs yet;
@@ -495,12 +495,12 @@ class _Launch:
             app._wake()
 
         bgsession._backlog_listeners.append(on_backlog)
-        bgsession._hold_delivery()
+        bgsession._delivery_gate.clear()
         try:
             self.delegate.did_finish_launching(app, {LAUNCH_OPTIONS_URL_SESSION: identifier})
             self.delegate.handle_events_for_background_url_session(app, identifier, handler)
         finally:
-            bgsession._release_delivery()
+            bgsession._delivery_gate.set()
         released_deadline = time.monotonic() + self.handler_timeout
         try:
             return self._background_loop(app, identifier, handler, backlog, released_deadline)

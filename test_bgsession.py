@@ -103,7 +103,7 @@ def test_backlog_then_did_finish_events_once(server, sessions):
     sessions.opened.append(s)
     tasks = [download(s, server.url(f"/b{i}.bin")) for i in range(3)]
     deadline = time.monotonic() + LONG
-    while any(i["events"] != ["finish", "complete"] for i in s._backend.tasks()) or len(s._backend.tasks()) < 3:
+    while [t.state for t in s.get_tasks()] != [bg.TaskState.COMPLETED] * 3:  # finished, nothing delivered
         assert time.monotonic() < deadline
         time.sleep(0.01)  # waiting for engine state with no delegate attached by design
     sessions.close_all()
@@ -149,9 +149,9 @@ def test_session_manager_subclass_blocks_set_in_init_get_every_event(server, ses
     sessions.opened.append(s)
     download(s, server.url("/m.bin"), "photo:1")
     deadline = time.monotonic() + LONG
-    while s._backend.tasks()[0]["events"] != ["finish", "complete"]:
+    while s.get_tasks()[0].state is not bg.TaskState.COMPLETED:  # finished, nothing delivered
         assert time.monotonic() < deadline
-        time.sleep(0.01)
+        time.sleep(0.01)  # waiting for engine state with no delegate attached by design
     sessions.close_all()
     seen: list[str] = []
     started_during_init: list[bool] = []

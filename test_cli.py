@@ -85,10 +85,18 @@ def test_status_lists_tasks_and_cancel_and_resume_act_on_them(server, cli):
     assert cli.status()[0]["state"] == "suspended"
     text = cli.run("status", check=True).stdout
     assert "suspended" in text and server.url("/slow.bin") in text
-    cli.run("cancel", "1", check=True)
     hold.release()
+    cli.run("resume", "1", check=True)
+    wait_until(lambda: (cli.out / "slow.bin").exists(), what="the resumed task's file")
+    assert sha((cli.out / "slow.bin").read_bytes()) == sha(server.route("/slow.bin").data)
+    server.add_blob("/slow2.bin", size=4 * MiB)
+    hold2 = server.hold_at("/slow2.bin", 100_000)
+    cli.run("download", "-d", str(cli.out), server.url("/slow2.bin"), check=True)
+    assert hold2.wait(LONG)
+    cli.run("cancel", "2", check=True)
+    hold2.release()
     wait_until(lambda: cli.status() == [], what="the cancelled task to be delivered")
-    assert not (cli.out / "slow.bin").exists()
+    assert not (cli.out / "slow2.bin").exists()
 
 
 @pytest.mark.parametrize("args, code, words", [

@@ -408,7 +408,7 @@ def test_daemon_does_not_relaunch_while_an_app_holds_the_session(server, daemons
     daemons.opened.append(s)
     download(s, server.url("/x.bin"))
     d = s.configuration.directory
-    wait_until(lambda: s._backend.tasks()[0]["events"] == ["finish", "complete"], what="the backlog")
+    wait_until(lambda: s.get_tasks()[0].state is bg.TaskState.COMPLETED, what="the backlog")
     server_pid = daemon_pid(d)
     deadline = time.monotonic() + 1.5  # several of the daemon's 0.25 s relaunch checks
     while time.monotonic() < deadline:

@@ -1291,7 +1291,7 @@ class Report:
         if r6:
             lines += ["## Row 6: peak RSS while downloading (VmHWM of a fresh process; daemon host: app + "
                       "daemon)", ""] + r6 + [""]
-        lines += ["## Targets (DESIGN §6)", "", "| target | measured | verdict |", "|---|---|---|"]
+        lines += ["## Targets (bench/README.md)", "", "| target | measured | verdict |", "|---|---|---|"]
         lines += [f"| {t} | {mv} | {v} |" for t, mv, v in self.targets()] + [""]
         if b.notes:
             lines += ["## Notes", ""] + [f"- {n}" for n in b.notes] + [""]
