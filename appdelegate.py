@@ -89,6 +89,7 @@ Standard library only (plus ``bgsession``); Python 3.9+.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -324,24 +325,18 @@ class Application:
 
     def _wake(self) -> None:
         """Wake the lifecycle loop (any thread)."""
-        try:
+        with contextlib.suppress(BlockingIOError, OSError):  # a wake-up is already pending, or the loop is gone
             self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending, or the loop is gone
 
     def _wait(self, timeout: float | None) -> None:
         """Block the lifecycle loop until woken (thread, signal) or *timeout* seconds passed."""
         if timeout is not None and timeout <= 0:
             return
-        try:
+        with contextlib.suppress(InterruptedError):  # pragma: no cover - PEP 475 retries select
             select.select([self._wake_r], [], [], timeout)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries select
-            pass
-        try:
+        with contextlib.suppress(BlockingIOError, OSError):
             while self._wake_r.recv(4096):
                 pass
-        except (BlockingIOError, OSError):
-            pass
 
     def _close(self) -> None:
         self._wake_r.close()

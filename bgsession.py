@@ -3573,10 +3573,9 @@ class Task:
     def _info(self) -> TaskInfo:
         if self._frozen:
             return self._cache
-        try:
+        # acknowledged and compacted away, or the session closed: the last known state stands
+        with contextlib.suppress(BGSessionError):
             self._cache = self._session._backend.task_info(self._identifier)
-        except BGSessionError:
-            pass  # acknowledged and compacted away, or session closed: the last known state stands
         return self._cache
 
     @property

@@ -28,6 +28,7 @@ it that way). Standard library only (plus the project's own modules).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -97,10 +98,8 @@ def _atomic_write_json(path: str, value: Any) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):  # the original error matters, not this one
             os.unlink(tmp)
-        except OSError:
-            pass  # the original error matters, not this one
         raise
     if os.name == "posix":
         dfd = os.open(directory, os.O_RDONLY)

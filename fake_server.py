@@ -46,6 +46,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import email.utils
 import hashlib
@@ -1167,13 +1168,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Close the connection now: FIN ("close") or RST ("reset", SO_LINGER 0)."""
         self.close_connection = True
         sock = self.connection
-        try:
+        with contextlib.suppress(OSError):
             if how == "reset":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             else:
                 sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         try:
             self.rfile.close()
         finally:
@@ -1537,10 +1536,8 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         number = self.parts.traffic.connection_opened(request)
         if self.parts.stopping.is_set():
-            try:
+            with contextlib.suppress(OSError):
                 request.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self.listener.start_thread(self.process_request_thread, (request, client_address),
                                    name=f"fake_server-conn-{number}")
 
@@ -1623,10 +1620,8 @@ class _Listener:
         wake()
         httpd.shutdown()
         for sock in self._parts.traffic.open_sockets():
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         with self._lock:
             threads = list(self._threads)
         deadline = time.monotonic() + timeout
@@ -2056,13 +2051,11 @@ class AppProcess:
         if self.popen is not None:
             hit = False
             if self.popen.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     if _SIGKILL is not None:
                         os.kill(self.pid, _SIGKILL)
                     else:
                         self.popen.kill()
-                except ProcessLookupError:
-                    pass
                 hit = self.popen.wait() != 0 if _SIGKILL is None else self.popen.wait() == -_SIGKILL
         else:
             hit = self.ref.kill()

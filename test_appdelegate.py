@@ -8,6 +8,7 @@ lines, never on sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -112,10 +113,8 @@ class Child:
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
         self._stderr.close()
 
 

@@ -8,6 +8,7 @@ is closed at teardown and its directory must pass ``Journal.check()``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -737,10 +738,8 @@ def test_sigkill_mid_download_resumes_with_range(server, child):
 def stop_daemon_hard(directory: str) -> None:
     pid, _ = bg._read_pid_file(directory)
     if pid is not None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + SHORT
         while time.monotonic() < deadline and bg._pid_alive(pid):
             time.sleep(0.01)  # waiting for a process that is not our child to vanish

@@ -4,6 +4,7 @@ mid-download, socket permissions, and idle exit."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -109,10 +110,8 @@ class App:
                 p.kill()
             p.wait()
         for e in self.events("launch"):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(e["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         stop_daemon(self.directory)
 
 

@@ -30,6 +30,7 @@ so the everyday test run leaves the tree clean).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email.utils
 import json
@@ -361,10 +362,8 @@ def _duration(default: int) -> int:
 def _fds() -> dict[int, str]:
     out = {}
     for name in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # the listdir's own descriptor, closed by now
             out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the listdir's own descriptor, closed by now
     return out
 
 
