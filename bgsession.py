@@ -3212,8 +3212,9 @@ class _Engine:
 
     def configure(self, config: Configuration) -> None:
         """Take a newer configuration of the same session (the daemon: each app brings its own)."""
-        if (config.identifier, config.directory) != (self.config.identifier, self.config.directory):
-            raise InvalidArgumentError("a configuration of another session")
+        if config.identifier != self.config.identifier:
+            raise InvalidArgumentError(f"a configuration of session {config.identifier!r}, "
+                                       f"not {self.config.identifier!r}")
         with self.lock:
             self.config = config
             self.scheduler.limit = config.max_connections_per_host

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import Callable
 
@@ -946,3 +947,17 @@ def test_recovery_skips_reserved_identifiers(tmp_path):
     (d / "journal.jsonl").write_bytes(b"".join(bg._dumps(r) for r in records))
     state, _, problems = bg._load_state(str(d))
     assert problems == [] and state.next_id == 1025
+
+
+def test_close_joins_every_thread_the_session_started(server, sessions):
+    """Every thread a session starts (journal, timers, workers, delegate, daemon client) is joined by close()."""
+    before = set(threading.enumerate())
+    server.add_blob("/j.bin", size=300_000)
+    rec = Recorder()
+    s = sessions.open(rec)
+    download(s, server.url("/j.bin"))
+    assert s.wait(LONG)
+    assert any(t.name.startswith("bgsession-") for t in set(threading.enumerate()) - before)
+    sessions.close_all()
+    left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("bgsession-")]
+    assert left == []
