@@ -278,7 +278,7 @@ class TaskInfo:
         return _PUBLIC_STATE[self.phase]
 
     def to_wire(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "phase": self.phase.value}
+        return {**self.__dict__, "phase": self.phase.value}  # shallow: its mappings are plain JSON already
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> TaskInfo:
@@ -4259,7 +4259,7 @@ def _config_from_wire(wire: Mapping[str, Any]) -> Configuration:
 
 def _event_to_wire(event: Any) -> dict[str, Any]:
     if isinstance(event, ProgressEvent):
-        return {"ev": "progress", **dataclasses.asdict(event)}
+        return {"ev": "progress", **event.__dict__}
     if isinstance(event, FinishedEvent):
         return {"ev": "finish", "id": event.task_id, "location": event.location,
                 "info": event.info and event.info.to_wire()}
