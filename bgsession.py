@@ -5625,6 +5625,53 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+_RATE_RE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*\Z", re.I)
+_RELATIVE_RE = re.compile(r"\A\+(\d+(?:\.\d+)?)\s*([smhd])\Z")
+_CLOCK_RE = re.compile(r"\A(\d{1,2}):(\d{2})(?::(\d{2}))?\Z")
+#: The finer states `status` shows (the others are the public TaskState's names).
+_CLI_STATES = {Phase.SCHEDULED: "scheduled", Phase.QUEUED: "queued", Phase.WAITING_RETRY: "retrying"}
+
+
+def _parse_rate(text: str) -> int | None:
+    """A bandwidth limit as curl, wget and aria2 write it: bytes per second, with K, M or G (1K = 1024); "0" or
+    "none": no limit."""
+    if text.strip().lower() in ("0", "none", "unlimited"):
+        return None
+    m = _RATE_RE.match(text)
+    if not m:
+        raise _CliError(f"bad rate {text!r}: bytes per second, with K, M or G (512K, 2M, 1.5G), or 0 for no limit")
+    return _check_rate(round(float(m.group(1)) * 1024 ** " kmg".index(m.group(2).lower() or " ")), "rate")
+
+
+def _parse_number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _CliError(f"{what} must be a number, not {text!r}") from None
+
+
+def _parse_when(text: str, now: float) -> float:
+    """A moment for ``--not-before``, as POSIX time: "+30m" (from *now*: s, m, h or d), "22:00" (the next time the
+    local clock shows it), an ISO 8601 date and time ("2026-12-01T22:00", local time unless it has an offset or Z),
+    or "@1767225600" (POSIX time)."""
+    text = text.strip()
+    relative, clock = _RELATIVE_RE.match(text), _CLOCK_RE.match(text)
+    if relative:
+        return now + float(relative.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[relative.group(2)]
+    if text.startswith("@"):
+        return _parse_number(text[1:], "--not-before @TIME")
+    try:
+        if clock:
+            hour, minute, second = (int(g or 0) for g in clock.groups())
+            when = datetime.datetime.fromtimestamp(now).replace(hour=hour, minute=minute, second=second, microsecond=0)
+            if when.timestamp() <= now:  # (naive: local time, whatever the day's UTC offset)
+                when += datetime.timedelta(days=1)
+            return when.timestamp()
+        return datetime.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text).timestamp()
+    except ValueError as err:
+        raise _CliError(f"bad time {text!r} ({err}): use +30m, 22:00, 2026-12-01T22:00[+01:00] or @POSIXTIME") from None
+
+
 def _cli_meta(info: TaskInfo) -> dict[str, Any]:
     desc = info.description or ""
     try:
@@ -5634,8 +5681,24 @@ def _cli_meta(info: TaskInfo) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _cli_state(info: TaskInfo) -> str:
+    return _CLI_STATES.get(info.phase, info.state.name.lower())
+
+
+def _task_notes(info: TaskInfo) -> list[str]:
+    """A task's scheduling options, for `status`: its date (until it starts), priority and limit if set."""
+    notes = []
+    if info.begin is not None and info.phase in (Phase.SUSPENDED, Phase.QUEUED, Phase.SCHEDULED):
+        notes.append(f"not before {datetime.datetime.fromtimestamp(info.begin):%Y-%m-%d %H:%M:%S}")
+    if info.priority != DEFAULT_PRIORITY:
+        notes.append(f"priority {info.priority:g}")
+    if info.limit is not None:
+        notes.append(f"limit {_human(info.limit)}/s")
+    return notes
+
+
 def _task_line(info: TaskInfo, width: int = 100) -> str:
-    state = info.state.name.lower()
+    state = _cli_state(info)
     got, total = info.received, info.expected
     if info.kind == "upload":
         got, total = info.sent, info.expected_send
@@ -5643,8 +5706,9 @@ def _task_line(info: TaskInfo, width: int = 100) -> str:
     rate = info.rate
     eta = _eta((total - got) / rate) if rate > 0 and total and total > got else "-:--:--"
     name = info.current_url or info.request["url"]
+    notes = _task_notes(info)
     line = (f"{info.id:>5} {state:<10} {pct} {_human(got):>10} / {_human(total) if total >= 0 else '?':>10} "
-            f"{_human(rate) + '/s':>12} {eta}  {name}")
+            f"{_human(rate) + '/s':>12} {eta}  {name}" + (f"  [{', '.join(notes)}]" if notes else ""))
     return line[:width]
 
 
@@ -5746,13 +5810,20 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
         raise _CliError(f"cannot write to {dest}")
     if args.sha256 and len(args.urls) != 1:
         raise _CliError("--sha256 applies to a single URL")
-    requests = [Request(url, sha256=args.sha256) for url in args.urls]  # bad URLs fail here, before any enqueue
+    priority = None if args.priority is None else _parse_number(args.priority, "--priority")
+    begin = None if args.not_before is None else _parse_when(args.not_before, time.time())
+    rate = None if args.limit_rate is None else _parse_rate(args.limit_rate)
+    # bad URLs and options fail here, before any enqueue
+    requests = [Request(url, sha256=args.sha256, priority=priority, earliest_begin_date=begin) for url in args.urls]
     desc = _CLI_PREFIX + json.dumps({"dir": dest}, separators=(",", ":"))
 
     def enqueue(backend: _Backend) -> None:
         queued: list[TaskInfo] = []
         try:
-            queued.extend(backend.new_task("download", req, desc) for req in requests)
+            for req in requests:
+                queued.append(backend.new_task("download", req, desc))
+                if rate is not None:
+                    backend.set_limit(queued[-1].id, rate)
         finally:
             backend.resume([info.id for info in queued])  # what was created runs, even if a later create failed
             if not args.wait:
@@ -5772,19 +5843,24 @@ def _cmd_status(args: argparse.Namespace, out: Any) -> int:
     config = _cli_config(args)
     assert config.directory is not None
     infos: list[TaskInfo] = []
+    session_limit = None
     if os.path.isdir(config.directory):
         client = _cli_observer(args)
         try:
-            infos = client.tasks()
+            infos, session_limit = client.tasks(), client.session_limit()
         finally:
             client.close()
     if args.json:
-        json.dump([{"id": i.id, "state": i.state.name.lower(), "url": i.request["url"],
+        json.dump([{"id": i.id, "state": _cli_state(i), "url": i.request["url"],
                     "received": i.received, "expected": i.expected, "sent": i.sent,
                     "rate": i.rate, "destination": _cli_meta(i).get("dir"), "description": i.description,
-                    "error": i.error["message"] if i.error else None} for i in infos], out, indent=1)
+                    "error": i.error["message"] if i.error else None, "priority": i.priority,
+                    "not_before": None if i.begin is None else datetime.datetime.fromtimestamp(
+                        i.begin, datetime.timezone.utc).isoformat(), "limit": i.limit} for i in infos], out, indent=1)
         out.write("\n")
         return EXIT_OK
+    if session_limit is not None:
+        print(f"session limit {_human(session_limit)}/s", file=out)
     if not infos:
         print(f"no tasks in session {args.session!r}", file=out)
         return EXIT_OK
@@ -5806,6 +5882,28 @@ def _cmd_task_op(args: argparse.Namespace, out: Any) -> int:
     finally:
         client.close()
     print(f"{args.command} {args.id}", file=out)
+    return EXIT_OK
+
+
+def _cmd_option(args: argparse.Namespace, out: Any) -> int:
+    """`limit [ID] RATE` (no ID: the session's) and `priority ID P`: change a scheduling option while it runs."""
+    if args.command == "limit":
+        value: Any = _parse_rate(args.rate)
+        shown = "none" if value is None else f"{_human(value)}/s"
+    else:
+        value = _check_priority(_parse_number(args.priority, "priority"))
+        shown = f"{value:g}"
+    client = _cli_observer(args)
+    try:
+        if args.id is not None and args.id not in {i.id for i in client.tasks()}:
+            raise _CliError(f"no task {args.id} in session {args.session!r} (see `bgsession status`)")
+        if args.command == "limit":
+            client.set_limit(args.id, value)
+        else:
+            client.set_priority(args.id, value)
+    finally:
+        client.close()
+    print(f"{args.command} {'session' if args.id is None else args.id} {shown}", file=out)
     return EXIT_OK
 
 
@@ -5836,12 +5934,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dir", help="where finished files go (default: the current directory)")
     p.add_argument("--wait", action="store_true", help="stay and show progress until done")
     p.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the (single) file")
+    p.add_argument("--priority", metavar="P", help="0.0 (lowest) to 1.0 (highest), default 0.5")
+    p.add_argument("--not-before", metavar="WHEN", help="start no earlier than WHEN: +30m, 22:00, "
+                   "2026-12-01T22:00[+01:00], @POSIXTIME")
+    p.add_argument("--limit-rate", metavar="RATE", help="bandwidth limit of each download: 512K, 2M ...")
     p = sub.add_parser("status", parents=[common], help="list tasks with state, bytes, rate and ETA")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("wait", parents=[common], help="attach, show progress and deliver files until all are done")
     for name, text in (("cancel", "cancel a task"), ("suspend", "pause a task"), ("resume", "continue a task")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("id", type=int, metavar="ID")
+    p = sub.add_parser("limit", parents=[common], help="set the bandwidth limit of a task, or of the session")
+    p.add_argument("id", type=int, nargs="?", metavar="ID", help="a task (default: the whole session)")
+    p.add_argument("rate", metavar="RATE", help="bytes per second: 512K, 2M ...; 0 or none: no limit")
+    p = sub.add_parser("priority", parents=[common], help="set a task's priority")
+    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("priority", metavar="P", help="0.0 (lowest) to 1.0 (highest)")
     p = sub.add_parser("check", parents=[common], help="check a session directory's journal")
     p.add_argument("directory", nargs="?", help="session directory (default: the CLI session's)")
     p = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
@@ -5862,7 +5970,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace, Any], int]] = {
         "download": _cmd_download, "status": _cmd_status, "wait": _cmd_wait, "check": _cmd_check,
         "deliver": lambda a, o: _cmd_wait(a, o, deliver=True),
-        "cancel": _cmd_task_op, "suspend": _cmd_task_op, "resume": _cmd_task_op}
+        "cancel": _cmd_task_op, "suspend": _cmd_task_op, "resume": _cmd_task_op,
+        "limit": _cmd_option, "priority": _cmd_option}
     try:
         return commands[args.command](args, out)
     except _CliError as err:
