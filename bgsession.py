@@ -27,8 +27,9 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
                       compaction, reserve, recovery, resume data. Knows nothing of HTTP or apps.
  7. Transfer       -- connections, authentication, download and upload attempts that
                       return outcomes and never take the engine's lock.
- 8. Engine         -- the scheduler (queues, timers, worker threads), the outbox (the
-                      attached app), and the engine that owns the tasks.
+ 8. Engine         -- the scheduler (the priority queue over all hosts, the caps, timers,
+                      transfer threads), the planner (priority, earliest begin date, bandwidth
+                      limits), the outbox (the attached app), and the engine that owns the tasks.
  9. Interface      -- the app<->engine protocol, declared once: a Protocol and one table
                       of operations that every host uses.
 10. Session        -- ``SessionDelegate``, ``Task``, ``Session``, ``SessionManager``.
@@ -655,7 +656,7 @@ class Headers(Mapping[str, str]):
     __hash__ = None  # type: ignore[assignment]
 
 
-#: Bounds of a bandwidth limit in bytes per second (a larger one is a mistake: bits for bytes?).
+#: Bounds of a bandwidth limit in bytes per second (a larger one is a mistake).
 MIN_BYTES_PER_SECOND = 1
 MAX_BYTES_PER_SECOND = 1 << 40
 #: Latest earliest begin date accepted (a POSIX time beyond year 9999 is milliseconds, not seconds).
@@ -716,9 +717,6 @@ class Request:
     earliest_begin_date: datetime.datetime | float | None = None
 
     def __post_init__(self) -> None:
-        if self.priority is not None:
-            _check_priority(self.priority)
-        _begin_timestamp(self.earliest_begin_date)
         _check_url(self.url)
         if not isinstance(self.method, str) or not _TOKEN_RE.match(self.method):
             raise _invalid(f"invalid HTTP method {self.method!r}")
@@ -731,6 +729,9 @@ class Request:
             if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
                 raise _invalid(f"sha256 must be 64 hex digits, not {self.sha256!r}")
             object.__setattr__(self, "sha256", self.sha256.lower())
+        if self.priority is not None:
+            _check_priority(self.priority)
+        _begin_timestamp(self.earliest_begin_date)
 
     def _to_record(self) -> dict[str, Any]:
         public = [[k, v] for k, v in self.headers.pairs() if k.lower() not in _SECRET_HEADERS]
@@ -3015,7 +3016,7 @@ class _Transfer:
 
 
 # ============================================================================
-# 8. Engine: scheduler, outbox, and the engine that owns the tasks
+# 8. Engine: scheduler, planner, outbox, and the engine that owns the tasks
 # ============================================================================
 #
 # The engine runs in the app (in-process host) or in the daemon. One lock (``_Engine.lock``)

@@ -198,8 +198,8 @@ def test_a_scheduled_task_waits_for_its_date_across_kills(server, sessions, tmp_
     script.write_text(SCHEDULING_APP.format(here=HERE))
     directory = sessions.config("sched").directory
     begin = time.time() + 3.0
-    with subprocess.Popen([sys.executable, "-W", "error", str(script), directory, sessions.host,
-                           server.url("/later.bin"), repr(begin)], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as app:
+    argv = [sys.executable, "-W", "error", str(script), directory, sessions.host, server.url("/later.bin"), repr(begin)]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as app:
         try:
             assert app.stdout.readline() == b"resumed\n"  # resume() returned: the task is durable
             (task,) = bg.Journal(directory).tasks()

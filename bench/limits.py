@@ -16,7 +16,8 @@ the same place; the client's receive buffer, where bytes wait between the wire a
 
 Rows:
   steady   one download under its task's limit ("task"), or two under the session's ("session"): the rate over the
-           10 s after a 2 s start, the worst 10-second window of the whole run, and the largest burst (the most
+           10 s after a 2 s start, the worst 10-second window from the first byte on (the time to the first byte,
+           a round trip to the daemon and a new connection, is not the limit's), and the largest burst (the most
            bytes any stretch of time moved beyond the limit, in seconds' worth of the limit).
   upload   one upload under its task's limit, the same measures.
   change   one download whose limit (the task's, or the session's) goes 2 MiB/s -> 256 KiB/s -> 20 MiB/s, 4 s each:
@@ -234,8 +235,9 @@ def _machine(lib: str) -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     with open(lib, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
-    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
-            f"bgsession.py sha256 {digest}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({cpu}), load average {load} at the end, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, bgsession.py sha256 {digest}")
 
 
 def _server(workdir: str | None) -> tuple[subprocess.Popen, str]:  # type: ignore[type-arg]
@@ -290,10 +292,10 @@ def _measure(spec: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     rate = spec["rate"]
     if spec["row"] in ("steady", "upload"):
         start = marks[0][1]
+        first, end = (samples[0][0], samples[-1][0]) if samples else (start, start)
         measured = rate_between(samples, start + WARM_UP, start + WARM_UP + spec["seconds"])
-        end = samples[-1][0] if samples else start
-        return {"measured": measured, "error": measured / rate - 1.0,
-                "worst_window": worst_window(samples, start, end, rate, min(10.0, spec["seconds"])),
+        return {"measured": measured, "error": measured / rate - 1.0, "first_byte": first - start,
+                "worst_window": worst_window(samples, first, end, rate, min(10.0, spec["seconds"])),
                 "burst": largest_burst(samples, start, rate)}
     if spec["row"] == "change":
         changes = [m for m in marks if m[0] == "change"]
@@ -313,11 +315,13 @@ def _markdown(runs: list[tuple[dict[str, Any], dict[str, Any]]], header: str, se
     steady = [(s, m) for s, m in runs if s["row"] in ("steady", "upload")]
     if steady:
         lines += [f"| host | limit of | transfer | limit | measured ({seconds:g} s after a {WARM_UP:g} s start) | error "
-                  "| worst 10 s window | largest burst |", "|---|---|---|---|---|---|---|---|"]
+                  f"| worst {min(10.0, seconds):g} s window | largest burst | first byte |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s, m in steady:
             what = "1 upload" if s["row"] == "upload" else ("2 downloads" if s["kind"] == "session" else "1 download")
             lines.append(f"| {s['host']} | {s['kind']} | {what} | {_human(s['rate'])} | {_human(m['measured'])} | "
-                         f"{m['error'] * 100:+.2f} % | {m['worst_window'] * 100:.2f} % | {m['burst']:.2f} s |")
+                         f"{m['error'] * 100:+.2f} % | {m['worst_window'] * 100:.2f} % | {m['burst']:.2f} s | "
+                         f"{m['first_byte']:.2f} s |")
         lines.append("")
     changes = [(s, m) for s, m in runs if s["row"] == "change"]
     if changes:
@@ -355,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_run_row(json.loads(args.row))))
         return 0
     server, base = _server(args.workdir)
-    runs = []
+    runs, raws = [], []
     try:
         _warm(base)
         for spec in _specs(args, base):
@@ -364,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)
                 return 1
-            measured = _measure(spec, json.loads(proc.stdout.strip().splitlines()[-1]))
+            raw = json.loads(proc.stdout.strip().splitlines()[-1])
+            measured = _measure(spec, raw)
             runs.append((spec, measured))
+            raws.append(raw)
             print(spec["row"], spec["host"], spec["kind"], _human(spec["rate"]),
                   {k: v for k, v in measured.items() if k != "changes"} or measured, file=sys.stderr, flush=True)
     finally:
@@ -377,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(HERE, "results", stamp + ".md"), "w", encoding="utf-8") as f:
         f.write(report)
     with open(os.path.join(HERE, "results", stamp + ".json"), "w", encoding="utf-8") as f:
-        json.dump([{"spec": s, "measured": m} for s, m in runs], f, indent=1)
+        json.dump([{"spec": s, "measured": m, "samples": r["samples"], "marks": r["marks"]} for (s, m), r in
+                   zip(runs, raws)], f)
     print(report)
     return 0
 
