@@ -82,7 +82,7 @@ try:  # Windows byte-range locks
 except ImportError:
     msvcrt = None  # type: ignore[assignment]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",

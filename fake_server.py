@@ -7,10 +7,12 @@ uploads, answers Basic and Digest challenges, redirects, and misbehaves on deman
 a *fault matrix* (``Fault``) chosen per route and per request cuts, resets,
 stalls, throttles, lies about ranges and totals, or answers with an error status.
 
-It also *observes*: body bytes served per path, every request, TCP connections
-accepted, and byte boundaries on a path at which a callback runs or the serving
-thread holds still (``on_bytes``, ``hold_at``), so a test can kill a client at an
-exact offset.  ``AppController`` launches an app as a real subprocess, SIGKILLs it
+It also *observes*: body bytes served per path, every request (with the port it came
+to and when), TCP connections accepted, the most connections and requests there were
+at once (``peak_connections``, ``peak_requests``), and byte boundaries on a path at
+which a callback runs or the serving thread holds still (``on_bytes``, ``hold_at``),
+so a test can kill a client at an exact offset.  ``add_ports`` makes one server many
+hosts: more ports, the same routes and counters.  ``AppController`` launches an app as a real subprocess, SIGKILLs it
 at such a boundary and relaunches it as a "background launch"; it also adopts the
 app processes that bgsession's daemon launches and kills them, or the daemon, by
 pid and start token (``ProcessRef``), never hitting a recycled pid.
