@@ -248,7 +248,7 @@ def test_begin_date_in_virtual_time_and_the_resource_timeout_counts_from_it(serv
 
 def test_a_scheduled_task_can_be_suspended_moved_and_cancelled(server, sessions):
     """A scheduled task is RUNNING; suspend makes it SUSPENDED, resume schedules it again; a date set to the past
-    starts it; a date cannot be set once it has begun; cancel ends a scheduled task with CANCELLED."""
+    starts it; a date cannot be set once it has begun, a priority can; cancel ends a scheduled task with CANCELLED."""
     server.add_blob("/m.bin", size=1000)
     hold = server.hold_at("/m.bin", 0)
     rec = Recorder()
@@ -266,6 +266,8 @@ def test_a_scheduled_task_can_be_suspended_moved_and_cancelled(server, sessions)
     assert hold.wait(LONG)
     with pytest.raises(bg.InvalidArgumentError, match="transferring"):
         task.earliest_begin_date = far
+    task.priority = 0.1  # a running transfer takes a new priority (for its next time in the queue) and goes on
+    assert task.priority == 0.1 and task.state is bg.TaskState.RUNNING
     other.cancel()
     hold.release()
     assert s.wait(LONG)
