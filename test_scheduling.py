@@ -176,14 +176,15 @@ def test_a_thousand_tasks_on_a_hundred_hosts_stay_within_the_cap(server, session
 
 
 SCHEDULING_APP = textwrap.dedent('''
-    import sys
+    import sys, time
     sys.path.insert(0, {here!r})
     import bgsession as bg
-    directory, host, url, begin = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    directory, host, url, ahead = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     config = bg.Configuration.background("test.sched", directory=directory, host=host, daemon_idle_timeout=0.5)
     session = bg.Session(config)
+    begin = time.time() + ahead
     session.download_task(bg.Request(url, earliest_begin_date=begin), description="later").resume()
-    print("resumed", flush=True)
+    print("resumed", repr(begin), flush=True)
     sys.stdin.read()  # the app lives until the test kills it
 ''')
 
@@ -197,11 +198,12 @@ def test_a_scheduled_task_waits_for_its_date_across_kills(server, sessions, tmp_
     script = tmp_path / "app.py"
     script.write_text(SCHEDULING_APP.format(here=HERE))
     directory = sessions.config("sched").directory
-    begin = time.time() + 3.0
-    argv = [sys.executable, "-W", "error", str(script), directory, sessions.host, server.url("/later.bin"), repr(begin)]
+    argv = [sys.executable, "-W", "error", str(script), directory, sessions.host, server.url("/later.bin"), "3.0"]
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as app:
         try:
-            assert app.stdout.readline() == b"resumed\n"  # resume() returned: the task is durable
+            word, begin_text = app.stdout.readline().split()
+            assert word == b"resumed"  # resume() returned: the task is durable
+            begin = float(begin_text)
             (task,) = bg.Journal(directory).tasks()
             assert (task["phase"], task["begin"]) == ("scheduled", begin)
         finally:
