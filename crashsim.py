@@ -30,7 +30,7 @@ import os
 import random
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 #: The granularity at which a write can be torn by a power loss.
@@ -56,12 +56,16 @@ class Recorder:
     """bgsession's file-system table, recording: performs each operation on the real tree below *root* and logs it.
     Operations outside *root* are performed and not logged."""
 
-    def __init__(self, root: str, real: Any, skip: tuple[str, str] | None = None) -> None:
+    def __init__(self, root: str, real: Any, skip: tuple[str, str] | None = None,
+                 owners: Iterable[str] = ()) -> None:
         self.root = os.path.realpath(root)
         self.real = real  # the production table (bgsession._FileSystem)
-        #: (kind, function): a "sync" or "dirsync" made from inside *function* is performed but not logged, as if
-        #: that fsync were missing from the code (the test that proves the simulator can fail uses it)
+        #: (kind, function): a "sync" or "dirsync" made by *function* is performed but not logged, as if that fsync
+        #: were missing from the code (the test that proves the simulator can fail uses it). An fsync is made by the
+        #: innermost function on its stack that is *function* or one of *owners*: the journal's own fsync, reached
+        #: from inside another function that syncs, is the journal's.
         self.skip = skip
+        self.owners = {*owners, *(skip[1:] if skip else ())}
         #: (path, limit): a write to that file past *limit* bytes fails once with ENOSPC (a full disk, injected)
         self.enospc: tuple[str, int] | None = None
         self.log: list[Op] = []
@@ -82,8 +86,10 @@ class Recorder:
         if self.skip and op.kind == self.skip[0]:
             frame = sys._getframe(2)
             while frame is not None:
-                if frame.f_code.co_name == self.skip[1]:
-                    return
+                if frame.f_code.co_name in self.owners:
+                    if frame.f_code.co_name == self.skip[1]:
+                        op = Op("mark", label=f"skipped {op.kind}")  # where the missing fsync would have been
+                    break
                 frame = frame.f_back  # type: ignore[assignment]
         self.log.append(op)
 
@@ -353,9 +359,10 @@ def states(tl: Timeline, k: int, rng: random.Random, samples: int = 2) -> Iterat
 
 def exhaustive_states(tl: Timeline, k: int) -> Iterator[tuple[str, State]]:
     """Every state at crash point *k* that differs from (a) in one choice: each file's unsynced data cut after each
-    of its ops (torn at each sector of the last one, up to 4 sectors), each unsynced entry operation kept alone, and
-    all of them kept."""
+    of its ops (torn at each sector of the last one, up to 4 sectors), alone and with every unsynced entry kept;
+    each unsynced entry operation kept alone; all of them kept."""
     yield "synced", tl.state(k)
+    all_entries = set(tl.unsynced_entries(k))
     for ino in tl.data_ops:
         ops = tl.unsynced_data(ino, k)
         for count in range(1, len(ops) + 1):
@@ -365,6 +372,8 @@ def exhaustive_states(tl: Timeline, k: int) -> Iterator[tuple[str, State]]:
                 tears += [t for t in range(SECTOR, min(len(last.data), 4 * SECTOR + 1), SECTOR) if t < len(last.data)]
             for torn in tears:
                 yield "torn", tl.state(k, prefix={ino: (count, torn)})
+                if all_entries:  # the same data, its file's name (and every other entry) kept
+                    yield "both", tl.state(k, keep_entries=all_entries.__contains__, prefix={ino: (count, torn)})
     entries = tl.unsynced_entries(k)
     for i in entries:
         yield "entries", tl.state(k, keep_entries=lambda j, i=i: j == i)
