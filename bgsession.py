@@ -1347,10 +1347,74 @@ def _boot_id() -> str | None:
 _BOOT_ID = _boot_id()
 
 
+class _FileSystem:
+    """Every file-system operation the durability order depends on, in one table, the way SQLite routes its I/O
+    through a VFS: production uses these ``os`` functions; the power-loss tests swap ``_vfs`` for a recorder that
+    replays every state a disk may hold after a crash. Reads and metadata do not go through it; bgsession never links
+    or writes at an offset other than the file's position."""
+
+    open = staticmethod(os.open)
+    write = staticmethod(os.write)
+    truncate = staticmethod(os.ftruncate)
+    sync = staticmethod(getattr(os, "fdatasync", os.fsync))  # a file's data (and the metadata to read it back)
+    sync_dir = staticmethod(os.fsync)  # a directory's entries
+    replace = staticmethod(os.replace)
+    unlink = staticmethod(os.unlink)
+    mkdir = staticmethod(os.mkdir)
+    close = staticmethod(os.close)
+
+
+_vfs = _FileSystem()
+
+
+def _open_private(path: str, flags: int) -> int:
+    """os.open with mode 0600 whatever the umask."""
+    fd = _vfs.open(path, flags | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+    if os.name == "posix":
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:
+                os.fchmod(fd, _FILE_MODE)
+        except OSError:
+            _vfs.close(fd)
+            raise
+    return fd
+
+
+def _fsync(fd: int) -> None:
+    if sys.platform == "darwin" and fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+    _vfs.sync(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    if os.name != "posix":
+        return
+    fd = _vfs.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        _vfs.sync_dir(fd)
+    finally:
+        _vfs.close(fd)
+
+
+def _makedirs(path: str, mode: int) -> None:
+    """os.makedirs, and each directory it creates is made durable in its parent (fsync of the parent)."""
+    parent = os.path.dirname(path)
+    if os.path.isdir(path) or not parent or parent == path:
+        return
+    _makedirs(parent, mode)
+    try:
+        _vfs.mkdir(path, mode)
+    except FileExistsError:
+        return
+    _fsync_dir(parent)
+
+
 def _ensure_private_dir(path: str) -> None:
     """Create *path* (and parents) with mode 0700; tighten it if it exists."""
     try:
-        os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
+        _makedirs(path, _DIR_MODE)
         if os.name == "posix":
             st = os.stat(path)
             if st.st_uid != os.getuid():
@@ -1362,40 +1426,6 @@ def _ensure_private_dir(path: str) -> None:
         raise
     except OSError as err:
         raise JournalError(f"cannot create the session directory {path}: {err.strerror or err}", path) from err
-
-
-def _open_private(path: str, flags: int) -> int:
-    """os.open with mode 0600 whatever the umask."""
-    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
-    if os.name == "posix":
-        try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:
-                os.fchmod(fd, _FILE_MODE)
-        except OSError:
-            os.close(fd)
-            raise
-    return fd
-
-
-def _fsync(fd: int) -> None:
-    if sys.platform == "darwin" and fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-            return
-    if hasattr(os, "fdatasync"):
-        os.fdatasync(fd)
-    else:
-        os.fsync(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _GroupSync:
@@ -1428,7 +1458,7 @@ class _GroupSync:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[_vfs.write(fd, view):]
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -1440,11 +1470,11 @@ def _atomic_write(path: str, data: bytes) -> None:
             _write_all(fd, data)
             _fsync(fd)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            _vfs.close(fd)
+        _vfs.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # the original exception matters, not this one
-            os.unlink(tmp)
+            _vfs.unlink(tmp)
         raise
     _fsync_dir(os.path.dirname(path))
 
@@ -1463,7 +1493,7 @@ def _size(path: str) -> int | None:
 
 def _unlink_quietly(path: str) -> None:
     try:
-        os.unlink(path)
+        _vfs.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as err:
@@ -1746,7 +1776,7 @@ class _JournalWriter:
     def __init__(self, path: str, valid_length: int) -> None:
         self.path = path
         self._fd = _open_private(path, os.O_WRONLY | os.O_CREAT)
-        os.ftruncate(self._fd, valid_length)  # drop a torn last line before appending
+        _vfs.truncate(self._fd, valid_length)  # drop a torn last line before appending
         os.lseek(self._fd, valid_length, os.SEEK_SET)
         self._length = valid_length
         self._cond = threading.Condition(threading.Lock())
@@ -1808,7 +1838,7 @@ class _JournalWriter:
         except OSError as err:
             failure = err
             with contextlib.suppress(OSError):  # the write error is what matters
-                os.ftruncate(self._fd, self._length)
+                _vfs.truncate(self._fd, self._length)
                 os.lseek(self._fd, self._length, os.SEEK_SET)
         finally:
             self._cond.acquire()
@@ -1862,7 +1892,7 @@ class _JournalWriter:
         """Switch to a new file at the same path (after compaction); nothing may be pending."""
         with self._cond:
             assert not self._pending and self._durable == self._appended
-            os.close(self._fd)
+            _vfs.close(self._fd)
             self._fd = _open_private(self.path, os.O_WRONLY)
             os.lseek(self._fd, valid_length, os.SEEK_SET)
             self._length = valid_length
@@ -1874,7 +1904,7 @@ class _JournalWriter:
             self._cond.notify_all()
         self._thread.join(30.0)
         with contextlib.suppress(OSError):
-            os.close(self._fd)
+            _vfs.close(self._fd)
 
 
 class _MemoryWriter:
@@ -2178,10 +2208,13 @@ class _Store:
             return None
         name = f"resume-{task.id}-{os.urandom(6).hex()}.part"
         try:
-            with open(part, "r+b") as f:
-                f.truncate(size)
-                _fsync(f.fileno())
-            os.replace(part, self.path(name))
+            fd = _open_private(part, os.O_RDWR)
+            try:
+                _vfs.truncate(fd, size)
+                _fsync(fd)
+            finally:
+                _vfs.close(fd)
+            _vfs.replace(part, self.path(name))
             self.tmp_sync.sync()
         except OSError as err:
             log.warning("task %s: cannot keep partial data for resume (%s)", task.id, err)
@@ -2204,7 +2237,8 @@ class _Store:
     def adopt_partial(self, task: _TaskRecord, path: str) -> bool:
         """Take the partial file that resume data refers to as *task*'s own."""
         try:
-            os.replace(path, self.path(task.partial_name))
+            _vfs.replace(path, self.path(task.partial_name))
+            self.tmp_sync.sync()
         except OSError as err:
             log.warning("task %s: resume file unusable (%s); it will start from zero", task.id, err)
             return False
@@ -2234,12 +2268,15 @@ class _Store:
         if os.path.exists(done):
             # killed after the finished file was renamed, before its record: the file is whole
             # and verified; take it back as the partial file (the resume gets a 416 and completes)
-            os.replace(done, part)
+            _vfs.replace(done, part)
         size = _size(part)
         keep = 0 if task.validator is None else recovered_offset(size, task.durable_offset, task.boot, _BOOT_ID)
         if size is not None and size != keep:
-            with open(part, "r+b") as f:
-                f.truncate(keep)
+            fd = _open_private(part, os.O_RDWR)
+            try:
+                _vfs.truncate(fd, keep)
+            finally:
+                _vfs.close(fd)
         return keep
 
     def _clean_tmp(self) -> None:
@@ -2251,12 +2288,12 @@ class _Store:
             if name.startswith("resume-"):
                 with contextlib.suppress(OSError):
                     if name not in keep_names and now - os.path.getmtime(path) > RESUME_FILE_TTL:
-                        os.unlink(path)
+                        _vfs.unlink(path)
                 continue
             stem = name.split(".", 1)[0]
             if stem.isdigit() and int(stem) not in live:
                 with contextlib.suppress(OSError):
-                    os.unlink(path)  # left behind by a kill after its acknowledgement
+                    _vfs.unlink(path)  # left behind by a kill after its acknowledgement
 
     # -- compaction and the disk reserve ------------------------------------------------------
     def compact(self) -> None:
@@ -2298,7 +2335,7 @@ class _Store:
                     else:  # pragma: no cover - Windows
                         _write_all(fd, bytes(RESERVE_BYTES))
                 finally:
-                    os.close(fd)
+                    _vfs.close(fd)
         except OSError as err:
             _unlink_quietly(path)
             log.warning("cannot keep %d bytes in reserve in %s: %s", RESERVE_BYTES, self.directory, err)
@@ -2761,7 +2798,7 @@ class _Transfer:
             return _Interrupted(*Retry.classify(err))
         finally:
             if fd >= 0:
-                os.close(fd)
+                _vfs.close(fd)
 
     # -- downloads ---------------------------------------------------------------------------
     def _open_partial(self, task: _TaskRecord) -> int:
@@ -2769,7 +2806,7 @@ class _Transfer:
         try:
             done = self.store.path(task.done_name)
             if os.path.exists(done) and not os.path.exists(part):  # .done is rare: one stat mostly
-                os.replace(done, part)  # finished just as it was suspended: the file is whole
+                _vfs.replace(done, part)  # finished just as it was suspended: the file is whole
             return _open_private(part, os.O_RDWR | os.O_CREAT)
         except OSError as err:
             raise _fail(ErrorCode.CANNOT_CREATE_FILE, f"cannot create {part}: {err}", task.current_url) from err
@@ -2799,7 +2836,7 @@ class _Transfer:
         live = task.live
         had_data = size > plan.start or live.offset > plan.start
         if had_data:
-            os.ftruncate(fd, plan.start)
+            _vfs.truncate(fd, plan.start)
         validator = resume_validator(response.headers) if plan.resumable else None
         ticket = self.host.record(task, "response", response=response._to_record(), start=plan.start,
                                   total=plan.total, validator=validator, boot=_BOOT_ID)
@@ -2898,8 +2935,7 @@ class _Transfer:
 
     def _write(self, task: _TaskRecord, fd: int, data: memoryview) -> None:
         try:
-            while data:
-                data = data[os.write(fd, data):]
+            _write_all(fd, data)
         except OSError as err:
             if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
                 self.store.release_reserve()  # room for the journal to record this failure
@@ -2931,7 +2967,7 @@ class _Transfer:
                     raise _fail(ErrorCode.INTEGRITY_MISMATCH, f"SHA-256 {digest.hexdigest()} does not match the "
                                 f"expected {expected}", task.current_url, keep_partial=False)
             _fsync(fd)
-            os.replace(self.store.path(task.partial_name), self.store.path(task.done_name))
+            _vfs.replace(self.store.path(task.partial_name), self.store.path(task.done_name))
             self.store.tmp_sync.sync()
         except OSError as err:
             raise _fail(ErrorCode.CANNOT_WRITE_TO_FILE, f"cannot finish the file: {err}", task.current_url) from err
@@ -2975,10 +3011,10 @@ class _Transfer:
         fd = _open_private(self.store.path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             for block in iter(lambda: resp.read(64 << 10), b""):
-                os.write(fd, block)
+                _write_all(fd, block)
             _fsync(fd)
         finally:
-            os.close(fd)
+            _vfs.close(fd)
         self.store.tmp_sync.sync()
         return _Finished(name, Response(ex.url, resp.status, Headers(resp.getheaders()))._to_record())
 
@@ -4505,9 +4541,9 @@ def _move_file(src: str, dest: str) -> None:
     parent = os.path.dirname(os.path.abspath(dest)) or "."
     mode = 0o666 & ~_umask()
     try:
-        os.makedirs(parent, exist_ok=True)
+        _makedirs(parent, 0o777)
         try:
-            os.replace(src, dest)
+            _vfs.replace(src, dest)
             os.chmod(dest, mode)
         except OSError as err:
             if err.errno != errno.EXDEV:
@@ -4517,7 +4553,7 @@ def _move_file(src: str, dest: str) -> None:
             with open(tmp, "rb+") as f:
                 _fsync(f.fileno())
             os.chmod(tmp, mode)
-            os.replace(tmp, dest)
+            _vfs.replace(tmp, dest)
         _fsync_dir(parent)
     except OSError as err:
         raise TransferError(ErrorCode.CANNOT_MOVE_FILE, f"cannot move the download to {dest}: {err.strerror or err}; "
