@@ -689,7 +689,7 @@ def _check_secret_names(names: Any, what: str) -> tuple[str, ...]:
 
 def _public_pairs(pairs: Iterable[tuple[str, str]], secret: Iterable[str] = ()) -> list[list[str]]:
     """Header pairs as they may be stored: without the secret ones (built in, and the names in *secret*)."""
-    hidden = _SECRET_HEADERS.union(secret)
+    hidden = _SECRET_HEADERS.union(name.lower() for name in secret)
     return [[k, v] for k, v in pairs if k.lower() not in hidden]
 
 
@@ -786,12 +786,18 @@ class Request:
 
     def _secret_headers(self, secret: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
         """The headers kept in memory only, never journaled."""
-        hidden = _SECRET_HEADERS.union(self.secret_headers, secret)
+        hidden = _SECRET_HEADERS.union(self.secret_headers, (name.lower() for name in secret))
         return tuple((k, v) for k, v in self.headers.pairs() if k.lower() in hidden)
 
     def _credential(self) -> Credential | None:
         """The credential of the URL's ``user:password@``, if any (memory only)."""
         return _split_userinfo(self.url)[1]
+
+    def __repr__(self) -> str:  # what a log line or a traceback may show: no userinfo, no secret value
+        secret = {k for k, _ in self._secret_headers()}
+        headers = {k: "<secret>" if k in secret else v for k, v in self.headers.pairs()}
+        return (f"Request({_redact(self.url)!r}, method={self.method!r}, headers={headers!r}, sha256={self.sha256!r}"
+                f", secret_headers={self.secret_headers!r})")
 
     @classmethod
     def _from_record(cls, rec: Mapping[str, Any]) -> Request:
@@ -2494,14 +2500,21 @@ class _Store:
                 "identifier": self.identifier}
         return _RESUME_MAGIC + json.dumps(body, sort_keys=True).encode("utf-8")
 
-    def resume_problem(self, name: str, size: int) -> str | None:
-        """Why the partial file *name* (in tmp/) that resume data refers to cannot serve, or None."""
+    def resume_fields(self, resume: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The fields a new task takes from parsed resume data (see _parse_resume_data): what the partial file
+        holds, or the ``problem`` that fails the task at resume() -- bad data, or a partial file that is not (or no
+        longer whole) in this session's tmp/."""
+        if not resume:
+            return {}
+        if resume.get("invalid"):
+            return {"problem": resume["invalid"]}
+        name, size = resume["file"], resume["fields"]["durable_offset"]
         actual = _size(self.path(name))
         if actual is None:
-            return f"resume data is stale: its partial file {name} is not in this session any more"
+            return {"problem": f"resume data is stale: its partial file {name} is not in this session any more"}
         if actual < size:
-            return f"resume data is stale: its partial file {name} has {actual} bytes, not {size}"
-        return None
+            return {"problem": f"resume data is stale: its partial file {name} has {actual} bytes, not {size}"}
+        return dict(resume["fields"])
 
     def adopt_partial(self, task: _TaskRecord, name: str) -> bool:
         """Take the partial file (in tmp/) that resume data refers to as *task*'s own."""
@@ -3657,13 +3670,7 @@ class _Engine:
             tid, reserve_ticket = self.store.new_id()
             fields: dict[str, Any] = {"kind": kind, "request": request._to_record(self.config.secret_headers),
                                       "description": description, "created": self.clock.time(), "upload": upload}
-            problem = resume.get("invalid") if resume else None
-            if resume and not problem:
-                problem = self.store.resume_problem(resume["file"], resume["fields"]["durable_offset"])
-            if problem:
-                fields["problem"] = problem
-            elif resume:
-                fields.update(resume["fields"])
+            fields.update(self.store.resume_fields(resume))
             ticket = self.store.record(None, "task", id=tid, **fields)
             task = self.store.state.tasks[tid]
             task.live = _Live(self.config.retry)
@@ -3673,7 +3680,7 @@ class _Engine:
                 task.live.url_credentials[_origin(request.url)] = credential
             if upload:
                 task.live.expected_send = upload["size"]
-            if resume and not problem and self.store.adopt_partial(task, resume["file"]):
+            if resume and not task.problem and self.store.adopt_partial(task, resume["file"]):
                 task.live.offset = int(resume["fields"].get("durable_offset", 0))
                 task.live.expected = task.total if task.total is not None else -1
         self.store.wait(ticket if self.durable_create else reserve_ticket)
