@@ -1682,72 +1682,71 @@ def _is_count(v: Any) -> bool:
     return type(v) is int and v >= 0
 
 
-def _is_number(v: Any) -> bool:
-    return type(v) in (int, float)
-
-
-def _is_str(v: Any) -> bool:
-    return type(v) is str
-
-
 def _is_pairs(v: Any) -> bool:
-    return type(v) is list and all(type(p) is list and len(p) == 2 and all(map(_is_str, p)) for p in v)
+    return all(type(p) is list and len(p) == 2 and type(p[0]) is str and type(p[1]) is str for p in v)
 
 
 def _is_names(v: Any) -> bool:
-    return type(v) is list and all(map(_is_str, v))
+    return type(v) is list and all(type(n) is str for n in v)
 
 
-def _has(v: Any, required: Mapping[str, Callable[[Any], bool]],
-         optional: Mapping[str, Callable[[Any], bool]] | None = None) -> bool:
-    """*v* is a dict with every *required* key, and each key it has of either kind passes its check."""
-    return type(v) is dict and all(key in v for key in required) and all(
-        check(v[key]) for checks in (required, optional or {}) for key, check in checks.items() if key in v)
+def _is_request(v: Mapping[str, Any]) -> bool:
+    return type(v.get("url")) is str and type(v.get("method", "")) is str and type(v.get("headers", [])) is list \
+        and _is_pairs(v.get("headers", ())) and type(v.get("sha256")) in (str, type(None)) \
+        and _is_names(v.get("secret_headers", []))
 
 
-def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or check(v)
+def _is_response(v: Mapping[str, Any]) -> bool:
+    return type(v.get("url")) is str and type(v.get("status")) is int and type(v.get("headers", [])) is list \
+        and _is_pairs(v.get("headers", ()))
 
 
-#: The type of every field a journal record or a snapshot's task may carry (a missing field takes its default; an
-#: unknown one is ignored, for newer bgsessions). Records are checked before they are applied: a record or snapshot
-#: task that does not fit is skipped and reported, never half-applied, never a crash at every open. File names must
-#: be the ones bgsession gives files in tmp/: damaged state never points the store at another file.
-_FIELD_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "v": lambda v: type(v) is int, "t": _is_str, "id": lambda v: _is_count(v) and v >= 1,
-    "generation": _is_count, "upto": _is_count, "next_id": _is_count, "delivery_counter": _is_count,
-    "kind": lambda v: v in ("download", "upload"), "description": _optional(_is_str),
-    "request": lambda v: _has(v, {"url": _is_str}, {"method": _is_str, "headers": _is_pairs,
-                                                  "sha256": _optional(_is_str),
-                                                  "secret_headers": _is_names}),
-    "response": _optional(lambda v: _has(v, {"url": _is_str, "status": lambda n: type(n) is int},
-                                         {"headers": _is_pairs})),
-    "error": _optional(lambda v: _has(v, {}, {"code": lambda n: type(n) is int, "message": _is_str,
-                                              "url": _optional(_is_str), "resume": lambda b: type(b) is bool})),
-    "validator": _optional(lambda v: _has(v, {}, {"etag": _is_str, "last_modified": _is_str})),
-    "upload": _optional(lambda v: _has(v, {"path": _is_str}, {"size": _is_count, "mtime_ns": _is_count})),
-    "created": _is_number, "started": _optional(_is_number), "at": _optional(_is_number), "delay": _is_number,
-    "phase": lambda v: v in {p.value for p in Phase}, "cancel_requested": lambda v: type(v) is bool,
-    "want_resume_data": lambda v: type(v) is bool, "resume_data": lambda v: type(v) is bool,
-    "total": _optional(_is_count), "durable_offset": _is_count, "start": _is_count, "offset": _is_count,
-    "boot": _optional(_is_str), "delivery_seq": _optional(_is_count), "code": lambda v: type(v) is int,
-    "file": _optional(lambda v: _is_str(v) and _TMP_NAME_RE.match(v) is not None),
-    "resume_file": _optional(lambda v: _is_str(v) and _RESUME_NAME_RE.match(v) is not None),
-    "acked": lambda v: type(v) is list and all(e in ("finish", "complete") for e in v),
-    "current_url": _is_str, "problem": _optional(_is_str), "event": _is_str, "url": _is_str,
+_NONE = type(None)
+_INT, _NUMBER, _TEXT, _OBJECT = frozenset({int}), frozenset({int, float}), frozenset({str}), frozenset({dict})
+#: The types the value of each field a journal record or a snapshot's task may carry can have (a missing field takes
+#: its default; an unknown one is ignored, for newer bgsessions)...
+_FIELD_TYPES: dict[str, frozenset[type]] = {
+    **dict.fromkeys(("v", "id", "generation", "upto", "next_id", "delivery_counter", "durable_offset", "start",
+                     "offset", "code"), _INT),
+    **dict.fromkeys(("total", "delivery_seq"), _INT | {_NONE}),
+    **dict.fromkeys(("created", "delay"), _NUMBER), **dict.fromkeys(("started", "at"), _NUMBER | {_NONE}),
+    **dict.fromkeys(("t", "kind", "phase", "event", "url", "current_url"), _TEXT),
+    **dict.fromkeys(("description", "boot", "file", "resume_file", "problem"), _TEXT | {_NONE}),
+    **dict.fromkeys(("cancel_requested", "want_resume_data", "resume_data"), frozenset({bool})),
+    "request": _OBJECT, **dict.fromkeys(("response", "error", "validator", "upload"), _OBJECT | {_NONE}),
+    "acked": frozenset({list}),
+}
+_PHASE_VALUES = frozenset(p.value for p in Phase)
+#: ...and what more than its type a value (not None) must be. Records are checked before they are applied: a record
+#: or snapshot task that does not fit is skipped and reported, never half-applied, never a crash at every open. File
+#: names must be the ones bgsession gives files in tmp/: damaged state never points the store at another file.
+_FIELD_FORMS: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(("generation", "upto", "next_id", "delivery_counter", "durable_offset", "start", "offset",
+                     "total", "delivery_seq"), (0).__le__),  # (C methods, not lambdas: this runs per record)
+    "id": (1).__le__, "kind": frozenset({"download", "upload"}).__contains__, "phase": _PHASE_VALUES.__contains__,
+    "request": _is_request, "response": _is_response, "acked": lambda v: all(e in ("finish", "complete") for e in v),
+    "error": lambda v: type(v.get("code", 0)) is int and type(v.get("message", "")) is str
+    and type(v.get("url")) in (str, _NONE),
+    "validator": lambda v: all(type(v.get(k, "")) is str for k in ("etag", "last_modified")),
+    "upload": lambda v: type(v.get("path")) is str and all(type(v.get(k, 0)) is int for k in ("size", "mtime_ns")),
+    "file": lambda v: _TMP_NAME_RE.match(v) is not None, "resume_file": lambda v: _RESUME_NAME_RE.match(v) is not None,
 }
 
 
 def _check_fields(rec: Any, required: Sequence[str] = ()) -> None:
-    """Raise JournalError unless *rec* is an object whose fields have the types of _FIELD_CHECKS."""
+    """Raise JournalError unless *rec* is an object whose fields have the types and forms above."""
     if type(rec) is not dict:
         raise JournalError(f"a record must be an object, not {type(rec).__name__}")
     for name in required:
         if name not in rec:
             raise JournalError(f"field {name!r} is missing")
+    types, forms = _FIELD_TYPES, _FIELD_FORMS
     for name, value in rec.items():
-        check = _FIELD_CHECKS.get(name)
-        if check is not None and not check(value):
+        allowed = types.get(name)
+        if allowed is None or value is None and _NONE in allowed:
+            continue
+        form = forms.get(name)
+        if type(value) not in allowed or form is not None and not form(value):
             raise JournalError(f"field {name!r} has a value of the wrong type or form: {value!r}"[:300])
 
 
@@ -2359,16 +2358,18 @@ class _Store:
             log.warning("session %s: %s", self.identifier, problem)
         journal = os.path.join(directory, _JOURNAL_NAME)
         if problems:
-            # compaction below rewrites what was damaged: keep the files as they were for a post-mortem, once
+            # keep the damaged files as they were for a post-mortem, then fold what could be read into new
+            # ones at once: the next open is clean, and the kept files are never appended to or cut
             for path in (journal, os.path.join(directory, _SNAPSHOT_NAME)):
                 self._keep_aside(path)
+            valid = self._fold()
         self.writer = _JournalWriter(journal, valid)
         if valid == 0:
             self.writer.append({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
         with self.lock:
             self._recover()
         self.writer.flush()
-        if problems or self.state.replayed > 1 or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME)):
+        if not problems and (self.state.replayed > 1 or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME))):
             self.compact()  # fold the journal in (nothing to fold: keep the snapshot as it is)
         self.make_reserve()
 
@@ -2582,13 +2583,19 @@ class _Store:
             return
         with self.lock:
             self.writer.flush()
-            self.state.generation += 1
-            for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
-                del self.state.tasks[tid]
-            _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
-            header = _dumps({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
-            _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
-            self.writer.reopen(len(header))
+            self.writer.reopen(self._fold())
+
+    def _fold(self) -> int:
+        """Write the state as a new snapshot (generation + 1), then a fresh journal (new files, renamed over the
+        old ones); returns the journal's length."""
+        assert self.directory is not None
+        self.state.generation += 1
+        for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
+            del self.state.tasks[tid]
+        _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
+        header = _dumps({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
+        _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
+        return len(header)
 
     def maybe_compact(self) -> None:
         """Compact once the journal holds DEFAULT_COMPACT_RECORDS records (called without ``lock``)."""
