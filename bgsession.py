@@ -1743,10 +1743,10 @@ def _check_fields(rec: Any, required: Sequence[str] = ()) -> None:
     types, forms = _FIELD_TYPES, _FIELD_FORMS
     for name, value in rec.items():
         allowed = types.get(name)
-        if allowed is None or value is None and _NONE in allowed:
+        if allowed is None or (value is None and _NONE in allowed):
             continue
         form = forms.get(name)
-        if type(value) not in allowed or form is not None and not form(value):
+        if type(value) not in allowed or (form is not None and not form(value)):
             raise JournalError(f"field {name!r} has a value of the wrong type or form: {value!r}"[:300])
 
 
@@ -1964,7 +1964,7 @@ class _JournalReader:
 
     def records(self) -> Iterator[dict[str, Any]]:
         try:
-            f = open(self.path, "rb")  # noqa: SIM115 - the generator closes it
+            f = open(self.path, "rb", buffering=1 << 20)  # noqa: SIM115 - the generator closes it
         except FileNotFoundError:
             return
         except OSError as err:
@@ -1977,12 +1977,17 @@ class _JournalReader:
                 if not line.endswith(b"\n"):
                     if len(line) <= _MAX_RECORD_BYTES:
                         break  # end of file; a torn last line (if any) is not part of the journal
-                    while line and not line.endswith(b"\n"):  # longer than any record: skip it unread
-                        line = f.readline(1 << 20)
-                        pos += len(line)
-                    if not line:
+                    found = -1
+                    while found < 0:  # longer than any record: skip to its end, a block at a time
+                        block = f.read(1 << 20)
+                        if not block:
+                            break
+                        found = block.find(b"\n")
+                        pos += len(block) if found < 0 else found + 1
+                    if found < 0:
                         self._skip(start, f"more than {_MAX_RECORD_BYTES} bytes without a newline, to the end")
                         break
+                    f.seek(pos)
                     self._skip(start, f"longer than {_MAX_RECORD_BYTES} bytes")
                     self.valid = pos
                     continue

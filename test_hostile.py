@@ -156,6 +156,18 @@ def test_a_206_that_never_advances_is_bounded_by_retry(server, sessions):
         assert f.read().count(b"\n") < 40
 
 
+def test_a_clean_close_in_a_huge_body_resumes_with_range(server, sessions):
+    """A body announced as 32 GiB and closed cleanly after 512 KiB resumes with Range (no MemoryError)."""
+    data = fs.blob_bytes(1 * MiB, seed=185)
+    server.add_blob("/huge", data, faults=[fs.Fault(claim_length=32 << 30, cut_after=512 << 10)])
+    rec = Recorder()
+    s = sessions.open(rec)
+    task = download(s, server.url("/huge"))
+    assert s.wait(LONG)
+    assert rec.errors[task.identifier] is None and sha(rec.files[task.identifier]) == sha(data)
+    assert server.requests("/huge")[1].range_header == f"bytes={512 << 10}-"
+
+
 # ---------------------------------------------------------------------------
 # secrets: the values (the scan of every file is test_secrets.py)
 # ---------------------------------------------------------------------------
@@ -426,7 +438,29 @@ def test_the_cli_delivers_a_file_whose_server_name_is_too_long(server, tmp_path)
         wait_until(lambda: os.listdir(out), what="the delivered file")
         (delivered,) = os.listdir(out)
         assert len(delivered.encode()) <= 255 and (out / delivered).read_bytes() == data
-        wait_until(lambda: read_pid_file(state) is None, what="the daemon to exit when idle")
+        wait_until(lambda: json.loads(cli("status", "--json", "--state-dir", state).stdout) == [],
+                   what="the delivery to be acknowledged: nothing left to relaunch for")
+    finally:
+        stop_daemon(state)
+
+
+def test_the_cli_reports_a_delivery_that_cannot_succeed(server, tmp_path):
+    """A destination that refuses the file for good is a reported failure: no redelivery loop, the daemon exits."""
+    state, out = str(tmp_path / "state"), tmp_path / "out"
+    out.mkdir()
+    server.add_blob("/r.bin", size=5000)
+    hold = server.hold_at("/r.bin", 0)
+    try:
+        assert cli("download", "--state-dir", state, "-d", str(out), server.url("/r.bin")).returncode == 0
+        assert hold.wait(LONG)
+        out.rmdir()
+        out.write_bytes(b"a file where the directory was")  # the destination cannot succeed any more
+        hold.release()
+        wait_until(lambda: json.loads(cli("status", "--json", "--state-dir", state).stdout) == [],
+                   what="the failed delivery to be acknowledged: nothing left to relaunch for")
+        with open(os.path.join(state, "daemon.log")) as f:
+            log = f.read()
+        assert "failed 1 " in log and log.count("relaunched the app") == 1
     finally:
         stop_daemon(state)
 
