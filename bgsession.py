@@ -11,7 +11,8 @@ relaunched for background events) it receives every event that waited for it, th
 ``did_finish_events_for_background_session``.
 
 Guarantees (README, "Guarantees"; ARCHITECTURE.md says how each is kept): nothing is lost, never a spliced file;
-exactly-once hook completion; per-task order; validated resume; one live session per identifier; private files.
+exactly-once hook completion; per-task order; validated resume; one live session per identifier; private files, and
+no secret at rest. ARCHITECTURE.md's seams say how hostile servers, damaged state and other local users are met.
 
 Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md draws the seams between them):
 

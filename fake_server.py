@@ -5,7 +5,8 @@ threads, ``127.0.0.1`` on a free port by default) that serves deterministic blob
 with strong validators and exact ``Range``/``If-Range``/``416`` semantics, accepts
 uploads, answers Basic and Digest challenges, redirects, and misbehaves on demand:
 a *fault matrix* (``Fault``) chosen per route and per request cuts, resets,
-stalls, throttles, lies about ranges and totals, or answers with an error status.
+stalls, throttles, drips its head, lies about ranges, totals and lengths, ignores
+``If-Range``, or answers with an error status.
 
 It also *observes*: body bytes served per path, every request, TCP connections
 accepted, and byte boundaries on a path at which a callback runs or the serving
