@@ -2264,6 +2264,8 @@ class Journal:
             paths = [(d, _DIR_MODE)] + [(os.path.join(root, name), mode) for root, dirs, files in os.walk(d)
                                         for names, mode in ((dirs, _DIR_MODE), (files, _FILE_MODE)) for name in names]
             for path, want in paths:
+                if path.endswith(".handed"):
+                    continue  # a handed marker is a link to the delivered file: the app's mode is its business
                 with contextlib.suppress(FileNotFoundError):
                     st = os.lstat(path)
                     if not stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) != want:
@@ -2728,11 +2730,13 @@ class _BoundedHTTP(http.client.HTTPConnection):
         self.deadline, self.deadline_reason = deadline, reason
 
     def arm(self, sock: socket.socket) -> None:
-        """Before a socket wait: its timeout is what is left of the phase, if less than ``timeout``."""
+        """Before a socket wait: its timeout is ``timeout``, or what is left of the phase once that is less than half
+        of it. (A wait may so end up to half a ``timeout`` late, never later; a phase bounded by ``timeout`` itself
+        ends on time. And a socket is re-armed -- a system call -- only near a deadline, not at every read.)"""
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise _DeadlinePassed(self.deadline_reason)
-        wanted = self.timeout if left >= self.timeout else left  # type: ignore[operator]
+        wanted = left if left < self.timeout / 2 else self.timeout  # type: ignore[operator]
         if sock.gettimeout() != wanted:
             sock.settimeout(wanted)
 
@@ -4472,15 +4476,25 @@ class _Delivery:
 
     @staticmethod
     def _hand(location: str) -> bool:
-        """Before the finish hook gets *location*: False if the file is gone already (the engine reports it at the
-        next attach); else mark it handed (see _handed_name), so that the file gone later means the hook took it."""
-        if not os.path.exists(location):
-            return False
+        """Before the finish hook gets *location*: mark it handed (see _handed_name), so that the file gone later means
+        the hook took it; False if the file is gone already (the engine reports it at the next attach). The marker is
+        a hard link to the file: one system call on this serial thread, which also proves the file is there (an empty
+        file where the file system has no hard links)."""
+        marker = _handed_name(location)
         try:
-            os.close(_open_private(_handed_name(location), os.O_WRONLY | os.O_CREAT))
+            os.link(location, marker)
+            return True
+        except FileExistsError:
+            return os.path.exists(location)  # handed before (a redelivery)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE))
         except OSError as err:  # then a hook that moves the file and dies before its ack reads as a vanished file
             log.warning("cannot mark %s as handed to the finish hook: %s", location, err)
-        return True
+        return os.path.exists(location)
 
 
 class Session:
