@@ -396,6 +396,44 @@ def test_a_finished_file_that_vanished_before_delivery_is_an_error(server, sessi
     assert [c for c in rec.calls if c[0] != "did_finish_events"] == [("complete", task.identifier)]
 
 
+class Calls(bg.SessionDelegate):
+    """Records hook calls only: a finish hook that never opens the file (a status check, say)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.errors: dict[int, bg.TransferError | None] = {}
+
+    def download_task_did_finish_downloading(self, session, task, location):
+        self.calls.append(("finish", task.identifier))
+
+    def task_did_complete(self, session, task, error):
+        self.calls.append(("complete", task.identifier))
+        self.errors[task.identifier] = error
+
+
+def test_a_file_that_vanished_after_its_event_was_posted_is_an_error(server, sessions):
+    """A finished file removed after its event reached the app, before the hook ran: no hook, and an error later."""
+    server.add_blob("/p.bin", size=100_000)
+    bg._delivery_gate.clear()  # the events wait in the delegate's queue
+    try:
+        hooks = Calls()
+        s = sessions.open(hooks)
+        task = download(s, server.url("/p.bin"))
+        wait_until(lambda: task.state is bg.TaskState.COMPLETED, what="the download to finish")
+        tmp = os.path.join(s.configuration.directory, "tmp")
+        (finished,) = [n for n in os.listdir(tmp) if n.endswith(".done")]
+        os.unlink(os.path.join(tmp, finished))
+    finally:
+        bg._delivery_gate.set()
+    assert s.wait(LONG)  # (the task is held: reported at the next open)
+    sessions.close_all()
+    assert hooks.calls == []
+    again = Calls()
+    assert sessions.open(again).wait(LONG)
+    assert again.calls == [("complete", task.identifier)]
+    assert again.errors[task.identifier].code is bg.ErrorCode.FILE_DOES_NOT_EXIST
+
+
 def test_a_file_the_finish_hook_moved_before_a_kill_is_not_an_error(server, sessions, tmp_path):
     """The handed marker tells a file the finish hook took (then the app died) from one that vanished."""
     server.add_blob("/m.bin", size=50_000)
