@@ -714,6 +714,13 @@ def test_finished_tasks_are_released(tmp_path):
         base = tracemalloc.get_traced_memory()[0]
         cycles(8000)
         grown = tracemalloc.get_traced_memory()[0] - base
+        done = s.download_task("http://127.0.0.1:9/last")
+        done.cancel()
+        assert s.wait(LONG)
+        done.resume()  # a forgotten task still answers as a completed one: nothing happens
+        done.suspend()
+        done.cancel()
+        assert done.state is bg.TaskState.COMPLETED and done.error.code is bg.ErrorCode.CANCELLED
     finally:
         tracemalloc.stop()
         s.close()
