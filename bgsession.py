@@ -1410,6 +1410,7 @@ def _handed_name(finished: str) -> str:
     acknowledgement); gone *without* it, it vanished before delivery (a temp-file cleaner): that is an error."""
     return f"{finished}.handed"
 
+
 #: Longest journal line read: a longer one is damage, skipped without reading it into memory (the API's bounds on
 #: URLs, headers and descriptions keep every record far below it).
 _MAX_RECORD_BYTES = 16 << 20
