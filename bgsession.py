@@ -11,7 +11,8 @@ relaunched for background events) it receives every event that waited for it, th
 ``did_finish_events_for_background_session``.
 
 Guarantees (README, "Guarantees"; ARCHITECTURE.md says how each is kept): nothing is lost, never a spliced file;
-exactly-once hook completion; per-task order; validated resume; one live session per identifier; private files.
+exactly-once hook completion; per-task order; validated resume; one live session per identifier; private files, and
+no secret at rest. ARCHITECTURE.md's seams say how hostile servers, damaged state and other local users are met.
 
 Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md draws the seams between them):
 
@@ -48,9 +49,11 @@ import datetime
 import email.utils
 import enum
 import errno
+import functools
 import hashlib
 import heapq
 import http.client
+import io
 import itertools
 import json
 import logging
@@ -392,6 +395,15 @@ DEFAULT_MAX_CONCURRENT_TRANSFERS = 16
 MAX_CONCURRENT_TRANSFERS = 256
 
 
+#: OS errors that mean "out of a resource that frees itself" (descriptors, buffers): an attempt that meets one is
+#: retried by the Retry policy like a lost connection, never failed for good.
+EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class _DeadlinePassed(socket.timeout):
+    """A phase of an attempt outlived its deadline (see ``_BoundedHTTP``); the message says which."""
+
+
 def _check_seconds(name: str, value: Any, *, allow_zero: bool = False,
                    maximum: float = MAX_TIMEOUT_FOR_RESOURCE) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -468,8 +480,12 @@ class Retry:
         server may not have seen the request, or the body stopped: resume with Range)."""
         if isinstance(err, socket.gaierror):
             return ErrorCode.CANNOT_FIND_HOST, f"cannot resolve host: {err}"
+        if isinstance(err, _DeadlinePassed):
+            return ErrorCode.TIMED_OUT, str(err)
         if isinstance(err, (socket.timeout, TimeoutError)):
             return ErrorCode.TIMED_OUT, "no data within timeout_for_request"
+        if isinstance(err, OSError) and err.errno in EXHAUSTED_ERRNOS:
+            return ErrorCode.CANNOT_CONNECT_TO_HOST, f"out of a system resource, will retry: {err.strerror or err}"
         if isinstance(err, ConnectionRefusedError):
             return ErrorCode.CANNOT_CONNECT_TO_HOST, f"connection refused: {err}"
         if isinstance(err, http.client.IncompleteRead):
@@ -574,30 +590,121 @@ class _Clock:
 
 #: Identifier syntax: one path component, no dots-only names.
 IDENTIFIER_RE = re.compile(r"\A[A-Za-z0-9._-]{1,200}\Z")
-#: Request headers never written to the journal or any file.
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+#: Headers whose values never reach the journal or any file: requests send them from memory only (the app's
+#: process, or the daemon's), responses are stored without them. ``secret_headers`` (Configuration, Request) adds more.
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "set-cookie2"})
 _TOKEN_RE = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: Printable ASCII: what an IRI keeps as it is when it becomes a URI (everything else is percent-encoded).
+_URI_SAFE = "".join(map(chr, range(0x21, 0x7F)))
+#: Bounds on what an app hands over (the journal's records must stay well under its line limit).
+MAX_URL_BYTES = 64 << 10
+MAX_HEADER_BYTES = 1 << 20
+MAX_DESCRIPTION_BYTES = 1 << 20
+
+
+class CredentialPersistence(enum.Enum):
+    """How long a credential is kept. Never on disk: ``FOR_SESSION`` is memory only."""
+    NONE = "none"
+    FOR_SESSION = "for_session"
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """User and password for Basic or Digest authentication (repr hides the password)."""
+
+    user: str
+    password: str = dataclasses.field(repr=False)
+    persistence: CredentialPersistence = CredentialPersistence.FOR_SESSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.user, str) or not isinstance(self.password, str):
+            raise _invalid("Credential user and password must be str")
+        if ":" in self.user:
+            raise _invalid("a Basic-auth user name cannot contain ':'")
+        if not isinstance(self.persistence, CredentialPersistence):
+            raise _invalid(f"persistence must be a CredentialPersistence, not {self.persistence!r}")
+
+
+def _iri_to_uri(iri: str) -> str:
+    """An IRI as the URI that goes on the wire (RFC 3987, 3.1): the host IDNA-encoded, every other non-ASCII character
+    percent-encoded as UTF-8. ASCII comes back unchanged (an existing ``%xx`` stays as it is)."""
+    if iri.isascii():
+        return iri
+    parts = urllib.parse.urlsplit(iri)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    host, colon, port = hostport.partition(":") if not hostport.startswith("[") else (hostport, "", "")
+    try:
+        host = host.encode("idna").decode("ascii") if host and not host.isascii() else host
+    except UnicodeError as err:
+        raise TransferError(ErrorCode.BAD_URL, f"host {host!r} cannot be written as an IDNA (xn--) name: "
+                            f"{err}", url=None) from None
+
+    def quote(text: str) -> str:
+        return urllib.parse.quote(text, safe=_URI_SAFE)
+    netloc = f"{quote(userinfo)}{at}{host}{colon}{port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, quote(parts.path), quote(parts.query),
+                                    quote(parts.fragment)))
+
+
+def _location_to_iri(value: str) -> str:
+    """A ``Location`` header as text: http.client decodes header bytes as Latin-1, servers send UTF-8; bytes that are
+    not UTF-8 are percent-encoded as they are."""
+    raw = value.encode("latin-1", "replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return urllib.parse.quote_from_bytes(raw, safe=_URI_SAFE)
+
+
+def _split_userinfo(url: str) -> tuple[str, Credential | None]:
+    """(the URL without ``user:password@``, the credential it carried or None). The URL bgsession keeps never holds
+    the userinfo; the credential lives in memory and answers the origin's challenges."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    stripped = urllib.parse.urlunsplit(parts._replace(netloc=hostport))
+    try:
+        return stripped, Credential(urllib.parse.unquote(user), urllib.parse.unquote(password),
+                                    CredentialPersistence.NONE)
+    except InvalidArgumentError:
+        return stripped, None
+
+
+def _redact(url: str) -> str:
+    """The URL with any userinfo removed: what messages and logs may show."""
+    with contextlib.suppress(ValueError):
+        return _split_userinfo(url)[0]
+    return "(unparsable URL)"
 
 
 def _check_url(url: Any, what: str = "URL") -> str:
+    """Validate an http(s) URL; return it as a URI (see :func:`_iri_to_uri`). Messages never show its userinfo."""
     if not isinstance(url, str):
         raise _invalid(f"{what} must be a str, not {type(url).__name__}")
+    shown = _redact(url)
     if _CTL_RE.search(url) or " " in url:
-        raise _invalid(f"{what} {url!r} contains spaces or control characters (CR/LF injection?); "
+        raise _invalid(f"{what} {shown!r} contains spaces or control characters (CR/LF injection?); "
                        "percent-encode them")
+    if len(url.encode("utf-8", "surrogatepass")) > MAX_URL_BYTES:
+        raise _invalid(f"{what} is longer than {MAX_URL_BYTES} bytes")
     try:
+        url = _iri_to_uri(url)
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as err:
-        raise TransferError(ErrorCode.BAD_URL, f"malformed {what} {url!r}: {err}", url=url) from None
+        raise TransferError(ErrorCode.BAD_URL, f"malformed {what} {shown!r}: {err}", url=shown) from None
+    except TransferError as err:
+        raise TransferError(ErrorCode.BAD_URL, f"malformed {what} {shown!r}: {err.message}", url=shown) from None
     if parts.scheme.lower() not in ("http", "https"):
         raise TransferError(ErrorCode.UNSUPPORTED_URL, f"unsupported {what} scheme {parts.scheme or '(none)'!r} in "
-                            f"{url!r}: only http and https are transferred", url=url)
+                            f"{shown!r}: only http and https are transferred", url=shown)
     if not parts.hostname:
-        raise TransferError(ErrorCode.BAD_URL, f"{what} {url!r} has no host", url=url)
+        raise TransferError(ErrorCode.BAD_URL, f"{what} {shown!r} has no host", url=shown)
     del port
-    return url
+    return str(url)
 
 
 def _check_headers(headers: Mapping[str, str] | None, what: str = "header") -> tuple[tuple[str, str], ...]:
@@ -605,14 +712,50 @@ def _check_headers(headers: Mapping[str, str] | None, what: str = "header") -> t
         return ()
     if not isinstance(headers, Mapping):
         raise _invalid(f"headers must be a mapping of str to str, not {type(headers).__name__}")
-    out = []
+    out, size = [], 0
     for name, value in headers.items():
         if not isinstance(name, str) or not _TOKEN_RE.match(name):
             raise _invalid(f"invalid {what} name {name!r}")
         if not isinstance(value, str) or "\r" in value or "\n" in value or "\x00" in value:
             raise _invalid(f"invalid value for {what} {name!r}: {value!r} (CR, LF and NUL are not allowed)")
+        try:
+            size += len(name) + len(value.encode("latin-1"))
+        except UnicodeEncodeError:
+            raise _invalid(f"the value of {what} {name!r} has characters HTTP cannot send (only Latin-1 is "
+                           "allowed in header values; percent-encode or base64 the rest)") from None
         out.append((name, value))
+    if size > MAX_HEADER_BYTES:
+        raise _invalid(f"{what}s total {size} bytes, more than the {MAX_HEADER_BYTES} allowed")
     return tuple(out)
+
+
+def _check_secret_names(names: Any, what: str) -> tuple[str, ...]:
+    """Header names marked secret, lower-case and sorted (a value: comparable, hashable)."""
+    if names is None:
+        return ()
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise _invalid(f"{what} must be a list of header names, not {names!r}")
+    out = set()
+    for name in names:
+        if not isinstance(name, str) or not _TOKEN_RE.match(name):
+            raise _invalid(f"invalid header name {name!r} in {what}")
+        out.add(name.lower())
+    return tuple(sorted(out))
+
+
+def _public_pairs(pairs: Iterable[tuple[str, str]], secret: Iterable[str] = ()) -> list[list[str]]:
+    """Header pairs as they may be stored: without the secret ones (built in, and the names in *secret*)."""
+    hidden = _SECRET_HEADERS.union(name.lower() for name in secret)
+    return [[k, v] for k, v in pairs if k.lower() not in hidden]
+
+
+def _check_description(description: Any) -> str | None:
+    if description is not None and not isinstance(description, str):
+        raise _invalid("task description must be a str or None")
+    if description is not None and len(description.encode("utf-8", "surrogatepass")) > MAX_DESCRIPTION_BYTES:
+        raise _invalid(f"task description is longer than {MAX_DESCRIPTION_BYTES} bytes; keep a key to your own "
+                       "records in it, not the records")
+    return description
 
 
 class Headers(Mapping[str, str]):
@@ -702,10 +845,14 @@ def _begin_timestamp(value: Any) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What to transfer: ``Request(url, method="GET", headers=None, sha256=None, priority=None,
-    earliest_begin_date=None)``.
+    earliest_begin_date=None, secret_headers=())``.
 
-    ``sha256`` (hex) is verified before a download reaches the finish hook. ``Authorization`` given here is used in
-    this process only, never journaled; after a relaunch the server's 401 reaches ``task_did_receive_challenge``.
+    ``sha256`` (hex) is verified before a download reaches the finish hook. A URL with non-ASCII characters becomes
+    its URI (IDNA host, UTF-8 percent-encoding). Secrets stay in memory (this process's, or the daemon's), never in
+    the journal or any file: ``Authorization``, ``Cookie``, ``Proxy-Authorization``, the headers named in
+    *secret_headers*, and a URL's ``user:password@`` (kept out of every stored URL; it answers the first
+    authentication challenge of the URL's origin). After a relaunch they are gone, and the server's 401 reaches
+    ``task_did_receive_challenge``. Response headers by those names (and ``Set-Cookie``) are never stored either.
     ``priority`` and ``earliest_begin_date`` are the new task's first ``Task.priority`` and
     ``Task.earliest_begin_date`` (None: the default priority, no date)."""
 
@@ -715,9 +862,10 @@ class Request:
     sha256: str | None = None
     priority: float | None = None
     earliest_begin_date: datetime.datetime | float | None = None
+    secret_headers: Any = ()
 
     def __post_init__(self) -> None:
-        _check_url(self.url)
+        object.__setattr__(self, "url", _check_url(self.url))
         if not isinstance(self.method, str) or not _TOKEN_RE.match(self.method):
             raise _invalid(f"invalid HTTP method {self.method!r}")
         object.__setattr__(self, "method", self.method.upper())
@@ -732,10 +880,16 @@ class Request:
         if self.priority is not None:
             _check_priority(self.priority)
         _begin_timestamp(self.earliest_begin_date)
+        object.__setattr__(self, "secret_headers", _check_secret_names(self.secret_headers, "secret_headers"))
 
-    def _to_record(self) -> dict[str, Any]:
-        public = [[k, v] for k, v in self.headers.pairs() if k.lower() not in _SECRET_HEADERS]
-        return {"url": self.url, "method": self.method, "headers": public, "sha256": self.sha256}
+    def _to_record(self, secret: Iterable[str] = ()) -> dict[str, Any]:
+        """The journal form: no secret header (built in, this request's, or *secret*: the configuration's names),
+        no userinfo in the URL."""
+        public = _public_pairs(self.headers.pairs(), (*self.secret_headers, *secret))
+        rec = {"url": _split_userinfo(self.url)[0], "method": self.method, "headers": public, "sha256": self.sha256}
+        if self.secret_headers:
+            rec["secret_headers"] = list(self.secret_headers)  # names only: responses by these names are not stored
+        return rec
 
     def _task_options(self) -> dict[str, Any]:
         """The scheduling options this request gives its task, as the task record's fields (defaults left out)."""
@@ -746,13 +900,25 @@ class Request:
             options["begin"] = _begin_timestamp(self.earliest_begin_date)
         return options
 
-    def _secret_headers(self) -> tuple[tuple[str, str], ...]:
+    def _secret_headers(self, secret: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
         """The headers kept in memory only, never journaled."""
-        return tuple((k, v) for k, v in self.headers.pairs() if k.lower() in _SECRET_HEADERS)
+        hidden = _SECRET_HEADERS.union(self.secret_headers, (name.lower() for name in secret))
+        return tuple((k, v) for k, v in self.headers.pairs() if k.lower() in hidden)
+
+    def _credential(self) -> Credential | None:
+        """The credential of the URL's ``user:password@``, if any (memory only)."""
+        return _split_userinfo(self.url)[1]
+
+    def __repr__(self) -> str:  # what a log line or a traceback may show: no userinfo, no secret value
+        secret = {k for k, _ in self._secret_headers()}
+        headers = {k: "<secret>" if k in secret else v for k, v in self.headers.pairs()}
+        return (f"Request({_redact(self.url)!r}, method={self.method!r}, headers={headers!r}, sha256={self.sha256!r}"
+                f", secret_headers={self.secret_headers!r})")
 
     @classmethod
     def _from_record(cls, rec: Mapping[str, Any]) -> Request:
-        return cls(rec["url"], rec.get("method", "GET"), dict(rec.get("headers") or []), rec.get("sha256"))
+        return cls(rec["url"], rec.get("method", "GET"), dict(rec.get("headers") or []), rec.get("sha256"),
+                   secret_headers=tuple(rec.get("secret_headers") or ()))
 
     def _with_url(self, url: str, method: str | None = None) -> Request:
         return dataclasses.replace(self, url=url, method=method or self.method, headers=dict(self.headers.pairs()))
@@ -771,11 +937,22 @@ _WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(1, 10)] + [f"LPT{i}" for i in range(1, 10)])
 
 
+#: Longest file name sanitize_filename() returns, in bytes of UTF-8: file systems allow 255, and this leaves room for
+#: a ``.N`` suffix that keeps a name unique.
+MAX_NAME_BYTES = 240
+
+
+def _fit_bytes(text: str, limit: int) -> str:
+    """The longest prefix of *text* whose UTF-8 takes at most *limit* bytes (never half a character)."""
+    return text.encode("utf-8", "surrogatepass")[:max(0, limit)].decode("utf-8", "ignore")
+
+
 def sanitize_filename(name: str | None, default: str = "download") -> str:
     """A safe single file name from an untrusted one (URL path, Content-Disposition).
 
     Drops directories (``/``, ``\\``), ``..``, control characters and NUL, leading dots and trailing dots/spaces,
-    Windows device names; bounds the length to 200 characters; returns *default* when nothing usable is left."""
+    Windows device names; shortens it to MAX_NAME_BYTES bytes of UTF-8 (keeping a short extension), so that it fits
+    any file system; returns *default* when nothing usable is left."""
     if not name:
         return default
     name = urllib.parse.unquote(str(name))
@@ -785,9 +962,13 @@ def sanitize_filename(name: str | None, default: str = "download") -> str:
         return default
     if name.split(".")[0].upper() in _WINDOWS_RESERVED:
         name = "_" + name
-    if len(name) > 200:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         stem, dot, ext = name.rpartition(".")
-        name = (stem[: 200 - len(ext) - 1] + "." + ext) if dot and len(ext) < 20 else name[:200]
+        if dot and stem and len(ext.encode("utf-8", "surrogatepass")) < 20:
+            name = _fit_bytes(stem, MAX_NAME_BYTES - len(ext.encode("utf-8", "surrogatepass")) - 1).rstrip(". ")
+            name = f"{name}.{ext}" if name else default
+        else:
+            name = _fit_bytes(name, MAX_NAME_BYTES).rstrip(". ") or default
     return name
 
 
@@ -854,37 +1035,15 @@ class Response:
             return sanitize_filename(m.group(1))
         return sanitize_filename(urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1])
 
-    def _to_record(self) -> dict[str, Any]:
-        return {"url": self.url, "status": self.status, "headers": [list(p) for p in self.headers.pairs()]}
+    def _to_record(self, secret: Iterable[str] = ()) -> dict[str, Any]:
+        """The stored form: without ``Set-Cookie`` and the other secret headers (built in, and *secret*)."""
+        return {"url": self.url, "status": self.status, "headers": _public_pairs(self.headers.pairs(), secret)}
 
     @classmethod
     def _from_record(cls, rec: Mapping[str, Any] | None) -> Response | None:
         if not rec:
             return None
         return cls(rec["url"], int(rec["status"]), Headers(tuple(p) for p in rec.get("headers", [])))
-
-
-class CredentialPersistence(enum.Enum):
-    """How long a credential is kept. Never on disk: ``FOR_SESSION`` is memory only."""
-    NONE = "none"
-    FOR_SESSION = "for_session"
-
-
-@dataclasses.dataclass(frozen=True)
-class Credential:
-    """User and password for Basic or Digest authentication (repr hides the password)."""
-
-    user: str
-    password: str = dataclasses.field(repr=False)
-    persistence: CredentialPersistence = CredentialPersistence.FOR_SESSION
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.user, str) or not isinstance(self.password, str):
-            raise _invalid("Credential user and password must be str")
-        if ":" in self.user:
-            raise _invalid("a Basic-auth user name cannot contain ':'")
-        if not isinstance(self.persistence, CredentialPersistence):
-            raise _invalid(f"persistence must be a CredentialPersistence, not {self.persistence!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -943,9 +1102,13 @@ class Configuration:
     """How a session behaves. Build with :meth:`background` or :meth:`default`.
 
     ``timeout_for_request`` is the longest wait for the next byte (connect, headers or body) before the attempt counts
-    as failed and is retried; it does not bound a slow but moving transfer. ``timeout_for_resource`` bounds a task's
-    whole life, wall-clock, from its first ``resume()`` (or its earliest begin date, if later), across relaunches;
-    then it fails with ``TIMED_OUT``.
+    as failed and is retried, and also bounds the whole of a response's head and of a body bgsession discards (a
+    redirect's, an error page's), however the bytes trickle in; it does not bound a slow but moving transfer.
+    ``timeout_for_resource`` bounds a task's whole life, wall-clock, from its first ``resume()`` (or its earliest
+    begin date, if later), across relaunches, every phase of every attempt included; then it fails with
+    ``TIMED_OUT``. ``secret_headers``: more header names (besides ``Authorization``, ``Cookie``,
+    ``Proxy-Authorization``, ``Set-Cookie``) whose values are never stored: requests send them from memory, stored
+    responses leave them out.
 
     ``max_concurrent_transfers`` bounds the transfers running at once over all hosts (and the session's transfer
     threads and open connections); ``max_connections_per_host`` bounds them per origin. ``max_bytes_per_second``
@@ -967,6 +1130,7 @@ class Configuration:
     relaunch_backoff: float = 1.0
     max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS
     max_bytes_per_second: int | None = None
+    secret_headers: tuple[str, ...] = ()
 
     @classmethod
     def background(cls, identifier: str, *, directory: str | None = None, host: str | None = None,
@@ -975,7 +1139,8 @@ class Configuration:
                    retry: Retry | None = None, headers: Mapping[str, str] | None = None,
                    ssl_context: ssl.SSLContext | None = None, daemon_idle_timeout: float = 30.0,
                    relaunch_backoff: float = 1.0, max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
-                   max_bytes_per_second: int | None = None) -> Configuration:
+                   max_bytes_per_second: int | None = None,
+                   secret_headers: Iterable[str] | None = None) -> Configuration:
         """A durable session: its tasks and undelivered events survive the process.
 
         *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
@@ -999,7 +1164,7 @@ class Configuration:
         common = cls.default(max_connections_per_host=max_connections_per_host, timeout_for_request=timeout_for_request,
                              timeout_for_resource=timeout_for_resource, retry=retry, headers=headers,
                              ssl_context=ssl_context, max_concurrent_transfers=max_concurrent_transfers,
-                             max_bytes_per_second=max_bytes_per_second)
+                             max_bytes_per_second=max_bytes_per_second, secret_headers=secret_headers)
         return dataclasses.replace(
             common, identifier=identifier, directory=os.path.normpath(os.fspath(directory)), host=host,
             relaunch_command=tuple(relaunch_command) if relaunch_command is not None else None,
@@ -1013,7 +1178,8 @@ class Configuration:
                 timeout_for_resource: float = 7 * 24 * 3600.0, retry: Retry | None = None,
                 headers: Mapping[str, str] | None = None, ssl_context: ssl.SSLContext | None = None,
                 max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
-                max_bytes_per_second: int | None = None) -> Configuration:
+                max_bytes_per_second: int | None = None,
+                secret_headers: Iterable[str] | None = None) -> Configuration:
         """An in-process, in-memory session: nothing durable (``NSURLSessionConfiguration.default``)."""
         for name, value, most in (("max_connections_per_host", max_connections_per_host, MAX_CONNECTIONS_PER_HOST),
                                   ("max_concurrent_transfers", max_concurrent_transfers, MAX_CONCURRENT_TRANSFERS)):
@@ -1029,7 +1195,8 @@ class Configuration:
                    timeout_for_resource=_check_seconds("timeout_for_resource", timeout_for_resource),
                    retry=retry or Retry(), headers=Headers(_check_headers(headers)), ssl_context=ssl_context,
                    max_concurrent_transfers=max_concurrent_transfers,
-                   max_bytes_per_second=_check_rate(max_bytes_per_second))
+                   max_bytes_per_second=_check_rate(max_bytes_per_second),
+                   secret_headers=_check_secret_names(secret_headers, "secret_headers"))
 
     @property
     def is_background(self) -> bool:
@@ -1064,14 +1231,28 @@ class RangePlan:
     reason: str = ""
 
 
+def same_entity(held: Mapping[str, str] | None, headers: Mapping[str, str]) -> bool:
+    """Do these response headers describe the entity whose bytes are held (*held*: its ``resume_validator``)? A
+    validator the response carries must equal the held one (a strong ETag exactly, a weak one never matches a strong
+    one); a response that carries none is taken at its word (it answered the ``If-Range``)."""
+    if not held:
+        return True
+    etag, modified = headers.get("ETag", "").strip(), headers.get("Last-Modified", "").strip()
+    if held.get("etag"):
+        return not etag or etag == held["etag"]
+    return not modified or modified == held.get("last_modified")
+
+
 def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[str, str],
-                  known_total: int | None) -> RangePlan:
+                  known_total: int | None, validator: Mapping[str, str] | None = None) -> RangePlan:
     """The validated-resume rule (README, "Guarantees"), as a pure function.
 
     *offset*: bytes held locally; *asked_range*: a ``Range: bytes=offset-`` with ``If-Range`` was sent;
-    *known_total*: the entity length recorded earlier. A 206 is appended only if its Content-Range starts at *offset*
-    (or earlier: truncate to its start) and its total matches; a 200, a changed total or a malformed range restarts
-    from zero; 416 ``*/N`` with N == offset completes."""
+    *known_total*: the entity length recorded earlier; *validator*: what the held bytes belong to. A 206 is appended
+    only if it is of the same entity (its validator matches), its Content-Range starts at *offset* (or earlier:
+    truncate to its start) and reaches past it, agrees with its Content-Length, and its total matches; a 200, a
+    changed total, another entity or a malformed or useless range restarts from zero; 416 ``*/N`` with N == offset
+    completes."""
     if status == 206:
         cr = parse_content_range(headers.get("Content-Range"))
         if cr is None or cr[0] is None:
@@ -1079,8 +1260,17 @@ def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[
         first, last, total = cr
         assert first is not None and last is not None
         limit = offset if asked_range else 0
+        length = _content_length(headers)
         if first > limit:
             return RangePlan("rerequest", reason=f"206 starts at {first}, after the {limit} bytes held")
+        if asked_range and last + 1 <= offset:
+            return RangePlan("rerequest", reason=f"206 ends at byte {last}, before the {offset} bytes held: it "
+                                                 "would never advance")
+        if length is not None and length != last + 1 - first:
+            return RangePlan("rerequest", reason=f"206 of {length} bytes for the range {first}-{last}")
+        if asked_range and not same_entity(validator, headers):
+            return RangePlan("rerequest", reason="206 of another entity (its validator differs from the held one: "
+                                                 "If-Range ignored)")
         if asked_range and known_total is not None and total is not None and total != known_total:
             return RangePlan("rerequest", reason=f"entity length changed from {known_total} to {total}")
         return RangePlan("write", start=first, total=total, resumable=True)
@@ -1225,7 +1415,9 @@ class _Exchange:
 
 @dataclasses.dataclass(frozen=True)
 class _FollowRedirect:
+    """Ask *url* (a URI, never with userinfo); *credential*: the userinfo the Location carried, for that origin."""
     url: str
+    credential: Credential | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1253,16 +1445,17 @@ def _redirect_step(ex: _Exchange, status: int, location: str) -> _Step:
     if not ex.retry.allows_redirect(ex.redirects):
         return _Failed(TransferError(ErrorCode.HTTP_TOO_MANY_REDIRECTS,
                                      f"more than {ex.retry.redirect} redirects (last: {ex.url})", url=ex.url))
-    new = urllib.parse.urljoin(ex.url, location.strip())
     try:
-        _check_url(new, "redirect URL")
-    except (TransferError, InvalidArgumentError) as err:
+        new, credential = _split_userinfo(urllib.parse.urljoin(ex.url, _location_to_iri(location.strip())))
+        new = _check_url(new, "redirect URL")
+    except (TransferError, InvalidArgumentError, ValueError) as err:
         code = err.code if isinstance(err, TransferError) else ErrorCode.BAD_URL
-        return _Failed(TransferError(code, f"refused redirect from {ex.url}: {err}", url=ex.url))
+        message = err.message if isinstance(err, TransferError) else str(err)
+        return _Failed(TransferError(code, f"refused redirect from {ex.url}: {message}", url=ex.url))
     if ex.kind == "upload" and status in (301, 302, 303) and ex.method != "PUT":
         return _Failed(TransferError(ErrorCode.BAD_SERVER_RESPONSE,
                                      f"upload redirected with {status}, which would drop the body", url=new))
-    return _FollowRedirect(new)
+    return _FollowRedirect(new, credential)
 
 
 def next_step(ex: _Exchange, status: int, headers: Headers) -> _Step:
@@ -1280,12 +1473,43 @@ def next_step(ex: _Exchange, status: int, headers: Headers) -> _Step:
                             retry_after=headers.get("Retry-After"))
     if ex.kind != "download":
         return _Accept(None)
-    plan = plan_response(ex.offset, ex.asks_range, status, headers, ex.known_total)
+    plan = plan_response(ex.offset, ex.asks_range, status, headers, ex.known_total, ex.validator)
     if plan.action != "rerequest":
         return _Accept(plan)
     if ex.rerequests >= _MAX_REREQUESTS:
         return _Interrupted(ErrorCode.CANNOT_RESUME, f"server keeps answering unusable ranges: {plan.reason}")
     return _AskAgain(plan.reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Complete:
+    """The body ended with the entity: the file is whole."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _AskRest:
+    """The body ended early but advanced the file: ask for the rest with Range, in this attempt."""
+
+
+def after_body(held_before: int, held_after: int, total: int | None, resumable: bool
+               ) -> _Complete | _AskRest | _Interrupted | _Failed:
+    """What to do once an accepted download body ended (pure). *held_before*: bytes held before this response;
+    *held_after*: after its body; *total*: the entity's length if known; *resumable*: the held bytes have a validator.
+
+    A body that ended early asks for the rest only if it advanced the file: one that did not (a 206 with no body, a
+    connection closed before the first new byte) ends the attempt, so the Retry policy -- which counts attempts
+    without progress -- bounds it; never a loop of requests inside one attempt."""
+    if total is None or held_after == total:
+        return _Complete()
+    if held_after > total:
+        return _Failed(TransferError(ErrorCode.BAD_SERVER_RESPONSE, f"server sent {held_after} bytes of a "
+                                     f"{total}-byte entity"), keep_partial=False)
+    if held_after <= held_before:
+        return _Interrupted(ErrorCode.NETWORK_CONNECTION_LOST, f"body ended at {held_after} of {total} bytes "
+                            f"without advancing past the {held_before} bytes held")
+    if not resumable:
+        return _Interrupted(ErrorCode.NETWORK_CONNECTION_LOST, f"body ended at {held_after} of {total} bytes")
+    return _AskRest()
 
 
 # ============================================================================
@@ -1300,6 +1524,28 @@ _JOURNAL_NAME = "journal.jsonl"
 _SNAPSHOT_NAME = "snapshot.json"
 _LOCK_NAME = "lock"
 _TMP_DIR = "tmp"
+#: The marker of a directory bgsession made (the CACHEDIR.TAG idea): only in such a directory does it chmod, take
+#: files back or delete them.
+_MARKER_NAME = "BGSESSION.TAG"
+_MARKER_SIGNATURE = b"Signature: bgsession session directory\n"
+#: Names bgsession gives the files it keeps in tmp/ (the only ones it ever removes there): a task's partial,
+#: finished, upload-response file, the marker that a finish hook was handed one, and a partial kept for resume data.
+_TMP_NAME_RE = re.compile(r"\A(\d+)\.(?:part|done|body)(?:\.handed)?\Z")
+_RESUME_NAME_RE = re.compile(r"\Aresume-\d+-[0-9a-f]{12}\.part\Z")
+
+
+def _handed_name(finished: str) -> str:
+    """The marker the delegate thread creates next to a finished file (a name or a path) just before it hands the file
+    to the finish hook. A finished file found gone *with* its marker was taken by the hook (which died before its
+    acknowledgement); gone *without* it, it vanished before delivery (a temp-file cleaner): that is an error."""
+    return f"{finished}.handed"
+
+
+#: Longest journal line read: a longer one is damage, skipped without reading it into memory (the API's bounds on
+#: URLs, headers and descriptions keep every record far below it).
+_MAX_RECORD_BYTES = 16 << 20
+#: Problems reported one by one, per file; beyond that they are counted.
+_MAX_PROBLEMS = 20
 #: Space kept in reserve so that the journal can still record a "disk full" failure.
 _RESERVE_NAME = "reserve"
 RESERVE_BYTES = 256 << 10
@@ -1310,7 +1556,8 @@ _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 #: Every journal record type; the reducer (_SessionState.apply) handles exactly these.
 _RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "reserve", "task", "ack", "describe",
-                                            "response", "progress", "redirect", "priority", "begin", "limit"})
+                                            "response", "progress", "redirect", "vanished", "priority", "begin",
+                                            "limit"})
 #: What journal format 2 added to format 1: the scheduling options (these record types, these fields of a task).
 #: A record or snapshot is written as format 2 only if it uses one of them: a journal that uses none stays readable
 #: by a bgsession of format 1, and one that does is refused by it (with its clear error) instead of being misread --
@@ -1322,8 +1569,10 @@ _FORMAT_2_TASK_FIELDS = {"priority": DEFAULT_PRIORITY, "begin": None, "limit": N
 ID_RESERVE_BLOCK = 1024
 #: Journal records after which the journal is compacted into the snapshot.
 DEFAULT_COMPACT_RECORDS = 20_000
-#: Prefix of resume data produced by this module (versioned; the rest is JSON).
-_RESUME_MAGIC = b"bgsession-resume-data/1\n"
+#: Prefix of resume data produced by this module (versioned; the rest is JSON). Version 2 names its partial file
+#: relative to the session's tmp/ (version 1, an absolute path: only its name is used, inside tmp/).
+_RESUME_MAGIC = b"bgsession-resume-data/2\n"
+_RESUME_MAGICS = (_RESUME_MAGIC, b"bgsession-resume-data/1\n")
 #: Days a partial file kept for resume data survives before it is removed.
 RESUME_FILE_TTL = 7 * 24 * 3600.0
 
@@ -1350,8 +1599,8 @@ _BOOT_ID = _boot_id()
 class _FileSystem:
     """Every file-system operation the durability order depends on, in one table, the way SQLite routes its I/O
     through a VFS: production uses these ``os`` functions; the power-loss tests swap ``_vfs`` for a recorder that
-    replays every state a disk may hold after a crash. Reads and metadata do not go through it; bgsession never links
-    or writes at an offset other than the file's position."""
+    replays every state a disk may hold after a crash. Reads and metadata do not go through it; bgsession never
+    writes at an offset other than the file's position."""
 
     open = staticmethod(os.open)
     write = staticmethod(os.write)
@@ -1359,6 +1608,7 @@ class _FileSystem:
     sync = staticmethod(getattr(os, "fdatasync", os.fsync))  # a file's data (and the metadata to read it back)
     sync_dir = staticmethod(os.fsync)  # a directory's entries
     replace = staticmethod(os.replace)
+    link = staticmethod(os.link)
     unlink = staticmethod(os.unlink)
     mkdir = staticmethod(os.mkdir)
     close = staticmethod(os.close)
@@ -1411,23 +1661,6 @@ def _makedirs(path: str, mode: int) -> None:
     _fsync_dir(parent)
 
 
-def _ensure_private_dir(path: str) -> None:
-    """Create *path* (and parents) with mode 0700; tighten it if it exists."""
-    try:
-        _makedirs(path, _DIR_MODE)
-        if os.name == "posix":
-            st = os.stat(path)
-            if st.st_uid != os.getuid():
-                raise JournalError(f"session directory {path} belongs to uid {st.st_uid}, not to this "
-                                   f"user (uid {os.getuid()}); refusing to use it", path)
-            if stat.S_IMODE(st.st_mode) != _DIR_MODE:
-                os.chmod(path, _DIR_MODE)
-    except JournalError:
-        raise
-    except OSError as err:
-        raise JournalError(f"cannot create the session directory {path}: {err.strerror or err}", path) from err
-
-
 class _GroupSync:
     """One fsync shared by concurrent callers: a caller arriving during a sync waits for the next."""
 
@@ -1477,6 +1710,97 @@ def _atomic_write(path: str, data: bytes) -> None:
             _vfs.unlink(tmp)
         raise
     _fsync_dir(os.path.dirname(path))
+
+
+def _make_private_dirs(path: str) -> None:
+    """Create *path* and each missing parent with mode 0700, whatever the umask (os.makedirs would create the parents
+    0777 & ~umask: with umask 000, a directory other users can plant a fake session or daemon socket in). Existing
+    parents are left as they are."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            _vfs.mkdir(directory, _DIR_MODE)
+        except FileExistsError:
+            continue  # another process made it meanwhile: its own business, checked below if it is ours
+        if os.name == "posix" and stat.S_IMODE(os.lstat(directory).st_mode) != _DIR_MODE:
+            os.chmod(directory, _DIR_MODE)  # a umask can only take bits away; this puts 0700 back
+        _fsync_dir(os.path.dirname(directory))  # durable in its parent: a power loss must not take the session
+
+
+def _is_session_dir(path: str) -> bool:
+    """Does *path* look like a session directory bgsession made: its marker, or (made by an older bgsession, before
+    markers) a journal or snapshot? Reads only."""
+    try:
+        with open(os.path.join(path, _MARKER_NAME), "rb") as f:
+            return f.read(len(_MARKER_SIGNATURE)) == _MARKER_SIGNATURE
+    except OSError:
+        return any(os.path.isfile(os.path.join(path, name)) for name in (_JOURNAL_NAME, _SNAPSHOT_NAME))
+
+
+def _private_dir(path: str, what: str = "session directory") -> os.stat_result:
+    """Check that *path* is a real directory (not a symbolic link) of this user; returns its lstat."""
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise JournalError(f"cannot use the {what} {path}: {err.strerror or err}", path) from err
+    if stat.S_ISLNK(st.st_mode):
+        raise _invalid(f"the {what} {path} is a symbolic link; bgsession does not follow it (another user could "
+                       "point it anywhere): give the real path")
+    if not stat.S_ISDIR(st.st_mode):
+        raise _invalid(f"the {what} {path} is not a directory")
+    if os.name == "posix" and st.st_uid != os.getuid():
+        raise JournalError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
+                           "refusing to use it", path)
+    return st
+
+
+def _claim_session_dir(path: str, identifier: str | None) -> None:
+    """Make *path* this user's private session directory, or refuse it. Created (with private parents) if missing;
+    an existing one must be a real directory of this user that bgsession made (its marker) or an empty one, which
+    gets the marker; anything else -- a folder of the user's files -- is refused untouched: bgsession deletes and
+    chmods only in directories it made."""
+    try:
+        _make_private_dirs(path)
+    except OSError as err:
+        raise JournalError(f"cannot create the session directory {path}: {err.strerror or err}", path) from err
+    st = _private_dir(path)
+    if not _is_session_dir(path):
+        try:
+            foreign = os.listdir(path)
+        except OSError as err:
+            raise JournalError(f"cannot read the session directory {path}: {err.strerror or err}", path) from err
+        # (its own marker's temp file, left by a crash or a power loss while bgsession claimed the directory)
+        stray = [name for name in foreign if re.fullmatch(re.escape(_MARKER_NAME) + r"\.tmp-\d+-\d+", name)]
+        for name in stray:
+            with contextlib.suppress(FileNotFoundError):
+                _vfs.unlink(os.path.join(path, name))
+        foreign = [name for name in foreign if name not in stray]
+        if foreign:
+            raise _invalid(f"{path} is not a bgsession session directory (no {_MARKER_NAME}, and it holds "
+                           f"{len(foreign)} entries, e.g. {sorted(foreign)[0]!r}); refusing to use it: give a new or "
+                           "empty directory")
+    tmp = os.path.join(path, _TMP_DIR)
+    try:
+        if os.name == "posix" and stat.S_IMODE(st.st_mode) != _DIR_MODE:
+            os.chmod(path, _DIR_MODE)
+        marker = os.path.join(path, _MARKER_NAME)
+        if not os.path.exists(marker):
+            _atomic_write(marker, _MARKER_SIGNATURE + f"# identifier: {identifier}\n# bgsession "
+                                                       f"{__version__}\n".encode())
+        if not os.path.isdir(tmp):
+            with contextlib.suppress(FileExistsError):
+                _vfs.mkdir(tmp, _DIR_MODE)
+                _fsync_dir(path)
+        if os.name == "posix" and stat.S_IMODE(_private_dir(tmp, "session's tmp directory").st_mode) != _DIR_MODE:
+            os.chmod(tmp, _DIR_MODE)
+    except OSError as err:
+        raise JournalError(f"cannot prepare the session directory {path}: {err.strerror or err}", path) from err
 
 
 def _dumps(record: Mapping[str, Any]) -> bytes:
@@ -1542,6 +1866,80 @@ def _release_lock(directory: str, name: str) -> None:
         os.close(fd)  # closing the descriptor drops flock
 
 
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_pairs(v: Any) -> bool:
+    return all(type(p) is list and len(p) == 2 and type(p[0]) is str and type(p[1]) is str for p in v)
+
+
+def _is_names(v: Any) -> bool:
+    return type(v) is list and all(type(n) is str for n in v)
+
+
+def _is_request(v: Mapping[str, Any]) -> bool:
+    return type(v.get("url")) is str and type(v.get("method", "")) is str and type(v.get("headers", [])) is list \
+        and _is_pairs(v.get("headers", ())) and type(v.get("sha256")) in (str, type(None)) \
+        and _is_names(v.get("secret_headers", []))
+
+
+def _is_response(v: Mapping[str, Any]) -> bool:
+    return type(v.get("url")) is str and type(v.get("status")) is int and type(v.get("headers", [])) is list \
+        and _is_pairs(v.get("headers", ()))
+
+
+_NONE = type(None)
+_INT, _NUMBER, _TEXT, _OBJECT = frozenset({int}), frozenset({int, float}), frozenset({str}), frozenset({dict})
+#: The types the value of each field a journal record or a snapshot's task may carry can have (a missing field takes
+#: its default; an unknown one is ignored, for newer bgsessions)...
+_FIELD_TYPES: dict[str, frozenset[type]] = {
+    **dict.fromkeys(("v", "id", "generation", "upto", "next_id", "delivery_counter", "durable_offset", "start",
+                     "offset", "code"), _INT),
+    **dict.fromkeys(("total", "delivery_seq"), _INT | {_NONE}),
+    **dict.fromkeys(("created", "delay"), _NUMBER), **dict.fromkeys(("started", "at"), _NUMBER | {_NONE}),
+    **dict.fromkeys(("t", "kind", "phase", "event", "url", "current_url"), _TEXT),
+    **dict.fromkeys(("description", "boot", "file", "resume_file", "problem"), _TEXT | {_NONE}),
+    **dict.fromkeys(("cancel_requested", "want_resume_data", "resume_data"), frozenset({bool})),
+    "request": _OBJECT, **dict.fromkeys(("response", "error", "validator", "upload"), _OBJECT | {_NONE}),
+    "acked": frozenset({list}),
+    "priority": _NUMBER, "begin": _NUMBER | {_NONE}, **dict.fromkeys(("limit", "rate", "configured"), _INT | {_NONE}),
+}
+_PHASE_VALUES = frozenset(p.value for p in Phase)
+#: ...and what more than its type a value (not None) must be. Records are checked before they are applied: a record
+#: or snapshot task that does not fit is skipped and reported, never half-applied, never a crash at every open. File
+#: names must be the ones bgsession gives files in tmp/: damaged state never points the store at another file.
+_FIELD_FORMS: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(("generation", "upto", "next_id", "delivery_counter", "durable_offset", "start", "offset",
+                     "total", "delivery_seq"), (0).__le__),  # (C methods, not lambdas: this runs per record)
+    "id": (1).__le__, "kind": frozenset({"download", "upload"}).__contains__, "phase": _PHASE_VALUES.__contains__,
+    "request": _is_request, "response": _is_response, "acked": lambda v: all(e in ("finish", "complete") for e in v),
+    "error": lambda v: type(v.get("code", 0)) is int and type(v.get("message", "")) is str
+    and type(v.get("url")) in (str, _NONE),
+    "validator": lambda v: all(type(v.get(k, "")) is str for k in ("etag", "last_modified")),
+    "upload": lambda v: type(v.get("path")) is str and all(type(v.get(k, 0)) is int for k in ("size", "mtime_ns")),
+    "file": lambda v: _TMP_NAME_RE.match(v) is not None, "resume_file": lambda v: _RESUME_NAME_RE.match(v) is not None,
+    "priority": lambda v: 0.0 <= v <= 1.0, **dict.fromkeys(("limit", "rate", "configured"), (1).__le__),
+}
+
+
+def _check_fields(rec: Any, required: Sequence[str] = ()) -> None:
+    """Raise JournalError unless *rec* is an object whose fields have the types and forms above."""
+    if type(rec) is not dict:
+        raise JournalError(f"a record must be an object, not {type(rec).__name__}")
+    for name in required:
+        if name not in rec:
+            raise JournalError(f"field {name!r} is missing")
+    types, forms = _FIELD_TYPES, _FIELD_FORMS
+    for name, value in rec.items():
+        allowed = types.get(name)
+        if allowed is None or (value is None and _NONE in allowed):
+            continue
+        form = forms.get(name)
+        if type(value) not in allowed or (form is not None and not form(value)):
+            raise JournalError(f"field {name!r} has a value of the wrong type or form: {value!r}"[:300])
+
+
 class _TaskRecord:
     """One task as the journal knows it. Mutated only by :class:`_SessionState`."""
 
@@ -1594,6 +1992,12 @@ class _TaskRecord:
             return False
         return now - (self.started if self.begin is None else max(self.started, self.begin)) > timeout
 
+    def resource_left(self, now: float, timeout: float) -> float:
+        """Seconds until timeout_for_resource (all of it if the task has not started)."""
+        if self.started is None:
+            return timeout
+        return (self.started if self.begin is None else max(self.started, self.begin)) + timeout - now
+
     def events(self) -> list[str]:
         """The durable events this task owes the app, in order, not yet acknowledged."""
         if self.phase is not Phase.DELIVERING:
@@ -1635,10 +2039,27 @@ class _SessionState:
 
     @classmethod
     def from_snapshot(cls, snap: Mapping[str, Any]) -> _SessionState:
+        """The state a snapshot holds. ValueError if the snapshot itself is unusable; a task in it that does not fit
+        is skipped into ``problems`` (the others are kept)."""
+        try:
+            _check_fields({k: v for k, v in snap.items() if k != "tasks"}, ("generation", "next_id"))
+        except JournalError as err:
+            raise ValueError(str(err)) from None
+        if type(snap.get("tasks", [])) is not list:
+            raise ValueError("its tasks are not a list")
         state = cls()
-        state.generation, state.next_id = int(snap["generation"]), int(snap["next_id"])
-        state.delivery_counter = int(snap.get("delivery_counter", 0))
-        state.tasks = {task.id: task for task in map(_TaskRecord, snap.get("tasks", []))}
+        state.generation, state.next_id = snap["generation"], snap["next_id"]
+        state.delivery_counter = snap.get("delivery_counter", 0)
+        for rec in snap.get("tasks", []):
+            try:
+                _check_fields(rec, ("id", "request"))
+                if rec["id"] in state.tasks:
+                    raise JournalError(f"duplicate task id {rec['id']}")
+                task = _TaskRecord(rec)
+            except (JournalError, ValueError) as err:
+                state.problems.append(f"snapshot task skipped: {err} in {rec!r}"[:500])
+                continue
+            state.tasks[task.id] = task
         if snap.get("session_limit") is not None:
             rate, configured = snap["session_limit"]
             state.session_limit = (rate, configured)
@@ -1646,7 +2067,7 @@ class _SessionState:
 
     def apply(self, rec: Mapping[str, Any]) -> _TaskRecord | None:
         kind = rec.get("t")
-        if rec.get("v", JOURNAL_VERSION) > JOURNAL_VERSION:
+        if _is_count(rec.get("v")) and rec["v"] > JOURNAL_VERSION:
             raise JournalError(f"record of journal version {rec.get('v')} is newer than this bgsession "
                                f"(version {JOURNAL_VERSION})")
         if kind not in _RECORD_TYPES:
@@ -1684,6 +2105,10 @@ class _SessionState:
                     raise JournalError(f"ack of 'complete' before 'finish' for task {task.id}")
                 task.phase = next_phase(task.id, task.phase, "ack")
             task.acked.append(event)
+        elif kind == "vanished":
+            if "finish" not in task.events():
+                raise JournalError(f"task {task.id} owes no finished file that could have vanished")
+            task.error, task.file = rec["error"], None  # owes no finish any more: the complete event reports it
         elif kind == "describe":
             task.description = rec.get("description")
         elif kind == "response":
@@ -1726,13 +2151,22 @@ class _SessionState:
         task.phase = new
 
     def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Apply records read from a journal: each is type-checked first; one that does not fit is skipped and
+        reported (at most _MAX_PROBLEMS one by one); a record of a newer bgsession stops everything."""
+        skipped = 0
         for rec in records:
+            self.replayed += 1
             try:
+                _check_fields(rec)
                 self.apply(rec)
-            except (IllegalTransition, JournalError, KeyError, TypeError, ValueError) as err:
+            except (IllegalTransition, JournalError, KeyError, TypeError, ValueError, AttributeError) as err:
                 if isinstance(err, JournalError) and "newer than this bgsession" in str(err):
                     raise
-                self.problems.append(f"journal record skipped: {err} in {dict(rec)!r}"[:500])
+                skipped += 1
+                if skipped <= _MAX_PROBLEMS:
+                    self.problems.append(f"journal record skipped: {err} in {rec!r}"[:500])
+        if skipped > _MAX_PROBLEMS:
+            self.problems.append(f"journal: {skipped - _MAX_PROBLEMS} more records skipped")
 
     def backlog(self) -> list[_TaskRecord]:
         """Tasks owing durable events, in the order their outcomes were journaled."""
@@ -1740,29 +2174,64 @@ class _SessionState:
         return sorted(owing, key=lambda t: t.delivery_seq or 0)
 
 
-def _read_journal_lines(data: bytes, path: str, problems: list[str]) -> tuple[list[dict[str, Any]], int]:
-    """Parse JSON Lines, ignoring a torn last line: (records, length of the valid prefix where appends resume)."""
-    records: list[dict[str, Any]] = []
-    good = pos = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break  # torn last line: the writer died mid-append
-        line = data[pos:end]
-        pos = end + 1
+class _JournalReader:
+    """Reads ``journal.jsonl`` as a stream, one line in memory at a time (a garbage journal of gigabytes costs no more
+    memory than one record): :meth:`records` yields each readable record; then ``valid`` is the length of the prefix
+    appends resume after (a torn last line -- the writer died mid-append -- is left out), ``problems`` what was
+    skipped, and ``damaged`` how many lines could not be read."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.valid, self.damaged = path, 0, 0
+        self.problems: list[str] = []
+
+    def _skip(self, at: int, why: str) -> None:
+        self.damaged += 1
+        if self.damaged <= _MAX_PROBLEMS:
+            self.problems.append(f"{self.path}: unreadable line at byte {at} skipped ({why})")
+
+    def records(self) -> Iterator[dict[str, Any]]:
         try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
-        except ValueError as err:
-            if pos >= len(data):
-                break  # a torn last line that happens to end in a newline byte
-            problems.append(f"{path}: unreadable line at byte {end - len(line)} skipped ({err})")
-            good = pos
-            continue
-        records.append(rec)
-        good = pos
-    return records, good
+            f = io.BufferedReader(io.FileIO(self.path, "r"), buffer_size=1 << 20)  # (the generator closes it)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise JournalError(f"cannot read {self.path}: {err.strerror or err}", self.path) from err
+        with f:
+            pos = 0
+            while True:
+                line = f.readline(_MAX_RECORD_BYTES + 1)
+                start, pos = pos, pos + len(line)
+                if not line.endswith(b"\n"):
+                    if len(line) <= _MAX_RECORD_BYTES:
+                        break  # end of file; a torn last line (if any) is not part of the journal
+                    found = -1
+                    while found < 0:  # longer than any record: skip to its end, a block at a time
+                        block = f.read(1 << 20)
+                        if not block:
+                            break
+                        found = block.find(b"\n")
+                        pos += len(block) if found < 0 else found + 1
+                    if found < 0:
+                        self._skip(start, f"more than {_MAX_RECORD_BYTES} bytes without a newline, to the end")
+                        break
+                    f.seek(pos)
+                    self._skip(start, f"longer than {_MAX_RECORD_BYTES} bytes")
+                    self.valid = pos
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise ValueError("not an object")
+                except ValueError as err:
+                    if not f.peek(1):
+                        break  # a torn last line that happens to end in a newline byte
+                    self._skip(start, str(err)[:100])
+                    self.valid = pos
+                    continue
+                self.valid = pos
+                yield rec
+        if self.damaged > _MAX_PROBLEMS:
+            self.problems.append(f"{self.path}: {self.damaged - _MAX_PROBLEMS} more unreadable lines skipped")
 
 
 class _JournalWriter:
@@ -1925,57 +2394,67 @@ def _aside_name(path: str) -> str:
     return f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
 
-def _read_if_exists(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise JournalError(f"cannot read {path}: {err.strerror or err}", path) from err
-
-
 def _check_version(rec: Mapping[str, Any], path: str) -> None:
-    if int(rec.get("v", 0)) > JOURNAL_VERSION:
+    if _is_count(rec.get("v")) and rec["v"] > JOURNAL_VERSION:
         raise JournalError(f"{path} was written by a newer bgsession (format {rec.get('v')}, this one reads "
                            f"{JOURNAL_VERSION}); upgrade bgsession or move {os.path.dirname(path)} aside", path)
 
 
-def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
-    """Snapshot + journal replay: (state, valid length of the journal to append after, problems). A snapshot that
-    cannot be read is kept aside and reported once; a file of a newer bgsession is refused and left untouched."""
-    problems: list[str] = []
-    snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, _JOURNAL_NAME)
-    state = _SessionState()
-    raw = _read_if_exists(snap_path)
-    if raw is not None:
-        try:
-            snap = json.loads(raw)
-            if not isinstance(snap, dict) or snap.get("t") != "snapshot":
+#: How every snapshot bgsession writes begins: a file that does not is not read into memory at all.
+_SNAPSHOT_START = re.compile(rb'\A\s*\{\s*"v"\s*:\s*\d+\s*,\s*"t"\s*:\s*"snapshot"')
+
+
+def _read_snapshot(path: str, readonly: bool) -> _SessionState | None:
+    """The state ``snapshot.json`` holds (None: there is none). One that cannot be read raises JournalError; unless
+    *readonly*, it is first moved aside (so the next open recovers from the journal)."""
+    try:
+        with open(path, "rb") as f:
+            if not _SNAPSHOT_START.match(f.read(64)):
                 raise ValueError("not a bgsession snapshot")
-            _check_version(snap, snap_path)
-            state = _SessionState.from_snapshot(snap)
-        except (ValueError, KeyError, TypeError) as err:
-            aside = _aside_name(snap_path)
-            os.replace(snap_path, aside)
-            raise JournalError(f"the snapshot {snap_path} is corrupt ({err}); it was kept aside as {aside}. Opening "
-                               "the session again recovers what the journal holds; partial files stay in tmp/.",
-                               snap_path) from err
-    records, valid = _read_journal_lines(_read_if_exists(journal_path) or b"", journal_path, problems)
-    if records:
-        header = records[0]
+            f.seek(0)
+            snap = json.loads(f.read())
+        if not isinstance(snap, dict) or snap.get("t") != "snapshot":
+            raise ValueError("not a bgsession snapshot")
+        _check_version(snap, path)
+        return _SessionState.from_snapshot(snap)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise JournalError(f"cannot read {path}: {err.strerror or err}", path) from err
+    except (ValueError, KeyError, TypeError) as err:
+        if readonly:
+            raise JournalError(f"the snapshot {path} is corrupt ({err})", path) from err
+        aside = _aside_name(path)
+        os.replace(path, aside)
+        raise JournalError(f"the snapshot {path} is corrupt ({err}); it was kept aside as {aside}. Opening "
+                           "the session again recovers what the journal holds; partial files stay in tmp/.",
+                           path) from err
+
+
+def _load_state(directory: str, readonly: bool = False) -> tuple[_SessionState, int, list[str]]:
+    """Snapshot + journal replay, streamed: (state, valid length of the journal to append after, problems). A snapshot
+    that cannot be read is kept aside (unless *readonly*) and reported once; a file of a newer bgsession is refused and
+    left untouched."""
+    snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, _JOURNAL_NAME)
+    snapshot = _read_snapshot(snap_path, readonly)
+    state = snapshot or _SessionState()
+    problems, state.problems = state.problems, []
+    reader = _JournalReader(journal_path)
+    records = reader.records()
+    header = next(records, None)
+    if header is not None:
         _check_version(header, journal_path)
-        gen = int(header.get("generation", 0)) if header.get("t") == "header" else 0
-        if gen < state.generation:
-            records, valid = [], 0  # already folded into the snapshot (crash during compaction)
-        elif gen > state.generation and raw is not None:
-            problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
-        state.generation = max(state.generation, gen)
-    state.replay(records)
-    state.replayed = len(records)
-    state.next_id = max(state.next_id, state.reserved)  # a task lost before its record leaves a gap
-    problems.extend(state.problems)
+        generation = header.get("generation", 0) if header.get("t") == "header" else 0
+        gen = generation if _is_count(generation) else 0
+        if gen >= state.generation:
+            if gen > state.generation and snapshot is not None:
+                problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
+            state.generation = gen
+            state.replay(itertools.chain([header], records))
+    valid = reader.valid if header is None or state.replayed else 0  # 0: folded into the snapshot already
+    problems.extend(reader.problems + state.problems)
     state.problems = []
+    state.next_id = max(state.next_id, state.reserved)  # a task lost before its record leaves a gap
     return state, valid, problems
 
 
@@ -1987,7 +2466,7 @@ class Journal:
         self.directory = os.path.abspath(os.fspath(directory))
 
     def state(self) -> _SessionState:
-        state, _, problems = _load_state(self.directory)
+        state, _, problems = _load_state(self.directory, readonly=True)
         state.problems = problems
         return state
 
@@ -1999,6 +2478,8 @@ class Journal:
         d = self.directory
         if not os.path.isdir(d):
             return [f"{d}: no such session directory"]
+        if not _is_session_dir(d):
+            return [f"{d}: not a bgsession session directory (no {_MARKER_NAME}, no journal)"]
         try:
             state = self.state()
         except JournalError as err:
@@ -2009,6 +2490,8 @@ class Journal:
             paths = [(d, _DIR_MODE)] + [(os.path.join(root, name), mode) for root, dirs, files in os.walk(d)
                                         for names, mode in ((dirs, _DIR_MODE), (files, _FILE_MODE)) for name in names]
             for path, want in paths:
+                if path.endswith(".handed"):
+                    continue  # a handed marker is a link to the delivered file: the app's mode is its business
                 with contextlib.suppress(FileNotFoundError):
                     st = os.lstat(path)
                     if not stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) != want:
@@ -2021,9 +2504,9 @@ class Journal:
                 referenced.add(t.resume_file)
             if t.phase is Phase.DELIVERING:
                 if t.file:
-                    # (a missing finished file whose finish event is not acknowledged is not a problem:
-                    # the hook moved it and died before the ack; recovery acknowledges it)
-                    referenced.add(t.file)
+                    # (a missing finished file whose finish event is not acknowledged is not a problem: the hook
+                    # moved it and died before the ack, or it vanished; recovery acknowledges or reports it)
+                    referenced.update((t.file, _handed_name(t.file)))
                 referenced.add(t.partial_name)
             else:
                 referenced.update((t.partial_name, t.done_name))  # .done: recovery takes it back
@@ -2033,7 +2516,7 @@ class Journal:
                                     f"but tmp/{t.partial_name} has {size}")
         if os.path.isdir(tmp):
             for name in sorted(os.listdir(tmp)):
-                if name not in referenced and not name.startswith("resume-"):
+                if name not in referenced and not _RESUME_NAME_RE.match(name):
                     problems.append(f"tmp/{name}: temp file that no live task refers to")
         return problems
 
@@ -2051,24 +2534,25 @@ def recovered_offset(file_size: int | None, durable_offset: int, record_boot: st
 
 
 def _parse_resume_data(data: bytes) -> tuple[dict[str, Any] | None, str]:
-    """Validate resume data: version, fields, and the partial file it refers to."""
-    if not data.startswith(_RESUME_MAGIC):
+    """Validate resume data (pure): version and fields. The partial file it names is only ever looked for inside the
+    session's tmp/, by a name bgsession gives such files (the engine checks it is there): crafted resume data cannot
+    hand any other file of the user to the session, nor to the finish hook."""
+    magic = next((m for m in _RESUME_MAGICS if data.startswith(m)), None)
+    if magic is None:
         return None, "resume data is not bgsession resume data (or of an unknown version)"
     try:
-        body = json.loads(data[len(_RESUME_MAGIC):])
+        body = json.loads(data[len(magic):])
+        _check_fields({k: body.get(k) for k in ("request", "validator", "total", "response")}, ("request",))
         request = Request._from_record(body["request"])
-        path, size = str(body["file"]), int(body["size"])
+        name, size = os.path.basename(str(body["file"])), body["size"]
+        if not _RESUME_NAME_RE.match(name) or not _is_count(size):
+            raise ValueError(f"it names no partial file of a session ({body['file']!r}, {size!r} bytes)")
         validator = body["validator"]
         if not isinstance(validator, dict) or not (validator.get("etag") or validator.get("last_modified")):
             raise ValueError("no validator")
     except (ValueError, KeyError, TypeError, BGSessionError) as err:
         return None, f"resume data is malformed ({err})"
-    actual = _size(path)
-    if actual is None:
-        return None, f"resume data is stale: its partial file {path} no longer exists"
-    if actual < size:
-        return None, f"resume data is stale: its partial file {path} has {actual} bytes, not {size}"
-    return {"request": request._to_record(), "file": path, "fields": {
+    return {"request": request._to_record(), "file": name, "fields": {
         "validator": validator, "total": body.get("total"), "durable_offset": size, "boot": None,
         "response": body.get("response")}}, ""
 
@@ -2089,9 +2573,8 @@ class _Store:
             self.tmp, self.tmp_sync = tempfile.mkdtemp(prefix="bgsession-"), _GroupSync(lambda: None)
             self.state, self.writer = _SessionState(), _MemoryWriter()
             return
-        _ensure_private_dir(directory)
+        _claim_session_dir(directory, identifier)
         self.tmp = os.path.join(directory, _TMP_DIR)
-        _ensure_private_dir(self.tmp)
         self.tmp_sync = _GroupSync(lambda: _fsync_dir(self.tmp))
         _acquire_lock(directory, _LOCK_NAME, identifier)
         try:
@@ -2108,21 +2591,37 @@ class _Store:
         for problem in problems:
             log.warning("session %s: %s", self.identifier, problem)
         journal = os.path.join(directory, _JOURNAL_NAME)
-        if any("unreadable line" in p for p in problems):
-            # compaction below rewrites the journal: keep the damaged one for a post-mortem
-            aside = _aside_name(journal)
-            shutil.copyfile(journal, aside)
-            os.chmod(aside, _FILE_MODE)
-            log.warning("session %s: damaged journal kept as %s", self.identifier, aside)
+        if problems:
+            # keep the damaged files as they were for a post-mortem, then fold what could be read into new
+            # ones at once: the next open is clean, and the kept files are never appended to or cut
+            for path in (journal, os.path.join(directory, _SNAPSHOT_NAME)):
+                self._keep_aside(path)
+            valid = self._fold()
         self.writer = _JournalWriter(journal, valid)
         if valid == 0:
             self.writer.append({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
         with self.lock:
             self._recover()
         self.writer.flush()
-        if self.state.replayed > 1 or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME)):
+        if not problems and (self.state.replayed > 1 or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME))):
             self.compact()  # fold the journal in (nothing to fold: keep the snapshot as it is)
         self.make_reserve()
+
+    def _keep_aside(self, path: str) -> None:
+        """Keep a damaged file as ``<name>.corrupt-<time>``: a hard link (no copy of a file that may be huge), or a
+        copy where the file system has no links."""
+        if not os.path.exists(path):
+            return
+        aside = _aside_name(path)
+        try:
+            os.link(path, aside)
+        except OSError:
+            try:
+                shutil.copyfile(path, aside)
+                os.chmod(aside, _FILE_MODE)
+            except OSError as err:
+                raise JournalError(f"cannot keep the damaged {path} aside: {err.strerror or err}", path) from err
+        log.warning("session %s: damaged %s kept as %s", self.identifier, os.path.basename(path), aside)
 
     # -- records ------------------------------------------------------------------------
     def record(self, task: _TaskRecord | None, record_type: str, /, **fields: Any) -> int:
@@ -2141,6 +2640,8 @@ class _Store:
                 self.delivered_at[task.id] = time.monotonic()
             elif task.phase is Phase.ACKNOWLEDGED:
                 self.delivered_at.pop(task.id, None)
+                if self.directory is None:
+                    del self.state.tasks[task.id]  # in memory there is no compaction to forget it: forget it now
         return int(self.writer.append(rec))
 
     def wait(self, ticket: int) -> None:
@@ -2183,18 +2684,28 @@ class _Store:
             return 0
         return self.record(task, "describe", description=description)
 
-    def consume_missing_finish(self, task: _TaskRecord) -> None:
-        """An owed finish event whose file is gone was handled: the finish hook moved the file and
-        the app died before its acknowledgement was durable. Acknowledge it instead of posting it
-        again (at recovery, and at attach for a daemon that outlived that app)."""
-        if task.file and "finish" in task.events() and not os.path.exists(self.path(task.file)):
+    def settle_missing_finish(self, task: _TaskRecord) -> None:
+        """An owed finish event whose file is gone (at recovery, and at attach for a daemon that outlived its app):
+        with its handed marker, the finish hook took the file and the app died before its acknowledgement was durable:
+        acknowledge it instead of posting it again. Without, it vanished before any hook saw it (a temp-file cleaner):
+        record that, and the complete event reports FILE_DOES_NOT_EXIST -- never a silent success."""
+        if not (task.file and "finish" in task.events()) or os.path.exists(self.path(task.file)):
+            return
+        if os.path.exists(self.path(_handed_name(task.file))):
             log.info("task %s: finished file was consumed by the finish hook; acknowledging", task.id)
             self.record(task, "ack", event="finish")
+            return
+        log.warning("task %s: its finished file tmp/%s vanished before it was delivered", task.id, task.file)
+        error = TransferError(ErrorCode.FILE_DOES_NOT_EXIST, f"the finished download (tmp/{task.file}) vanished "
+                              "from the session directory before it was delivered (removed by a temp-file "
+                              "cleaner?); download it again", url=task.request["url"])
+        self.record(task, "vanished", error=error._to_record())
 
     def release_files(self, task: _TaskRecord, event: str) -> None:
         """After the acknowledgement of *event* is durable: remove what the task no longer needs."""
         if task.file:
             _unlink_quietly(self.path(task.file))
+            _unlink_quietly(self.path(_handed_name(task.file)))
         if event == "complete":
             _unlink_quietly(self.path(task.partial_name))
 
@@ -2229,15 +2740,31 @@ class _Store:
         size = _size(path)
         if size is None:
             return None
-        body = {"url": task.request["url"], "request": task.request, "file": path, "size": size,
+        body = {"url": task.request["url"], "request": task.request, "file": task.resume_file, "size": size,
                 "validator": task.validator, "total": task.total, "response": task.response,
                 "identifier": self.identifier}
         return _RESUME_MAGIC + json.dumps(body, sort_keys=True).encode("utf-8")
 
-    def adopt_partial(self, task: _TaskRecord, path: str) -> bool:
-        """Take the partial file that resume data refers to as *task*'s own."""
+    def resume_fields(self, resume: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The fields a new task takes from parsed resume data (see _parse_resume_data): what the partial file
+        holds, or the ``problem`` that fails the task at resume() -- bad data, or a partial file that is not (or no
+        longer whole) in this session's tmp/."""
+        if not resume:
+            return {}
+        if resume.get("invalid"):
+            return {"problem": resume["invalid"]}
+        name, size = resume["file"], resume["fields"]["durable_offset"]
+        actual = _size(self.path(name))
+        if actual is None:
+            return {"problem": f"resume data is stale: its partial file {name} is not in this session any more"}
+        if actual < size:
+            return {"problem": f"resume data is stale: its partial file {name} has {actual} bytes, not {size}"}
+        return dict(resume["fields"])
+
+    def adopt_partial(self, task: _TaskRecord, name: str) -> bool:
+        """Take the partial file (in tmp/) that resume data refers to as *task*'s own."""
         try:
-            _vfs.replace(path, self.path(task.partial_name))
+            _vfs.replace(self.path(name), self.path(task.partial_name))
             self.tmp_sync.sync()
         except OSError as err:
             log.warning("task %s: resume file unusable (%s); it will start from zero", task.id, err)
@@ -2259,7 +2786,7 @@ class _Store:
             elif task.phase in (Phase.QUEUED, Phase.SCHEDULED, Phase.SUSPENDED) and task.kind == "download":
                 self.offsets[task.id] = self._recover_partial(task)
             elif task.phase is Phase.DELIVERING:
-                self.consume_missing_finish(task)
+                self.settle_missing_finish(task)
                 self.delivered_at[task.id] = time.monotonic()
         self._clean_tmp()
 
@@ -2280,18 +2807,20 @@ class _Store:
         return keep
 
     def _clean_tmp(self) -> None:
+        """Remove what bgsession left in tmp/ and no task needs: only names it gives files (anything else there is
+        not its to delete)."""
         live = {t.id for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED}
         keep_names = {t.resume_file for t in self.state.tasks.values() if t.resume_file}
         now = time.time()
         for name in os.listdir(self.tmp):
             path = self.path(name)
-            if name.startswith("resume-"):
+            if _RESUME_NAME_RE.match(name):
                 with contextlib.suppress(OSError):
                     if name not in keep_names and now - os.path.getmtime(path) > RESUME_FILE_TTL:
                         _vfs.unlink(path)
                 continue
-            stem = name.split(".", 1)[0]
-            if stem.isdigit() and int(stem) not in live:
+            ours = _TMP_NAME_RE.match(name)
+            if ours and int(ours.group(1)) not in live:
                 with contextlib.suppress(OSError):
                     _vfs.unlink(path)  # left behind by a kill after its acknowledgement
 
@@ -2302,13 +2831,19 @@ class _Store:
             return
         with self.lock:
             self.writer.flush()
-            self.state.generation += 1
-            for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
-                del self.state.tasks[tid]
-            _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
-            header = _dumps({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
-            _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
-            self.writer.reopen(len(header))
+            self.writer.reopen(self._fold())
+
+    def _fold(self) -> int:
+        """Write the state as a new snapshot (generation + 1), then a fresh journal (new files, renamed over the
+        old ones); returns the journal's length."""
+        assert self.directory is not None
+        self.state.generation += 1
+        for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
+            del self.state.tasks[tid]
+        _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
+        header = _dumps({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
+        _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
+        return len(header)
 
     def maybe_compact(self) -> None:
         """Compact once the journal holds DEFAULT_COMPACT_RECORDS records (called without ``lock``)."""
@@ -2385,8 +2920,96 @@ LIMIT_CHUNK_SECONDS = 0.05
 #: limit applies after at most this.
 LIMIT_SLICE_SECONDS = 0.1
 
+#: The ``done`` of a task no attempt runs for: set, shared (an Event per task costs ~0.5 KiB).
+_SETTLED = threading.Event()
+_SETTLED.set()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's socket as its response reads it (the socket's own raw reader, which keeps the socket open while
+    the response needs it), each read armed first by the connection (see _BoundedHTTP.arm)."""
+
+    def __init__(self, conn: _BoundedHTTP, sock: socket.socket) -> None:
+        super().__init__()
+        self._conn, self._sock, self._raw = conn, sock, sock.makefile("rb", buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._conn.arm(self._sock)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _BoundedResponse(http.client.HTTPResponse):
+    """An HTTPResponse that reads through a _DeadlineReader (http.client only asks its socket for makefile())."""
+
+    class _Socket:
+        def __init__(self, conn: _BoundedHTTP, sock: socket.socket) -> None:
+            self._conn, self._sock = conn, sock
+
+        def makefile(self, mode: str) -> io.BufferedReader:
+            return io.BufferedReader(_DeadlineReader(self._conn, self._sock))
+
+    def __init__(self, conn: _BoundedHTTP, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cast(socket.socket, self._Socket(conn, sock)), *args, **kwargs)
+
+
+class _BoundedHTTP(http.client.HTTPConnection):
+    """An http.client connection whose every socket wait -- connect, each send, each read of the response head and
+    body -- ends by ``deadline`` (a time.monotonic()), as well as after ``timeout`` seconds without a byte. A server
+    that drips one byte a second resets a socket timeout forever; it cannot move the deadline, which the transfer
+    sets per phase (see _HTTP.send). The response reads through a _DeadlineReader, which re-arms the socket before
+    each read."""
+
+    deadline = math.inf
+    deadline_reason = "timeout_for_resource exceeded"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_class = functools.partial(_BoundedResponse, self)  # type: ignore[assignment]
+
+    def set_deadline(self, deadline: float, reason: str) -> None:
+        self.deadline, self.deadline_reason = deadline, reason
+
+    def arm(self, sock: socket.socket) -> None:
+        """Before a socket wait: its timeout is ``timeout``, or what is left of the phase once that is less than half
+        of it. (A wait may so end up to half a ``timeout`` late, never later; a phase bounded by ``timeout`` itself
+        ends on time. And a socket is re-armed -- a system call -- only near a deadline, not at every read.)"""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed(self.deadline_reason)
+        wanted = left if left < self.timeout / 2 else self.timeout  # type: ignore[operator]
+        if sock.gettimeout() != wanted:
+            sock.settimeout(wanted)
+
+    def connect(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed(self.deadline_reason)
+        timeout, self.timeout = self.timeout, min(self.timeout, left)  # type: ignore[type-var]
+        try:
+            super().connect()
+        finally:
+            self.timeout = timeout
+
+    def send(self, data: Any) -> None:
+        if self.sock is not None:
+            self.arm(self.sock)
+        super().send(data)
+
+
+class _BoundedHTTPS(_BoundedHTTP, http.client.HTTPSConnection):
+    """_BoundedHTTP over TLS."""
+
+
 _Origin = tuple[str, str, int]
-_Held = dict[_Origin, http.client.HTTPConnection]  # an attempt's connections, by origin
+_Held = dict[_Origin, _BoundedHTTP]  # an attempt's connections, by origin
 _Answer = tuple[AuthChallengeDisposition, Union[Credential, None]]  # a challenge hook's answer
 
 
@@ -2486,7 +3109,7 @@ class _Live:
     __slots__ = (
         "auth_header", "auth_origin", "control", "done", "due", "events_ready", "expected", "expected_send",
         "failures", "limit", "offset", "progress_at", "progress_pending", "rate", "rate_at", "rate_bytes",
-        "rerequest", "retry", "secret_headers", "sent", "worker",
+        "rerequest", "retry", "secret_headers", "sent", "url_credentials", "worker",
     )
 
     def __init__(self, retry: Retry, offset: int = 0, expected: int = -1, limit: int | None = None) -> None:
@@ -2494,6 +3117,7 @@ class _Live:
         self.limit = _RateLimit(limit)  # the task's own bandwidth limit
         self.sent, self.expected_send = 0, -1
         self.secret_headers: tuple[tuple[str, str], ...] = ()
+        self.url_credentials: dict[_Origin, Credential] = {}  # a URL's user:password@, by origin (memory only)
         self.auth_header: str | Callable[[str, str], str] | None = None
         self.auth_origin: _Origin | None = None
         self.failures: dict[tuple[str, int, str | None, str], int] = {}
@@ -2505,7 +3129,7 @@ class _Live:
         self.control: _Control | None = None
         self.worker = False  # an attempt runs (or is settling)
         self.events_ready = True  # False while the outcome's record is not yet durable
-        self.done = threading.Event()  # the current attempt settled
+        self.done = _SETTLED  # the current attempt settled (a fresh Event per attempt)
 
 
 class _ConnectionPool:
@@ -2517,7 +3141,7 @@ class _ConnectionPool:
     def __init__(self, config: Configuration) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._idle: dict[_Origin, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: dict[_Origin, list[tuple[float, _BoundedHTTP]]] = {}
         self._idle_count = 0
         self._held = 0  # connections in attempts' *held* (closed ones too, until released)
         self._ssl: ssl.SSLContext | None = None  # created once: loading the CA store is slow
@@ -2525,7 +3149,7 @@ class _ConnectionPool:
     def configure(self, config: Configuration) -> None:
         self.config, self._ssl = config, None
 
-    def get(self, url: str, held: _Held, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+    def get(self, url: str, held: _Held, fresh: bool) -> tuple[_BoundedHTTP, bool]:
         """A connection for *url*'s origin: the attempt's own, an idle one, or a new one.
         Returns it and whether it was used before (a dead keep-alive may need a retry)."""
         key = _origin(url)
@@ -2558,7 +3182,7 @@ class _ConnectionPool:
                 with self._lock:
                     self._held -= 1
 
-    def _take(self, key: _Origin) -> http.client.HTTPConnection | None:
+    def _take(self, key: _Origin) -> _BoundedHTTP | None:
         now = time.monotonic()
         with self._lock:
             idle = self._idle.get(key, [])
@@ -2570,7 +3194,7 @@ class _ConnectionPool:
                 conn.close()
         return None
 
-    def _new(self, key: _Origin) -> http.client.HTTPConnection:
+    def _new(self, key: _Origin) -> _BoundedHTTP:
         with self._lock:  # room for one more: close idle connections, the oldest first
             while self._idle_count and self._idle_count + self._held > self.config.max_concurrent_transfers:
                 oldest = min((idle for idle in self._idle.values() if idle), key=lambda idle: idle[0][0])
@@ -2581,8 +3205,8 @@ class _ConnectionPool:
         if scheme == "https":
             if self._ssl is None:
                 self._ssl = self.config.ssl_context or ssl.create_default_context()
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
-        return http.client.HTTPConnection(host, port, timeout=timeout)
+            return _BoundedHTTPS(host, port, timeout=timeout, context=self._ssl)
+        return _BoundedHTTP(host, port, timeout=timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -2600,6 +3224,7 @@ class _TransferHost(Protocol):
     def post(self, event: ProgressEvent) -> None: ...
     def ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge) -> _Answer: ...
     def resource_expired(self, task: _TaskRecord) -> bool: ...
+    def resource_left(self, task: _TaskRecord) -> float: ...
 
 
 class _Authenticator:
@@ -2626,6 +3251,8 @@ class _Authenticator:
                 return False
             with self._lock:
                 cred = self._credentials.get(key) if failures == 0 else None
+            if cred is None and failures == 0:
+                cred = live.url_credentials.get(origin)  # the URL's user:password@
             if cred is None:
                 space = ProtectionSpace(origin[1], origin[2], realm, scheme, origin[0])
                 disposition, cred = self._host.ask(task, control, AuthChallenge(space, failures,
@@ -2672,23 +3299,27 @@ class _HTTP:
     def exchange(self, task: _TaskRecord, control: _Control, held: _Held, ex: _Exchange,
                  extra: Mapping[str, str] | None = None,
                  body: Callable[[http.client.HTTPConnection], None] | None = None
-                 ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, _Exchange, RangePlan | None]:
+                 ) -> tuple[http.client.HTTPResponse, _BoundedHTTP, _Exchange, RangePlan | None]:
         """Send until next_step() accepts a response; returns it, its connection, where the
-        exchange ended (its URL) and, for downloads, the range plan."""
+        exchange ended (its URL) and, for downloads, the range plan. Every phase ends by the
+        task's timeout_for_resource (see send)."""
+        deadline = time.monotonic() + self.host.resource_left(task)
         while True:
             headers = self.headers(task, ex.url, ex.method, {**ex.request_headers(), **(extra or {})})
-            resp, conn = self.send(control, ex.url, ex.method, held, headers, body)
+            resp, conn = self.send(control, ex.url, ex.method, held, headers, body, deadline)
             hdrs = Headers(resp.getheaders())
             step = next_step(ex, resp.status, hdrs)
             if isinstance(step, _Authenticate):
                 if self.auth.respond(task, control, ex.url, step.offers, hdrs):
-                    self.drain(resp, conn)
+                    self.drain(resp, conn, deadline)
                     continue
                 step = next_step(dataclasses.replace(ex, auth_declined=True), resp.status, hdrs)
             if isinstance(step, _Accept):
                 return resp, conn, ex, step.plan
-            self.drain(resp, conn)
+            self.drain(resp, conn, deadline)
             if isinstance(step, _FollowRedirect):
+                if step.credential is not None:  # the Location's user:password@, for its origin, in memory
+                    task.live.url_credentials[_origin(step.url)] = step.credential
                 self.host.record(task, "redirect", url=step.url)
                 ex = dataclasses.replace(ex, url=step.url, redirects=ex.redirects + 1)
             elif isinstance(step, _AskAgain):
@@ -2712,10 +3343,21 @@ class _HTTP:
         headers.update(extra)
         return headers
 
+    def _bound(self, conn: _BoundedHTTP, deadline: float, phase: str | None = None) -> None:
+        """The deadline of the next phase on *conn*: the resource's, or (a *phase* named) timeout_for_request for
+        the whole of it, if that ends first."""
+        limit = time.monotonic() + self.config.timeout_for_request
+        if phase is None or deadline <= limit:
+            conn.set_deadline(deadline, "timeout_for_resource exceeded")
+        else:
+            conn.set_deadline(limit, f"{phase} did not arrive whole within timeout_for_request")
+
     def send(self, control: _Control, url: str, method: str, held: _Held, headers: Mapping[str, str],
-             body: Callable[[http.client.HTTPConnection], None] | None = None
-             ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
-        """Send one request; a reused keep-alive connection that turns out dead is replaced once."""
+             body: Callable[[http.client.HTTPConnection], None] | None = None, deadline: float = math.inf
+             ) -> tuple[http.client.HTTPResponse, _BoundedHTTP]:
+        """Send one request; a reused keep-alive connection that turns out dead is replaced once. Connecting and
+        sending end by *deadline* (the resource's), the response head within timeout_for_request as well; the body
+        is left bounded by *deadline*."""
         parts = urllib.parse.urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for attempt in (0, 1):
@@ -2723,6 +3365,7 @@ class _HTTP:
             c, reused = self.connections.get(url, held, attempt == 1)
             control.conn = c
             try:
+                self._bound(c, deadline)
                 c.putrequest(method, target, skip_accept_encoding=True)
                 for k, v in headers.items():
                     c.putheader(k, v)
@@ -2732,7 +3375,10 @@ class _HTTP:
                 control.check()
                 if body is not None:
                     body(c)
-                return c.getresponse(), c
+                self._bound(c, deadline, "the response head")
+                resp = c.getresponse()
+                self._bound(c, deadline)
+                return resp, c
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     ConnectionAbortedError, http.client.ImproperConnectionState) as err:
                 c.close()
@@ -2750,9 +3396,10 @@ class _HTTP:
                 raise _AttemptEnded(_Interrupted(*Retry.classify(err))) from err
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def drain(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
-        """Read and discard a small body so the connection can be reused; close it otherwise."""
+    def drain(self, resp: http.client.HTTPResponse, conn: _BoundedHTTP, deadline: float = math.inf) -> None:
+        """Read and discard a small body (within timeout_for_request, whatever its pace) so the connection can be
+        reused; close it otherwise."""
+        self._bound(conn, deadline, "a discarded body (redirect, error page)")
         with contextlib.suppress(OSError, http.client.HTTPException):
             if resp.length is not None and resp.length <= _DISCARD_LIMIT:
                 resp.read()
@@ -2793,12 +3440,16 @@ class _Transfer:
                 return dataclasses.replace(outcome, progressed=task.kind == "download" and live.offset > start)
             return outcome
         except OSError as err:
-            if task.kind == "download":
+            if task.kind == "download" and err.errno not in EXHAUSTED_ERRNOS:
                 raise  # an I/O error on the partial file: the worker reports it
-            return _Interrupted(*Retry.classify(err))
+            return _Interrupted(*Retry.classify(err))  # (out of descriptors: retried, like a lost connection)
         finally:
             if fd >= 0:
                 _vfs.close(fd)
+
+    def _secret(self, task: _TaskRecord) -> tuple[str, ...]:
+        """The header names marked secret for *task* (the configuration's and its request's)."""
+        return (*self.http.config.secret_headers, *task.request.get("secret_headers", ()))
 
     # -- downloads ---------------------------------------------------------------------------
     def _open_partial(self, task: _TaskRecord) -> int:
@@ -2809,6 +3460,8 @@ class _Transfer:
                 _vfs.replace(done, part)  # finished just as it was suspended: the file is whole
             return _open_private(part, os.O_RDWR | os.O_CREAT)
         except OSError as err:
+            if err.errno in EXHAUSTED_ERRNOS:
+                raise
             raise _fail(ErrorCode.CANNOT_CREATE_FILE, f"cannot create {part}: {err}", task.current_url) from err
 
     def _download(self, task: _TaskRecord, control: _Control, held: _Held, buf: bytearray, fd: int) -> _Finished:
@@ -2824,22 +3477,25 @@ class _Transfer:
             response = Response(ex.url, resp.status, Headers(resp.getheaders()))
             if plan.action == "complete":
                 self.http.drain(resp, conn)
-                return self._finalize(task, fd, _entity_response(task.response or response._to_record()))
+                return self._finalize(task, fd, _entity_response(task.response or
+                                                                 response._to_record(self._secret(task))))
             if self._write_body(task, control, resp, fd, buf, response, plan, size):
-                return self._finalize(task, fd, _entity_response(response._to_record()))
-            size = live.offset  # a shorter range than asked: ask for the rest
+                return self._finalize(task, fd, _entity_response(response._to_record(self._secret(task))))
+            conn.close()  # the body ended early: that connection is done
+            size = live.offset  # a shorter range than asked, which advanced the file: ask for the rest
 
     def _write_body(self, task: _TaskRecord, control: _Control, resp: http.client.HTTPResponse, fd: int,
                     buf: bytearray, response: Response, plan: RangePlan, size: int) -> bool:
         """Write an accepted response's body at ``plan.start``. True: the entity is complete;
-        False: the server sent less and a Range request may fetch the rest."""
+        False: the server sent less, and a Range request may fetch the rest (after_body decides)."""
         live = task.live
+        held_before = live.offset
         had_data = size > plan.start or live.offset > plan.start
         if had_data:
             _vfs.truncate(fd, plan.start)
         validator = resume_validator(response.headers) if plan.resumable else None
-        ticket = self.host.record(task, "response", response=response._to_record(), start=plan.start,
-                                  total=plan.total, validator=validator, boot=_BOOT_ID)
+        ticket = self.host.record(task, "response", response=response._to_record(self._secret(task)),
+                                  start=plan.start, total=plan.total, validator=validator, boot=_BOOT_ID)
         if had_data and plan.start == 0:
             self.store.wait(ticket)  # a restart is durable before its first byte
         live.offset, live.rerequest = plan.start, False
@@ -2847,15 +3503,12 @@ class _Transfer:
         if plan.reason:
             log.info("task %s: restarting from zero: %s", task.id, plan.reason)
         self._stream(task, control, resp, fd, buf)
-        if plan.total is not None and live.offset < plan.total:
-            if task.validator is None:
-                raise _AttemptEnded(_Interrupted(ErrorCode.NETWORK_CONNECTION_LOST,
-                                                 f"body ended at {live.offset} of {plan.total} bytes"))
-            return False
-        if plan.total is not None and live.offset > plan.total:
-            raise _fail(ErrorCode.BAD_SERVER_RESPONSE, f"server sent {live.offset} bytes of a "
-                        f"{plan.total}-byte entity", response.url, keep_partial=False)
-        return True
+        end = after_body(held_before, live.offset, plan.total, task.validator is not None)
+        if isinstance(end, (_Interrupted, _Failed)):
+            if isinstance(end, _Failed):
+                end.error.url = response.url
+            raise _AttemptEnded(end)
+        return isinstance(end, _Complete)
 
     def _stream(self, task: _TaskRecord, control: _Control, resp: http.client.HTTPResponse, fd: int,
                 buf: bytearray) -> None:
@@ -2870,7 +3523,10 @@ class _Transfer:
                 data = read(allowed)
                 self._give_back(task, allowed - len(data))
                 if not data:
-                    resp.read()  # marks the response done, so the keep-alive connection can be reused
+                    if resp.length:  # closed before the announced end: never resp.read() that rest (http.client
+                        resp.close()  # would allocate it whole: a MemoryError for tens of GB); the caller resumes
+                    else:
+                        resp.read()  # marks the response done, so the keep-alive connection can be reused
                     break
             except (OSError, http.client.HTTPException) as err:
                 control.check()
@@ -2970,6 +3626,8 @@ class _Transfer:
             _vfs.replace(self.store.path(task.partial_name), self.store.path(task.done_name))
             self.store.tmp_sync.sync()
         except OSError as err:
+            if err.errno in EXHAUSTED_ERRNOS:
+                raise  # retried (attempt)
             raise _fail(ErrorCode.CANNOT_WRITE_TO_FILE, f"cannot finish the file: {err}", task.current_url) from err
         return _Finished(task.done_name, response)
 
@@ -3016,7 +3674,7 @@ class _Transfer:
         finally:
             _vfs.close(fd)
         self.store.tmp_sync.sync()
-        return _Finished(name, Response(ex.url, resp.status, Headers(resp.getheaders()))._to_record())
+        return _Finished(name, Response(ex.url, resp.status, Headers(resp.getheaders()))._to_record(self._secret(task)))
 
     def _send_file(self, task: _TaskRecord, control: _Control, conn: http.client.HTTPConnection, path: str,
                    st: os.stat_result) -> None:
@@ -3329,7 +3987,7 @@ def _checked_answer(answer: Any) -> _Answer:
     return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
 
 
-def _task_info(task: _TaskRecord, store: _Store) -> TaskInfo:
+def _task_info(task: _TaskRecord, store: _Store | None) -> TaskInfo:
     """A task's record and live state as the value that crosses boundaries."""
     live = task.live
     return TaskInfo(
@@ -3339,8 +3997,9 @@ def _task_info(task: _TaskRecord, store: _Store) -> TaskInfo:
         expected=live.expected if live and live.expected >= 0 else (-1 if task.total is None else task.total),
         sent=live.sent if live else 0, expected_send=live.expected_send if live else -1,
         rate=round(live.rate, 1) if live and task.phase is Phase.TRANSFERRING else 0.0, events=tuple(task.events()),
-        body_path=(store.path(task.file) if task.kind == "upload" and task.file and task.phase is Phase.DELIVERING
-                   else None), priority=task.priority, begin=task.begin, limit=task.limit)
+        body_path=(store.path(task.file) if store is not None and task.kind == "upload" and task.file
+                   and task.phase is Phase.DELIVERING else None), priority=task.priority, begin=task.begin,
+        limit=task.limit)
 
 
 class _Outbox:
@@ -3457,20 +4116,24 @@ class _Engine:
         self.transfer = _Transfer(config, self.store, self, self.connections)
         self.scheduler = _Scheduler(self.lock, self.clock, config, self._work, self._due)
         self.planner = _Planner(self.store, self.scheduler, self.clock, self.transfer.session_limit)
-        with self.lock:
-            self.planner.configure(config)
-            for task in self.store.state.tasks.values():
-                task.live = _Live(config.retry, self.store.offsets.get(task.id, 0),
-                                  task.total if task.total is not None else -1, task.limit)
-                if task.phase in (Phase.QUEUED, Phase.SCHEDULED):
-                    self.planner.queue(task)
+        try:
+            with self.lock:
+                self.planner.configure(config)
+                for task in self.store.state.tasks.values():
+                    task.live = _Live(config.retry, self.store.offsets.get(task.id, 0),
+                                      task.total if task.total is not None else -1, task.limit)
+                    if task.phase in (Phase.QUEUED, Phase.SCHEDULED):
+                        self.planner.queue(task)
+        except BaseException:
+            self.close()  # releases the session lock: a failed open never keeps the identifier
+            raise
 
     # -- the app<->engine interface ---------------------------------------------------------
     def new_task(self, kind: str, request: Request, description: str | None, upload_path: str | None = None,
                  resume: Mapping[str, Any] | None = None) -> TaskInfo:
-        """A new suspended task, with its info (resume: parsed resume data, see _parse_resume_data)."""
-        if description is not None and not isinstance(description, str):
-            raise _invalid("task description must be a str or None")
+        """A new suspended task, with its info (resume: parsed resume data, see _parse_resume_data). Its secrets
+        (secret headers, the URL's userinfo) stay in this process's memory."""
+        _check_description(description)
         upload = None
         if upload_path is not None:
             st = os.stat(upload_path)
@@ -3478,19 +4141,20 @@ class _Engine:
         with self.lock:
             self._check_open()
             tid, reserve_ticket = self.store.new_id()
-            fields: dict[str, Any] = {"kind": kind, "request": request._to_record(), "description": description,
-                                      "created": self.clock.time(), "upload": upload, **request._task_options()}
-            if resume and resume.get("invalid"):
-                fields["problem"] = resume["invalid"]
-            elif resume:
-                fields.update(resume.get("fields", {}))
+            fields: dict[str, Any] = {"kind": kind, "request": request._to_record(self.config.secret_headers),
+                                      "description": description, "created": self.clock.time(), "upload": upload,
+                                      **request._task_options()}
+            fields.update(self.store.resume_fields(resume))
             ticket = self.store.record(None, "task", id=tid, **fields)
             task = self.store.state.tasks[tid]
             task.live = _Live(self.config.retry)
-            task.live.secret_headers = request._secret_headers()
+            task.live.secret_headers = request._secret_headers(self.config.secret_headers)
+            credential = request._credential()
+            if credential is not None:
+                task.live.url_credentials[_origin(request.url)] = credential
             if upload:
                 task.live.expected_send = upload["size"]
-            if resume and resume.get("file") and self.store.adopt_partial(task, resume["file"]):
+            if resume and not task.problem and self.store.adopt_partial(task, resume["file"]):
                 task.live.offset = int(resume["fields"].get("durable_offset", 0))
                 task.live.expected = task.total if task.total is not None else -1
         self.store.wait(ticket if self.durable_create else reserve_ticket)
@@ -3555,8 +4219,7 @@ class _Engine:
             return self.store.resume_data(task) if produce_resume_data else None
 
     def describe(self, tid: int, description: str | None) -> None:
-        if description is not None and not isinstance(description, str):
-            raise _invalid("task description must be a str or None")
+        _check_description(description)
         self._change(tid, lambda task: self.store.describe(task, description))
 
     def set_priority(self, tid: int, priority: float) -> None:
@@ -3590,7 +4253,10 @@ class _Engine:
 
     def task_info(self, tid: int) -> TaskInfo:
         with self.lock:
-            return _task_info(self._task(tid), self.store)
+            task = self.store.state.tasks.get(tid)
+            if task is None:
+                raise InvalidArgumentError(f"no task {tid} in this session (ended and forgotten, or never made)")
+            return _task_info(task, self.store)
 
     def tasks(self) -> list[TaskInfo]:
         """Every task not yet acknowledged."""
@@ -3614,7 +4280,7 @@ class _Engine:
             self.outbox.bind(sink)
             backlog = [t for t in self.store.state.backlog() if t.live.events_ready]
             for task in backlog:
-                self.store.consume_missing_finish(task)
+                self.store.settle_missing_finish(task)
                 self.outbox.post_task_events(task)
             waiting = {t.id for t in self.store.state.tasks.values() if t.phase in (  # (not a scheduled one)
                 Phase.QUEUED, Phase.TRANSFERRING, Phase.WAITING_RETRY, Phase.CANCELING)} if wait_for_active else set()
@@ -3682,6 +4348,9 @@ class _Engine:
 
     def resource_expired(self, task: _TaskRecord) -> bool:
         return task.resource_expired(self.clock.time(), self.config.timeout_for_resource)
+
+    def resource_left(self, task: _TaskRecord) -> float:
+        return task.resource_left(self.clock.time(), self.config.timeout_for_resource)
 
     # -- running tasks ------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -3791,10 +4460,14 @@ class _Engine:
 
     # -- helpers (under the lock) ----------------------------------------------------------------
     def _task(self, tid: int) -> _TaskRecord:
-        try:
-            return self.store.state.tasks[tid]
-        except KeyError:
-            raise InvalidArgumentError(f"no task {tid} in this session") from None
+        """The task *tid*; one that ended and was forgotten (compacted away) comes back as a finished record, so that
+        resume(), suspend() and cancel() of a completed task do nothing, as on iOS."""
+        task = self.store.state.tasks.get(tid)
+        if task is not None:
+            return task
+        if isinstance(tid, int) and 0 < tid < self.store.state.next_id:
+            return _TaskRecord({"id": tid, "request": {"url": ""}, "phase": Phase.ACKNOWLEDGED.value})
+        raise InvalidArgumentError(f"no task {tid} in this session")
 
     def _check_open(self) -> None:
         if self.closed:
@@ -3874,16 +4547,17 @@ class _Codec:
 
 
 def _request_to_wire(request: Request) -> dict[str, Any]:
-    # secret headers travel over the 0700 socket into the daemon's memory, never to a disk
-    return {**request._to_record(), "secret": [list(p) for p in request._secret_headers()],
+    # secret headers and the URL's userinfo travel over the 0700 socket into the daemon's memory, never to a disk
+    return {**request._to_record(), "url": request.url, "secret": [list(p) for p in request._secret_headers()],
             "priority": request.priority, "begin": _begin_timestamp(request.earliest_begin_date)}
 
 
 def _request_from_wire(wire: Mapping[str, Any]) -> Request:
     headers = dict(wire.get("headers") or [])
     headers.update(dict(wire.get("secret") or []))
-    return Request(wire["url"], wire.get("method", "GET"), headers, wire.get("sha256"), wire.get("priority"),
-                   wire.get("begin"))
+    return Request(wire["url"], wire.get("method", "GET"), headers, wire.get("sha256"),
+                   priority=wire.get("priority"), earliest_begin_date=wire.get("begin"),
+                   secret_headers=tuple(wire.get("secret_headers") or ()))
 
 
 _PLAIN = _Codec(lambda value: value, lambda value: value)
@@ -4290,6 +4964,11 @@ class _Delivery:
         session = self.session
         task = session._task_object(event.task_id, event.info)
         if isinstance(event, FinishedEvent):
+            if not self._hand(event.location):
+                log.warning("task %s: its finished file %s vanished before delivery; it is reported when the session "
+                            "is next opened", event.task_id, event.location)
+                self.held.add(event.task_id)
+                return
             ok, _ = self._hook("download_task_did_finish_downloading", session, task, event.location)
             kind = "finish"
         else:
@@ -4305,6 +4984,29 @@ class _Delivery:
             for k in ("finish", "complete"):
                 self.returned.discard((event.task_id, k))
                 self.queued.discard((event.task_id, k))
+            session._forget(event.task_id)
+
+    @staticmethod
+    def _hand(location: str) -> bool:
+        """Before the finish hook gets *location*: mark it handed (see _handed_name), so that the file gone later means
+        the hook took it; False if the file is gone already (the engine reports it at the next attach). The marker is
+        a hard link to the file: one system call on this serial thread, which also proves the file is there (an empty
+        file where the file system has no hard links)."""
+        marker = _handed_name(location)
+        try:
+            _vfs.link(location, marker)
+            return True
+        except FileExistsError:
+            return os.path.exists(location)  # handed before (a redelivery)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE))
+        except OSError as err:  # then a hook that moves the file and dies before its ack reads as a vanished file
+            log.warning("cannot mark %s as handed to the finish hook: %s", location, err)
+        return os.path.exists(location)
 
 
 class Session:
@@ -4368,6 +5070,12 @@ class Session:
             with self._objects_lock:
                 obj = self._objects.setdefault(tid, obj)
         return obj
+
+    def _forget(self, tid: int) -> None:
+        """The task completed and its events were delivered: the session no longer holds its Task object (the
+        app may: it keeps its last state)."""
+        with self._objects_lock:
+            self._objects.pop(tid, None)
 
     def _new_task_object(self, kind: str, request: Request, description: str | None, **extra: Any) -> Task:
         info = self._backend.new_task(kind, request, description, **extra)
@@ -4755,7 +5463,8 @@ def _config_from_wire(wire: Mapping[str, Any]) -> Configuration:
         for der in tls.get("cadata", []):
             ctx.load_verify_locations(cadata=base64.b64decode(der))
     values.update(retry=Retry(**retry), headers=Headers(tuple(p) for p in wire.get("headers", [])), ssl_context=ctx,
-                  relaunch_command=tuple(wire["relaunch_command"]) if wire.get("relaunch_command") else None)
+                  relaunch_command=tuple(wire["relaunch_command"]) if wire.get("relaunch_command") else None,
+                  secret_headers=_check_secret_names(wire.get("secret_headers"), "secret_headers"))
     return Configuration(**values)
 
 
@@ -4929,6 +5638,11 @@ DEFAULT_RELAUNCH_BACKOFF = 1.0
 RELAUNCH_BACKOFF_MAX = 600.0
 #: At most this many relaunches an hour.
 RELAUNCH_MAX_PER_HOUR = 20
+#: Relaunches in a row that acknowledge nothing before the daemon stops relaunching (a delivery that cannot succeed
+#: must end, not loop): the events wait in the journal for the app's next start, and the daemon exits when idle.
+RELAUNCH_MAX_FAILURES = 8
+#: daemon.log is rotated past this size (the previous one kept as daemon.log.1): at most about twice this on disk.
+DAEMON_LOG_MAX_BYTES = 1 << 20
 
 
 def _process_start_token(pid: int) -> str | None:
@@ -5037,8 +5751,14 @@ class _Relauncher:
         self._next_at = 0.0
         self._times: collections.deque[float] = collections.deque()
 
+    @property
+    def gave_up(self) -> bool:
+        return self._failures >= RELAUNCH_MAX_FAILURES
+
     def tick(self) -> None:
         self._reap()
+        if self._failures and self.child is None and self.engine.status().acks != self._child_acks:
+            self._failures = 0  # an app (started by the user) acknowledged events: relaunching works again
         self._maybe_launch()
 
     def _backoff(self) -> float:
@@ -5052,8 +5772,13 @@ class _Relauncher:
         if status.acks == self._child_acks and not status.attached:
             self._failures += 1
             self._next_at = time.monotonic() + self._backoff()
-            log.warning("relaunched app (pid %s) exited with %s without acknowledging any event; next relaunch "
-                        "in %.1fs", child.pid, child.returncode, self._backoff())
+            if self.gave_up:
+                log.error("relaunched app (pid %s) exited with %s without acknowledging any event, %d times in a "
+                          "row: no more relaunches; the events wait in the journal for the app's next start",
+                          child.pid, child.returncode, self._failures)
+            else:
+                log.warning("relaunched app (pid %s) exited with %s without acknowledging any event; next "
+                            "relaunch in %.1fs", child.pid, child.returncode, self._backoff())
         else:
             self._failures = 0
         self.child = None
@@ -5084,7 +5809,7 @@ class _Relauncher:
         config = self.engine.config
         cmd = config.relaunch_command
         now = time.monotonic()
-        if not cmd or self.child is not None or now < self._next_at:
+        if not cmd or self.child is not None or now < self._next_at or self.gave_up:
             return
         # an app opening the session (holding app.lock) gets the events: no second app. Asked
         # last: the state answers "no" from memory on most ticks, without touching the lock file
@@ -5146,7 +5871,10 @@ class _DaemonServer:
                     if self.stop.is_set():
                         break
                     log.warning("accept failed: %s", err)
+                    if err.errno in EXHAUSTED_ERRNOS:
+                        self.stop.wait(0.25)  # out of descriptors: a pause, not a busy loop
                 self.relauncher.tick()
+                self._rotate_log()
                 if self._idle_expired():
                     log.info("idle for %.1fs with nothing to do: exiting", self.engine.config.daemon_idle_timeout)
                     break
@@ -5171,13 +5899,34 @@ class _DaemonServer:
             thread.join(30.0)
         log.info("daemon exited")
 
+    def _rotate_log(self) -> None:
+        """Keep daemon.log (this process's stdout and stderr, which relaunched apps inherit) under
+        DAEMON_LOG_MAX_BYTES: past it, it becomes daemon.log.1 (replacing the previous one) and a new one starts."""
+        path = os.path.join(self.directory, _DAEMON_LOG)
+        try:
+            st = os.fstat(2)
+            if st.st_size <= DAEMON_LOG_MAX_BYTES or not os.path.samestat(st, os.stat(path)):
+                return  # small, or stderr is not the session's log (a daemon run by hand)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.replace(path, path + ".1")
+            fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        except OSError as err:
+            log.warning("cannot rotate %s: %s", path, err)
+            return
+        log.info("daemon.log rotated; the previous one is daemon.log.1")
+
     def _busy(self) -> bool:
         """Work only this daemon can do: transfers, tasks waiting for their earliest begin date (nobody else would start
         them), a challenge waiting for an answer, and events waiting for an app -- the last only with a
-        relaunch_command. Without one it cannot bring an app: the events wait in the journal for the daemon the next
-        attach starts (an idle daemon must not live on for an app that may never come back)."""
+        relaunch_command it has not given up on. Without one it cannot bring an app: the events wait in the journal
+        for the daemon the next attach starts (an idle daemon must not live on for an app that may never come
+        back)."""
         status = self.engine.status()
-        relaunches = bool(self.engine.config.relaunch_command)
+        relaunches = bool(self.engine.config.relaunch_command) and not self.relauncher.gave_up
         return bool(status.running or status.scheduled or status.canceling or status.waiting_challenges
                     or (status.backlog and relaunches))
 
@@ -5326,26 +6075,37 @@ def _self_command(*args: str) -> list[str]:
 
 
 def _try_connect(directory: str) -> socket.socket | None:
+    """A connection to the daemon serving *directory*, or None. The daemon's uid is checked as it checks ours: a
+    socket another user made (a planted one) never gets a request, which may carry secrets."""
     path, dir_fd = _socket_address(directory)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        return sock
     except OSError:
         sock.close()
         return None
     finally:
         if dir_fd is not None:
             os.close(dir_fd)
+    uid = _peer_uid(sock)
+    if uid is not None and uid != os.getuid():
+        sock.close()
+        raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED, f"the process serving "
+                            f"{os.path.join(directory, _SOCKET_NAME)} runs as uid {uid}, not as this user (uid "
+                            f"{os.getuid()}): refusing to talk to it")
+    return sock
 
 
-def _connect_daemon(config: Configuration) -> socket.socket:
-    """Connect to the session's daemon, starting one if none runs (idempotent under a lock)."""
+def _connect_daemon(config: Configuration, start: bool = True) -> socket.socket:
+    """Connect to the session's daemon, starting one if none runs (idempotent under a lock); *start* False: only
+    to one that runs (else TransferError BACKGROUND_SESSION_WAS_DISCONNECTED)."""
     assert config.directory is not None
     directory = config.directory
     sock = _try_connect(directory)
     if sock is not None:
         return sock
+    if not start:
+        raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED, f"no bgsession daemon serves {directory}")
     start_fd = _open_private(os.path.join(directory, _START_LOCK_NAME), os.O_RDWR | os.O_CREAT)
     try:
         if fcntl is not None:
@@ -5397,11 +6157,13 @@ class _DaemonClient:
     travel over daemon.sock; attach and detach also bind the sink here. Its reader thread routes replies and events
     and reconnects (restarting the daemon) if it goes away."""
 
-    def __init__(self, config: Configuration, observer: bool = False) -> None:
-        """*observer*: a client that never attaches (CLI status/enqueue): it takes no app lock."""
+    def __init__(self, config: Configuration, observer: bool = False, start: bool = True) -> None:
+        """*observer*: a client that never attaches (CLI status/enqueue): it takes no app lock. *start* False: only a
+        daemon that runs already is asked, and nothing on disk is created or changed (read-only commands)."""
         assert config.directory is not None
-        self.config, self.directory, self.observer = config, config.directory, observer
-        _ensure_private_dir(self.directory)
+        self.config, self.directory, self.observer, self.start = config, config.directory, observer, start
+        if start:
+            _claim_session_dir(self.directory, config.identifier)
         if not observer:
             _acquire_lock(self.directory, _APP_LOCK_NAME, config.identifier)
         self._sink: _Sink | None = None
@@ -5459,7 +6221,7 @@ class _DaemonClient:
 
     # -- connection ---------------------------------------------------------------------
     def _connect(self) -> None:
-        sock = _connect_daemon(self.config)
+        sock = _connect_daemon(self.config, self.start)
         conn = _Connection(sock, "bgsession-client")
         try:
             self._call_on(conn, "hello", version=JOURNAL_VERSION, config=_config_to_wire(self.config), pid=os.getpid())
@@ -5768,13 +6530,22 @@ class _CliApp(SessionDelegate):
             self.results[task.identifier] = f"HTTP {status}"
             return
         dest_dir = meta.get("dir") or os.getcwd()
-        name = sanitize_filename(meta.get("name") or response.suggested_filename)
+        name = sanitize_filename(meta.get("name") or response.suggested_filename)  # fits in 255 bytes with a .N
         target = os.path.join(dest_dir, name)
         n = 0
         while os.path.exists(target):  # never clobber: name.1, name.2 ... (as wget does)
             n += 1
             target = os.path.join(dest_dir, f"{name}.{n}")
-        _move_file(location, target)
+        try:
+            _move_file(location, target)
+        except TransferError as err:
+            cause = err.__cause__
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise  # may succeed later: the file stays in the session for the next delivery
+            # cannot succeed (a name or directory the destination refuses): report it and let the file go,
+            # rather than have the daemon relaunch this delivery again and again
+            self.results[task.identifier] = f"cannot deliver to {dest_dir}: {err.message}"
+            return
         self.results[task.identifier] = None
         if not self.tty:
             self._say(f"done {task.identifier} {task.original_request.url} -> {target}")
@@ -5876,17 +6647,33 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
     return EXIT_OK
 
 
+def _read_only_tasks(config: Configuration) -> tuple[list[TaskInfo], int | None]:
+    """The session's tasks and bandwidth limit without changing anything: from its daemon if one serves (live bytes
+    and rates), else from the journal as it is (no daemon started, no recovery, nothing written)."""
+    assert config.directory is not None
+    if not _is_session_dir(config.directory):
+        raise _CliError(f"{config.directory} is not a bgsession session directory")
+    try:
+        client = cast(_Backend, _DaemonClient(config, observer=True, start=False))
+    except TransferError as err:
+        if err.code is not ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED or "no bgsession daemon" not in err.message:
+            raise
+        state = Journal(config.directory).state()
+        limit = state.session_limit[0] if state.session_limit else None
+        return [_task_info(t, None) for t in state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED], limit
+    try:
+        return client.tasks(), client.session_limit()
+    finally:
+        client.close()
+
+
 def _cmd_status(args: argparse.Namespace, out: Any) -> int:
     config = _cli_config(args)
     assert config.directory is not None
     infos: list[TaskInfo] = []
     session_limit = None
-    if os.path.isdir(config.directory):
-        client = _cli_observer(args)
-        try:
-            infos, session_limit = client.tasks(), client.session_limit()
-        finally:
-            client.close()
+    if os.path.lexists(config.directory):
+        infos, session_limit = _read_only_tasks(config)
     if args.json:
         json.dump([{"id": i.id, "state": _cli_state(i), "url": i.request["url"],
                     "received": i.received, "expected": i.expected, "sent": i.sent,

@@ -5,7 +5,8 @@ threads, ``127.0.0.1`` on a free port by default) that serves deterministic blob
 with strong validators and exact ``Range``/``If-Range``/``416`` semantics, accepts
 uploads, answers Basic and Digest challenges, redirects, and misbehaves on demand:
 a *fault matrix* (``Fault``) chosen per route and per request cuts, resets,
-stalls, throttles, lies about ranges and totals, or answers with an error status.
+stalls, throttles, drips its head, lies about ranges, totals and lengths, ignores
+``If-Range``, or answers with an error status.
 
 It also *observes*: body bytes served per path, every request (with the port it came
 to and when), TCP connections accepted, the most connections and requests there were
@@ -277,16 +278,32 @@ class Fault:
     #: Stages: pre-response.
     #: Wait this many seconds before answering (after the request was read).
     delay: float | None = None
+    #: Stages: planning, body sending.
+    #: Send the status line and headers one byte every this many seconds (a slowloris server).
+    drip: float | None = None
+    #: Stages: planning.
+    #: Serve the Range even when If-Range does not match (a cache that ignores If-Range: another entity's bytes).
+    ignore_if_range: bool = False
+    #: Stages: planning.
+    #: Announce this Content-Length whatever the body; send at most that many bytes, then close.
+    claim_length: int | None = None
+    #: Stages: planning.
+    #: A 206 ends at this byte (inclusive) whatever was asked (with ``early_206``: one that ends before the offset).
+    range_end: int | None = None
+    #: Stages: planning.
+    #: A 206 keeps its Content-Range but announces Content-Length 0 and sends no body.
+    empty_206: bool = False
 
 
     def __post_init__(self) -> None:
-        for name in ("cut_after", "stall_after", "early_206", "short_body", "huge_header"):
+        for name in ("cut_after", "stall_after", "early_206", "short_body", "huge_header", "claim_length",
+                     "range_end"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"Fault.{name} must be >= 0, not {value}")
         if self.throttle is not None and self.throttle <= 0:
             raise ValueError(f"Fault.throttle must be > 0 bytes per second, not {self.throttle}")
-        for name in ("stall_seconds", "delay"):
+        for name in ("stall_seconds", "delay", "drip"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"Fault.{name} must be >= 0, not {value}")
@@ -305,7 +322,7 @@ class Fault:
             default = f.default
             if isinstance(default, bool):
                 kwargs[f.name] = _parse_bool(raw)
-            elif f.name in ("stall_seconds", "delay"):
+            elif f.name in ("stall_seconds", "delay", "drip"):
                 kwargs[f.name] = float(raw)
             elif f.name == "retry_after":
                 kwargs[f.name] = raw
@@ -346,6 +363,7 @@ class _Plan:
     stall_seconds: float | None = None
     throttle: int | None = None
     watched: bool = False
+    drip: float | None = None
 
     @property
     def body_length(self) -> int:
@@ -439,7 +457,7 @@ def _plan_response(method: str, request_headers: _HeaderLookup, entity: _Entity,
     requested = None if fault.ignore_range else _parse_range(_get(request_headers, "range"))
     if requested is not None:
         if_range = _get(request_headers, "if-range")
-        if if_range is not None and not _if_range_matches(if_range, entity):
+        if if_range is not None and not _if_range_matches(if_range, entity) and not fault.ignore_if_range:
             requested = None
     if requested is None:
         plan = _Plan(status=200, headers=tuple(headers), span=(0, size), send=size, watched=True)
@@ -453,6 +471,8 @@ def _plan_response(method: str, request_headers: _HeaderLookup, entity: _Entity,
     first, last = resolved
     if fault.early_206:
         first = max(0, first - fault.early_206)
+    if fault.range_end is not None:
+        last = max(first, min(last, fault.range_end))
     total = size + 1000 if fault.wrong_total else size
     if fault.malformed_range:
         content_range = "bytes garbage-%d/unknown" % first
@@ -461,6 +481,8 @@ def _plan_response(method: str, request_headers: _HeaderLookup, entity: _Entity,
     headers.append(("Content-Range", content_range))
     plan = _Plan(status=206, headers=tuple(headers), span=(first, last + 1),
                  send=last + 1 - first, watched=True)
+    if fault.empty_206:
+        plan = dataclasses.replace(plan, span=(first, first), send=0)
     return _apply_common(plan, method, fault)
 
 
@@ -485,13 +507,16 @@ def _apply_common(plan: _Plan, method: str, fault: Fault) -> _Plan:
     if fault.cut_after is not None:
         send = min(send, fault.cut_after)
         abort = "reset" if fault.reset else "close"
+    if fault.claim_length is not None:
+        send = min(send, fault.claim_length)
+        abort = abort or "close"
     if fault.chunked:
         headers.append(("Transfer-Encoding", "chunked"))
     else:
-        headers.append(("Content-Length", str(length)))
+        headers.append(("Content-Length", str(length if fault.claim_length is None else fault.claim_length)))
     return dataclasses.replace(
         plan, headers=tuple(headers), send=send, abort=abort, chunked=fault.chunked,
-        stall_after=fault.stall_after, stall_seconds=fault.stall_seconds, throttle=fault.throttle)
+        stall_after=fault.stall_after, stall_seconds=fault.stall_seconds, throttle=fault.throttle, drip=fault.drip)
 
 
 def _get(headers: _HeaderLookup, name: str) -> str | None:
@@ -1076,8 +1101,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- responses --------------------------------------------------------
 
     def serve_entity(self, record: RequestRecord, entity: _Entity, fault: Fault | None,
-                     auth: BasicAuth | DigestAuth | None) -> None:
-        """GET/HEAD of a blob: pre-response faults, auth, then the planned response."""
+                     auth: BasicAuth | DigestAuth | None, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """GET/HEAD of a blob: pre-response faults, auth, then the planned response (with *headers* added)."""
         fault = fault or NO_FAULT
         record.fault = fault if fault != NO_FAULT else None
         self.drain_request_body()
@@ -1087,7 +1112,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault.status is None and auth is not None and not self._authorized(record, auth):
             return
-        self.send_plan(record, _plan_response(self.command, self.headers, entity, fault), entity)
+        plan = _plan_response(self.command, self.headers, entity, fault)
+        self.send_plan(record, dataclasses.replace(plan, headers=plan.headers + tuple(headers)), entity)
 
     def receive_upload(self, record: RequestRecord, fault: Fault | None,
                        auth: BasicAuth | DigestAuth | None) -> bytes | None:
@@ -1140,7 +1166,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(plan.status)
         for name, value in plan.headers:
             self.send_header(name, value)
-        self.end_headers()
+        if plan.drip is not None:
+            self._drip_head(plan.drip)
+        else:
+            self.end_headers()
         if self.command == "HEAD":
             return
         if plan.span is not None:
@@ -1154,6 +1183,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._abort(plan.abort)
         if plan.chunked:
             self.wfile.write(b"0\r\n\r\n")
+
+    def _drip_head(self, seconds: float) -> None:
+        """Send the buffered status line and headers one byte every *seconds* (ends early if the server stops)."""
+        buffered: list[bytes] = getattr(self, "_headers_buffer", [])  # what send_header() collected
+        head = b"".join(buffered) + b"\r\n"
+        buffered.clear()
+        for i in range(len(head)):
+            self.wfile.write(head[i:i + 1])
+            if self.server.parts.stopping.wait(seconds):
+                self._abort("close")
 
     def _meter(self, path: str, received: bool, watched: bool) -> _Meter:
         """Count this body's bytes on ``path``; stop at its boundaries if ``watched`` and the route's
@@ -1334,11 +1373,13 @@ class Route(_BaseRoute):
     def __init__(self, path: str, data: bytes, *, etag: bool = True, last_modified: bool = True,
                  weak_etag: bool = False, content_type: str = "application/octet-stream",
                  faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None,
-                 auth: BasicAuth | DigestAuth | None = None, modified: int = DEFAULT_LAST_MODIFIED) -> None:
+                 auth: BasicAuth | DigestAuth | None = None, modified: int = DEFAULT_LAST_MODIFIED,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(faults, default_fault)
         self.path = path
         self.auth = auth
         self.content_type = content_type
+        self.headers = dict(headers or {})  # sent with every response (Set-Cookie, ...)
         self._validators = (etag, weak_etag, last_modified)
         self._entity = self._build(data, modified)
 
@@ -1374,7 +1415,8 @@ class Route(_BaseRoute):
 
     def serve(self, handler: _Handler, record: RequestRecord, query_fault: Fault | None) -> None:
         fault = self.next_fault()
-        handler.serve_entity(record, self._entity, fault if fault is not None else query_fault, self.auth)
+        handler.serve_entity(record, self._entity, fault if fault is not None else query_fault, self.auth,
+                             self.headers.items())
 
 
 class _FileRoute(_BaseRoute):
@@ -1419,16 +1461,22 @@ class _QueryBlobRoute(_BaseRoute):
 
 
 class _RedirectRoute(_BaseRoute):
-    def __init__(self, path: str, location: str, status: int) -> None:
-        super().__init__()
+    def __init__(self, path: str, location: str, status: int, body: bytes | None = None,
+                 faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None) -> None:
+        super().__init__(faults, default_fault)
         self.path = path
         self.location = location
         self.status = status
+        self.body = body
 
     def serve(self, handler: _Handler, record: RequestRecord, query_fault: Fault | None) -> None:
+        fault = self.next_fault()
         handler.drain_request_body()
-        body = b"redirect to %s\n" % self.location.encode("utf-8", "replace")
-        handler.send_plan(record, _plan_fixed(self.status, body, [("Location", self.location)]))
+        body = self.body if self.body is not None else b"redirect to %s\n" % self.location.encode("utf-8", "replace")
+        # a non-ASCII Location goes out as UTF-8 bytes, as servers send it (http.server would encode Latin-1)
+        location = self.location.encode("utf-8").decode("latin-1")
+        plan = _plan_fixed(self.status, body, [("Location", location)])
+        handler.send_plan(record, _apply_common(plan, handler.command, fault or query_fault or NO_FAULT))
 
 
 class _StatusRoute(_BaseRoute):
@@ -1849,18 +1897,23 @@ class FakeServer:
     def add_blob(self, path: str, data: bytes | None = None, *, size: int | None = None, seed: int = 0,
                  etag: bool = True, last_modified: bool = True, weak_etag: bool = False,
                  content_type: str = "application/octet-stream", faults: Sequence[Fault | None] | None = None,
-                 default_fault: Fault | None = None, auth: BasicAuth | DigestAuth | None = None) -> Route:
-        """Serve ``data`` (or ``blob_bytes(size, seed)``) at ``path``; returns the Route."""
+                 default_fault: Fault | None = None, auth: BasicAuth | DigestAuth | None = None,
+                 headers: Mapping[str, str] | None = None) -> Route:
+        """Serve ``data`` (or ``blob_bytes(size, seed)``) at ``path``; returns the Route. *headers* are added to
+        every response of the route (``Set-Cookie``, ...)."""
         if (data is None) == (size is None):
             raise ValueError("give exactly one of data and size")
         body = data if data is not None else blob_bytes(size or 0, seed)
         route = Route(_check_path(path), body, etag=etag, last_modified=last_modified, weak_etag=weak_etag,
-                      content_type=content_type, faults=faults, default_fault=default_fault, auth=auth)
+                      content_type=content_type, faults=faults, default_fault=default_fault, auth=auth,
+                      headers=headers)
         return self.add_route(route)
 
-    def add_redirect(self, path: str, location: str, status: int = 302) -> _BaseRoute:
-        """Answer every request to ``path`` with ``status`` and ``Location: location`` (sent as given)."""
-        return self.add_route(_RedirectRoute(_check_path(path), location, status))
+    def add_redirect(self, path: str, location: str, status: int = 302, *, body: bytes | None = None,
+                     faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None) -> _BaseRoute:
+        """Answer every request to ``path`` with ``status`` and ``Location: location`` (sent as given, non-ASCII as
+        UTF-8), with *body* (default: a short line) under the route's faults (``throttle`` drips it)."""
+        return self.add_route(_RedirectRoute(_check_path(path), location, status, body, faults, default_fault))
 
     def add_upload(self, path: str, *, status: int = 201, auth: BasicAuth | DigestAuth | None = None,
                    faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None) -> _BaseRoute:

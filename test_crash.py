@@ -143,7 +143,7 @@ def recording(root: str, skip: tuple[str, str] | None = None) -> Iterator[crashs
 def daemon_in_thread(root: str) -> Iterator[None]:
     """The daemon host's engine, served from a thread of this process so that the recorder sees its operations."""
     cfg = config(root, "daemon")
-    bg._ensure_private_dir(cfg.directory)
+    bg._claim_session_dir(cfg.directory, cfg.identifier)
     server = bg._DaemonServer(cfg.directory, cfg)
     thread = threading.Thread(target=server.serve, name="crash-daemon")
     thread.start()
@@ -359,6 +359,8 @@ def open_after_power_loss(cfg: bg.Configuration, app: bg.SessionDelegate) -> tup
             return bg.Session(cfg, app), reported
         except bg.JournalError as err:
             reported.append(str(err))
+        except bg.InvalidArgumentError as err:  # (the directory is not recognised as the session's any more)
+            return None, [*reported, str(err)]
     return None, reported
 
 
@@ -559,7 +561,10 @@ FSYNCS = [
     (("sync", "_upload"), upload),  # an upload's response body, before its finish record
     (("dirsync", "_upload"), upload),  # ... and its name
     (("dirsync", "_move_file"), tiny),  # the app's file, moved before its finish is acknowledged
-    (("dirsync", "_makedirs"), tiny),  # a directory bgsession creates (the session's, the app's)
+    (("dirsync", "_makedirs"), tiny),  # a directory bgsession creates for the app (Documents/)
+    (("dirsync", "_make_private_dirs"), tiny),  # the session's directory (and its private parents)
+    # (_claim_session_dir's fsync after making tmp/ is not in the table: the journal's creation fsyncs the session
+    # directory again before anything goes into tmp/, so no state tells it missing)
 ]
 
 

@@ -323,7 +323,8 @@ def test_stale_resume_data_fails_the_task_through_complete(server, sessions):
     wait_until(received(task, 1 * MiB), what="1 MiB on disk")
     resume_data = task.cancel_producing_resume_data()
     hold.release()
-    os.unlink(json.loads(resume_data.split(b"\n", 1)[1])["file"])
+    name = json.loads(resume_data.split(b"\n", 1)[1])["file"]  # a name inside the session's tmp/
+    os.unlink(os.path.join(s.configuration.directory, "tmp", name))
     new = s.download_task_with_resume_data(resume_data)
     new.resume()
     assert s.wait(LONG)
