@@ -2497,7 +2497,7 @@ _MAX_AUTH_FAILURES = 10
 IDLE_CONNECTION_SECONDS = 30.0
 
 _Origin = tuple[str, str, int]
-_PoolKey = tuple[str, str, int, Union[_Proxy, None]]  # an origin and the proxy that reaches it
+_PoolKey = tuple[str, str, int, Union[_Proxy, None], int]  # an origin, the proxy, the configuration generation
 _Held = dict[_PoolKey, http.client.HTTPConnection]  # an attempt's connections, by origin and proxy
 _Answer = tuple[AuthChallengeDisposition, Union[Credential, None]]  # a challenge hook's answer
 _Renewal = tuple[DelayedRequestDisposition, Union[Request, None]]  # a delayed-request hook's answer
@@ -2646,22 +2646,27 @@ class _HTTPSConnection(http.client.HTTPSConnection):
 
 class _ConnectionPool:
     """Keep-alive connections by origin and proxy, shared by the workers: an attempt holds the ones it
-    uses (*held*) and gives them back when it ends. Its own lock, never the engine's."""
+    uses (*held*) and gives them back when it ends. Its own lock, never the engine's. A new
+    configuration (TLS, proxies) retires every connection made under the old one."""
 
     def __init__(self, config: Configuration) -> None:
         self.config = config
         self._lock = threading.Lock()
         self._idle: dict[_PoolKey, list[tuple[float, http.client.HTTPConnection]]] = {}
         self._ssl: ssl.SSLContext | None = None  # created once: loading the CA store is slow
+        self._generation = 0  # of the configuration; part of every key
 
     def configure(self, config: Configuration) -> None:
-        self.config, self._ssl = config, None
+        with self._lock:
+            self.config, self._ssl = config, None
+            self._generation += 1
+        self.close()
 
     def get(self, url: str, proxy: _Proxy | None, held: _Held, fresh: bool) -> tuple[http.client.HTTPConnection,
                                                                                      bool]:
         """A connection for *url*'s origin through *proxy*: the attempt's own, an idle one, or a new one.
         Returns it and whether it was used before (a dead keep-alive may need a retry)."""
-        key: _PoolKey = (*_origin(url), proxy)
+        key: _PoolKey = (*_origin(url), proxy, self._generation)
         conn = held.get(key)
         if conn is not None and not fresh:
             return conn, conn.sock is not None
@@ -2675,7 +2680,7 @@ class _ConnectionPool:
         """After an attempt: keep the worker's *own* origin's connection, return the others
         (redirect targets) to the idle lists; close everything if the attempt failed."""
         for key, conn in list(held.items()):
-            if not ok or conn.sock is None:
+            if not ok or conn.sock is None or key[4] != self._generation:
                 conn.close()
                 del held[key]
             elif key[:3] != own:
@@ -2699,7 +2704,7 @@ class _ConnectionPool:
         return None
 
     def _new(self, key: _PoolKey) -> http.client.HTTPConnection:
-        scheme, host, port, proxy = key
+        scheme, host, port, proxy, _ = key
         timeout = self.config.timeout_for_request
         if scheme == "https":
             if self._ssl is None:
