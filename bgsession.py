@@ -18,10 +18,12 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
  1. Errors         -- one root, leaf classes, ``ErrorCode``.
  2. Model          -- task phases and their transition table; events and attempt
                       outcomes as classes; ``TaskInfo``, the value that crosses every boundary.
- 3. Policies       -- ``Retry`` (the whole "try again?" decision), the clock.
- 4. Values         -- headers, ``Request``, ``Response``, credentials, ``Configuration``.
- 5. HTTP decisions -- pure functions: the range plan, validators, auth headers and
-                      ``next_step``, the response sequence both transfer kinds share.
+ 3. Policies       -- ``Retry`` (the whole "try again?" decision, waiting for connectivity
+                      included), the clock.
+ 4. Values         -- headers, ``Request``, ``Response``, credentials, proxies, ``TLS``,
+                      ``Configuration``.
+ 5. HTTP decisions -- pure functions: the range plan, validators, auth headers, the proxy of a
+                      URL and ``next_step``, the response sequence both transfer kinds share.
  6. Store          -- the session directory: lock, journal writer, reducer, snapshot,
                       compaction, reserve, recovery, resume data. Knows nothing of HTTP or apps.
  7. Transfer       -- connections, authentication, download and upload attempts that
@@ -82,10 +84,10 @@ except ImportError:
 __version__ = "0.2.0"
 
 __all__ = [
-    "TLS", "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
+    "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
     "CredentialPersistence", "DelayedRequestDisposition", "DownloadTask", "ErrorCode", "InvalidArgumentError",
     "Journal", "JournalError", "ProtectionSpace", "Request", "Response", "Retry", "Session", "SessionDelegate",
-    "SessionInvalidatedError", "SessionManager", "Task", "TaskState", "TransferError", "UploadTask",
+    "SessionInvalidatedError", "SessionManager", "TLS", "Task", "TaskState", "TransferError", "UploadTask",
     "default_directory", "sanitize_filename",
 ]
 
@@ -113,8 +115,8 @@ class ErrorCode(enum.IntEnum):
     CANNOT_CONNECT_TO_HOST = -1004
     NETWORK_CONNECTION_LOST = -1005
     DNS_LOOKUP_FAILED = -1006
-    NOT_CONNECTED_TO_INTERNET = -1009
     HTTP_TOO_MANY_REDIRECTS = -1007
+    NOT_CONNECTED_TO_INTERNET = -1009
     BAD_SERVER_RESPONSE = -1011
     USER_CANCELLED_AUTHENTICATION = -1012
     USER_AUTHENTICATION_REQUIRED = -1013
@@ -371,7 +373,7 @@ _Outcome = Union[_Finished, _Failed, _Interrupted, _Stopped]
 
 
 # ============================================================================
-# 3. Policies: Retry, limits, the clock
+# 3. Policies: Retry, waiting for connectivity, limits, the clock
 # ============================================================================
 
 #: Statuses retried by default (with ``Retry-After`` honoured). iOS does not retry
@@ -596,7 +598,7 @@ class _Clock:
 
 
 # ============================================================================
-# 4. Values: headers, requests, responses, credentials, configuration
+# 4. Values: headers, requests, responses, credentials, proxies, TLS, configuration
 # ============================================================================
 
 #: Identifier syntax: one path component, no dots-only names.
@@ -2761,14 +2763,13 @@ class _Authenticator:
             realm = params.get("realm")
             key = (host, port, realm, scheme, proxy is not None)
             failures = live.failures.get(key, 0)
-            if proxy is not None and live.proxy_auth is None and proxy.credential is not None:
-                failures = max(failures, 1)  # the proxy URL's credential was sent and refused
             if scheme == "digest" and params.get("stale", "").lower() == "true" and failures > 0:
                 failures -= 1  # a stale nonce is not a wrong password
             if failures >= _MAX_AUTH_FAILURES:
                 return False
-            with self._lock:
-                cred = self._credentials.get(key) if failures == 0 else None
+            with self._lock:  # a proxy URL's credential is the one stored for its proxy
+                stored = self._credentials.get(key) or (proxy.credential if proxy is not None else None)
+                cred = stored if failures == 0 else None
             if cred is None:
                 space = ProtectionSpace(host, port, realm, scheme, scheme_of_url, is_proxy=proxy is not None)
                 status, proposed = (407, proxy.credential) if proxy is not None else (401, None)
@@ -5893,7 +5894,7 @@ def _cli_meta(info: TaskInfo) -> dict[str, Any]:
 
 
 def _task_line(info: TaskInfo, width: int = 100) -> str:
-    state = info.state.name.lower()
+    state = "waiting" if info.waiting else info.state.name.lower()
     got, total = info.received, info.expected
     if info.kind == "upload":
         got, total = info.sent, info.expected_send
@@ -5903,15 +5904,36 @@ def _task_line(info: TaskInfo, width: int = 100) -> str:
     name = info.current_url or info.request["url"]
     line = (f"{info.id:>5} {state:<10} {pct} {_human(got):>10} / {_human(total) if total >= 0 else '?':>10} "
             f"{_human(rate) + '/s':>12} {eta}  {name}")
+    if info.last_error:  # why it waits: the last attempt's error, and when the next one starts
+        retry_in = f"; next try in {max(0, round(info.next_retry - time.time()))} s" if info.next_retry else ""
+        line += f"  [{info.last_error.get('message', '')}{retry_in}]"
     return line[:width]
 
 
 class _CliApp(SessionDelegate):
-    """The CLI's delegate: moves each finished file into the directory chosen at enqueue time."""
+    """The CLI's delegate: moves each finished file into the directory chosen at enqueue time, and
+    gives back the ``--header`` values a task lost (when this process enqueued it)."""
 
     def __init__(self, out: Any, tty: bool) -> None:
         self.out, self.tty, self.lock = out, tty, threading.Lock()
         self.results: dict[int, str | None] = {}  # task id -> None (ok) or a reason
+        self.headers: dict[int, dict[str, str]] = {}  # task id -> its --header values (this process's memory)
+
+    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
+                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
+        """A task lost its --header values (the daemon that held them stopped): this process gives them back if it
+        enqueued the task (``download --wait``); any other (``deliver``, relaunched) cannot know them and cancels
+        the task rather than send it without them. A 401/403 to a request that had them stands."""
+        names = _cli_meta(task._info()).get("headers") or []
+        if all(name in request.headers for name in names):
+            return DelayedRequestDisposition.CONTINUE_LOADING, None
+        given = self.headers.get(task.identifier)
+        if given is not None:
+            return DelayedRequestDisposition.USE_NEW_REQUEST, Request(request.url, headers={
+                **dict(request.headers.pairs()), **given})
+        self._say(f"cancelled {task.identifier} {request.url}: its {', '.join(names)} header lived in the memory of "
+                  "a daemon that stopped; run the download again")
+        return DelayedRequestDisposition.CANCEL, None
 
     def _say(self, text: str) -> None:
         with self.lock:
@@ -6004,26 +6026,39 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
         raise _CliError(f"cannot write to {dest}")
     if args.sha256 and len(args.urls) != 1:
         raise _CliError("--sha256 applies to a single URL")
-    requests = [Request(url, sha256=args.sha256) for url in args.urls]  # bad URLs fail here, before any enqueue
-    desc = _CLI_PREFIX + json.dumps({"dir": dest}, separators=(",", ":"))
+    headers = dict(_cli_header(text) for text in args.header or [])
+    # bad URLs and headers fail here, before any enqueue
+    requests = [Request(url, headers=headers, sha256=args.sha256) for url in args.urls]
+    meta = {"dir": dest, **({"headers": sorted(headers)} if headers else {})}  # header names only: values are
+    desc = _CLI_PREFIX + json.dumps(meta, separators=(",", ":"))  # in memory (the daemon's, this process's)
 
-    def enqueue(backend: _Backend) -> None:
+    def enqueue(backend: _Backend, app: _CliApp | None = None) -> None:
         queued: list[TaskInfo] = []
         try:
             queued.extend(backend.new_task("download", req, desc) for req in requests)
         finally:
+            if app is not None:
+                app.headers.update((info.id, headers) for info in queued)
             backend.resume([info.id for info in queued])  # what was created runs, even if a later create failed
             if not args.wait:
                 for info in queued:
                     print(f"queued {info.id} {info.request['url']} -> {dest}", file=out, flush=True)
     if args.wait:
-        return _cmd_wait(args, out, enqueue=lambda session: enqueue(session._backend))
+        return _cmd_wait(args, out, enqueue=lambda session: enqueue(session._backend, cast(_CliApp, session.delegate)))
     client = _cli_observer(args)
     try:
         enqueue(client)  # one fsync and one round trip for all
     finally:
         client.close()
     return EXIT_OK
+
+
+def _cli_header(text: str) -> tuple[str, str]:
+    """``--header "Name: value"`` -> (name, value)."""
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise _CliError(f"--header {text!r}: expected 'Name: value'")
+    return name.strip(), value.strip()
 
 
 def _cmd_status(args: argparse.Namespace, out: Any) -> int:
@@ -6040,7 +6075,9 @@ def _cmd_status(args: argparse.Namespace, out: Any) -> int:
         json.dump([{"id": i.id, "state": i.state.name.lower(), "url": i.request["url"],
                     "received": i.received, "expected": i.expected, "sent": i.sent,
                     "rate": i.rate, "destination": _cli_meta(i).get("dir"), "description": i.description,
-                    "error": i.error["message"] if i.error else None} for i in infos], out, indent=1)
+                    "error": i.error["message"] if i.error else None, "waiting": i.waiting,
+                    "last_error": i.last_error["message"] if i.last_error else None, "next_retry": i.next_retry}
+                   for i in infos], out, indent=1)
         out.write("\n")
         return EXIT_OK
     if not infos:
@@ -6094,6 +6131,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dir", help="where finished files go (default: the current directory)")
     p.add_argument("--wait", action="store_true", help="stay and show progress until done")
     p.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the (single) file")
+    p.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'",
+                   help="a request header (repeatable); Authorization and Cookie stay in memory, never on disk")
     p = sub.add_parser("status", parents=[common], help="list tasks with state, bytes, rate and ETA")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("wait", parents=[common], help="attach, show progress and deliver files until all are done")
