@@ -84,10 +84,10 @@ except ImportError:
 __version__ = "0.2.0"
 
 __all__ = [
-    "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
+    "TLS", "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
     "CredentialPersistence", "DelayedRequestDisposition", "DownloadTask", "ErrorCode", "InvalidArgumentError",
     "Journal", "JournalError", "ProtectionSpace", "Request", "Response", "Retry", "Session", "SessionDelegate",
-    "SessionInvalidatedError", "SessionManager", "TLS", "Task", "TaskState", "TransferError", "UploadTask",
+    "SessionInvalidatedError", "SessionManager", "Task", "TaskState", "TransferError", "UploadTask",
     "default_directory", "sanitize_filename",
 ]
 
