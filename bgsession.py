@@ -290,9 +290,11 @@ class TaskInfo:
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> TaskInfo:
-        fields = cls.__dataclass_fields__  # a newer daemon may send fields this module does not know
-        known = {k: v for k, v in wire.items() if k in fields}
-        return cls(**{**known, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
+        try:
+            return cls(**{**wire, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
+        except TypeError:  # a newer daemon sends fields this module does not know: leave them
+            known = {k: v for k, v in wire.items() if k in cls.__dataclass_fields__}
+            return cls(**{**known, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -561,7 +563,8 @@ def connect_failure(err: OSError, where: str) -> _Interrupted:
 @dataclasses.dataclass(frozen=True)
 class _RetryPlan:
     """After an interrupted attempt (:func:`plan_retry`): try again after *delay* seconds with *retry*, or give up
-    (*delay* None, *why*). *waiting*: consecutive attempts that found no connectivity (0: not waiting)."""
+    (*delay* None, *why*). *waiting*: attempts that found no connectivity since the last response (0: not
+    waiting); only a response ends a waiting period."""
     delay: float | None
     retry: Retry
     waiting: int = 0
@@ -581,7 +584,7 @@ def plan_retry(retry: Retry, outcome: _Interrupted, waiting: int, *, waits_for_c
     decision = retry.after_failure(progressed=outcome.progressed, retry_after=outcome.retry_after, now=now, rng=rng)
     if decision is None:
         return _RetryPlan(None, retry, why="retries exhausted")
-    return _RetryPlan(decision[1], decision[0])
+    return _RetryPlan(decision[1], decision[0], waiting)
 
 
 class _Clock:
@@ -6018,6 +6021,14 @@ def _cmd_wait(args: argparse.Namespace, out: Any, deliver: bool = False,
     return EXIT_FAILED if any(r is not None for r in app.results.values()) else EXIT_OK
 
 
+def _cli_header(text: str) -> tuple[str, str]:
+    """``--header "Name: value"`` -> (name, value)."""
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise _CliError(f"--header {text!r}: expected 'Name: value'")
+    return name.strip(), value.strip()
+
+
 def _cmd_download(args: argparse.Namespace, out: Any) -> int:
     dest = os.path.abspath(args.dir or os.getcwd())
     if not os.path.isdir(dest):
@@ -6051,14 +6062,6 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
     finally:
         client.close()
     return EXIT_OK
-
-
-def _cli_header(text: str) -> tuple[str, str]:
-    """``--header "Name: value"`` -> (name, value)."""
-    name, colon, value = text.partition(":")
-    if not colon or not name.strip():
-        raise _CliError(f"--header {text!r}: expected 'Name: value'")
-    return name.strip(), value.strip()
 
 
 def _cmd_status(args: argparse.Namespace, out: Any) -> int:

@@ -116,10 +116,11 @@ def test_waiting_for_connectivity_consumes_no_retry_and_is_capped_at_30_s():
 
 
 def test_a_server_error_keeps_using_retry_while_waiting_is_on():
-    """A response that went wrong (a 503, a cut body) is not a lack of connectivity: Retry decides."""
+    """A response that went wrong (a 503, a cut body) is not a lack of connectivity: Retry decides (and the count of
+    a waiting period stands: only a response ends it)."""
     bad = bg._Interrupted(bg.ErrorCode.BAD_SERVER_RESPONSE, "HTTP 503")
     plan = bg.plan_retry(bg.Retry(total=1), bad, 3, waits_for_connectivity=True, fails_on_unknown_host=False)
-    assert plan.waiting == 0 and plan.retry.attempts == 1
+    assert plan.waiting == 3 and plan.retry.attempts == 1
     assert bg.plan_retry(plan.retry, bad, 0, waits_for_connectivity=True, fails_on_unknown_host=False).delay is None
 
 
@@ -879,3 +880,10 @@ def test_no_secret_reaches_the_session_directory(pki, sessions):
     finally:
         proxy.stop()
         origin.stop()
+
+
+def test_task_info_from_a_newer_daemon_keeps_the_fields_it_knows():
+    """A TaskInfo with fields this module does not know (a newer daemon's) is read, those fields left out."""
+    info = bg.TaskInfo(1, "download", None, bg.Phase.WAITING_RETRY, {"url": "http://x/"}, "http://x/", waiting=True,
+                       last_error={"code": -1004, "message": "refused"}, next_retry=5.0)
+    assert bg.TaskInfo.from_wire({**info.to_wire(), "from_the_future": 1}) == info
