@@ -129,7 +129,7 @@ def test_a_header_given_to_download_wait_is_given_back_after_a_daemon_kill(serve
         daemon = read_pid_file(cli.state)
         assert daemon is not None and daemon.kill()
         hold.release()
-        out, err = proc.communicate(timeout=LONG)
+        _, err = proc.communicate(timeout=LONG)
         assert proc.returncode == 0, err
     finally:
         if proc.poll() is None:
