@@ -3933,7 +3933,9 @@ class _Engine:
         if task is None or task.phase is not Phase.WAITING_RETRY or task.live.due != due:
             return  # suspended, cancelled or rescheduled meanwhile
         if self.resource_expired(task):
-            self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
+            last = task.live.last_error
+            why = f" (last attempt: {last.message})" if last is not None else ""
+            self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, f"timeout_for_resource exceeded{why}"))
         else:
             self.store.record(task, "due")
             self._enqueue(task)

@@ -208,6 +208,24 @@ def test_waiting_outlasts_the_default_retry_budget_in_virtual_time(server, tmp_p
     assert sha(rec.files[task.identifier]) == sha(data)
 
 
+def test_timeout_for_resource_ends_the_wait_with_the_last_error(server, tmp_path):
+    """A server that never comes back: the task waits until timeout_for_resource, then fails TIMED_OUT, saying why
+    it waited (virtual time)."""
+    server.stop()
+    clock, rec = FakeClock(), Net()
+    cfg = bg.Configuration.background("test.t", directory=str(tmp_path / "t"), host="inprocess",
+                                      timeout_for_resource=600.0)
+    s = bg.Session(cfg, rec, _clock=clock)
+    try:
+        task = download(s, server.url("/gone.bin"))
+        assert s.wait(LONG)
+    finally:
+        s.close()
+    err = rec.errors[task.identifier]
+    assert err.code is bg.ErrorCode.TIMED_OUT and "connection refused" in err.message
+    assert rec.waiting == [task.identifier] and max(clock.waits) <= bg.CONNECTIVITY_BACKOFF_MAX
+
+
 @pytest.mark.parametrize("fails", [False, True], ids=["waits", "fails-fast"])
 def test_a_name_that_does_not_exist_waits_unless_told_to_fail_fast(inproc, monkeypatch, fails):
     """A host name the resolver says does not exist waits like no network at all (VPN names, captive portals and
