@@ -3,9 +3,13 @@
 ``FakeServer`` is a threaded standard-library HTTP/1.1 server (keep-alive, daemon
 threads, ``127.0.0.1`` on a free port by default) that serves deterministic blobs
 with strong validators and exact ``Range``/``If-Range``/``416`` semantics, accepts
-uploads, answers Basic and Digest challenges, redirects, and misbehaves on demand:
-a *fault matrix* (``Fault``) chosen per route and per request cuts, resets,
-stalls, throttles, lies about ranges and totals, or answers with an error status.
+uploads, answers Basic, Digest and Bearer challenges and presigned URLs that expire
+(``SignedURLs``: a 403), redirects, and misbehaves on demand: a *fault matrix*
+(``Fault``) chosen per route and per request cuts, resets, stalls, throttles, lies
+about ranges and totals, or answers with an error status.  Made with ``proxy=True``
+it is also a forward proxy: absolute-form requests are forwarded, ``CONNECT`` opens
+a tunnel, ``proxy_auth`` asks for credentials with a 407, ``map_host`` resolves names
+no DNS knows, and ``stop()`` cuts what it relays (a proxy that dies).
 
 It also *observes*: body bytes served per path, every request, TCP connections
 accepted, and byte boundaries on a path at which a callback runs or the serving
@@ -18,7 +22,7 @@ pid and start token (``ProcessRef``), never hitting a recycled pid.
 Sections, each using only what is above it: blobs and entities; faults and the
 response plan (pure: request headers + entity + fault -> status, headers, body
 span); authentication; observation (request records, holds, the traffic counters,
-byte boundaries, stalls); the HTTP handler (I/O); routes and the route table; the
+byte boundaries, stalls); the forward proxy's state; the HTTP handler (I/O); routes and the route table; the
 server (its lifecycle in ``_Listener``, ``FakeServer`` a facade over the parts);
 processes and ``AppController``; the command line.
 
@@ -2524,6 +2528,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for any free port (default 8000)")
     parser.add_argument("--root", help="directory served under /files/")
     parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
+    parser.add_argument("--proxy", action="store_true",
+                        help="also be a forward HTTP proxy (absolute-form requests and CONNECT tunnels)")
     args = parser.parse_args(argv)
     if args.root is not None and not os.path.isdir(args.root):
         parser.error(f"--root {args.root!r} is not a directory")
@@ -2535,7 +2541,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    server = FakeServer(root=args.root, host=args.host, port=args.port, verbose=not args.quiet)
+    server = FakeServer(root=args.root, host=args.host, port=args.port, verbose=not args.quiet, proxy=args.proxy)
     try:
         server.start()
     except OSError as err:
