@@ -132,9 +132,12 @@ def test_a_header_given_to_download_wait_is_given_back_after_a_daemon_kill(serve
         _, err = proc.communicate(timeout=LONG)
         assert proc.returncode == 0, err
     finally:
+        hold.release()
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.wait()
+        proc.stdout.close()  # (communicate() may not have run: a failed assertion)
+        proc.stderr.close()
     assert sha((cli.out / "private.bin").read_bytes()) == sha(data)
     tokens = [r.header("authorization") for r in server.requests("/private.bin")]
     assert len(tokens) >= 2 and set(tokens) == {"Bearer cli-token-51"}

@@ -164,8 +164,8 @@ def test_server_down_longer_than_the_retry_budget_then_back(server, sessions):
     """The server goes away mid-download for longer than the whole Retry budget: the task waits (RUNNING,
     waiting, with the last error), the waiting hook fires once, and when the server is back the download
     resumes with Range and is byte-exact."""
-    data = fs.blob_bytes(2 * MiB, seed=131)
-    server.add_blob("/w.bin", data, default_fault=fs.Fault(throttle=2 * MiB))
+    data = fs.blob_bytes(3 * MiB, seed=131)
+    server.add_blob("/w.bin", data, default_fault=fs.Fault(throttle=2 * MiB))  # 1.5 s: the stop lands mid-body
     rec = Net()
     budget = bg.Retry(total=3, backoff_factor=0.01, backoff_max=0.05)
     s = sessions.open(rec, retry=budget)
