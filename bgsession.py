@@ -2850,7 +2850,7 @@ class _Live:
         self.sent, self.expected_send = 0, -1
         self.secret_headers: tuple[tuple[str, str], ...] = ()
         self.renewed: Request | None = None  # the app's new request (task_will_begin_delayed_request), secrets too
-        self.needs_renewal = needs_renewal  # created with secret headers this process never had: ask the app first
+        self.needs_renewal = needs_renewal  # ask the app first: secret headers lost, or a delayed task begins
         self.auth_header: str | Callable[[str, str], str] | None = None  # (method, request target) -> value
         self.auth_origin: _Origin | None = None
         self.proxy_auth: str | Callable[[str, str], str] | None = None  # Proxy-Authorization from a 407's answer
@@ -3334,7 +3334,7 @@ class _Transfer:
         start, fd = live.offset, -1
         try:
             if live.needs_renewal:
-                self.http.renew(task, control, "it starts again without the secret headers it was created with")
+                self.http.renew(task, control, "it begins after a delay, or without the secret headers it had")
             if task.kind == "upload":
                 return self._upload(task, control, held)
             fd = self._open_partial(task)
@@ -3798,6 +3798,7 @@ class _Planner:
             return
         if task.phase is Phase.SCHEDULED:
             self.store.record(task, "due")
+            task.live.needs_renewal = True  # a delayed task begins: task_will_begin_delayed_request, as on iOS
         self.scheduler.enqueue(task.id, _origin(task.request["url"]), task.priority)
 
     def set_priority(self, task: _TaskRecord, priority: Any) -> int:
@@ -4631,8 +4632,9 @@ class SessionDelegate:
 
     def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
                                         ) -> tuple[DelayedRequestDisposition, Request | None]:
-        """*task* is about to send *request* again without the secret headers it was created with (they lived in the
-        memory of a process that ended), or the server answered 401 (no challenge answered) or 403. Return
+        """*task* is about to begin after its earliest begin date (as on iOS), or to send *request* again without the
+        secret headers it was created with (they lived in the memory of a process that ended), or the server
+        answered 401 (no challenge answered) or 403. Return
         (CONTINUE_LOADING, None), (USE_NEW_REQUEST, new_request) -- a new URL and fresh headers, e.g. a presigned URL
         that expired or a rotated token; the resume stays validated by If-Range -- or (CANCEL, None). Asked only if
         the delegate overrides it; a relaunch brings the app for it when none is attached."""

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -589,6 +590,25 @@ def test_an_expired_presigned_url_is_renewed_through_the_hook(server, sessions):
     assert answers == [(200, None), (403, "bytes=300000-"), (206, "bytes=300000-")]
     assert server.requests("/photo.jpg")[-1].header("if-range")
     assert task.current_request.url != task.original_request.url
+
+
+def test_a_delayed_task_asks_the_hook_as_it_begins(server, sessions):
+    """A task with an earliest begin date asks task_will_begin_delayed_request when its date comes, before its first
+    request (iOS's own case): the presigned URL it was made with has expired meanwhile, the hook gives a fresh one,
+    and the server sees only that one."""
+    signer = fs.SignedURLs()
+    data = fs.blob_bytes(50_000, seed=146)
+    server.add_blob("/later.jpg", data, auth=signer)
+    made_with = signer.sign(server.url("/later.jpg"))
+    signer.expire()
+    rec = Renewer(lambda request: (D.USE_NEW_REQUEST, bg.Request(signer.sign(server.url("/later.jpg")))))
+    s = sessions.open(rec)
+    task = s.download_task(bg.Request(made_with, earliest_begin_date=time.time() + 0.5))
+    task.resume()
+    assert s.wait(LONG)
+    assert sha(rec.files[task.identifier]) == sha(data)
+    assert [url for _, url, _ in rec.renewals] == [made_with]
+    assert [r.status for r in server.requests("/later.jpg")] == [200]
 
 
 @pytest.mark.parametrize("delegate", ["continues", "has no hook"])
