@@ -19,11 +19,13 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
  1. Errors         -- one root, leaf classes, ``ErrorCode``.
  2. Model          -- task phases and their transition table; events and attempt
                       outcomes as classes; ``TaskInfo``, the value that crosses every boundary.
- 3. Policies       -- ``Retry`` (the whole "try again?" decision), which queued task
-                      starts next, the session's bandwidth limit in force, the clock.
- 4. Values         -- headers, ``Request``, ``Response``, credentials, ``Configuration``.
- 5. HTTP decisions -- pure functions: the range plan, validators, auth headers and
-                      ``next_step``, the response sequence both transfer kinds share.
+ 3. Policies       -- ``Retry`` (the whole "try again?" decision, waiting for connectivity
+                      included), which queued task starts next, the session's bandwidth limit
+                      in force, the clock.
+ 4. Values         -- headers, ``Request``, ``Response``, credentials, proxies, ``TLS``,
+                      ``Configuration``.
+ 5. HTTP decisions -- pure functions: the range plan, validators, auth headers, the proxy of a
+                      URL and ``next_step``, the response sequence both transfer kinds share.
  6. Store          -- the session directory: lock, journal writer, reducer, snapshot,
                       compaction, reserve, recovery, resume data. Knows nothing of HTTP or apps.
  7. Transfer       -- connections, authentication, download and upload attempts that
@@ -88,10 +90,11 @@ except ImportError:
 __version__ = "0.3.0"
 
 __all__ = [
-    "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
-    "CredentialPersistence", "DownloadTask", "ErrorCode", "InvalidArgumentError", "Journal", "JournalError",
-    "ProtectionSpace", "Request", "Response", "Retry", "Session", "SessionDelegate", "SessionInvalidatedError",
-    "SessionManager", "Task", "TaskState", "TransferError", "UploadTask", "default_directory", "sanitize_filename",
+    "TLS", "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
+    "CredentialPersistence", "DelayedRequestDisposition", "DownloadTask", "ErrorCode", "InvalidArgumentError",
+    "Journal", "JournalError", "ProtectionSpace", "Request", "Response", "Retry", "Session", "SessionDelegate",
+    "SessionInvalidatedError", "SessionManager", "Task", "TaskState", "TransferError", "UploadTask",
+    "default_directory", "sanitize_filename",
 ]
 
 log = logging.getLogger("bgsession")
@@ -119,7 +122,9 @@ class ErrorCode(enum.IntEnum):
     CANNOT_FIND_HOST = -1003
     CANNOT_CONNECT_TO_HOST = -1004
     NETWORK_CONNECTION_LOST = -1005
+    DNS_LOOKUP_FAILED = -1006
     HTTP_TOO_MANY_REDIRECTS = -1007
+    NOT_CONNECTED_TO_INTERNET = -1009
     BAD_SERVER_RESPONSE = -1011
     USER_CANCELLED_AUTHENTICATION = -1012
     USER_AUTHENTICATION_REQUIRED = -1013
@@ -291,6 +296,9 @@ class TaskInfo:
     priority: float = DEFAULT_PRIORITY  # see Task.priority
     begin: float | None = None  # the earliest begin date (POSIX time), see Task.earliest_begin_date
     limit: int | None = None  # bytes per second, see Task.max_bytes_per_second
+    waiting: bool = False  # waiting for connectivity: no response arrives (task_is_waiting_for_connectivity)
+    last_error: Mapping[str, Any] | None = None  # why the last attempt failed (the task goes on), journal form
+    next_retry: float | None = None  # wall-clock time of the next attempt, while it waits for one
 
     @property
     def state(self) -> TaskState:
@@ -301,7 +309,11 @@ class TaskInfo:
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> TaskInfo:
-        return cls(**{**wire, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
+        try:
+            return cls(**{**wire, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
+        except TypeError:  # a newer daemon sends fields this module does not know: leave them
+            known = {k: v for k, v in wire.items() if k in cls.__dataclass_fields__}
+            return cls(**{**known, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +343,13 @@ class CompletedEvent:
 
 
 @dataclasses.dataclass(frozen=True)
+class WaitingEvent:
+    """A task began waiting for connectivity: no response arrives (once per waiting period; not journaled)."""
+    task_id: int
+    info: TaskInfo | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class BacklogEnd:
     """Marks the end of the events that waited when the app attached."""
     had_events: bool
@@ -356,11 +375,13 @@ class _Failed:
 
 @dataclasses.dataclass(frozen=True)
 class _Interrupted:
-    """A transient failure: the Retry policy decides whether and when the task tries again."""
+    """A transient failure: the Retry policy decides whether and when the task tries again. *offline*: no response
+    came at all, the server (or the proxy, or the network) could not be reached: a task waits for connectivity."""
     code: ErrorCode
     message: str
     retry_after: str | None = None
     progressed: bool = False
+    offline: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,7 +394,7 @@ _Outcome = Union[_Finished, _Failed, _Interrupted, _Stopped]
 
 
 # ============================================================================
-# 3. Policies: Retry, limits, the clock
+# 3. Policies: Retry, waiting for connectivity, limits, the clock
 # ============================================================================
 
 #: Statuses retried by default (with ``Retry-After`` honoured). iOS does not retry
@@ -384,6 +405,9 @@ DEFAULT_BACKOFF_MAX = 60.0
 DEFAULT_BACKOFF_JITTER = 0.25
 DEFAULT_RETRY_AFTER_MAX = 3600.0
 DEFAULT_RETRY_TOTAL = 10
+#: Longest pause between two attempts of a task that waits for connectivity. Waiting consumes no ``Retry.total``;
+#: ``timeout_for_resource`` (7 days by default, as on iOS) is its only limit.
+CONNECTIVITY_BACKOFF_MAX = 30.0
 #: Redirects followed before a task fails with HTTP_TOO_MANY_REDIRECTS.
 MAX_REDIRECTS = 16
 #: Upper bounds for configuration values; larger ones are rejected as mistakes.
@@ -534,6 +558,69 @@ class Retry:
         asked = self.parse_retry_after(retry_after, now)
         return wait if asked is None else max(wait, asked)
 
+    def connectivity_delay(self, waits: int, rng: Callable[[], float] = random.random) -> float:
+        """The pause before attempt *waits* + 1 of a task waiting for connectivity: the same doubling and jitter,
+        capped at CONNECTIVITY_BACKOFF_MAX (and at ``backoff_max`` if lower). With the defaults: 0.5, 1, 2, 4, 8,
+        16, 30, 30 ... seconds. It never runs out: only ``timeout_for_resource`` ends the wait."""
+        base = min(self.backoff_max, CONNECTIVITY_BACKOFF_MAX,
+                   self.backoff_factor * (2.0 ** min(max(waits, 1) - 1, 62)))
+        return base * (1.0 - self.backoff_jitter * rng())
+
+
+#: Resolver answers that say "this name does not exist" (an answer), as opposed to "no resolver answered".
+_NAME_DOES_NOT_EXIST = frozenset(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA")
+                                 if hasattr(socket, name))
+#: Errors of connect() that mean this machine has no route at all.
+_NETWORK_DOWN = frozenset({errno.ENETUNREACH, errno.ENETDOWN})
+
+
+def connect_failure(err: OSError, where: str) -> _Interrupted:
+    """What a failure to *reach* a server or a proxy means (pure). Each is *offline*: no response came, so the task
+    waits for connectivity (when the configuration says so). *where*: what was tried, a proxy's without its
+    credential. A name the resolver says does not exist is CANNOT_FIND_HOST; a lookup that got no answer (the usual
+    face of "no network") DNS_LOOKUP_FAILED. Resolvers of captive portals, VPN-only names and some offline machines
+    answer "does not exist" too, so both wait unless ``fails_on_unknown_host`` asks to fail fast."""
+    if isinstance(err, socket.gaierror):
+        if err.errno in _NAME_DOES_NOT_EXIST:
+            return _Interrupted(ErrorCode.CANNOT_FIND_HOST, f"{where}: no such host name ({err.strerror})",
+                                offline=True)
+        return _Interrupted(ErrorCode.DNS_LOOKUP_FAILED, f"{where}: name lookup failed ({err.strerror})",
+                            offline=True)
+    if isinstance(err, (socket.timeout, TimeoutError)):
+        return _Interrupted(ErrorCode.TIMED_OUT, f"{where}: no connection within timeout_for_request", offline=True)
+    if err.errno in _NETWORK_DOWN:
+        return _Interrupted(ErrorCode.NOT_CONNECTED_TO_INTERNET, f"{where}: network unreachable ({err.strerror})",
+                            offline=True)
+    why = "connection refused" if isinstance(err, ConnectionRefusedError) else (err.strerror or str(err))
+    return _Interrupted(ErrorCode.CANNOT_CONNECT_TO_HOST, f"{where}: {why}", offline=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RetryPlan:
+    """After an interrupted attempt (:func:`plan_retry`): try again after *delay* seconds with *retry*, or give up
+    (*delay* None, *why*). *waiting*: attempts that found no connectivity since the last response (0: not
+    waiting); only a response ends a waiting period."""
+    delay: float | None
+    retry: Retry
+    waiting: int = 0
+    why: str = ""
+
+
+def plan_retry(retry: Retry, outcome: _Interrupted, waiting: int, *, waits_for_connectivity: bool,
+               fails_on_unknown_host: bool, now: float | None = None,
+               rng: Callable[[], float] = random.random) -> _RetryPlan:
+    """Whether and when an interrupted task tries again (pure). Offline, with ``waits_for_connectivity``: wait with
+    :meth:`Retry.connectivity_delay`, consuming nothing of ``Retry.total``; a host name that does not exist fails at
+    once with ``fails_on_unknown_host``. Anything else (the server answered badly, a body was cut): ``Retry``."""
+    if outcome.offline and fails_on_unknown_host and outcome.code is ErrorCode.CANNOT_FIND_HOST:
+        return _RetryPlan(None, retry, why="fails_on_unknown_host")
+    if outcome.offline and waits_for_connectivity:
+        return _RetryPlan(retry.connectivity_delay(waiting + 1, rng), retry, waiting + 1)
+    decision = retry.after_failure(progressed=outcome.progressed, retry_after=outcome.retry_after, now=now, rng=rng)
+    if decision is None:
+        return _RetryPlan(None, retry, why="retries exhausted")
+    return _RetryPlan(decision[1], decision[0], waiting)
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class _Queued:
@@ -585,7 +672,7 @@ class _Clock:
 
 
 # ============================================================================
-# 4. Values: headers, requests, responses, credentials, configuration
+# 4. Values: headers, requests, responses, credentials, proxies, TLS, configuration
 # ============================================================================
 
 #: Identifier syntax: one path component, no dots-only names.
@@ -924,6 +1011,13 @@ class Request:
         return dataclasses.replace(self, url=url, method=method or self.method, headers=dict(self.headers.pairs()))
 
 
+def _secret_names(request: Request) -> dict[str, Any]:
+    """The task record's ``secrets``: the names of the request's secret headers, never their values (a restart
+    without them asks the app for them again)."""
+    names = [name for name, _ in request._secret_headers()]
+    return {"secrets": names} if names else {}
+
+
 def _coerce_request(request: str | Request) -> Request:
     if isinstance(request, Request):
         return request
@@ -1048,12 +1142,14 @@ class Response:
 
 @dataclasses.dataclass(frozen=True)
 class ProtectionSpace:
-    """Where a credential applies: host, port, realm and scheme (``"basic"``/``"digest"``)."""
+    """Where a credential applies: host, port, realm and scheme (``"basic"``/``"digest"``). *is_proxy*: the
+    challenge came from a proxy (a 407; host and port are the proxy's), as ``NSURLProtectionSpace.isProxy``."""
     host: str
     port: int
     realm: str | None
     scheme: str
     protocol: str = "http"
+    is_proxy: bool = False
 
 
 class AuthChallengeDisposition(enum.Enum):
@@ -1065,11 +1161,173 @@ class AuthChallengeDisposition(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class AuthChallenge:
-    """A 401 the task met: answer with a disposition and, for USE_CREDENTIAL, a credential."""
+    """A 401 (or a proxy's 407) the task met: answer with a disposition and, for USE_CREDENTIAL, a credential."""
     protection_space: ProtectionSpace
     previous_failure_count: int
     failure_response: Response | None
     proposed_credential: Credential | None = None
+
+
+class DelayedRequestDisposition(enum.Enum):
+    """The answer of ``task_will_begin_delayed_request`` (``NSURLSessionDelayedRequestDisposition``)."""
+    CONTINUE_LOADING = "continue_loading"  # send the request as it is
+    USE_NEW_REQUEST = "use_new_request"  # send the request returned with it (a new URL, fresh headers)
+    CANCEL = "cancel"  # end the task with CANCELLED (resume data kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Proxy:
+    """An HTTP proxy: where it is and the credential its URL carried. The credential lives in memory only (never
+    journaled, never in a message): ``str()`` names host and port alone."""
+    host: str
+    port: int
+    credential: Credential | None = None
+
+    def __str__(self) -> str:
+        return f"proxy {self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Proxies:
+    """Which proxy each scheme goes through and the hosts that bypass them (``no_proxy``), resolved when the
+    Configuration is made: the daemon uses these, never its own environment."""
+    http: _Proxy | None = None
+    https: _Proxy | None = None
+    no_proxy: tuple[str, ...] = ()
+
+
+#: Keys of a proxies mapping (those of urllib.request.getproxies() that bgsession uses).
+_PROXY_KEYS = ("http", "https", "all", "no")
+
+
+def _environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """``http_proxy``, ``https_proxy``, ``all_proxy`` and ``no_proxy`` as urllib reads them (getproxies_environment):
+    any case; a lower-case variable wins over an upper-case one, and an empty lower-case one removes it; under CGI
+    (``REQUEST_METHOD`` set) ``HTTP_PROXY`` is ignored, since a client's ``Proxy:`` header sets it (httpoxy)."""
+    found: dict[str, str] = {}
+    for name, value in environ.items():
+        if value and name.lower().endswith("_proxy") and name.lower()[:-6] in _PROXY_KEYS:
+            found[name.lower()[:-6]] = value
+    if "REQUEST_METHOD" in environ:
+        found.pop("http", None)
+    for name, value in environ.items():
+        if name.endswith("_proxy") and name.lower()[:-6] in _PROXY_KEYS:
+            if value:
+                found[name.lower()[:-6]] = value
+            else:
+                found.pop(name.lower()[:-6], None)
+    return found
+
+
+def _parse_proxy(url: Any, what: str) -> _Proxy:
+    """``http://[user[:password]@]host[:port]`` (no scheme: http; no port: 80). Messages never repeat the URL: it
+    may hold a password."""
+    if not isinstance(url, str) or not url.strip() or _CTL_RE.search(url):
+        raise _invalid(f"{what} must be a proxy URL such as 'http://proxy.example:3128'")
+    text = url.strip() if "://" in url else "http://" + url.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise _invalid(f"{what} is not a valid proxy URL (bad port?)") from None
+    if parts.scheme.lower() != "http":
+        raise _invalid(f"{what}: only http:// proxies are supported (https goes through their CONNECT tunnel), "
+                       f"not {parts.scheme}://")
+    if not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise _invalid(f"{what} must be scheme://host:port, without a path")
+    credential = None
+    if parts.username is not None:
+        credential = Credential(urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+    return _Proxy(parts.hostname.lower(), port or 80, credential)
+
+
+def _resolve_proxies(spec: Any, environ: Mapping[str, str] | None = None) -> _Proxies | None:
+    """``"environment"``, a mapping ({"http": url, "https": url, "all": url, "no": "host,host"}) or None -> the
+    proxies a session uses (None: none). ``all`` serves a scheme without its own. An environment proxy bgsession
+    cannot use (socks5://, https://) is ignored with a warning; in a mapping it is an error."""
+    if spec is None:
+        return None
+    from_environment = isinstance(spec, str) and spec == "environment"
+    if from_environment:
+        table: Mapping[str, Any] = _environment_proxies(os.environ if environ is None else environ)
+    elif isinstance(spec, Mapping):
+        unknown = sorted(str(k) for k in spec if k not in _PROXY_KEYS)
+        if unknown:
+            raise _invalid(f"unknown proxies key(s) {unknown}: use {list(_PROXY_KEYS)}")
+        table = spec
+    else:
+        raise _invalid(f"proxies must be 'environment', a mapping or None, not {spec!r}")
+    chosen: dict[str, _Proxy] = {}
+    for scheme in ("http", "https"):
+        url = table.get(scheme) or table.get("all")
+        if not url:
+            continue
+        try:
+            chosen[scheme] = _parse_proxy(url, f"the {scheme} proxy")
+        except InvalidArgumentError as err:
+            if not from_environment:
+                raise
+            log.warning("ignoring the %s proxy of the environment: %s", scheme, err)
+    no = table.get("no") or ()
+    if isinstance(no, str):
+        no = no.split(",")
+    if not all(isinstance(name, str) for name in no):
+        raise _invalid("proxies['no'] must be a comma-separated str or a list of host names")
+    names = tuple(name.strip().lower() for name in no if name.strip())
+    return _Proxies(chosen.get("http"), chosen.get("https"), names) if chosen else None
+
+
+#: TLS versions a ``TLS(minimum_version=...)`` may name, and their ssl.TLSVersion member names.
+_TLS_VERSIONS = {"TLSv1": "TLSv1", "TLSv1.1": "TLSv1_1", "TLSv1.2": "TLSv1_2", "TLSv1.3": "TLSv1_3"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TLS:
+    """TLS settings as plain data: the same on both hosts, since the daemon receives them whole (an
+    ``ssl.SSLContext`` cannot be sent to it). Paths are made absolute when the value is made.
+
+    *cafile* / *capath*: the CA certificates to trust, instead of the system's (a PEM file; a directory of hashed
+    PEM files). *certfile* / *keyfile* / *key_password*: a client certificate (PEM; the key may be in *certfile*;
+    the password of an encrypted key lives in memory only: hidden from repr, never journaled). *minimum_version*:
+    ``"TLSv1.2"`` or ``"TLSv1.3"`` (or an ``ssl.TLSVersion``). *pinned_certificates_sha256*: SHA-256 digests (hex)
+    of DER certificates; the server's own certificate must be one of them, in addition to passing verification
+    (AFSecurityPolicy's certificate pinning): a mismatch fails the task with SERVER_CERTIFICATE_UNTRUSTED."""
+
+    cafile: str | None = None
+    capath: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    minimum_version: str | None = None
+    pinned_certificates_sha256: tuple[str, ...] = ()
+    key_password: str | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("cafile", "capath", "certfile", "keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                    raise _invalid(f"TLS {name} must be a path, not {value!r}")
+                object.__setattr__(self, name, os.path.abspath(os.fspath(value)))
+        if self.keyfile is not None and self.certfile is None:
+            raise _invalid("TLS keyfile needs its certfile")
+        if self.key_password is not None and not isinstance(self.key_password, str):
+            raise _invalid("TLS key_password must be a str")
+        version = self.minimum_version
+        if isinstance(version, ssl.TLSVersion):
+            version = version.name
+        if isinstance(version, str):
+            version = version.replace("_", ".")
+        if version is not None and version not in _TLS_VERSIONS:
+            raise _invalid(f"TLS minimum_version must be one of {sorted(_TLS_VERSIONS)}, not {self.minimum_version!r}")
+        object.__setattr__(self, "minimum_version", version)
+        pins = self.pinned_certificates_sha256
+        if isinstance(pins, (str, bytes)) or not isinstance(pins, Iterable):
+            raise _invalid("TLS pinned_certificates_sha256 must be a list of SHA-256 digests (hex), not one str")
+        clean = tuple(str(pin).replace(":", "").strip().lower() for pin in pins)
+        if not all(re.fullmatch(r"[0-9a-f]{64}", pin) for pin in clean):
+            raise _invalid("each TLS pinned_certificates_sha256 entry must be 64 hex digits (a SHA-256 of a DER "
+                           "certificate; colons allowed)")
+        object.__setattr__(self, "pinned_certificates_sha256", clean)
 
 
 def _check_identifier(identifier: Any) -> str:
@@ -1113,7 +1371,15 @@ class Configuration:
     ``max_concurrent_transfers`` bounds the transfers running at once over all hosts (and the session's transfer
     threads and open connections); ``max_connections_per_host`` bounds them per origin. ``max_bytes_per_second``
     limits the session's transfers together, downloads and uploads (None: no limit); ``session.max_bytes_per_second``
-    changes it while they run."""
+    changes it while they run.
+
+    ``waits_for_connectivity`` (background sessions: True, as on iOS): while no response arrives (no network, DNS
+    failing, the server or the proxy unreachable) a task waits and tries again every 30 s at most, without consuming
+    ``Retry.total``, until ``timeout_for_resource``; ``task_is_waiting_for_connectivity`` tells the app once per
+    waiting period. ``fails_on_unknown_host``: a host name the resolver says does not exist fails the task at once
+    (CANNOT_FIND_HOST) instead of waiting. ``proxies``: ``"environment"`` (http_proxy, https_proxy, all_proxy,
+    no_proxy, read when the configuration is made), a mapping or None; the daemon uses these. ``tls``: a
+    :class:`TLS`, the way to give TLS settings to the daemon host (``ssl_context`` works in-process only)."""
 
     identifier: str | None
     directory: str | None
@@ -1131,6 +1397,10 @@ class Configuration:
     max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS
     max_bytes_per_second: int | None = None
     secret_headers: tuple[str, ...] = ()
+    waits_for_connectivity: bool = False
+    fails_on_unknown_host: bool = False
+    proxies: _Proxies | None = None
+    tls: TLS | None = None
 
     @classmethod
     def background(cls, identifier: str, *, directory: str | None = None, host: str | None = None,
@@ -1139,8 +1409,9 @@ class Configuration:
                    retry: Retry | None = None, headers: Mapping[str, str] | None = None,
                    ssl_context: ssl.SSLContext | None = None, daemon_idle_timeout: float = 30.0,
                    relaunch_backoff: float = 1.0, max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
-                   max_bytes_per_second: int | None = None,
-                   secret_headers: Iterable[str] | None = None) -> Configuration:
+                   max_bytes_per_second: int | None = None, waits_for_connectivity: bool = True,
+                   fails_on_unknown_host: bool = False, proxies: Any = "environment",
+                   tls: TLS | None = None, secret_headers: Iterable[str] | None = None) -> Configuration:
         """A durable session: its tasks and undelivered events survive the process.
 
         *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
@@ -1164,7 +1435,9 @@ class Configuration:
         common = cls.default(max_connections_per_host=max_connections_per_host, timeout_for_request=timeout_for_request,
                              timeout_for_resource=timeout_for_resource, retry=retry, headers=headers,
                              ssl_context=ssl_context, max_concurrent_transfers=max_concurrent_transfers,
-                             max_bytes_per_second=max_bytes_per_second, secret_headers=secret_headers)
+                             max_bytes_per_second=max_bytes_per_second, waits_for_connectivity=waits_for_connectivity,
+                             fails_on_unknown_host=fails_on_unknown_host, proxies=proxies, tls=tls,
+                             secret_headers=secret_headers)
         return dataclasses.replace(
             common, identifier=identifier, directory=os.path.normpath(os.fspath(directory)), host=host,
             relaunch_command=tuple(relaunch_command) if relaunch_command is not None else None,
@@ -1178,13 +1451,22 @@ class Configuration:
                 timeout_for_resource: float = 7 * 24 * 3600.0, retry: Retry | None = None,
                 headers: Mapping[str, str] | None = None, ssl_context: ssl.SSLContext | None = None,
                 max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
-                max_bytes_per_second: int | None = None,
-                secret_headers: Iterable[str] | None = None) -> Configuration:
+                max_bytes_per_second: int | None = None, waits_for_connectivity: bool = False,
+                fails_on_unknown_host: bool = False, proxies: Any = "environment",
+                tls: TLS | None = None, secret_headers: Iterable[str] | None = None) -> Configuration:
         """An in-process, in-memory session: nothing durable (``NSURLSessionConfiguration.default``)."""
         for name, value, most in (("max_connections_per_host", max_connections_per_host, MAX_CONNECTIONS_PER_HOST),
                                   ("max_concurrent_transfers", max_concurrent_transfers, MAX_CONCURRENT_TRANSFERS)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
                 raise _invalid(f"{name} must be an int from 1 to {most}, not {value!r}")
+        for name, flag in (("waits_for_connectivity", waits_for_connectivity),
+                           ("fails_on_unknown_host", fails_on_unknown_host)):
+            if not isinstance(flag, bool):
+                raise _invalid(f"{name} must be True or False, not {flag!r}")
+        if tls is not None and not isinstance(tls, TLS):
+            raise _invalid(f"tls must be a bgsession.TLS, not {type(tls).__name__}")
+        if tls is not None and ssl_context is not None:
+            raise _invalid("give tls or ssl_context, not both (tls reaches the daemon; ssl_context works in-process)")
         if retry is not None and not isinstance(retry, Retry):
             raise _invalid(f"retry must be a bgsession.Retry, not {type(retry).__name__}")
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
@@ -1196,6 +1478,8 @@ class Configuration:
                    retry=retry or Retry(), headers=Headers(_check_headers(headers)), ssl_context=ssl_context,
                    max_concurrent_transfers=max_concurrent_transfers,
                    max_bytes_per_second=_check_rate(max_bytes_per_second),
+                   waits_for_connectivity=waits_for_connectivity, fails_on_unknown_host=fails_on_unknown_host,
+                   proxies=_resolve_proxies(proxies), tls=tls,
                    secret_headers=_check_secret_names(secret_headers, "secret_headers"))
 
     @property
@@ -1295,6 +1579,52 @@ def _origin(url: str) -> tuple[str, str, int]:
     return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
 
 
+def bypasses_proxy(host: str, port: int, no_proxy: Sequence[str]) -> bool:
+    """urllib's ``no_proxy`` rule (proxy_bypass_environment), pure: ``*`` bypasses every host; an entry matches the
+    host itself, or ``host:port``, or any host under it as a domain suffix (a leading dot changes nothing); case is
+    ignored. No address ranges (CIDR), as in urllib: name each host or address."""
+    host = host.lower().strip("[]")
+    for entry in no_proxy:
+        if entry == "*":
+            return True
+        name = entry.lower().lstrip(".")
+        if not name:
+            continue
+        for candidate in (host, f"{host}:{port}"):
+            if candidate == name or candidate.endswith("." + name):
+                return True
+    return False
+
+
+def proxy_for(url: str, proxies: _Proxies | None) -> _Proxy | None:
+    """The proxy a request for *url* goes through (None: straight to the server)."""
+    if proxies is None:
+        return None
+    scheme, host, port = _origin(url)
+    proxy = proxies.https if scheme == "https" else proxies.http
+    if proxy is None or bypasses_proxy(host, port, proxies.no_proxy):
+        return None
+    return proxy
+
+
+def _request_target(url: str) -> str:
+    """The origin-form request target of *url*: its path and query."""
+    parts = urllib.parse.urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _authority(url: str) -> str:
+    """``host:port`` of *url* (an IPv6 address in brackets): what a CONNECT asks for."""
+    _, host, port = _origin(url)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _absolute_target(url: str) -> str:
+    """The absolute-form request target a proxy receives: scheme, authority, path and query (no user
+    information, no fragment)."""
+    return f"{_origin(url)[0]}://{_authority(url)}{_request_target(url)}"
+
+
 _AUTH_PARAM_RE = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
 
 
@@ -1375,6 +1705,8 @@ def _entity_response(rec: Mapping[str, Any]) -> dict[str, Any]:
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Re-requests without Range within one attempt before the server counts as broken.
 _MAX_REREQUESTS = 3
+#: New requests from task_will_begin_delayed_request within one attempt before a 401/403 is the task's result.
+_MAX_RENEWALS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1391,7 +1723,9 @@ class _Exchange:
     validator: Mapping[str, str] | None = None  # download: what the held bytes belong to
     known_total: int | None = None  # download: the entity length recorded earlier
     rerequest: bool = False  # download: ask without Range (the last range answer was unusable)
-    auth_declined: bool = False  # the 401 in hand was not answered with a credential
+    auth_declined: bool = False  # the 401 (or 407) in hand was not answered with a credential
+    renewals: int = 0  # new requests the app gave for a 401/403 in this attempt
+    renew_declined: bool = False  # the 401/403 in hand stands: the app continued or gave nothing new
 
     @property
     def asks_range(self) -> bool:
@@ -1422,8 +1756,15 @@ class _FollowRedirect:
 
 @dataclasses.dataclass(frozen=True)
 class _Authenticate:
-    """A 401 offering these Basic/Digest challenges, in the server's order."""
+    """A 401 (a 407: *proxy*) offering these Basic/Digest challenges, in the server's order."""
     offers: tuple[tuple[str, Mapping[str, str]], ...]
+    proxy: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Renew:
+    """A 401 no challenge answered, or a 403: ask the app for a new request (task_will_begin_delayed_request)."""
+    status: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1438,7 +1779,7 @@ class _Accept:
     plan: RangePlan | None
 
 
-_Step = Union[_FollowRedirect, _Authenticate, _AskAgain, _Accept, _Failed, _Interrupted]
+_Step = Union[_FollowRedirect, _Authenticate, _Renew, _AskAgain, _Accept, _Failed, _Interrupted]
 
 
 def _redirect_step(ex: _Exchange, status: int, location: str) -> _Step:
@@ -1459,15 +1800,22 @@ def _redirect_step(ex: _Exchange, status: int, location: str) -> _Step:
 
 
 def next_step(ex: _Exchange, status: int, headers: Headers) -> _Step:
-    """The response sequence of both transfer kinds, in order: redirect -> 401 -> retryable
-    status -> (downloads) the validated-range plan. Pure: the caller does what it says."""
+    """The response sequence of both transfer kinds, in order: redirect -> 401/407 challenge -> 401/403 renewal ->
+    retryable status -> (downloads) the validated-range plan. Pure: the caller does what it says. A 407 that no
+    credential answers fails the task: a proxy's page is not the resource's answer."""
     if status in _REDIRECT_STATUSES and "Location" in headers:
         return _redirect_step(ex, status, headers["Location"])
-    if status == 401 and not ex.auth_declined:
-        offers = tuple((scheme, params) for scheme, params in parse_www_authenticate(headers.get_all(
-            "WWW-Authenticate")) if scheme in ("basic", "digest"))
+    if status in (401, 407) and not ex.auth_declined:
+        field = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
+        offers = tuple((scheme, params) for scheme, params in parse_www_authenticate(headers.get_all(field))
+                       if scheme in ("basic", "digest"))
         if offers:
-            return _Authenticate(offers)
+            return _Authenticate(offers, proxy=status == 407)
+    if status == 407:
+        return _Failed(TransferError(ErrorCode.USER_AUTHENTICATION_REQUIRED, f"the proxy asks for credentials "
+                                     f"(HTTP 407 for {ex.url}) and none was given", url=ex.url))
+    if status in (401, 403) and not ex.renew_declined and ex.renewals < _MAX_RENEWALS:
+        return _Renew(status)
     if ex.retry.retries_status(status):
         return _Interrupted(ErrorCode.BAD_SERVER_RESPONSE, f"HTTP {status} from {ex.url}",
                             retry_after=headers.get("Retry-After"))
@@ -1902,7 +2250,7 @@ _FIELD_TYPES: dict[str, frozenset[type]] = {
     **dict.fromkeys(("description", "boot", "file", "resume_file", "problem"), _TEXT | {_NONE}),
     **dict.fromkeys(("cancel_requested", "want_resume_data", "resume_data"), frozenset({bool})),
     "request": _OBJECT, **dict.fromkeys(("response", "error", "validator", "upload"), _OBJECT | {_NONE}),
-    "acked": frozenset({list}),
+    "acked": frozenset({list}), "secrets": frozenset({list}),
     "priority": _NUMBER, "begin": _NUMBER | {_NONE}, **dict.fromkeys(("limit", "rate", "configured"), _INT | {_NONE}),
 }
 _PHASE_VALUES = frozenset(p.value for p in Phase)
@@ -1946,7 +2294,7 @@ class _TaskRecord:
     __slots__ = (
         "acked", "begin", "boot", "cancel_requested", "created", "current_url", "delivery_seq", "description",
         "durable_offset", "error", "file", "id", "kind", "limit", "live", "phase", "priority", "problem", "request",
-        "response", "resume_file", "started", "total", "upload", "validator", "want_resume_data",
+        "response", "resume_file", "secrets", "started", "total", "upload", "validator", "want_resume_data",
     )
 
     def __init__(self, rec: Mapping[str, Any]) -> None:
@@ -1975,6 +2323,7 @@ class _TaskRecord:
         self.priority: float = float(rec.get("priority", DEFAULT_PRIORITY))  # the scheduling options (format 2)
         self.begin: float | None = rec.get("begin")
         self.limit: int | None = rec.get("limit")
+        self.secrets: list[str] = list(rec.get("secrets") or [])  # names of the request's secret headers
         self.live: Any = None  # engine-side state, never persisted
 
     def snapshot(self) -> dict[str, Any]:
@@ -3004,13 +3353,11 @@ class _BoundedHTTP(http.client.HTTPConnection):
         super().send(data)
 
 
-class _BoundedHTTPS(_BoundedHTTP, http.client.HTTPSConnection):
-    """_BoundedHTTP over TLS."""
-
-
 _Origin = tuple[str, str, int]
-_Held = dict[_Origin, _BoundedHTTP]  # an attempt's connections, by origin
+_PoolKey = tuple[str, str, int, Union[_Proxy, None], int]  # an origin, the proxy, the configuration generation
+_Held = dict[_PoolKey, _BoundedHTTP]  # an attempt's connections, by origin and proxy
 _Answer = tuple[AuthChallengeDisposition, Union[Credential, None]]  # a challenge hook's answer
+_Renewal = tuple[DelayedRequestDisposition, Union[Request, None]]  # a delayed-request hook's answer
 
 
 class _AttemptEnded(Exception):
@@ -3104,23 +3451,32 @@ class _Control:
 
 class _Live:
     """A task's state in this process, never persisted: transfer fields (offset, retry policy,
-    secrets, auth, progress) and engine fields (timer, worker, delivery)."""
+    secrets, the request the app renewed, auth, progress, connectivity) and engine fields (timer,
+    worker, delivery)."""
 
     __slots__ = (
         "auth_header", "auth_origin", "control", "done", "due", "events_ready", "expected", "expected_send",
-        "failures", "limit", "offset", "progress_at", "progress_pending", "rate", "rate_at", "rate_bytes",
-        "rerequest", "retry", "secret_headers", "sent", "url_credentials", "worker",
+        "failures", "last_error", "limit", "needs_renewal", "next_retry", "offset", "progress_at", "progress_pending",
+        "proxy_auth", "rate", "rate_at", "rate_bytes", "renewed", "rerequest", "retry", "secret_headers", "sent",
+        "url_credentials", "waiting", "worker",
     )
 
-    def __init__(self, retry: Retry, offset: int = 0, expected: int = -1, limit: int | None = None) -> None:
+    def __init__(self, retry: Retry, offset: int = 0, expected: int = -1, limit: int | None = None,
+                 needs_renewal: bool = False) -> None:
         self.offset, self.expected, self.retry = offset, expected, retry
         self.limit = _RateLimit(limit)  # the task's own bandwidth limit
         self.sent, self.expected_send = 0, -1
         self.secret_headers: tuple[tuple[str, str], ...] = ()
         self.url_credentials: dict[_Origin, Credential] = {}  # a URL's user:password@, by origin (memory only)
-        self.auth_header: str | Callable[[str, str], str] | None = None
+        self.renewed: Request | None = None  # the app's new request (task_will_begin_delayed_request), secrets too
+        self.needs_renewal = needs_renewal  # ask the app first: secret headers lost, or a delayed task begins
+        self.auth_header: str | Callable[[str, str], str] | None = None  # (method, request target) -> value
         self.auth_origin: _Origin | None = None
-        self.failures: dict[tuple[str, int, str | None, str], int] = {}
+        self.proxy_auth: str | Callable[[str, str], str] | None = None  # Proxy-Authorization from a 407's answer
+        self.failures: dict[tuple[str, int, str | None, str, bool], int] = {}
+        self.waiting = 0  # attempts in a row that found no connectivity (0: not waiting)
+        self.last_error: TransferError | None = None  # why the last attempt failed, until a response is accepted
+        self.next_retry: float | None = None  # wall-clock time of the next attempt
         self.rerequest = False  # the last range answer was unusable: ask for the whole entity
         self.progress_at, self.progress_pending = 0.0, 0
         self.rate, self.rate_at, self.rate_bytes = 0.0, 0.0, 0  # bytes per second, smoothed (status)
@@ -3131,28 +3487,124 @@ class _Live:
         self.events_ready = True  # False while the outcome's record is not yet durable
         self.done = _SETTLED  # the current attempt settled (a fresh Event per attempt)
 
+    def take_plan(self, plan: _RetryPlan, outcome: _Interrupted, url: str, now: float) -> bool:
+        """After an interrupted attempt: the retry policy in force, why it failed, when it tries next. True: a
+        waiting period for connectivity begins (the app is told once)."""
+        begins = plan.waiting > 0 and self.waiting == 0
+        self.retry, self.waiting = plan.retry, plan.waiting
+        self.last_error = TransferError(outcome.code, outcome.message, url=url)
+        self.next_retry = now + (plan.delay or 0.0)
+        return begins
+
+    def timed_out(self) -> TransferError:
+        """The error of a task whose timeout_for_resource ran out while it waited to try again."""
+        why = f" (last attempt: {self.last_error.message})" if self.last_error is not None else ""
+        return TransferError(ErrorCode.TIMED_OUT, f"timeout_for_resource exceeded{why}")
+
+
+class _TunnelRefused(Exception):
+    """A proxy answered CONNECT with something else than 200 (a 407, a 502 ...): *response*, already read."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        super().__init__(f"CONNECT refused: {response.status} {response.reason}")
+        self.response = response
+
+
+class _PinMismatch(Exception):
+    """The server's certificate is not one of ``TLS.pinned_certificates_sha256``."""
+
+
+def _tls_context(config: Configuration) -> ssl.SSLContext:
+    """The SSLContext of a configuration: its ``ssl_context`` (in-process), or one made from its :class:`TLS`
+    (what the daemon does too), or the system's defaults. Errors are InvalidArgumentError."""
+    if config.ssl_context is not None:
+        return config.ssl_context
+    tls = config.tls or TLS()
+    try:
+        ctx = ssl.create_default_context(cafile=tls.cafile, capath=tls.capath)
+        if tls.certfile is not None:
+            ctx.load_cert_chain(tls.certfile, tls.keyfile, password=tls.key_password)
+        if tls.minimum_version is not None:
+            ctx.minimum_version = ssl.TLSVersion[_TLS_VERSIONS[tls.minimum_version]]
+    except (OSError, ValueError) as err:  # ssl.SSLError is an OSError (a wrong key password among them)
+        raise _invalid(f"cannot load the TLS settings (certificate, key or CA files): {err}") from err
+    return ctx
+
+
+class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
+    """_BoundedHTTP over TLS: straight to the server, or through an HTTP proxy's CONNECT tunnel (whose refusal, a 407
+    included, raises _TunnelRefused with the proxy's response), checking certificate pins after the handshake.
+    ``sock`` is set once the TCP connection stands, so that a failure can tell "not reached" (offline) from what came
+    after. (The handshake and the tunnel's answer are bounded per byte by ``timeout``, not by the deadline.)"""
+
+    def __init__(self, host: str, port: int, *, timeout: float, context: ssl.SSLContext, pins: Sequence[str],
+                 proxy: _Proxy | None) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.tls, self.pins, self.proxy = context, frozenset(pins), proxy
+        self.proxy_authorization: str | None = None  # set before each request: memory only
+
+    def connect(self) -> None:
+        if self.proxy is None:
+            super().connect()
+        else:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _DeadlinePassed(self.deadline_reason)
+            timeout = min(self.timeout, left)  # type: ignore[type-var]
+            self.sock = raw = socket.create_connection((self.proxy.host, self.proxy.port), timeout)
+            raw.settimeout(self.timeout)
+            self._open_tunnel(raw)
+            self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
+        if self.pins:
+            der = self.sock.getpeercert(binary_form=True) or b""
+            digest = hashlib.sha256(der).hexdigest()
+            if digest not in self.pins:
+                raise _PinMismatch(f"the certificate of {self.host} (SHA-256 {digest}) is not one of "
+                                   "TLS.pinned_certificates_sha256")
+
+    def _open_tunnel(self, raw: socket.socket) -> None:
+        authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if self.proxy_authorization:
+            lines.append(f"Proxy-Authorization: {self.proxy_authorization}")
+        raw.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        response = http.client.HTTPResponse(raw, method="CONNECT")
+        response.begin()
+        if response.status != 200:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if response.length is not None and response.length <= _DISCARD_LIMIT:
+                    response.read()
+            response.close()
+            raise _TunnelRefused(response)
+        response.close()  # (the socket stays open: it carries the tunnel)
+
 
 class _ConnectionPool:
-    """Keep-alive connections by origin, shared by the workers: an attempt holds the ones it uses
-    (*held*) and gives them back when it ends. Its own lock, never the engine's. The connections
+    """Keep-alive connections by origin and proxy, shared by the workers: an attempt holds the ones it
+    uses (*held*) and gives them back when it ends. Its own lock, never the engine's. The connections
     open at once, held and idle, stay within ``max_concurrent_transfers``: an idle one is closed
-    (the oldest first) before a new one is opened beyond it."""
+    (the oldest first) before a new one is opened beyond it. A new configuration (TLS, proxies)
+    retires every connection made under the old one."""
 
     def __init__(self, config: Configuration) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._idle: dict[_Origin, list[tuple[float, _BoundedHTTP]]] = {}
+        self._idle: dict[_PoolKey, list[tuple[float, _BoundedHTTP]]] = {}
         self._idle_count = 0
         self._held = 0  # connections in attempts' *held* (closed ones too, until released)
         self._ssl: ssl.SSLContext | None = None  # created once: loading the CA store is slow
+        self._generation = 0  # of the configuration; part of every key
 
     def configure(self, config: Configuration) -> None:
-        self.config, self._ssl = config, None
+        with self._lock:
+            self.config, self._ssl = config, None
+            self._generation += 1
+        self.close()
 
-    def get(self, url: str, held: _Held, fresh: bool) -> tuple[_BoundedHTTP, bool]:
-        """A connection for *url*'s origin: the attempt's own, an idle one, or a new one.
+    def get(self, url: str, proxy: _Proxy | None, held: _Held, fresh: bool) -> tuple[_BoundedHTTP, bool]:
+        """A connection for *url*'s origin through *proxy*: the attempt's own, an idle one, or a new one.
         Returns it and whether it was used before (a dead keep-alive may need a retry)."""
-        key = _origin(url)
+        key: _PoolKey = (*_origin(url), proxy, self._generation)
         conn = held.get(key)
         if conn is not None and not fresh:
             return conn, conn.sock is not None
@@ -3172,7 +3624,8 @@ class _ConnectionPool:
             del held[key]
             with self._lock:
                 idle = self._idle.setdefault(key, [])
-                keep = ok and conn.sock is not None and len(idle) < self.config.max_connections_per_host
+                keep = ok and conn.sock is not None and key[4] == self._generation and \
+                    len(idle) < self.config.max_connections_per_host
                 if keep:
                     idle.append((time.monotonic(), conn))
                     self._idle_count += 1
@@ -3182,7 +3635,7 @@ class _ConnectionPool:
                 with self._lock:
                     self._held -= 1
 
-    def _take(self, key: _Origin) -> _BoundedHTTP | None:
+    def _take(self, key: _PoolKey) -> _BoundedHTTP | None:
         now = time.monotonic()
         with self._lock:
             idle = self._idle.get(key, [])
@@ -3194,18 +3647,21 @@ class _ConnectionPool:
                 conn.close()
         return None
 
-    def _new(self, key: _Origin) -> _BoundedHTTP:
+    def _new(self, key: _PoolKey) -> _BoundedHTTP:
         with self._lock:  # room for one more: close idle connections, the oldest first
             while self._idle_count and self._idle_count + self._held > self.config.max_concurrent_transfers:
                 oldest = min((idle for idle in self._idle.values() if idle), key=lambda idle: idle[0][0])
                 oldest.pop(0)[1].close()
                 self._idle_count -= 1
-        scheme, host, port = key
+        scheme, host, port, proxy, _ = key
         timeout = self.config.timeout_for_request
         if scheme == "https":
             if self._ssl is None:
-                self._ssl = self.config.ssl_context or ssl.create_default_context()
-            return _BoundedHTTPS(host, port, timeout=timeout, context=self._ssl)
+                self._ssl = _tls_context(self.config)
+            pins = self.config.tls.pinned_certificates_sha256 if self.config.tls else ()
+            return _HTTPSConnection(host, port, timeout=timeout, context=self._ssl, pins=pins, proxy=proxy)
+        if proxy is not None:  # absolute-form requests to the proxy
+            return _BoundedHTTP(proxy.host, proxy.port, timeout=timeout)
         return _BoundedHTTP(host, port, timeout=timeout)
 
     def close(self) -> None:
@@ -3223,40 +3679,52 @@ class _TransferHost(Protocol):
     def record_offset(self, task: _TaskRecord, offset: int) -> None: ...
     def post(self, event: ProgressEvent) -> None: ...
     def ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge) -> _Answer: ...
+    def renew(self, task: _TaskRecord, control: _Control, request: Request) -> _Renewal: ...
     def resource_expired(self, task: _TaskRecord) -> bool: ...
     def resource_left(self, task: _TaskRecord) -> float: ...
 
 
 class _Authenticator:
-    """Answers 401s: the session's credentials (memory only, by protection space) first, then the
-    app's challenge hook through the host; then sets the Authorization of the retried request."""
+    """Answers 401s and proxies' 407s: the session's credentials (memory only, by protection space)
+    first, then the app's challenge hook through the host; then sets the Authorization (or
+    Proxy-Authorization) of the retried request. A proxy URL's own credential is sent from the
+    first request on (Basic), as curl does."""
 
     def __init__(self, host: _TransferHost) -> None:
         self._host = host
         self._lock = threading.Lock()
-        self._credentials: dict[tuple[str, int, str | None, str], Credential] = {}
+        self._credentials: dict[tuple[str, int, str | None, str, bool], Credential] = {}
 
-    def respond(self, task: _TaskRecord, control: _Control, url: str,
-                offers: Sequence[tuple[str, Mapping[str, str]]], headers: Headers) -> bool:
-        """True: retry the request with credentials; False: the 401 is the response."""
+    def proxy_authorization(self, task: _TaskRecord, proxy: _Proxy, method: str, target: str) -> str | None:
+        """The Proxy-Authorization of a request through *proxy* (*target*: as the proxy sees it)."""
+        auth: str | Callable[[str, str], str] | None = task.live.proxy_auth
+        if auth is None and proxy.credential is not None:
+            return _basic_authorization(proxy.credential)
+        return auth(method, target) if callable(auth) else auth
+
+    def respond(self, task: _TaskRecord, control: _Control, url: str, offers: Sequence[tuple[str, Mapping[str, str]]],
+                headers: Headers, proxy: _Proxy | None = None) -> bool:
+        """True: retry the request with credentials; False: the 401 (407 with *proxy*) stands."""
         live = task.live
-        origin = _origin(url)
+        scheme_of_url, host, port = _origin(url) if proxy is None else ("http", proxy.host, proxy.port)
         for scheme, params in offers:
             realm = params.get("realm")
-            key = (origin[1], origin[2], realm, scheme)
+            key = (host, port, realm, scheme, proxy is not None)
             failures = live.failures.get(key, 0)
             if scheme == "digest" and params.get("stale", "").lower() == "true" and failures > 0:
                 failures -= 1  # a stale nonce is not a wrong password
             if failures >= _MAX_AUTH_FAILURES:
                 return False
-            with self._lock:
-                cred = self._credentials.get(key) if failures == 0 else None
-            if cred is None and failures == 0:
-                cred = live.url_credentials.get(origin)  # the URL's user:password@
+            with self._lock:  # a proxy URL's credential is the one stored for its proxy
+                stored = self._credentials.get(key) or (proxy.credential if proxy is not None else None)
+                cred = stored if failures == 0 else None
+            if cred is None and failures == 0 and proxy is None:
+                cred = live.url_credentials.get(_origin(url))  # the URL's user:password@
             if cred is None:
-                space = ProtectionSpace(origin[1], origin[2], realm, scheme, origin[0])
-                disposition, cred = self._host.ask(task, control, AuthChallenge(space, failures,
-                                                                                Response(url, 401, headers)))
+                space = ProtectionSpace(host, port, realm, scheme, scheme_of_url, is_proxy=proxy is not None)
+                status, proposed = (407, proxy.credential) if proxy is not None else (401, None)
+                disposition, cred = self._host.ask(task, control, AuthChallenge(
+                    space, failures, Response(url, status, headers), proposed))
                 if disposition is AuthChallengeDisposition.CANCEL_AUTHENTICATION_CHALLENGE:
                     raise _fail(ErrorCode.USER_CANCELLED_AUTHENTICATION,
                                 "authentication challenge cancelled by the app", url)
@@ -3270,8 +3738,11 @@ class _Authenticator:
                     if cred.persistence is CredentialPersistence.FOR_SESSION:
                         self._credentials[key] = cred
             live.failures[key] = failures + 1
-            live.auth_origin = origin
-            live.auth_header = self._header(scheme, cred, params)
+            if proxy is not None:
+                live.proxy_auth = self._header(scheme, cred, params)
+            else:
+                live.auth_origin = _origin(url)
+                live.auth_header = self._header(scheme, cred, params)
             return True
         return False
 
@@ -3281,16 +3752,15 @@ class _Authenticator:
             return _basic_authorization(cred)
         counter, chosen = itertools.count(1), dict(params)
 
-        def digest(method: str, url: str) -> str:
-            parts = urllib.parse.urlsplit(url)
-            uri = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            return _digest_authorization(cred, chosen, method, uri, next(counter))
+        def digest(method: str, target: str) -> str:
+            return _digest_authorization(cred, chosen, method, target, next(counter))
         return digest
 
 
 class _HTTP:
-    """The request/response half of an attempt: headers, sending on a pooled connection, and the
-    response sequence that :func:`next_step` decides (redirects, challenges, retryable statuses)."""
+    """The request/response half of an attempt: headers, sending on a pooled connection (through a
+    proxy when one applies), and the response sequence that :func:`next_step` decides (redirects,
+    challenges, renewals, retryable statuses)."""
 
     def __init__(self, config: Configuration, host: _TransferHost, connections: _ConnectionPool) -> None:
         self.config, self.host, self.connections = config, host, connections
@@ -3303,18 +3773,30 @@ class _HTTP:
         """Send until next_step() accepts a response; returns it, its connection, where the
         exchange ended (its URL) and, for downloads, the range plan. Every phase ends by the
         task's timeout_for_resource (see send)."""
+        live = task.live
         deadline = time.monotonic() + self.host.resource_left(task)
         while True:
+            proxy = proxy_for(ex.url, self.config.proxies)
             headers = self.headers(task, ex.url, ex.method, {**ex.request_headers(), **(extra or {})})
-            resp, conn = self.send(control, ex.url, ex.method, held, headers, body, deadline)
+            resp, conn = self.send(task, control, ex.url, ex.method, held, headers, body, proxy, deadline)
+            live.waiting = 0  # a response: connectivity is back (a later loss starts a new waiting period)
             hdrs = Headers(resp.getheaders())
             step = next_step(ex, resp.status, hdrs)
             if isinstance(step, _Authenticate):
-                if self.auth.respond(task, control, ex.url, step.offers, hdrs):
+                asker = proxy if step.proxy else None
+                if (asker is not None or not step.proxy) and self.auth.respond(task, control, ex.url, step.offers,
+                                                                               hdrs, asker):
                     self.drain(resp, conn, deadline)
                     continue
                 step = next_step(dataclasses.replace(ex, auth_declined=True), resp.status, hdrs)
+            if isinstance(step, _Renew):
+                if self.renew(task, control, f"HTTP {step.status} from {ex.url}") and live.renewed is not None:
+                    self.drain(resp, conn)
+                    ex = dataclasses.replace(ex, url=live.renewed.url, renewals=ex.renewals + 1)
+                    continue
+                step = next_step(dataclasses.replace(ex, auth_declined=True, renew_declined=True), resp.status, hdrs)
             if isinstance(step, _Accept):
+                live.last_error = None
                 return resp, conn, ex, step.plan
             self.drain(resp, conn, deadline)
             if isinstance(step, _FollowRedirect):
@@ -3324,22 +3806,55 @@ class _HTTP:
                 ex = dataclasses.replace(ex, url=step.url, redirects=ex.redirects + 1)
             elif isinstance(step, _AskAgain):
                 log.info("task %s: %s; asking for the whole entity", task.id, step.reason)
-                task.live.rerequest = True
+                live.rerequest = True
                 ex = dataclasses.replace(ex, rerequests=ex.rerequests + 1, rerequest=True)
-            else:  # _Failed or _Interrupted (never _Authenticate: the 401 was declined above)
+            else:  # _Failed or _Interrupted (never _Authenticate or _Renew: they were declined above)
                 raise _AttemptEnded(cast(_Outcome, step))
 
-    def headers(self, task: _TaskRecord, url: str, method: str, extra: Mapping[str, str]) -> dict[str, str]:
-        """The configuration's headers, the request's, its secrets (same origin only), the
-        credential of a challenge (the origin that asked only), then *extra*."""
+    def request_in_force(self, task: _TaskRecord) -> Request:
+        """The request this task's attempts send: the app's renewed one, else the journaled one with
+        the secret headers this process holds for it."""
+        live: _Live = task.live
+        if live.renewed is not None:
+            return live.renewed
+        rec = task.request
+        headers = {**dict(rec.get("headers") or []), **dict(live.secret_headers)}
+        return Request(rec["url"], rec.get("method", "GET"), headers, rec.get("sha256"))
+
+    def renew(self, task: _TaskRecord, control: _Control, why: str) -> bool:
+        """Ask the app (task_will_begin_delayed_request, through the host: an app is waited for, or
+        relaunched) whether to send the request in force, a new one, or to cancel. True: a new
+        request is in force (``live.renewed``); its URL and headers replace the old ones in memory."""
         live = task.live
+        live.needs_renewal = False
+        disposition, new = self.host.renew(task, control, self.request_in_force(task))
+        if disposition is DelayedRequestDisposition.CANCEL:
+            raise _fail(ErrorCode.CANCELLED, f"cancelled by task_will_begin_delayed_request ({why})", task.current_url)
+        if disposition is not DelayedRequestDisposition.USE_NEW_REQUEST or new is None:
+            return False
+        if (new.method == "GET") != (task.kind == "download"):
+            log.warning("task %s: task_will_begin_delayed_request gave a %s request to a %s task; ignored", task.id,
+                        new.method, task.kind)
+            return False
+        live.renewed, live.secret_headers = new, new._secret_headers()
+        return True
+
+    def headers(self, task: _TaskRecord, url: str, method: str, extra: Mapping[str, str]) -> dict[str, str]:
+        """The configuration's headers and the request's; the secret ones of both only to the
+        origin of the request (a redirect elsewhere drops them); the credential of a challenge
+        (the origin that asked only); then *extra*."""
+        live = task.live
+        renewed = live.renewed
+        public = renewed._to_record()["headers"] if renewed is not None else task.request.get("headers", [])
+        config = self.config.headers.pairs()
         headers = {"User-Agent": f"bgsession/{__version__} Python/{sys.version.split()[0]}",
-                   **dict(self.config.headers.pairs()), **dict(task.request.get("headers", []))}
-        if _origin(url) == _origin(task.request["url"]):
+                   **{k: v for k, v in config if k.lower() not in _SECRET_HEADERS}, **dict(public)}
+        if _origin(url) == _origin(renewed.url if renewed is not None else task.request["url"]):
+            headers.update((k, v) for k, v in config if k.lower() in _SECRET_HEADERS)
             headers.update(live.secret_headers)
         auth = live.auth_header
         if auth is not None and live.auth_origin == _origin(url):
-            headers["Authorization"] = auth(method, url) if callable(auth) else auth
+            headers["Authorization"] = auth(method, _request_target(url)) if callable(auth) else auth
         headers.update(extra)
         return headers
 
@@ -3352,20 +3867,30 @@ class _HTTP:
         else:
             conn.set_deadline(limit, f"{phase} did not arrive whole within timeout_for_request")
 
-    def send(self, control: _Control, url: str, method: str, held: _Held, headers: Mapping[str, str],
-             body: Callable[[http.client.HTTPConnection], None] | None = None, deadline: float = math.inf
-             ) -> tuple[http.client.HTTPResponse, _BoundedHTTP]:
-        """Send one request; a reused keep-alive connection that turns out dead is replaced once. Connecting and
-        sending end by *deadline* (the resource's), the response head within timeout_for_request as well; the body
-        is left bounded by *deadline*."""
+    def send(self, task: _TaskRecord, control: _Control, url: str, method: str, held: _Held,
+             headers: Mapping[str, str], body: Callable[[http.client.HTTPConnection], None] | None = None,
+             proxy: _Proxy | None = None, deadline: float = math.inf) -> tuple[http.client.HTTPResponse, _BoundedHTTP]:
+        """Send one request (through *proxy*: http in absolute form, https in a CONNECT tunnel); a reused keep-alive
+        connection that turns out dead is replaced once. Connecting and sending end by *deadline* (the resource's),
+        the response head within timeout_for_request as well; the body is left bounded by *deadline*."""
         parts = urllib.parse.urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target, tunnel_auth = _request_target(url), None
+        if proxy is not None and parts.scheme.lower() == "http":
+            target = _absolute_target(url)
+            auth = self.auth.proxy_authorization(task, proxy, method, target)
+            headers = {**headers, "Proxy-Authorization": auth} if auth else headers
+        elif proxy is not None:
+            tunnel_auth = self.auth.proxy_authorization(task, proxy, "CONNECT", _authority(url))
         for attempt in (0, 1):
             control.check()
-            c, reused = self.connections.get(url, held, attempt == 1)
+            c, reused = self.connections.get(url, proxy, held, attempt == 1)
             control.conn = c
             try:
                 self._bound(c, deadline)
+                if c.sock is None:
+                    refused = self._connect(c, control, url, proxy, tunnel_auth)
+                    if refused is not None:
+                        return refused, c
                 c.putrequest(method, target, skip_accept_encoding=True)
                 for k, v in headers.items():
                     c.putheader(k, v)
@@ -3396,6 +3921,35 @@ class _HTTP:
                 raise _AttemptEnded(_Interrupted(*Retry.classify(err))) from err
         raise AssertionError("unreachable")
 
+    def _connect(self, c: _BoundedHTTP, control: _Control, url: str, proxy: _Proxy | None,
+                 tunnel_auth: str | None) -> http.client.HTTPResponse | None:
+        """Open *c*. Returns None, or a proxy's 407 to CONNECT (to answer like any 407). Not reaching
+        the server or the proxy at all is an offline _Interrupted (the task waits for connectivity);
+        a failure after that (TLS, a reset) is raised for send() to classify."""
+        if isinstance(c, _HTTPSConnection):
+            c.proxy_authorization = tunnel_auth
+        try:
+            c.connect()
+        except _TunnelRefused as refused:
+            c.close()
+            status, reason = refused.response.status, refused.response.reason
+            if status == 407:
+                return refused.response
+            message = f"{proxy} refused the tunnel to {_authority(url)}: {status} {reason}"
+            if self.config.retry.is_retryable_status(status):
+                raise _AttemptEnded(_Interrupted(ErrorCode.BAD_SERVER_RESPONSE, message)) from None
+            raise _fail(ErrorCode.CANNOT_CONNECT_TO_HOST, message, url) from None
+        except _PinMismatch as err:
+            c.close()
+            raise _fail(ErrorCode.SERVER_CERTIFICATE_UNTRUSTED, str(err), url) from None
+        except OSError as err:
+            if c.sock is not None:
+                raise  # reached: what failed came after (a TLS handshake, a reset)
+            c.close()
+            control.check()
+            raise _AttemptEnded(connect_failure(err, str(proxy) if proxy else _authority(url))) from err
+        return None
+
     def drain(self, resp: http.client.HTTPResponse, conn: _BoundedHTTP, deadline: float = math.inf) -> None:
         """Read and discard a small body (within timeout_for_request, whatever its pace) so the connection can be
         reused; close it otherwise."""
@@ -3425,6 +3979,8 @@ class _Transfer:
         live = task.live
         start, fd = live.offset, -1
         try:
+            if live.needs_renewal:
+                self.http.renew(task, control, "it begins after a delay, or without the secret headers it had")
             if task.kind == "upload":
                 return self._upload(task, control, held)
             fd = self._open_partial(task)
@@ -3466,7 +4022,7 @@ class _Transfer:
 
     def _download(self, task: _TaskRecord, control: _Control, held: _Held, buf: bytearray, fd: int) -> _Finished:
         live = task.live
-        ex = _Exchange("download", "GET", task.request["url"], live.retry)
+        ex = _Exchange("download", "GET", self.http.request_in_force(task).url, live.retry)
         size = live.offset
         while True:
             control.check()
@@ -3662,7 +4218,8 @@ class _Transfer:
         if (st.st_size, st.st_mtime_ns) != (info.get("size"), info.get("mtime_ns")):
             raise _fail(ErrorCode.SOURCE_FILE_CHANGED, f"upload source {path} changed since resume() (size/mtime); "
                         "refusing to upload a mix of two versions", task.request["url"])
-        ex = _Exchange("upload", task.request.get("method", "PUT"), task.request["url"], task.live.retry)
+        request = self.http.request_in_force(task)
+        ex = _Exchange("upload", request.method, request.url, task.live.retry)
         resp, _, ex, _ = self.http.exchange(task, control, held, ex, {"Content-Length": str(st.st_size)},
                                             lambda conn: self._send_file(task, control, conn, path, st))
         name = f"{task.id}.body"  # the server's response body (UploadTask.response_data), until acknowledged
@@ -3898,6 +4455,7 @@ class _Planner:
             return
         if task.phase is Phase.SCHEDULED:
             self.store.record(task, "due")
+            task.live.needs_renewal = True  # a delayed task begins: task_will_begin_delayed_request, as on iOS
         self.scheduler.enqueue(task.id, _origin(task.request["url"]), task.priority)
 
     def set_priority(self, task: _TaskRecord, priority: Any) -> int:
@@ -3940,6 +4498,15 @@ class ChallengeEvent:
     reply: Callable[[_Answer], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class DelayedRequestEvent:
+    """A task is about to send *request* again after a restart without its secrets, or after a 401/403: the app's
+    ``task_will_begin_delayed_request`` answers through ``reply(disposition, new_request)``."""
+    task_id: int
+    request: Request
+    reply: Callable[[_Renewal], None]
+
+
 class _SinkGone(Exception):
     """The attached app went away while it was being asked something; wait for the next one."""
 
@@ -3974,6 +4541,23 @@ class _Sink(Protocol):
 
     def post(self, event: Any) -> None: ...
     def challenge(self, task_id: int, challenge: AuthChallenge, control: _Control | None) -> _Answer: ...
+    def renew(self, task_id: int, request: Request, control: _Control | None) -> _Renewal: ...
+
+
+def _checked_renewal(answer: Any) -> _Renewal:
+    """A delayed-request hook's return value, or CONTINUE_LOADING if it is not a valid answer (None: quietly)."""
+    disposition, request = answer if isinstance(answer, (tuple, list)) and len(answer) == 2 else (None, None)
+    if isinstance(request, str):
+        with contextlib.suppress(BGSessionError):
+            request = Request(request)
+    new = request if isinstance(request, Request) else None
+    if isinstance(disposition, DelayedRequestDisposition) and (
+            disposition is not DelayedRequestDisposition.USE_NEW_REQUEST or new is not None):
+        return disposition, new if disposition is DelayedRequestDisposition.USE_NEW_REQUEST else None
+    if answer is not None:
+        log.warning("task_will_begin_delayed_request returned %r, not (disposition, request); continuing with the "
+                    "request as it is", answer)
+    return DelayedRequestDisposition.CONTINUE_LOADING, None
 
 
 def _checked_answer(answer: Any) -> _Answer:
@@ -3999,25 +4583,29 @@ def _task_info(task: _TaskRecord, store: _Store | None) -> TaskInfo:
         rate=round(live.rate, 1) if live and task.phase is Phase.TRANSFERRING else 0.0, events=tuple(task.events()),
         body_path=(store.path(task.file) if store is not None and task.kind == "upload" and task.file
                    and task.phase is Phase.DELIVERING else None), priority=task.priority, begin=task.begin,
-        limit=task.limit)
+        limit=task.limit, waiting=bool(live and live.waiting and task.phase in _ACTIVE_PHASES),
+        last_error=live.last_error._to_record() if live and live.last_error and task.phase in _ACTIVE_PHASES else None,
+        next_retry=live.next_retry if live and task.phase is Phase.WAITING_RETRY else None)
 
 
 class _Outbox:
     """The engine's side of the attached app: one app at a time, the events it is owed, the
-    BacklogEnd that follows the events waiting at attach, and challenges waiting for an app.
-    Called with the engine's lock held, except :meth:`post` and :meth:`ask`."""
+    BacklogEnd that follows the events waiting at attach, and questions (challenges, delayed
+    requests) waiting for an app. Called with the engine's lock held, except :meth:`post`,
+    :meth:`ask` and :meth:`renew`."""
 
     def __init__(self, store: _Store, changed: threading.Condition) -> None:
         self.store, self.lock, self.changed = store, store.lock, changed
         self.sink: _Sink | None = None
         self.closed = False
-        self.waiting_challenges = 0  # workers blocked until an app answers a challenge
+        self.waiting_challenges = 0  # workers blocked until an app answers a challenge or a delayed request
+        self.renews: bool | None = None  # the last app implements task_will_begin_delayed_request (None: unknown)
         self._backlog_waiting: set[int] | None = None  # see begin_backlog()
 
-    def bind(self, sink: _Sink) -> None:
+    def bind(self, sink: _Sink, renews: bool) -> None:
         if self.sink is not None:
             raise TransferError(ErrorCode.BACKGROUND_SESSION_IN_USE, "another app is attached to this session")
-        self.sink = sink
+        self.sink, self.renews = sink, renews
 
     def begin_backlog(self, had_events: bool, waiting: set[int]) -> None:
         """After the waiting events were posted: BacklogEnd now, or once every task in *waiting*
@@ -4064,8 +4652,22 @@ class _Outbox:
 
     def ask(self, task_id: int, control: _Control, challenge: AuthChallenge) -> _Answer:
         """Ask the attached app (waiting for one to attach) to answer a challenge."""
+        return _checked_answer(self._ask(control, lambda sink: sink.challenge(task_id, challenge, control)))
+
+    def renew(self, task_id: int, control: _Control, request: Request) -> _Renewal:
+        """Ask the attached app (waiting for one to attach) whether to send *request*, a new one, or to cancel. An
+        app known not to implement task_will_begin_delayed_request is not waited for: the request goes as it is."""
+        answer = self._ask(control, lambda sink: sink.renew(task_id, request, control), skip=lambda: not self.renews)
+        return (DelayedRequestDisposition.CONTINUE_LOADING, None) if answer is None else _checked_renewal(answer)
+
+    def _ask(self, control: _Control, question: Callable[[_Sink], Any],
+             skip: Callable[[], bool] = lambda: False) -> Any:
+        """Put *question* to the attached app, waiting for one to attach (the daemon relaunches the app while
+        ``waiting_challenges``); if the app goes away meanwhile, to the next one. None: *skip* said not to ask."""
         while True:
             with self.lock:
+                if self.renews is not None and skip():
+                    return None
                 self.waiting_challenges += 1
                 try:
                     while self.sink is None:
@@ -4076,8 +4678,10 @@ class _Outbox:
                 finally:
                     self.waiting_challenges -= 1
                 sink = self.sink
+                if skip():
+                    return None
             try:
-                return _checked_answer(sink.challenge(task_id, challenge, control))
+                return question(sink)
             except _SinkGone:
                 with self.lock:
                     if self.sink is sink:
@@ -4121,7 +4725,7 @@ class _Engine:
                 self.planner.configure(config)
                 for task in self.store.state.tasks.values():
                     task.live = _Live(config.retry, self.store.offsets.get(task.id, 0),
-                                      task.total if task.total is not None else -1, task.limit)
+                                      task.total if task.total is not None else -1, task.limit, bool(task.secrets))
                     if task.phase in (Phase.QUEUED, Phase.SCHEDULED):
                         self.planner.queue(task)
         except BaseException:
@@ -4143,7 +4747,7 @@ class _Engine:
             tid, reserve_ticket = self.store.new_id()
             fields: dict[str, Any] = {"kind": kind, "request": request._to_record(self.config.secret_headers),
                                       "description": description, "created": self.clock.time(), "upload": upload,
-                                      **request._task_options()}
+                                      **request._task_options(), **_secret_names(request)}
             fields.update(self.store.resume_fields(resume))
             ticket = self.store.record(None, "task", id=tid, **fields)
             task = self.store.state.tasks[tid]
@@ -4271,13 +4875,13 @@ class _Engine:
             return sum(1 for t in self.store.state.tasks.values()
                        if t.phase is not Phase.ACKNOWLEDGED and t.id not in skip)
 
-    def attach(self, sink: _Sink, wait_for_active: bool = False) -> None:
+    def attach(self, sink: _Sink, wait_for_active: bool = False, renews_requests: bool = False) -> None:
         """Attach the app: post every event that waited, then BacklogEnd. *wait_for_active* (in-process host,
         background launch): the transfers this launch resumed belong to the backlog too, so BacklogEnd (and
-        did_finish_events) waits until they end or are suspended."""
+        did_finish_events) waits until they end or are suspended. *renews_requests*: the app answers renewals."""
         with self.lock:
             self._check_open()
-            self.outbox.bind(sink)
+            self.outbox.bind(sink, renews_requests)
             backlog = [t for t in self.store.state.backlog() if t.live.events_ready]
             for task in backlog:
                 self.store.settle_missing_finish(task)
@@ -4345,6 +4949,9 @@ class _Engine:
 
     def ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge) -> _Answer:
         return self.outbox.ask(task.id, control, challenge)
+
+    def renew(self, task: _TaskRecord, control: _Control, request: Request) -> _Renewal:
+        return self.outbox.renew(task.id, control, request)
 
     def resource_expired(self, task: _TaskRecord) -> bool:
         return task.resource_expired(self.clock.time(), self.config.timeout_for_resource)
@@ -4424,18 +5031,21 @@ class _Engine:
         return None  # stopped by close: the attempt recorded how far it got
 
     def _retry_later(self, task: _TaskRecord, outcome: _Interrupted) -> int | None:
-        live = task.live
-        decision = live.retry.after_failure(progressed=outcome.progressed, retry_after=outcome.retry_after,
-                                            now=self.clock.time())
-        if decision is None or self.resource_expired(task):
-            why = "retries exhausted" if decision is None else "timeout_for_resource exceeded"
-            code = outcome.code if decision is None else ErrorCode.TIMED_OUT
+        """Settle an interrupted attempt as plan_retry() says: a timer (a waiting period may begin), or the end."""
+        live, config = task.live, self.config
+        plan = plan_retry(live.retry, outcome, live.waiting, waits_for_connectivity=config.waits_for_connectivity,
+                          fails_on_unknown_host=config.fails_on_unknown_host, now=self.clock.time())
+        if plan.delay is None or self.resource_expired(task):
+            why = plan.why if plan.delay is None else "timeout_for_resource exceeded"
+            code = outcome.code if plan.delay is None else ErrorCode.TIMED_OUT
             return self.store.fail(task, TransferError(code, f"{outcome.message} ({why})", url=task.current_url),
                                    "finish", offset=live.offset)
-        live.retry, delay = decision
-        log.debug("task %s: %s; retry %s in %.2fs", task.id, outcome.message, live.retry.attempts, delay)
-        self.store.record(task, "backoff", delay=round(delay, 3), code=int(outcome.code))
-        live.due = self.scheduler.push_timer(task.id, delay)
+        begins_waiting = live.take_plan(plan, outcome, task.current_url, self.clock.time())
+        log.debug("task %s: %s; again in %.2fs (waiting: %s)", task.id, outcome.message, plan.delay, plan.waiting)
+        self.store.record(task, "backoff", delay=round(plan.delay, 3), code=int(outcome.code))
+        live.due = self.scheduler.push_timer(task.id, plan.delay)
+        if begins_waiting:
+            self.outbox.post(WaitingEvent(task.id, _task_info(task, self.store)))
         return None
 
     def _due(self, tid: int, due: float) -> None:
@@ -4446,7 +5056,7 @@ class _Engine:
         if task.phase is Phase.SCHEDULED:
             self.planner.queue(task)  # its date came (or the wall clock says not yet: it waits on)
         elif self.resource_expired(task):
-            self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
+            self._fail_now(task, task.live.timed_out())
         else:
             self.store.record(task, "due")
             self.planner.queue(task)
@@ -4534,7 +5144,7 @@ class _Backend(Protocol):
     def task_info(self, tid: int) -> TaskInfo: ...
     def tasks(self) -> list[TaskInfo]: ...
     def outstanding(self, exclude: Iterable[int] = ()) -> int: ...
-    def attach(self, sink: _Sink, wait_for_active: bool = False) -> None: ...
+    def attach(self, sink: _Sink, wait_for_active: bool = False, renews_requests: bool = False) -> None: ...
     def detach(self, sink: _Sink) -> None: ...
     def close(self) -> None: ...
 
@@ -4604,7 +5214,7 @@ _OPERATIONS: dict[str, _Operation] = {op.name: op for op in (
     _Operation("task_info", (("tid", _PLAIN),), _INFO),
     _Operation("tasks", (), _INFOS),
     _Operation("outstanding", (("exclude", _IDS),)),
-    _Operation("attach", (("wait_for_active", _PLAIN),), binds_sink=True),
+    _Operation("attach", (("wait_for_active", _PLAIN), ("renews_requests", _PLAIN)), binds_sink=True),
     _Operation("detach", (), resend=False, binds_sink=True),
 )}
 
@@ -4687,6 +5297,24 @@ class SessionDelegate:
     def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
         """The task ended. *error* is None for any HTTP response (check ``task.response.status``)."""
 
+    def task_is_waiting_for_connectivity(self, session: Session, task: Task) -> None:
+        """No response arrives for *task* (no network, the server or proxy unreachable): it waits and tries again
+        (``Configuration.waits_for_connectivity``). Once per waiting period, to the app attached when it begins."""
+
+    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
+                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
+        """*task* is about to begin after its earliest begin date (as on iOS), or to send *request* again without the
+        secret headers it was created with (they lived in the memory of a process that ended), or the server
+        answered 401 (no challenge answered) or 403. Return
+        (CONTINUE_LOADING, None), (USE_NEW_REQUEST, new_request) -- a new URL and fresh headers, e.g. a presigned URL
+        that expired or a rotated token; the resume stays validated by If-Range -- or (CANCEL, None). Asked only if
+        the delegate overrides it; a relaunch brings the app for it when none is attached."""
+        return DelayedRequestDisposition.CONTINUE_LOADING, None
+
+    def _renews_requests(self) -> bool:
+        """Whether the engine should ask task_will_begin_delayed_request (this delegate overrides it)."""
+        return type(self).task_will_begin_delayed_request is not SessionDelegate.task_will_begin_delayed_request
+
     def did_finish_events_for_background_session(self, session: Session) -> None:
         """Every event that waited for the app was delivered: call the saved completion handler here."""
 
@@ -4761,6 +5389,22 @@ class Task:
     @property
     def count_of_bytes_expected_to_send(self) -> int:
         return self._info().expected_send
+
+    @property
+    def is_waiting_for_connectivity(self) -> bool:
+        """True while no response arrives and the task waits to try again (its state stays RUNNING, as on iOS)."""
+        return self._info().waiting
+
+    @property
+    def last_attempt_error(self) -> TransferError | None:
+        """Why the last attempt failed while the task goes on (waiting for connectivity, or before a retry)."""
+        rec = self._info().last_error
+        return TransferError._from_record(rec) if rec else None
+
+    @property
+    def next_attempt_at(self) -> float | None:
+        """When the next attempt starts (``time.time()`` seconds), while the task waits for one."""
+        return self._info().next_retry
 
     @property
     def priority(self) -> float:
@@ -4884,6 +5528,21 @@ class _Delivery:
         self.post(ChallengeEvent(task_id, challenge, waiter.set))
         return cast(_Answer, waiter.wait(control, lambda: self.stopping))
 
+    def renew(self, task_id: int, request: Request, control: _Control | None = None) -> _Renewal:
+        """Ask task_will_begin_delayed_request (on the delegate thread) and wait for its answer."""
+        waiter = _Waiter()
+        self.post(DelayedRequestEvent(task_id, request, waiter.set))
+        return cast(_Renewal, waiter.wait(control, lambda: self.stopping))
+
+    def renews_requests(self) -> bool:
+        """The delegate implements task_will_begin_delayed_request (told to the engine at attach)."""
+        delegate = self.session.delegate
+        if delegate is None:
+            return False
+        if isinstance(delegate, SessionDelegate):
+            return delegate._renews_requests()
+        return callable(getattr(delegate, "task_will_begin_delayed_request", None))
+
     # -- the thread --------------------------------------------------------------------------------
     def stop(self) -> None:
         with self.cond:
@@ -4954,6 +5613,13 @@ class _Delivery:
             task = session._task_object(event.task_id)
             ok, value = self._hook("task_did_receive_challenge", session, task, event.challenge)
             event.reply(_checked_answer(value) if ok else (AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None))
+        elif isinstance(event, DelayedRequestEvent):
+            task = session._task_object(event.task_id)
+            ok, value = self._hook("task_will_begin_delayed_request", session, task, event.request)
+            event.reply(_checked_renewal(value if ok else None))
+        elif isinstance(event, WaitingEvent):
+            self._hook("task_is_waiting_for_connectivity", session, session._task_object(event.task_id, event.info,
+                                                                                         final=False))
         elif isinstance(event, _Call):
             event.fn()
 
@@ -5021,6 +5687,13 @@ class Session:
                  _deferred: bool = False, _clock: _Clock | None = None) -> None:
         if not isinstance(configuration, Configuration):
             raise _invalid(f"configuration must be a bgsession.Configuration, not {type(configuration).__name__}")
+        if configuration.ssl_context is not None and configuration.is_background and configuration.host == "daemon":
+            raise _invalid("an ssl.SSLContext cannot reach the daemon whole (Python cannot read a client certificate "
+                           "or other settings back out of it), and bgsession never weakens TLS silently: give "
+                           "Configuration(tls=bgsession.TLS(cafile=..., certfile=..., minimum_version=...)) instead, "
+                           "or use host='inprocess'")
+        if configuration.tls is not None:
+            _tls_context(configuration)  # a missing file or a wrong key password: a clear error now, not per task
         self.configuration = configuration
         self.delegate = delegate
         self._objects: dict[int, Task] = {}
@@ -5042,7 +5715,8 @@ class Session:
         if background:
             _notify_backlog(self.identifier, "delivering")
         self._delivery.thread.start()
-        self._backend.attach(self._delivery, wait_for_active=background)
+        self._backend.attach(self._delivery, wait_for_active=background,
+                             renews_requests=self._delivery.renews_requests())
 
     # -- tasks ----------------------------------------------------------------------
     @property
@@ -5328,6 +6002,18 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         """fn(session, error)."""
         self._set("invalid", fn)
 
+    def set_task_is_waiting_for_connectivity(self, fn: Callable[..., None] | None) -> None:
+        """fn(session, task): no response arrives; the task waits for connectivity (once per waiting period)."""
+        self._set("waiting", fn)
+
+    def set_task_will_begin_delayed_request(self, fn: Callable[..., Any] | None) -> None:
+        """fn(session, task, request) -> (DelayedRequestDisposition, new request or None). Set it in ``__init__``:
+        the engine asks only an app whose manager had it when the session started delivering."""
+        self._set("renew", fn)
+
+    def _renews_requests(self) -> bool:
+        return self._blocks.get("renew") is not None
+
     def _set(self, name: str, fn: Callable[..., Any] | None) -> None:
         if fn is not None and not callable(fn):
             raise _invalid(f"expected a callable or None, not {type(fn).__name__}")
@@ -5424,6 +6110,14 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
     def did_become_invalid(self, session: Session, error: BaseException | None) -> None:
         self._block("invalid", session, error)
 
+    def task_is_waiting_for_connectivity(self, session: Session, task: Task) -> None:
+        self._block("waiting", session, task)
+
+    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
+                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
+        answer = self._block("renew", session, task, request)
+        return (DelayedRequestDisposition.CONTINUE_LOADING, None) if answer is None else answer
+
 
 # ============================================================================
 # 11. Wire: frames and codecs of the daemon socket
@@ -5437,17 +6131,33 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
 _MAX_FRAME = 64 << 20
 
 
+def _proxy_to_wire(proxy: _Proxy | None) -> dict[str, Any] | None:
+    if proxy is None:
+        return None
+    cred = proxy.credential  # over stdin or the 0700 socket into the daemon's memory, never to a disk
+    return {"host": proxy.host, "port": proxy.port, "user": cred and cred.user, "password": cred and cred.password}
+
+
+def _proxy_from_wire(wire: Mapping[str, Any] | None) -> _Proxy | None:
+    if not wire:
+        return None
+    cred = Credential(wire["user"], wire["password"] or "") if wire.get("user") is not None else None
+    return _Proxy(wire["host"], int(wire["port"]), cred)
+
+
 def _config_to_wire(config: Configuration) -> dict[str, Any]:
-    """A configuration as plain data, as the daemon receives it (on stdin, then in every hello)."""
+    """A configuration as plain data, as the daemon receives it (on stdin, then in every hello): its proxies as the
+    app resolved them, its TLS whole (a key password too: memory to memory). An ``ssl_context`` never travels:
+    Session() refuses it with the daemon host."""
     wire = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     retry = {**dataclasses.asdict(config.retry), "status_forcelist": sorted(config.retry.status_forcelist)}
     del retry["attempts"]
-    ctx = config.ssl_context
-    cas = [base64.b64encode(der).decode("ascii") for der in ctx.get_ca_certs(binary_form=True)] if ctx else []
+    proxies = config.proxies
     wire.update(retry=retry, headers=[list(p) for p in config.headers.pairs()],
                 relaunch_command=list(config.relaunch_command) if config.relaunch_command else None,
-                ssl_context=ctx and {"verify_mode": int(ctx.verify_mode), "check_hostname": ctx.check_hostname,
-                                     "cadata": cas})
+                ssl_context=None, tls=config.tls and dataclasses.asdict(config.tls),
+                proxies=proxies and {"http": _proxy_to_wire(proxies.http), "https": _proxy_to_wire(proxies.https),
+                                     "no": list(proxies.no_proxy)})
     return wire
 
 
@@ -5455,15 +6165,13 @@ def _config_from_wire(wire: Mapping[str, Any]) -> Configuration:
     values = {f.name: wire[f.name] for f in dataclasses.fields(Configuration) if f.name in wire}
     retry = dict(wire.get("retry") or {})
     retry["status_forcelist"] = frozenset(retry.get("status_forcelist", DEFAULT_RETRY_STATUSES))
-    ctx, tls = None, wire.get("ssl_context")
-    if tls:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = bool(tls["check_hostname"])
-        ctx.verify_mode = ssl.VerifyMode(tls["verify_mode"])
-        for der in tls.get("cadata", []):
-            ctx.load_verify_locations(cadata=base64.b64decode(der))
-    values.update(retry=Retry(**retry), headers=Headers(tuple(p) for p in wire.get("headers", [])), ssl_context=ctx,
+    proxies, tls = wire.get("proxies"), wire.get("tls")
+    values.update(retry=Retry(**retry), headers=Headers(tuple(p) for p in wire.get("headers", [])), ssl_context=None,
                   relaunch_command=tuple(wire["relaunch_command"]) if wire.get("relaunch_command") else None,
+                  tls=TLS(**{**tls, "pinned_certificates_sha256": tuple(tls["pinned_certificates_sha256"])})
+                  if tls else None,
+                  proxies=_Proxies(_proxy_from_wire(proxies.get("http")), _proxy_from_wire(proxies.get("https")),
+                                   tuple(proxies.get("no", ()))) if proxies else None,
                   secret_headers=_check_secret_names(wire.get("secret_headers"), "secret_headers"))
     return Configuration(**values)
 
@@ -5480,6 +6188,8 @@ def _event_to_wire(event: Any) -> dict[str, Any]:
                 "resume_data": err and _BYTES.encode(err.resume_data), "info": event.info and event.info.to_wire()}
     if isinstance(event, BacklogEnd):
         return {"ev": "backlog_end", "had_events": event.had_events}
+    if isinstance(event, WaitingEvent):
+        return {"ev": "waiting", "id": event.task_id, "info": event.info and event.info.to_wire()}
     raise TypeError(f"cannot send {event!r}")
 
 
@@ -5498,6 +6208,8 @@ def _event_from_wire(msg: Mapping[str, Any]) -> Any:
         return CompletedEvent(msg["id"], err, info)
     if ev == "backlog_end":
         return BacklogEnd(bool(msg["had_events"]))
+    if ev == "waiting":
+        return WaitingEvent(msg["id"], info)
     raise ValueError(f"unknown event {ev!r}")
 
 
@@ -5527,6 +6239,19 @@ def _answer_from_wire(msg: Mapping[str, Any]) -> _Answer:
     except (KeyError, ValueError, TypeError, InvalidArgumentError):
         return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
     return disposition, cred
+
+
+def _renewal_to_wire(answer: _Renewal) -> dict[str, Any]:
+    disposition, request = answer  # a new request's secret headers go into the daemon's memory only
+    return {"disposition": disposition.value, "request": _request_to_wire(request) if request is not None else None}
+
+
+def _renewal_from_wire(msg: Mapping[str, Any]) -> _Renewal:
+    try:
+        request = _request_from_wire(msg["request"]) if msg.get("request") else None
+        return _checked_renewal((DelayedRequestDisposition(msg["disposition"]), request))
+    except (KeyError, ValueError, TypeError, BGSessionError):
+        return DelayedRequestDisposition.CONTINUE_LOADING, None
 
 
 def _error_to_wire(err: BaseException) -> dict[str, Any]:
@@ -5702,11 +6427,12 @@ def _peer_uid(sock: socket.socket) -> int | None:
 
 
 class _RemoteSink:
-    """The attached app, seen from the daemon's engine: events and challenges go over its connection."""
+    """The attached app, seen from the daemon's engine: events and questions (challenges, delayed
+    requests) go over its connection; each answer comes back with the question's ``cid``."""
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn
-        self._waiters: dict[int, _Waiter] = {}
+        self._waiters: dict[int, tuple[_Waiter, Callable[[Mapping[str, Any]], Any]]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -5715,26 +6441,36 @@ class _RemoteSink:
             self.conn.send(_event_to_wire(event))
 
     def challenge(self, task_id: int, challenge: AuthChallenge, control: _Control | None = None) -> _Answer:
+        return cast(_Answer, self._ask(control, _answer_from_wire, lambda cid: {
+            "ev": "challenge", "cid": cid, "id": task_id, "challenge": _challenge_to_wire(challenge)}))
+
+    def renew(self, task_id: int, request: Request, control: _Control | None = None) -> _Renewal:
+        return cast(_Renewal, self._ask(control, _renewal_from_wire, lambda cid: {
+            "ev": "delayed_request", "cid": cid, "id": task_id, "request": _request_to_wire(request)}))
+
+    def _ask(self, control: _Control | None, decode: Callable[[Mapping[str, Any]], Any],
+             question: Callable[[int], Mapping[str, Any]]) -> Any:
         waiter = _Waiter()
         with self._lock:
             cid = next(self._ids)
-            self._waiters[cid] = waiter
+            self._waiters[cid] = (waiter, decode)
         try:
-            self.conn.send({"ev": "challenge", "cid": cid, "id": task_id, "challenge": _challenge_to_wire(challenge)})
-            return cast(_Answer, waiter.wait(control, lambda: self.conn.closed))
+            self.conn.send(question(cid))
+            return waiter.wait(control, lambda: self.conn.closed)
         finally:
             with self._lock:
                 self._waiters.pop(cid, None)
 
     def answer(self, cid: int, msg: Mapping[str, Any]) -> None:
         with self._lock:
-            waiter = self._waiters.get(cid)
-        if waiter is not None:
-            waiter.set(_answer_from_wire(msg))
+            entry = self._waiters.get(cid)
+        if entry is not None:
+            waiter, decode = entry
+            waiter.set(decode(msg))
 
     def gone(self) -> None:
         with self._lock:
-            waiters = list(self._waiters.values())
+            waiters = [waiter for waiter, _ in self._waiters.values()]
         for waiter in waiters:
             waiter.set(None)  # the worker treats it as gone
 
@@ -5963,7 +6699,8 @@ class _DaemonServer:
                     break
                 if msg is None:
                     break
-                if msg.get("op") == "challenge_reply":
+                op = msg.get("op")
+                if op == "challenge_reply" or op == "delayed_request_reply":
                     if sink is not None:
                         sink.answer(int(msg["cid"]), msg)
                     continue
@@ -6167,6 +6904,7 @@ class _DaemonClient:
         if not observer:
             _acquire_lock(self.directory, _APP_LOCK_NAME, config.identifier)
         self._sink: _Sink | None = None
+        self._renews = False  # the attached app implements task_will_begin_delayed_request
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -6187,13 +6925,13 @@ class _DaemonClient:
         op = _OPERATIONS[name]
         return op.result.decode(self._call(name, op.resend, **op.encode_args(values)))
 
-    def attach(self, sink: _Sink, wait_for_active: bool = False) -> None:
+    def attach(self, sink: _Sink, wait_for_active: bool = False, renews_requests: bool = False) -> None:
         """Bind *sink* here; the daemon attaches this connection (its transfers run on regardless)."""
         if self.observer:
             raise BGSessionError("an observer client cannot attach")
-        self._sink = sink
+        self._sink, self._renews = sink, renews_requests
         try:
-            self._invoke("attach", {})
+            self._invoke("attach", {"renews_requests": renews_requests})
         except BaseException:
             self._sink = None
             raise
@@ -6226,7 +6964,7 @@ class _DaemonClient:
         try:
             self._call_on(conn, "hello", version=JOURNAL_VERSION, config=_config_to_wire(self.config), pid=os.getpid())
             if self._sink is not None:
-                self._call_on(conn, "attach")
+                self._call_on(conn, "attach", renews_requests=self._renews)
         except BaseException:
             conn.close()
             raise
@@ -6290,18 +7028,22 @@ class _DaemonClient:
         ev = msg.get("ev")
         if sink is None or ev is None:
             return
+        cid = msg.get("cid")
         if ev == "challenge":
-            cid = msg["cid"]
             sink.post(ChallengeEvent(int(msg["id"]), _challenge_from_wire(msg["challenge"]),
-                                     lambda answer: self._reply_challenge(cid, answer)))
+                                     lambda answer: self._reply(cid, "challenge_reply", _answer_to_wire(answer))))
+        elif ev == "delayed_request":
+            sink.post(DelayedRequestEvent(int(msg["id"]), _request_from_wire(msg["request"]),
+                                          lambda answer: self._reply(cid, "delayed_request_reply",
+                                                                     _renewal_to_wire(answer))))
         else:
             sink.post(_event_from_wire(msg))
 
-    def _reply_challenge(self, cid: Any, answer: _Answer) -> None:
+    def _reply(self, cid: Any, op: str, answer: Mapping[str, Any]) -> None:
         conn = self._conn
         if conn is not None:
             with contextlib.suppress(_SinkGone):  # the daemon asks the next app
-                conn.send({"op": "challenge_reply", "cid": cid, **_answer_to_wire(answer)})
+                conn.send({"op": op, "cid": cid, **answer})
 
     def _read_loop(self) -> None:
         while not self._closed:
@@ -6481,11 +7223,12 @@ def _cli_meta(info: TaskInfo) -> dict[str, Any]:
 
 
 def _cli_state(info: TaskInfo) -> str:
-    return _CLI_STATES.get(info.phase, info.state.name.lower())
+    return "waiting" if info.waiting else _CLI_STATES.get(info.phase, info.state.name.lower())
 
 
 def _task_notes(info: TaskInfo) -> list[str]:
-    """A task's scheduling options, for `status`: its date (until it starts), priority and limit if set."""
+    """A task's notes for `status`: its date (until it starts), priority and limit if set, and while it waits to try
+    again, why (the last attempt's error) and when."""
     notes = []
     if info.begin is not None and info.phase in (Phase.SUSPENDED, Phase.QUEUED, Phase.SCHEDULED):
         notes.append(f"not before {datetime.datetime.fromtimestamp(info.begin):%Y-%m-%d %H:%M:%S}")
@@ -6493,6 +7236,9 @@ def _task_notes(info: TaskInfo) -> list[str]:
         notes.append(f"priority {info.priority:g}")
     if info.limit is not None:
         notes.append(f"limit {_human(info.limit)}/s")
+    if info.last_error:  # why it waits: the last attempt's error, and when the next one starts
+        retry_in = f"; next try in {max(0, round(info.next_retry - time.time()))} s" if info.next_retry else ""
+        notes.append(f"{info.last_error.get('message', '')}{retry_in}")
     return notes
 
 
@@ -6512,11 +7258,29 @@ def _task_line(info: TaskInfo, width: int = 100) -> str:
 
 
 class _CliApp(SessionDelegate):
-    """The CLI's delegate: moves each finished file into the directory chosen at enqueue time."""
+    """The CLI's delegate: moves each finished file into the directory chosen at enqueue time, and
+    gives back the ``--header`` values a task lost (when this process enqueued it)."""
 
     def __init__(self, out: Any, tty: bool) -> None:
         self.out, self.tty, self.lock = out, tty, threading.Lock()
         self.results: dict[int, str | None] = {}  # task id -> None (ok) or a reason
+        self.headers: dict[int, dict[str, str]] = {}  # task id -> its --header values (this process's memory)
+
+    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
+                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
+        """A task lost its --header values (the daemon that held them stopped): this process gives them back if it
+        enqueued the task (``download --wait``); any other (``deliver``, relaunched) cannot know them and cancels
+        the task rather than send it without them. A 401/403 to a request that had them stands."""
+        names = _cli_meta(task._info()).get("headers") or []
+        if all(name in request.headers for name in names):
+            return DelayedRequestDisposition.CONTINUE_LOADING, None
+        given = self.headers.get(task.identifier)
+        if given is not None:
+            return DelayedRequestDisposition.USE_NEW_REQUEST, Request(request.url, headers={
+                **dict(request.headers.pairs()), **given})
+        self._say(f"cancelled {task.identifier} {request.url}: its {', '.join(names)} header lived in the memory of "
+                  "a daemon that stopped; run the download again")
+        return DelayedRequestDisposition.CANCEL, None
 
     def _say(self, text: str) -> None:
         with self.lock:
@@ -6610,6 +7374,14 @@ def _cmd_wait(args: argparse.Namespace, out: Any, deliver: bool = False,
     return EXIT_FAILED if any(r is not None for r in app.results.values()) else EXIT_OK
 
 
+def _cli_header(text: str) -> tuple[str, str]:
+    """``--header "Name: value"`` -> (name, value)."""
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise _CliError(f"--header {text!r}: expected 'Name: value'")
+    return name.strip(), value.strip()
+
+
 def _cmd_download(args: argparse.Namespace, out: Any) -> int:
     dest = os.path.abspath(args.dir or os.getcwd())
     if not os.path.isdir(dest):
@@ -6621,11 +7393,14 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
     priority = None if args.priority is None else _parse_number(args.priority, "--priority")
     begin = None if args.not_before is None else _parse_when(args.not_before, time.time())
     rate = None if args.limit_rate is None else _parse_rate(args.limit_rate)
-    # bad URLs and options fail here, before any enqueue
-    requests = [Request(url, sha256=args.sha256, priority=priority, earliest_begin_date=begin) for url in args.urls]
-    desc = _CLI_PREFIX + json.dumps({"dir": dest}, separators=(",", ":"))
+    headers = dict(_cli_header(text) for text in args.header or [])
+    # bad URLs, headers and options fail here, before any enqueue
+    requests = [Request(url, headers=headers, sha256=args.sha256, priority=priority, earliest_begin_date=begin)
+                for url in args.urls]
+    meta = {"dir": dest, **({"headers": sorted(headers)} if headers else {})}  # header names only: values are
+    desc = _CLI_PREFIX + json.dumps(meta, separators=(",", ":"))  # in memory (the daemon's, this process's)
 
-    def enqueue(backend: _Backend) -> None:
+    def enqueue(backend: _Backend, app: _CliApp | None = None) -> None:
         queued: list[TaskInfo] = []
         try:
             for req in requests:
@@ -6633,12 +7408,14 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
                 if rate is not None:
                     backend.set_limit(queued[-1].id, rate)
         finally:
+            if app is not None:
+                app.headers.update((info.id, headers) for info in queued)
             backend.resume([info.id for info in queued])  # what was created runs, even if a later create failed
             if not args.wait:
                 for info in queued:
                     print(f"queued {info.id} {info.request['url']} -> {dest}", file=out, flush=True)
     if args.wait:
-        return _cmd_wait(args, out, enqueue=lambda session: enqueue(session._backend))
+        return _cmd_wait(args, out, enqueue=lambda session: enqueue(session._backend, cast(_CliApp, session.delegate)))
     client = _cli_observer(args)
     try:
         enqueue(client)  # one fsync and one round trip for all
@@ -6680,7 +7457,9 @@ def _cmd_status(args: argparse.Namespace, out: Any) -> int:
                     "rate": i.rate, "destination": _cli_meta(i).get("dir"), "description": i.description,
                     "error": i.error["message"] if i.error else None, "priority": i.priority,
                     "not_before": None if i.begin is None else datetime.datetime.fromtimestamp(
-                        i.begin, datetime.timezone.utc).isoformat(), "limit": i.limit} for i in infos], out, indent=1)
+                        i.begin, datetime.timezone.utc).isoformat(), "limit": i.limit, "waiting": i.waiting,
+                    "last_error": i.last_error["message"] if i.last_error else None, "next_retry": i.next_retry}
+                   for i in infos], out, indent=1)
         out.write("\n")
         return EXIT_OK
     if session_limit is not None:
@@ -6762,6 +7541,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--not-before", metavar="WHEN", help="start no earlier than WHEN: +30m, 22:00, "
                    "2026-12-01T22:00[+01:00], @POSIXTIME")
     p.add_argument("--limit-rate", metavar="RATE", help="bandwidth limit of each download: 512K, 2M ...")
+    p.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'",
+                   help="a request header (repeatable); Authorization and Cookie stay in memory, never on disk")
     p = sub.add_parser("status", parents=[common], help="list tasks with state, bytes, rate and ETA")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("wait", parents=[common], help="attach, show progress and deliver files until all are done")

@@ -3,10 +3,14 @@
 ``FakeServer`` is a threaded standard-library HTTP/1.1 server (keep-alive, daemon
 threads, ``127.0.0.1`` on a free port by default) that serves deterministic blobs
 with strong validators and exact ``Range``/``If-Range``/``416`` semantics, accepts
-uploads, answers Basic and Digest challenges, redirects, and misbehaves on demand:
-a *fault matrix* (``Fault``) chosen per route and per request cuts, resets,
-stalls, throttles, drips its head, lies about ranges, totals and lengths, ignores
-``If-Range``, or answers with an error status.
+uploads, answers Basic, Digest and Bearer challenges and presigned URLs that expire
+(``SignedURLs``: a 403), redirects, and misbehaves on demand: a *fault matrix*
+(``Fault``) chosen per route and per request cuts, resets, stalls, throttles, drips
+its head, lies about ranges, totals and lengths, ignores ``If-Range``, or answers
+with an error status.  Made with ``proxy=True`` it is also a forward proxy:
+absolute-form requests are forwarded, ``CONNECT`` opens a tunnel, ``proxy_auth``
+asks for credentials with a 407, ``map_host`` resolves names no DNS knows, and
+``stop()`` cuts what it relays (a proxy that dies).
 
 It also *observes*: body bytes served per path, every request (with the port it came
 to and when), TCP connections accepted, the most connections and requests there were
@@ -21,7 +25,7 @@ pid and start token (``ProcessRef``), never hitting a recycled pid.
 Sections, each using only what is above it: blobs and entities; faults and the
 response plan (pure: request headers + entity + fault -> status, headers, body
 span); authentication; observation (request records, holds, the traffic counters,
-byte boundaries, stalls); the HTTP handler (I/O); routes and the route table; the
+byte boundaries, stalls); the forward proxy's state; the HTTP handler (I/O); routes and the route table; the
 server (its lifecycle in ``_Listener``, ``FakeServer`` a facade over the parts);
 processes and ``AppController``; the command line.
 
@@ -54,6 +58,7 @@ import dataclasses
 import email.utils
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
 import os
@@ -71,6 +76,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -85,7 +91,9 @@ __all__ = [
     "FAULT_STAGES",
     "AppController",
     "AppProcess",
+    "Auth",
     "BasicAuth",
+    "BearerAuth",
     "DigestAuth",
     "FakeServer",
     "Fault",
@@ -93,6 +101,7 @@ __all__ = [
     "ProcessRef",
     "RequestRecord",
     "Route",
+    "SignedURLs",
     "blob_bytes",
     "process_start_token",
 ]
@@ -653,6 +662,67 @@ class DigestAuth:
         return "stale" if nonce in self._stale else False
 
 
+class BearerAuth:
+    """A bearer token (RFC 6750): ``Authorization: Bearer <token>``, else a 401 with
+    ``WWW-Authenticate: Bearer``.  Set ``token`` to rotate it: the old one is refused from then on."""
+
+    scheme = "Bearer"
+
+    def __init__(self, token: str, realm: str = "fake") -> None:
+        self.token = token
+        self.realm = realm
+
+    def challenge(self) -> str:
+        """The WWW-Authenticate value sent with a 401."""
+        return 'Bearer realm="%s"' % self.realm
+
+    def check(self, method: str, target: str, authorization: str | None) -> bool | str:
+        """True when ``authorization`` carries the current token."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token.encode())
+
+
+class SignedURLs:
+    """Presigned URLs, as object stores issue them: a request passes when its query carries a
+    signature issued here (``?sig=…``) that has not expired; anything else gets a 403, the way S3
+    answers an expired presigned URL.  ``sign(url)`` issues one; ``expire()`` ends them all."""
+
+    scheme = None
+    #: The status of a request whose signature is missing, unknown or expired.
+    failure_status = 403
+
+    def __init__(self, param: str = "sig") -> None:
+        self.param = param
+        self._lock = threading.Lock()
+        self._valid: set[str] = set()
+
+    def sign(self, url: str) -> str:
+        """``url`` with a new valid signature in its query."""
+        token = secrets.token_hex(8)
+        with self._lock:
+            self._valid.add(token)
+        return "%s%s%s=%s" % (url, "&" if "?" in url else "?", self.param, token)
+
+    def expire(self) -> None:
+        """Every signature issued so far stops working (new ones from ``sign`` work)."""
+        with self._lock:
+            self._valid.clear()
+
+    def challenge(self) -> str | None:
+        """No WWW-Authenticate: a 403 is not a challenge."""
+        return None
+
+    def check(self, method: str, target: str, authorization: str | None) -> bool | str:
+        """True when the request target's query carries a valid signature."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+        with self._lock:
+            return any(sig in self._valid for sig in query.get(self.param, []))
+
+
+#: What a route's ``auth`` may be: credentials checked on every request to it.
+Auth = typing.Union[BasicAuth, DigestAuth, BearerAuth, SignedURLs]
+
+
 def _parse_auth_params(text: str) -> dict[str, str]:
     params = {}
     for match in _AUTH_PARAM.finditer(text):
@@ -985,6 +1055,50 @@ class _Meter:
 
 
 # ---------------------------------------------------------------------------
+# The forward proxy (a FakeServer made with proxy=True)
+# ---------------------------------------------------------------------------
+
+#: Headers a proxy does not pass on (hop-by-hop, and the proxy's own credentials).
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                         "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
+#: Seconds the proxy waits to connect to an upstream server.
+PROXY_CONNECT_TIMEOUT = 10.0
+
+
+class _ProxyState:
+    """Proxy mode: the credentials the proxy asks for (``auth``: a 407 without them), host names it
+    resolves itself (``hosts``: name -> address, so that a test can use names no DNS knows), and the
+    upstream sockets it holds, which ``cut()`` shuts down when the server stops (a proxy that dies)."""
+
+    def __init__(self) -> None:
+        self.auth: BasicAuth | None = None
+        self.hosts: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._upstreams: set[socket.socket] = set()
+
+    def connect(self, host: str, port: int) -> socket.socket:
+        """A connection to ``host:port`` (``hosts`` first, then the system's resolver)."""
+        with self._lock:
+            address = self.hosts.get(host.lower(), host)
+        sock = socket.create_connection((address, port), PROXY_CONNECT_TIMEOUT)
+        with self._lock:
+            self._upstreams.add(sock)
+        return sock
+
+    def release(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._upstreams.discard(sock)
+        sock.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            upstreams = list(self._upstreams)
+        for sock in upstreams:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+# ---------------------------------------------------------------------------
 # The HTTP handler (I/O)
 # ---------------------------------------------------------------------------
 
@@ -1069,6 +1183,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         parts = self.server.parts
+        if parts.proxy is not None and not self.path.startswith("/"):
+            self._proxy_forward()  # an absolute-form target: this server is the client's proxy
+            return
         split = urllib.parse.urlsplit(self.path)
         path = split.path or "/"
         record = parts.traffic.begin_record(self.command, path, split.query, self.headers.items(),
@@ -1098,10 +1215,122 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
+    # -- proxy mode -------------------------------------------------------
+
+    def do_CONNECT(self) -> None:
+        """Open a tunnel to ``host:port`` and relay bytes both ways until either side closes."""
+        parts = self.server.parts
+        record = parts.traffic.begin_record("CONNECT", self.path, "", self.headers.items(), self.client_address[1],
+                                            self.request)
+        if parts.proxy is None:
+            self.send_plan(record, _plan_fixed(405, b"not a proxy\n"))
+            return
+        if not self._proxy_authorized(record):
+            return
+        host, _, port = self.path.rpartition(":")
+        try:
+            upstream = parts.proxy.connect(host.strip("[]"), int(port))
+        except (OSError, ValueError):
+            self.send_plan(record, _plan_fixed(502, b"cannot connect upstream\n"))
+            return
+        try:
+            record.status = 200
+            self.send_response_only(200, "Connection established")
+            self.end_headers()
+            self.close_connection = True
+            self._relay(record, upstream)
+        finally:
+            parts.proxy.release(upstream)
+
+    def _relay(self, record: RequestRecord, upstream: socket.socket) -> None:
+        client, stopping = self.connection, self.server.parts.stopping
+        while not stopping.is_set():
+            readable, _, _ = select.select([client, upstream], [], [], 0.2)
+            for sock in readable:
+                try:
+                    data = sock.recv(CHUNK_SIZE)
+                    if not data:
+                        return
+                    (upstream if sock is client else client).sendall(data)
+                except OSError:
+                    return
+                if sock is upstream:
+                    record.bytes_sent += len(data)
+
+    def _proxy_forward(self) -> None:
+        """Forward an absolute-form request upstream and relay the response (its body as it comes;
+        an upstream that stops early cuts the client's connection too)."""
+        parts = self.server.parts
+        assert parts.proxy is not None
+        split = urllib.parse.urlsplit(self.path)
+        record = parts.traffic.begin_record(self.command, "%s://%s%s" % (split.scheme, split.netloc, split.path or "/"),
+                                            split.query, self.headers.items(), self.client_address[1], self.request)
+        if not self._proxy_authorized(record):
+            return
+        try:
+            sock = parts.proxy.connect(split.hostname or "", split.port or 80)
+        except OSError:
+            self.drain_request_body()
+            self.send_plan(record, _plan_fixed(502, b"cannot connect upstream\n"))
+            return
+        upstream = http.client.HTTPConnection(split.hostname or "", split.port or 80)
+        upstream.sock = sock
+        try:
+            upstream.putrequest(self.command, (split.path or "/") + ("?" + split.query if split.query else ""),
+                                skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    upstream.putheader(name, value)
+            upstream.endheaders()
+            reader = self._body_reader()
+            for piece in iter(lambda: reader.read(CHUNK_SIZE), b""):
+                upstream.send(piece)
+            self._relay_response(record, upstream.getresponse())
+        except (OSError, http.client.HTTPException):
+            if record.status is None:
+                self.send_plan(record, _plan_fixed(502, b"upstream failed\n"))
+            else:
+                self._abort("close")
+        finally:
+            upstream.close()
+            parts.proxy.release(sock)
+
+    def _relay_response(self, record: RequestRecord, resp: http.client.HTTPResponse) -> None:
+        record.status = resp.status
+        self.send_response_only(resp.status, resp.reason)
+        for name, value in resp.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        if resp.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        elif resp.length is None and self.command != "HEAD":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        for data in iter(lambda: resp.read1(CHUNK_SIZE), b""):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if resp.chunked else data)
+            record.bytes_sent += len(data)
+        if resp.length:  # the upstream stopped early: so does this response
+            self._abort("close")
+        if resp.chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _proxy_authorized(self, record: RequestRecord) -> bool:
+        proxy = self.server.parts.proxy
+        assert proxy is not None
+        auth = proxy.auth
+        if auth is None or auth.check(self.command, self.path, self.headers.get("Proxy-Authorization")) is True:
+            return True
+        headers = [("Proxy-Authenticate", auth.challenge())]
+        if self.command != "CONNECT" and not self._drain_if_small():
+            headers.append(("Connection", "close"))
+        self.send_plan(record, _plan_fixed(407, b"proxy authentication required\n", headers))
+        return False
+
     # -- responses --------------------------------------------------------
 
     def serve_entity(self, record: RequestRecord, entity: _Entity, fault: Fault | None,
-                     auth: BasicAuth | DigestAuth | None, headers: Iterable[tuple[str, str]] = ()) -> None:
+                     auth: Auth | None, headers: Iterable[tuple[str, str]] = ()) -> None:
         """GET/HEAD of a blob: pre-response faults, auth, then the planned response (with *headers* added)."""
         fault = fault or NO_FAULT
         record.fault = fault if fault != NO_FAULT else None
@@ -1116,7 +1345,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_plan(record, dataclasses.replace(plan, headers=plan.headers + tuple(headers)), entity)
 
     def receive_upload(self, record: RequestRecord, fault: Fault | None,
-                       auth: BasicAuth | DigestAuth | None) -> bytes | None:
+                       auth: Auth | None) -> bytes | None:
         """PUT/POST body, read under the fault; None if a response was already sent or the connection cut."""
         fault = fault or NO_FAULT
         record.fault = fault if fault != NO_FAULT else None
@@ -1139,19 +1368,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if self.server.parts.stopping.wait(fault.delay):
                 self._abort("close")
 
-    def _authorized(self, record: RequestRecord, auth: BasicAuth | DigestAuth, draining: bool = False) -> bool:
+    def _authorized(self, record: RequestRecord, auth: Auth, draining: bool = False) -> bool:
         verdict = auth.check(self.command, self.path, self.headers.get("Authorization"))
         if verdict is True:
             return True
         if isinstance(auth, DigestAuth):
-            challenge = auth.challenge(stale=verdict == "stale")
+            challenge: str | None = auth.challenge(stale=verdict == "stale")
         else:
             challenge = auth.challenge()
-        headers = [("WWW-Authenticate", challenge)]
+        headers = [("WWW-Authenticate", challenge)] if challenge else []
         if draining and not self._drain_if_small():
             headers.append(("Connection", "close"))
-        plan = _plan_fixed(401, b"authentication required\n", headers)
-        self.send_plan(record, plan)
+        status = getattr(auth, "failure_status", 401)
+        body = b"authentication required\n" if status == 401 else b"request has expired\n"
+        self.send_plan(record, _plan_fixed(status, body, headers))
         return False
 
     def send_plan(self, record: RequestRecord, plan: _Plan, entity: _Entity | None = None) -> None:
@@ -1336,7 +1566,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _BaseRoute:
     path = ""
-    auth: BasicAuth | DigestAuth | None = None
+    auth: Auth | None = None
     #: Whether the route's watches count bytes received (uploads) rather than served.
     watches_received = False
 
@@ -1373,7 +1603,7 @@ class Route(_BaseRoute):
     def __init__(self, path: str, data: bytes, *, etag: bool = True, last_modified: bool = True,
                  weak_etag: bool = False, content_type: str = "application/octet-stream",
                  faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None,
-                 auth: BasicAuth | DigestAuth | None = None, modified: int = DEFAULT_LAST_MODIFIED,
+                 auth: Auth | None = None, modified: int = DEFAULT_LAST_MODIFIED,
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(faults, default_fault)
         self.path = path
@@ -1497,7 +1727,7 @@ class _StatusRoute(_BaseRoute):
 class _UploadRoute(_BaseRoute):
     watches_received = True
 
-    def __init__(self, path: str, status: int, auth: BasicAuth | DigestAuth | None,
+    def __init__(self, path: str, status: int, auth: Auth | None,
                  faults: Sequence[Fault | None] | None, default_fault: Fault | None) -> None:
         super().__init__(faults, default_fault)
         self.path = path
@@ -1609,6 +1839,7 @@ class _Parts:
     stopping: threading.Event
     verbose: bool
     tls: ssl.SSLContext | None
+    proxy: _ProxyState | None = None
 
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
@@ -1798,13 +2029,16 @@ class FakeServer:
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",
-                 port: int = 0, *, verbose: bool = False, tls: ssl.SSLContext | None = None) -> None:
-        """``tls``: a server-side SSLContext (with its certificate loaded) to serve HTTPS."""
+                 port: int = 0, *, verbose: bool = False, tls: ssl.SSLContext | None = None,
+                 proxy: bool = False) -> None:
+        """``tls``: a server-side SSLContext (with its certificate loaded) to serve HTTPS.  ``proxy``:
+        also be a forward HTTP proxy: absolute-form requests are forwarded, ``CONNECT`` opens a
+        tunnel (see ``proxy_auth``, ``map_host``); requests for its own paths are served as always."""
         stopping = threading.Event()
         self._parts = _Parts(
             routes=_RouteTable(os.path.realpath(os.fspath(root)) if root is not None else None),
             traffic=_Traffic(), boundaries=_Boundaries(), stalls=_Stalls(stopping), stopping=stopping,
-            verbose=verbose, tls=tls)
+            verbose=verbose, tls=tls, proxy=_ProxyState() if proxy else None)
         self._listener = _Listener(self._parts, host, port)
 
     @property
@@ -1847,6 +2081,37 @@ class FakeServer:
     def _wake_handlers(self) -> None:
         self._parts.stalls.release()
         self._parts.boundaries.release_holds()
+        if self._parts.proxy is not None:
+            self._parts.proxy.cut()
+
+    # -- proxy mode -------------------------------------------------------
+
+    @property
+    def proxy_auth(self) -> BasicAuth | None:
+        """Proxy mode: the credentials the proxy requires (a 407 with ``Proxy-Authenticate`` without them)."""
+        return self._proxy_state().auth
+
+    @proxy_auth.setter
+    def proxy_auth(self, auth: BasicAuth | None) -> None:
+        self._proxy_state().auth = auth
+
+    def map_host(self, name: str, address: str = "127.0.0.1") -> None:
+        """Proxy mode: resolve ``name`` to ``address`` (a name no DNS knows works through this proxy only)."""
+        self._proxy_state().hosts[name.lower()] = address
+
+    def proxy_url(self, user: str | None = None, password: str | None = None) -> str:
+        """Proxy mode: this proxy's URL for a client, with credentials if given."""
+        self._proxy_state()
+        credentials = ""
+        if user is not None:
+            credentials = urllib.parse.quote(user, safe="") + (
+                ":" + urllib.parse.quote(password, safe="") if password is not None else "") + "@"
+        return "http://%s%s:%d" % (credentials, self.host, self.port)
+
+    def _proxy_state(self) -> _ProxyState:
+        if self._parts.proxy is None:
+            raise RuntimeError("not a proxy: make the server with FakeServer(proxy=True)")
+        return self._parts.proxy
 
     def __enter__(self) -> FakeServer:
         if not self._listener.running:
@@ -1897,7 +2162,7 @@ class FakeServer:
     def add_blob(self, path: str, data: bytes | None = None, *, size: int | None = None, seed: int = 0,
                  etag: bool = True, last_modified: bool = True, weak_etag: bool = False,
                  content_type: str = "application/octet-stream", faults: Sequence[Fault | None] | None = None,
-                 default_fault: Fault | None = None, auth: BasicAuth | DigestAuth | None = None,
+                 default_fault: Fault | None = None, auth: Auth | None = None,
                  headers: Mapping[str, str] | None = None) -> Route:
         """Serve ``data`` (or ``blob_bytes(size, seed)``) at ``path``; returns the Route. *headers* are added to
         every response of the route (``Set-Cookie``, ...)."""
@@ -1915,7 +2180,7 @@ class FakeServer:
         UTF-8), with *body* (default: a short line) under the route's faults (``throttle`` drips it)."""
         return self.add_route(_RedirectRoute(_check_path(path), location, status, body, faults, default_fault))
 
-    def add_upload(self, path: str, *, status: int = 201, auth: BasicAuth | DigestAuth | None = None,
+    def add_upload(self, path: str, *, status: int = 201, auth: Auth | None = None,
                    faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None) -> _BaseRoute:
         """Accept PUT/POST bodies at ``path`` (Content-Length or chunked) and answer JSON size/sha256."""
         return self.add_route(_UploadRoute(_check_path(path), status, auth, faults, default_fault))
@@ -2446,6 +2711,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for any free port (default 8000)")
     parser.add_argument("--root", help="directory served under /files/")
     parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
+    parser.add_argument("--proxy", action="store_true",
+                        help="also be a forward HTTP proxy (absolute-form requests and CONNECT tunnels)")
     args = parser.parse_args(argv)
     if args.root is not None and not os.path.isdir(args.root):
         parser.error(f"--root {args.root!r} is not a directory")
@@ -2457,7 +2724,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    server = FakeServer(root=args.root, host=args.host, port=args.port, verbose=not args.quiet)
+    server = FakeServer(root=args.root, host=args.host, port=args.port, verbose=not args.quiet, proxy=args.proxy)
     try:
         server.start()
     except OSError as err:

@@ -103,6 +103,50 @@ def test_status_lists_tasks_and_cancel_and_resume_act_on_them(server, cli):
     assert not (cli.out / "slow2.bin").exists()
 
 
+def test_status_shows_a_task_waiting_for_connectivity_with_its_last_error(cli):
+    """A server that cannot be reached: `status` shows the task waiting, with the last error and the next try."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cli.run("download", "-d", str(cli.out), f"http://127.0.0.1:{port}/later.bin", check=True)
+    wait_until(lambda: cli.status()[0]["waiting"], what="the task to wait for connectivity")
+    (task,) = cli.status()
+    assert task["state"] == "waiting" and "connection refused" in task["last_error"] and task["next_retry"]
+    text = cli.run("status", check=True).stdout
+    assert "waiting" in text and "connection refused" in text and "next try in" in text
+    cli.run("cancel", "1", check=True)
+    wait_until(lambda: cli.status() == [], what="the cancelled task to be delivered")
+
+
+def test_a_header_given_to_download_wait_is_given_back_after_a_daemon_kill(server, cli):
+    """`download --wait -H "Authorization: ..."`: the daemon that held the token is SIGKILLed; the waiting CLI
+    starts the next one and gives the header back (task_will_begin_delayed_request): no request goes without it."""
+    data = fs.blob_bytes(2 * MiB, seed=64)
+    server.add_blob("/private.bin", data, auth=fs.BearerAuth("cli-token-51"))
+    hold = server.hold_at("/private.bin", 300_000)
+    proc = subprocess.Popen([sys.executable, "-W", "error", BGSESSION, "download", "--state-dir", cli.state, "--wait",
+                             "-d", str(cli.out), "-H", "Authorization: Bearer cli-token-51",
+                             server.url("/private.bin")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hold.wait(LONG)
+        daemon = read_pid_file(cli.state)
+        assert daemon is not None and daemon.kill()
+        hold.release()
+        _, err = proc.communicate(timeout=LONG)
+        assert proc.returncode == 0, err
+    finally:
+        hold.release()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()  # (communicate() may not have run: a failed assertion)
+        proc.stderr.close()
+    assert sha((cli.out / "private.bin").read_bytes()) == sha(data)
+    tokens = [r.header("authorization") for r in server.requests("/private.bin")]
+    assert len(tokens) >= 2 and set(tokens) == {"Bearer cli-token-51"}
+
+
 @pytest.mark.parametrize("args, code, words", [
     (["download", "ftp://example.com/x"], 2, "unsupported"),
     (["download", "http://exa mple.com/x"], 2, "control characters"),
@@ -110,6 +154,7 @@ def test_status_lists_tasks_and_cancel_and_resume_act_on_them(server, cli):
     (["cancel", "42"], 2, "no task 42"),
     (["check", "/nonexistent/session"], 2, "no such session directory"),
     (["download", "--sha256", "xyz", "http://127.0.0.1:9/x"], 2, "sha256"),
+    (["download", "-H", "no colon", "http://127.0.0.1:9/x"], 2, "Name: value"),
     (["download", "--priority", "2", "http://127.0.0.1:9/x"], 2, "priority"),
     (["download", "--not-before", "someday", "http://127.0.0.1:9/x"], 2, "bad time"),
     (["download", "--limit-rate", "fast", "http://127.0.0.1:9/x"], 2, "bad rate"),
