@@ -4701,11 +4701,173 @@ class _EngineStatus:
     acks: int  # acknowledgements recorded since the engine started
 
 
-class _Engine:
-    """A session's engine: owns the tasks (the store), runs them (the scheduler's workers run the transfer's
-    attempts) and reports to the attached app (the outbox): the in-process _Backend; the daemon serves it over a
-    socket. *durable_create*: ``new_task`` returns once the task's record is on disk (the daemon: its app may outlive
-    it), not only its reserved identifier."""
+class _Runner:
+    """The engine's running of tasks, its base class: the scheduler's transfer threads take queued tasks (``_work``),
+    run one attempt at a time on the transfer, and settle each outcome into one journaled transition (``_settle``:
+    finished, failed, retried later or waiting for connectivity); timers bring tasks back (``_due``). It is also the
+    transfer's host (``_TransferHost``): records, progress, questions for the app, deadlines. _Engine, below, adds
+    the app's operations; both share its lock, store, scheduler, planner and outbox."""
+
+    config: Configuration
+    clock: _Clock
+    buffer_size: int
+    lock: threading.RLock
+    changed: threading.Condition
+    closed: bool
+    store: _Store
+    outbox: _Outbox
+    connections: _ConnectionPool
+    transfer: _Transfer
+    scheduler: _Scheduler
+    planner: _Planner
+
+    # -- for the transfer (_TransferHost) ---------------------------------------------------------
+    def record(self, task: _TaskRecord, record_type: str, /, **fields: Any) -> int:
+        with self.lock:
+            return self.store.record(task, record_type, **fields)
+
+    def record_offset(self, task: _TaskRecord, offset: int) -> None:
+        with self.lock:
+            if task.phase is not Phase.ACKNOWLEDGED and offset > task.durable_offset:
+                self.store.record(task, "progress", offset=offset, boot=_BOOT_ID)
+
+    def post(self, event: ProgressEvent) -> None:
+        self.outbox.post(event)
+
+    def ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge) -> _Answer:
+        return self.outbox.ask(task.id, control, challenge)
+
+    def renew(self, task: _TaskRecord, control: _Control, request: Request) -> _Renewal:
+        return self.outbox.renew(task.id, control, request)
+
+    def resource_expired(self, task: _TaskRecord) -> bool:
+        return task.resource_expired(self.clock.time(), self.config.timeout_for_resource)
+
+    def resource_left(self, task: _TaskRecord) -> float:
+        return task.resource_left(self.clock.time(), self.config.timeout_for_resource)
+
+    # -- running tasks ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        """A transfer thread (owned by the scheduler): run the queue's tasks, one attempt at a time."""
+        held: _Held = {}  # the attempt's connections by origin; back to the pool (keep-alive) after it
+        buf = bytearray(self.buffer_size)
+        while True:
+            with self.lock:
+                task = self._start_next()
+            if task is None:
+                return
+            control = task.live.control
+            assert control is not None
+            try:
+                outcome = self.transfer.attempt(task, control, held, buf)
+            except BaseException as err:  # a bug must not lose the task: fail it clearly
+                log.exception("task %s: internal error", task.id)
+                outcome = _Failed(TransferError(ErrorCode.UNKNOWN, f"internal error: {err!r}",
+                                                url=task.request["url"]))
+            self.connections.release(held, isinstance(outcome, _Finished))
+            self._end_attempt(task, outcome)
+
+    def _start_next(self) -> _TaskRecord | None:
+        while True:
+            tid = self.scheduler.next_task(self._runnable)
+            if tid is None:
+                return None
+            task = self.store.state.tasks[tid]
+            if self.resource_expired(task):
+                self.scheduler.finished(tid)
+                self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
+                continue
+            self.store.record(task, "start")
+            task.live.control, task.live.worker, task.live.done = _Control(), True, threading.Event()
+            return task
+
+    def _runnable(self, tid: int) -> bool:
+        task = self.store.state.tasks.get(tid)  # (None: cancelled, acknowledged and compacted away)
+        return task is not None and task.phase is Phase.QUEUED and not task.live.worker
+
+    def _end_attempt(self, task: _TaskRecord, outcome: _Outcome) -> None:
+        with self.lock:
+            self.scheduler.finished(task.id)
+            task.live.control = None
+            ticket = self._settle(task, outcome)
+            task.live.worker = False
+            if task.phase is Phase.QUEUED and not self.closed:
+                self.planner.queue(task)  # resumed again while this attempt was stopping
+            if ticket is None:
+                task.live.done.set()
+                self.changed.notify_all()
+            else:
+                task.live.events_ready = False  # posted once the outcome is on disk
+        if ticket is not None:
+            # the next transfer starts now; the events follow the record to the disk
+            self.store.writer.on_durable(ticket, lambda: self._outcome_durable(task))
+
+    def _settle(self, task: _TaskRecord, outcome: _Outcome) -> int | None:
+        """Turn an attempt's outcome into a journaled transition; returns a ticket to wait for."""
+        if task.phase is Phase.CANCELING:
+            return self.store.finish_cancel(task, task.live.offset)
+        if task.phase is not Phase.TRANSFERRING:
+            return None  # suspended meanwhile: the attempt recorded how far it got
+        if isinstance(outcome, _Finished):
+            return self.store.record(task, "finish", file=outcome.file, response=dict(outcome.response), error=None)
+        if isinstance(outcome, _Failed):
+            return self.store.fail(task, outcome.error, "finish", keep_partial=outcome.keep_partial,
+                                   offset=task.live.offset)
+        if isinstance(outcome, _Interrupted):
+            return self._retry_later(task, outcome)
+        return None  # stopped by close: the attempt recorded how far it got
+
+    def _retry_later(self, task: _TaskRecord, outcome: _Interrupted) -> int | None:
+        """Settle an interrupted attempt as plan_retry() says: a timer (a waiting period may begin), or the end."""
+        live, config = task.live, self.config
+        plan = plan_retry(live.retry, outcome, live.waiting, waits_for_connectivity=config.waits_for_connectivity,
+                          fails_on_unknown_host=config.fails_on_unknown_host, now=self.clock.time())
+        if plan.delay is None or self.resource_expired(task):
+            why = plan.why if plan.delay is None else "timeout_for_resource exceeded"
+            code = outcome.code if plan.delay is None else ErrorCode.TIMED_OUT
+            return self.store.fail(task, TransferError(code, f"{outcome.message} ({why})", url=task.current_url),
+                                   "finish", offset=live.offset)
+        begins_waiting = live.take_plan(plan, outcome, task.current_url, self.clock.time())
+        log.debug("task %s: %s; again in %.2fs (waiting: %s)", task.id, outcome.message, plan.delay, plan.waiting)
+        self.store.record(task, "backoff", delay=round(plan.delay, 3), code=int(outcome.code))
+        live.due = self.scheduler.push_timer(task.id, plan.delay)
+        if begins_waiting:
+            self.outbox.post(WaitingEvent(task.id, _task_info(task, self.store)))
+        return None
+
+    def _due(self, tid: int, due: float) -> None:
+        """A timer fired (scheduler thread, under the lock): a retry's, or an earliest begin date's."""
+        task = self.store.state.tasks.get(tid)
+        if task is None or task.phase not in (Phase.WAITING_RETRY, Phase.SCHEDULED) or task.live.due != due:
+            return  # suspended, cancelled or rescheduled meanwhile
+        if task.phase is Phase.SCHEDULED:
+            self.planner.queue(task)  # its date came (or the wall clock says not yet: it waits on)
+        elif self.resource_expired(task):
+            self._fail_now(task, task.live.timed_out())
+        else:
+            self.store.record(task, "due")
+            self.planner.queue(task)
+
+    def _outcome_durable(self, task: _TaskRecord) -> None:
+        with self.lock:
+            task.live.events_ready = True
+            self.outbox.post_task_events(task)
+            task.live.done.set()
+            self.changed.notify_all()
+
+    def _fail_now(self, task: _TaskRecord, error: TransferError) -> None:
+        """Fail a task that no attempt runs for (rare paths: waits for the journal under the lock)."""
+        error.url = error.url or task.request["url"]
+        self.store.wait(self.store.fail(task, error, "fail", offset=task.live.offset))
+        self.outbox.post_task_events(task)
+        self.changed.notify_all()
+
+
+class _Engine(_Runner):
+    """A session's engine: owns the tasks (the store), runs them (its base, _Runner: the scheduler's workers run the
+    transfer's attempts) and reports to the attached app (the outbox): the in-process _Backend; the daemon serves it
+    over a socket. *durable_create*: ``new_task`` returns once the task's record is on disk (the daemon: its app may
+    outlive it), not only its reserved identifier."""
 
     def __init__(self, config: Configuration, *, clock: _Clock | None = None,
                  buffer_size: int = DEFAULT_BUFFER_SIZE, durable_create: bool = False) -> None:
@@ -4934,140 +5096,6 @@ class _Engine:
         self.connections.configure(config)
         self.transfer.http.config = config
 
-    # -- for the transfer (_TransferHost) ---------------------------------------------------------
-    def record(self, task: _TaskRecord, record_type: str, /, **fields: Any) -> int:
-        with self.lock:
-            return self.store.record(task, record_type, **fields)
-
-    def record_offset(self, task: _TaskRecord, offset: int) -> None:
-        with self.lock:
-            if task.phase is not Phase.ACKNOWLEDGED and offset > task.durable_offset:
-                self.store.record(task, "progress", offset=offset, boot=_BOOT_ID)
-
-    def post(self, event: ProgressEvent) -> None:
-        self.outbox.post(event)
-
-    def ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge) -> _Answer:
-        return self.outbox.ask(task.id, control, challenge)
-
-    def renew(self, task: _TaskRecord, control: _Control, request: Request) -> _Renewal:
-        return self.outbox.renew(task.id, control, request)
-
-    def resource_expired(self, task: _TaskRecord) -> bool:
-        return task.resource_expired(self.clock.time(), self.config.timeout_for_resource)
-
-    def resource_left(self, task: _TaskRecord) -> float:
-        return task.resource_left(self.clock.time(), self.config.timeout_for_resource)
-
-    # -- running tasks ------------------------------------------------------------------------------
-    def _work(self) -> None:
-        """A transfer thread (owned by the scheduler): run the queue's tasks, one attempt at a time."""
-        held: _Held = {}  # the attempt's connections by origin; back to the pool (keep-alive) after it
-        buf = bytearray(self.buffer_size)
-        while True:
-            with self.lock:
-                task = self._start_next()
-            if task is None:
-                return
-            control = task.live.control
-            assert control is not None
-            try:
-                outcome = self.transfer.attempt(task, control, held, buf)
-            except BaseException as err:  # a bug must not lose the task: fail it clearly
-                log.exception("task %s: internal error", task.id)
-                outcome = _Failed(TransferError(ErrorCode.UNKNOWN, f"internal error: {err!r}",
-                                                url=task.request["url"]))
-            self.connections.release(held, isinstance(outcome, _Finished))
-            self._end_attempt(task, outcome)
-
-    def _start_next(self) -> _TaskRecord | None:
-        while True:
-            tid = self.scheduler.next_task(self._runnable)
-            if tid is None:
-                return None
-            task = self.store.state.tasks[tid]
-            if self.resource_expired(task):
-                self.scheduler.finished(tid)
-                self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
-                continue
-            self.store.record(task, "start")
-            task.live.control, task.live.worker, task.live.done = _Control(), True, threading.Event()
-            return task
-
-    def _runnable(self, tid: int) -> bool:
-        task = self.store.state.tasks.get(tid)  # (None: cancelled, acknowledged and compacted away)
-        return task is not None and task.phase is Phase.QUEUED and not task.live.worker
-
-    def _end_attempt(self, task: _TaskRecord, outcome: _Outcome) -> None:
-        with self.lock:
-            self.scheduler.finished(task.id)
-            task.live.control = None
-            ticket = self._settle(task, outcome)
-            task.live.worker = False
-            if task.phase is Phase.QUEUED and not self.closed:
-                self.planner.queue(task)  # resumed again while this attempt was stopping
-            if ticket is None:
-                task.live.done.set()
-                self.changed.notify_all()
-            else:
-                task.live.events_ready = False  # posted once the outcome is on disk
-        if ticket is not None:
-            # the next transfer starts now; the events follow the record to the disk
-            self.store.writer.on_durable(ticket, lambda: self._outcome_durable(task))
-
-    def _settle(self, task: _TaskRecord, outcome: _Outcome) -> int | None:
-        """Turn an attempt's outcome into a journaled transition; returns a ticket to wait for."""
-        if task.phase is Phase.CANCELING:
-            return self.store.finish_cancel(task, task.live.offset)
-        if task.phase is not Phase.TRANSFERRING:
-            return None  # suspended meanwhile: the attempt recorded how far it got
-        if isinstance(outcome, _Finished):
-            return self.store.record(task, "finish", file=outcome.file, response=dict(outcome.response), error=None)
-        if isinstance(outcome, _Failed):
-            return self.store.fail(task, outcome.error, "finish", keep_partial=outcome.keep_partial,
-                                   offset=task.live.offset)
-        if isinstance(outcome, _Interrupted):
-            return self._retry_later(task, outcome)
-        return None  # stopped by close: the attempt recorded how far it got
-
-    def _retry_later(self, task: _TaskRecord, outcome: _Interrupted) -> int | None:
-        """Settle an interrupted attempt as plan_retry() says: a timer (a waiting period may begin), or the end."""
-        live, config = task.live, self.config
-        plan = plan_retry(live.retry, outcome, live.waiting, waits_for_connectivity=config.waits_for_connectivity,
-                          fails_on_unknown_host=config.fails_on_unknown_host, now=self.clock.time())
-        if plan.delay is None or self.resource_expired(task):
-            why = plan.why if plan.delay is None else "timeout_for_resource exceeded"
-            code = outcome.code if plan.delay is None else ErrorCode.TIMED_OUT
-            return self.store.fail(task, TransferError(code, f"{outcome.message} ({why})", url=task.current_url),
-                                   "finish", offset=live.offset)
-        begins_waiting = live.take_plan(plan, outcome, task.current_url, self.clock.time())
-        log.debug("task %s: %s; again in %.2fs (waiting: %s)", task.id, outcome.message, plan.delay, plan.waiting)
-        self.store.record(task, "backoff", delay=round(plan.delay, 3), code=int(outcome.code))
-        live.due = self.scheduler.push_timer(task.id, plan.delay)
-        if begins_waiting:
-            self.outbox.post(WaitingEvent(task.id, _task_info(task, self.store)))
-        return None
-
-    def _due(self, tid: int, due: float) -> None:
-        """A timer fired (scheduler thread, under the lock): a retry's, or an earliest begin date's."""
-        task = self.store.state.tasks.get(tid)
-        if task is None or task.phase not in (Phase.WAITING_RETRY, Phase.SCHEDULED) or task.live.due != due:
-            return  # suspended, cancelled or rescheduled meanwhile
-        if task.phase is Phase.SCHEDULED:
-            self.planner.queue(task)  # its date came (or the wall clock says not yet: it waits on)
-        elif self.resource_expired(task):
-            self._fail_now(task, task.live.timed_out())
-        else:
-            self.store.record(task, "due")
-            self.planner.queue(task)
-
-    def _outcome_durable(self, task: _TaskRecord) -> None:
-        with self.lock:
-            task.live.events_ready = True
-            self.outbox.post_task_events(task)
-            task.live.done.set()
-            self.changed.notify_all()
-
     # -- helpers (under the lock) ----------------------------------------------------------------
     def _task(self, tid: int) -> _TaskRecord:
         """The task *tid*; one that ended and was forgotten (compacted away) comes back as a finished record, so that
@@ -5107,13 +5135,6 @@ class _Engine:
             return self.store.fail(task, error, "fail", keep_partial=False), task
         self.planner.queue(task)
         return ticket, None
-
-    def _fail_now(self, task: _TaskRecord, error: TransferError) -> None:
-        """Fail a task that no attempt runs for (rare paths: waits for the journal under the lock)."""
-        error.url = error.url or task.request["url"]
-        self.store.wait(self.store.fail(task, error, "fail", offset=task.live.offset))
-        self.outbox.post_task_events(task)
-        self.changed.notify_all()
 
 
 # ============================================================================

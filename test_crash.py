@@ -119,7 +119,7 @@ def config(root: str, host: str = "inprocess") -> bg.Configuration:
 def recording(root: str, skip: tuple[str, str] | None = None) -> Iterator[crashsim.Recorder]:
     """bgsession's file operations below *root* recorded; each acknowledgement marked once it is durable."""
     recorder = crashsim.Recorder(root, bg._FileSystem(), skip, owners=[function for (_, function), _ in FSYNCS])
-    real_vfs, real_ack, real_offset = bg._vfs, bg._Engine.ack, bg._Engine.record_offset
+    real_vfs, real_ack, real_offset = bg._vfs, bg._Engine.ack, bg._Runner.record_offset
 
     def ack(engine: bg._Engine, tid: int, event: str) -> None:
         recorder.mark(f"acking {event} {tid}")  # from here on a compaction may fold it (and the task) away
@@ -132,11 +132,11 @@ def recording(root: str, skip: tuple[str, str] | None = None) -> Iterator[crashs
         # schedule, the one where an offset record reaches the disk before the data it covers could.
         real_offset(engine, task, offset)
         engine.store.writer.flush()
-    bg._vfs, bg._Engine.ack, bg._Engine.record_offset = recorder, ack, record_offset  # type: ignore[assignment, method-assign]
+    bg._vfs, bg._Engine.ack, bg._Runner.record_offset = recorder, ack, record_offset  # type: ignore[assignment, method-assign]
     try:
         yield recorder
     finally:
-        bg._vfs, bg._Engine.ack, bg._Engine.record_offset = real_vfs, real_ack, real_offset  # type: ignore[method-assign]
+        bg._vfs, bg._Engine.ack, bg._Runner.record_offset = real_vfs, real_ack, real_offset  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
