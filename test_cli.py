@@ -174,8 +174,9 @@ def test_bad_input_is_one_line_and_non_zero(cli, args, code, words):
 
 def test_scheduled_download_shows_in_status_and_waits_across_a_daemon_kill(server, cli):
     """`download --not-before` a few seconds ahead (with --priority, --limit-rate): status shows it scheduled with its
-    options; the daemon SIGKILLed, the next status recovers it, still scheduled; it does not start before its time;
-    then status shows it running, and the file is delivered."""
+    options; the daemon SIGKILLed, status (read-only: it reads the journal) still shows it scheduled, and the next
+    command that needs the daemon starts one that recovers it; it does not start before its time; then status shows
+    it running, and the file is delivered."""
     data = fs.blob_bytes(200_000, seed=62)
     server.add_blob("/later.bin", data)
     hold = server.hold_at("/later.bin", 0)
@@ -188,8 +189,10 @@ def test_scheduled_download_shows_in_status_and_waits_across_a_daemon_kill(serve
     assert datetime.datetime.fromisoformat(task["not_before"]).timestamp() == pytest.approx(begin, abs=1e-5)
     daemon = read_pid_file(cli.state)
     assert daemon is not None and daemon.kill()
-    text = cli.run("status", check=True).stdout  # a new daemon recovered it, still scheduled
+    text = cli.run("status", check=True).stdout  # from the journal: still scheduled
     assert "scheduled" in text and "not before" in text and "priority 0.8" in text and "limit 2.0 MiB/s" in text
+    cli.run("limit", "1", "2M", check=True)  # a command for the daemon: a new one starts and recovers the task
+    assert "scheduled" in cli.run("status", check=True).stdout
     assert hold.wait(LONG)
     (request,) = server.requests("/later.bin")
     assert request.time >= begin
