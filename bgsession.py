@@ -3543,6 +3543,229 @@ def _open_backend(config: Configuration, clock: _Clock | None = None) -> _Backen
 # 10. Session: SessionDelegate, Task, Session, SessionManager
 # ============================================================================
 
+# -- files handed out of and into tasks: move_to (a finished download), multipart_body (an upload's body) --------
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def _check_path(value: Any, what: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _invalid(f"{what} must be a path (str or os.PathLike), not {value!r}")
+    return os.fspath(value)
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.isfile(b) and filecmp.cmp(a, b, shallow=False)
+    return False
+
+
+class _NameTaken(FileExistsError):
+    """move_to's destination exists with other bytes."""
+
+
+#: errno values of os.link that mean "not here": another file system, or one without hard links.
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES,
+                      getattr(errno, "ENOTSUP", errno.EPERM), getattr(errno, "EOPNOTSUPP", errno.EPERM)})
+
+
+def _place(src: str, dest: str, replace: bool) -> bool:
+    """Give *dest* *src*'s bytes, whole or not at all, leaving *src* in place. False: *dest* held those very bytes
+    already. A hard link where it can be made (same file system), else a copy next to *dest*, fsynced; then into
+    place: ``os.replace`` (*replace*) or a link that fails if the name exists."""
+    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.bgsession-{os.urandom(6).hex()}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError as err:
+            if err.errno not in _NO_LINK:
+                raise
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                _fsync(f.fileno())
+        if replace:
+            os.replace(tmp, dest)
+            return True
+        try:
+            os.link(tmp, dest)  # atomic: fails if the name exists
+        except FileExistsError:
+            if _same_bytes(tmp, dest):
+                return False
+            raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes; pass exist_ok=True to replace it, "
+                             "or choose another name", dest) from None
+        except OSError as err:
+            if err.errno not in _NO_LINK:
+                raise
+            if os.path.lexists(dest):  # a file system without hard links: check, then rename
+                if _same_bytes(tmp, dest):
+                    return False
+                raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes", dest) from None
+            os.rename(tmp, dest)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def move_to(location: str | os.PathLike[str], directory_or_path: str | os.PathLike[str], *, exist_ok: bool = False,
+            name: str | None = None) -> str:
+    """Move a finished download (a finish hook's *location*) to where the app keeps it; returns its new path.
+
+    *directory_or_path*: an existing directory, or a path ending with a separator, receives the file as *name*
+    (sanitised; default: the location's own name, ``<id>.done`` for a download, so pass
+    ``name=task.response.suggested_filename``); any other path is the file's new name. Missing directories are
+    created. It works across file systems (copied, fsynced, then put in place) and the file is whole or absent at its
+    new name, never partial. The moved file gets the mode a file this process creates would have (0666 minus the
+    umask), not the session's private 0600.
+
+    When the name exists: holding the very same bytes, it is taken as this file (an earlier launch moved it and was
+    killed before the acknowledgement): the location is removed and the path returned. With other bytes:
+    FileExistsError, unless *exist_ok*, which replaces it atomically. Any other failure raises TransferError
+    CANNOT_MOVE_FILE. On failure the location stays, so a finish hook that lets the error propagate gets the event
+    again at the next launch."""
+    src, target = _check_path(location, "location"), _check_path(directory_or_path, "directory_or_path")
+    into = target.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)) or os.path.isdir(target)
+    if name is not None and (not into or not isinstance(name, str)):
+        raise _invalid(f"name= ({name!r}) is a file name for when directory_or_path is a directory; "
+                       f"{target!r} is not one")
+    dest = os.path.abspath(os.path.join(target, sanitize_filename(name or os.path.basename(src))) if into else target)
+    try:
+        if not os.path.isfile(src):
+            raise FileNotFoundError(errno.ENOENT, "no such file", src)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        placed = _place(src, dest, exist_ok)
+        _fsync_dir(os.path.dirname(dest))
+        os.unlink(src)
+        if placed:
+            os.chmod(dest, 0o666 & ~_umask())
+    except _NameTaken:
+        raise
+    except OSError as err:
+        raise TransferError(ErrorCode.CANNOT_MOVE_FILE, f"cannot move {src} to {dest}: {err.strerror or err}; the file "
+                            "stays in the session and is delivered again at the next launch") from err
+    return dest
+
+
+#: Bodies multipart_body() wrote in this process that no upload task owns yet.
+_unclaimed_bodies: set[str] = set()
+_unclaimed_lock = threading.Lock()
+#: Bytes read from a file part per write.
+_MULTIPART_BLOCK = 256 << 10
+
+
+def _form_name(value: str) -> bytes:
+    """A quoted name of a Content-Disposition, as browsers send it (RFC 7578 4.2: UTF-8, quote and newlines
+    percent-encoded; never the RFC 5987 ``filename*`` form)."""
+    return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A").encode("utf-8")
+
+
+def _multipart_parts(fields: Any, files: Any) -> list[tuple[bytes, str | None, str | bytes]]:
+    """The parts, checked before anything is written: (headers, path of a file part or None, text or path)."""
+    def pairs(value: Any, what: str) -> list[Any]:
+        if value is None:
+            return []
+        if isinstance(value, Mapping):
+            return list(value.items())
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise _invalid(f"{what} must be a mapping or (name, ...) tuples, not {type(value).__name__}")
+        return [tuple(item) for item in value]
+    parts: list[tuple[bytes, str | None, str | bytes]] = []
+    for item in pairs(fields, "fields"):
+        if len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], (str, bytes)):
+            raise _invalid(f"a field is a (name, value) pair of str, not {item!r}")
+        parts.append((b'Content-Disposition: form-data; name="' + _form_name(item[0]) + b'"\r\n', None, item[1]))
+    for item in pairs(files, "files"):
+        if not 2 <= len(item) <= 4 or not isinstance(item[1], (str, os.PathLike)):
+            raise _invalid(f"a file is (name, path[, filename[, content_type]]), not {item!r}")
+        name, path, filename, ctype = (*item, None, None)[:4]
+        path = os.path.abspath(os.fspath(path))
+        if not isinstance(name, str) or not os.path.isfile(path):
+            raise _invalid(f"file part {name!r}: {path} is not a readable regular file")
+        filename = os.path.basename(path) if filename is None else filename
+        ctype = ctype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        if not isinstance(filename, str) or not isinstance(ctype, str) or _CTL_RE.search(ctype):
+            raise _invalid(f"file part {name!r}: filename and content_type must be str, not {filename!r}, {ctype!r}")
+        head = (b'Content-Disposition: form-data; name="' + _form_name(name) + b'"; filename="' + _form_name(filename)
+                + b'"\r\nContent-Type: ' + ctype.encode("ascii", "replace") + b"\r\n")
+        parts.append((head, path, path))
+    return parts
+
+
+def _write_multipart(fd: int, parts: list[tuple[bytes, str | None, str | bytes]], boundary: bytes) -> bool:
+    """Stream the body into *fd*; False if the boundary occurs in a part (the caller picks another)."""
+    delimiter = b"--" + boundary
+    for head, path, value in parts:
+        _write_all(fd, delimiter + b"\r\n" + head + b"\r\n")
+        if path is None:
+            data = value.encode("utf-8") if isinstance(value, str) else value
+            if delimiter in data:
+                return False
+            _write_all(fd, data)
+        else:
+            tail = b""  # the end of the previous block: a delimiter may straddle two
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(_MULTIPART_BLOCK), b""):
+                    if delimiter in tail + block:
+                        return False
+                    _write_all(fd, block)
+                    tail = block[-len(delimiter) + 1:]
+        _write_all(fd, b"\r\n")
+    _write_all(fd, delimiter + b"--\r\n")
+    return True
+
+
+def multipart_body(fields: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+                   files: Mapping[str, str | os.PathLike[str]] | Iterable[tuple[Any, ...]] | None,
+                   directory: str | os.PathLike[str] | None = None) -> tuple[str, str]:
+    """Write a ``multipart/form-data`` body (RFC 7578) into a new file for ``upload_task(request, from_file=path)``:
+    AFNetworking's ``requestWithMultipartFormRequest:writingStreamContentsToFile:``, because a background upload
+    comes from a file. Returns ``(path, content_type)``; send *content_type* (it carries the boundary) as the
+    request's ``Content-Type``.
+
+    *fields*: text fields, a mapping or ``(name, value)`` pairs, in order. *files*: a mapping of field name to path,
+    or ``(name, path[, filename[, content_type]])`` tuples (filename: the path's base name; content type: guessed
+    from it, else ``application/octet-stream``). Names may be any Unicode (sent as UTF-8, as browsers do); files may
+    hold any bytes: they are streamed in 256 KiB blocks, never whole in memory, and a boundary that occurs in them is
+    replaced. The body is fsynced before this returns.
+
+    The file is the upload's own: an upload task made from it removes it once its completion is acknowledged
+    (until then it is needed: the upload may be retried, or resumed after a relaunch). *directory*: where it is
+    written (created 0700; default: ``bgsession-multipart`` in bgsession's per-user state directory, which outlives
+    a reboot, as the task does)."""
+    parts = _multipart_parts(fields, files)
+    if directory is None:
+        directory = os.path.join(_state_base(), "bgsession-multipart")
+    directory = os.path.abspath(_check_path(directory, "directory"))
+    _ensure_private_dir(directory)
+    for _ in range(8):
+        boundary = b"bgsession-" + os.urandom(16).hex().encode("ascii")
+        fd, tmp = tempfile.mkstemp(prefix="body-", suffix=".part", dir=directory)
+        try:
+            written = _write_multipart(fd, parts, boundary)
+            if written:
+                _fsync(fd)
+        finally:
+            os.close(fd)
+        if not written:
+            os.unlink(tmp)
+            continue
+        path = tmp[: -len(".part")] + ".multipart"
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+        with _unclaimed_lock:
+            _unclaimed_bodies.add(path)
+        return path, f"multipart/form-data; boundary={boundary.decode('ascii')}"
+    raise BGSessionError("no boundary absent from the parts was found (8 random ones occurred in the data)")
+
+
+# -- delivery: the gate, the running hook, the event loop ------------------------------------------------------
+
 #: Set unless an app-lifecycle shim holds every session's hook delivery: appdelegate.main clears it during a
 #: background launch until ``handle_events_for_background_url_session`` has returned.
 _delivery_gate = threading.Event()
@@ -3743,7 +3966,7 @@ class _AsyncBridge:
 
 def _is_async_def(fn: Any) -> bool:
     import inspect  # here: the daemon never needs it
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    return inspect.iscoroutinefunction(fn)
 
 
 def _async_hooks(delegate: Any, names: Iterable[str]) -> list[str]:
@@ -4321,225 +4544,6 @@ class _TaskBlocks:
     file_path: str | None = None
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would race other threads)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022
-
-
-def _check_path(value: Any, what: str) -> str:
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        raise _invalid(f"{what} must be a path (str or os.PathLike), not {value!r}")
-    return os.fspath(value)
-
-
-def _same_bytes(a: str, b: str) -> bool:
-    with contextlib.suppress(OSError):
-        return os.path.isfile(b) and filecmp.cmp(a, b, shallow=False)
-    return False
-
-
-class _NameTaken(FileExistsError):
-    """move_to's destination exists with other bytes."""
-
-
-#: errno values of os.link that mean "not here": another file system, or one without hard links.
-_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES,
-                      getattr(errno, "ENOTSUP", errno.EPERM), getattr(errno, "EOPNOTSUPP", errno.EPERM)})
-
-
-def _place(src: str, dest: str, replace: bool) -> bool:
-    """Give *dest* *src*'s bytes, whole or not at all, leaving *src* in place. False: *dest* held those very bytes
-    already. A hard link where it can be made (same file system), else a copy next to *dest*, fsynced; then into
-    place: ``os.replace`` (*replace*) or a link that fails if the name exists."""
-    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.bgsession-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError as err:
-            if err.errno not in _NO_LINK:
-                raise
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                _fsync(f.fileno())
-        if replace:
-            os.replace(tmp, dest)
-            return True
-        try:
-            os.link(tmp, dest)  # atomic: fails if the name exists
-        except FileExistsError:
-            if _same_bytes(tmp, dest):
-                return False
-            raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes; pass exist_ok=True to replace it, "
-                             "or choose another name", dest) from None
-        except OSError as err:
-            if err.errno not in _NO_LINK:
-                raise
-            if os.path.lexists(dest):  # a file system without hard links: check, then rename
-                if _same_bytes(tmp, dest):
-                    return False
-                raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes", dest) from None
-            os.rename(tmp, dest)
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def move_to(location: str | os.PathLike[str], directory_or_path: str | os.PathLike[str], *, exist_ok: bool = False,
-            name: str | None = None) -> str:
-    """Move a finished download (a finish hook's *location*) to where the app keeps it; returns its new path.
-
-    *directory_or_path*: an existing directory, or a path ending with a separator, receives the file as *name*
-    (sanitised; default: the location's own name, ``<id>.done`` for a download, so pass
-    ``name=task.response.suggested_filename``); any other path is the file's new name. Missing directories are
-    created. It works across file systems (copied, fsynced, then put in place) and the file is whole or absent at its
-    new name, never partial. The moved file gets the mode a file this process creates would have (0666 minus the
-    umask), not the session's private 0600.
-
-    When the name exists: holding the very same bytes, it is taken as this file (an earlier launch moved it and was
-    killed before the acknowledgement): the location is removed and the path returned. With other bytes:
-    FileExistsError, unless *exist_ok*, which replaces it atomically. Any other failure raises TransferError
-    CANNOT_MOVE_FILE. On failure the location stays, so a finish hook that lets the error propagate gets the event
-    again at the next launch."""
-    src, target = _check_path(location, "location"), _check_path(directory_or_path, "directory_or_path")
-    into = target.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)) or os.path.isdir(target)
-    if name is not None and (not into or not isinstance(name, str)):
-        raise _invalid(f"name= ({name!r}) is a file name for when directory_or_path is a directory; "
-                       f"{target!r} is not one")
-    dest = os.path.abspath(os.path.join(target, sanitize_filename(name or os.path.basename(src))) if into else target)
-    try:
-        if not os.path.isfile(src):
-            raise FileNotFoundError(errno.ENOENT, "no such file", src)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        placed = _place(src, dest, exist_ok)
-        _fsync_dir(os.path.dirname(dest))
-        os.unlink(src)
-        if placed:
-            os.chmod(dest, 0o666 & ~_umask())
-    except _NameTaken:
-        raise
-    except OSError as err:
-        raise TransferError(ErrorCode.CANNOT_MOVE_FILE, f"cannot move {src} to {dest}: {err.strerror or err}; the file "
-                            "stays in the session and is delivered again at the next launch") from err
-    return dest
-
-
-#: Bodies multipart_body() wrote in this process that no upload task owns yet.
-_unclaimed_bodies: set[str] = set()
-_unclaimed_lock = threading.Lock()
-#: Bytes read from a file part per write.
-_MULTIPART_BLOCK = 256 << 10
-
-
-def _form_name(value: str) -> bytes:
-    """A quoted name of a Content-Disposition, as browsers send it (RFC 7578 4.2: UTF-8, quote and newlines
-    percent-encoded; never the RFC 5987 ``filename*`` form)."""
-    return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A").encode("utf-8")
-
-
-def _multipart_parts(fields: Any, files: Any) -> list[tuple[bytes, str | None, str | bytes]]:
-    """The parts, checked before anything is written: (headers, path of a file part or None, text or path)."""
-    def pairs(value: Any, what: str) -> list[Any]:
-        if value is None:
-            return []
-        if isinstance(value, Mapping):
-            return list(value.items())
-        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise _invalid(f"{what} must be a mapping or (name, ...) tuples, not {type(value).__name__}")
-        return [tuple(item) for item in value]
-    parts: list[tuple[bytes, str | None, str | bytes]] = []
-    for item in pairs(fields, "fields"):
-        if len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], (str, bytes)):
-            raise _invalid(f"a field is a (name, value) pair of str, not {item!r}")
-        parts.append((b'Content-Disposition: form-data; name="' + _form_name(item[0]) + b'"\r\n', None, item[1]))
-    for item in pairs(files, "files"):
-        if not 2 <= len(item) <= 4 or not isinstance(item[1], (str, os.PathLike)):
-            raise _invalid(f"a file is (name, path[, filename[, content_type]]), not {item!r}")
-        name, path, filename, ctype = (*item, None, None)[:4]
-        path = os.path.abspath(os.fspath(path))
-        if not isinstance(name, str) or not os.path.isfile(path):
-            raise _invalid(f"file part {name!r}: {path} is not a readable regular file")
-        filename = os.path.basename(path) if filename is None else filename
-        ctype = ctype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        if not isinstance(filename, str) or not isinstance(ctype, str) or _CTL_RE.search(ctype):
-            raise _invalid(f"file part {name!r}: filename and content_type must be str, not {filename!r}, {ctype!r}")
-        head = (b'Content-Disposition: form-data; name="' + _form_name(name) + b'"; filename="' + _form_name(filename)
-                + b'"\r\nContent-Type: ' + ctype.encode("ascii", "replace") + b"\r\n")
-        parts.append((head, path, path))
-    return parts
-
-
-def _write_multipart(fd: int, parts: list[tuple[bytes, str | None, str | bytes]], boundary: bytes) -> bool:
-    """Stream the body into *fd*; False if the boundary occurs in a part (the caller picks another)."""
-    delimiter = b"--" + boundary
-    for head, path, value in parts:
-        _write_all(fd, delimiter + b"\r\n" + head + b"\r\n")
-        if path is None:
-            data = value.encode("utf-8") if isinstance(value, str) else value
-            if delimiter in data:
-                return False
-            _write_all(fd, data)
-        else:
-            tail = b""  # the end of the previous block: a delimiter may straddle two
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(_MULTIPART_BLOCK), b""):
-                    if delimiter in tail + block:
-                        return False
-                    _write_all(fd, block)
-                    tail = block[-len(delimiter) + 1:]
-        _write_all(fd, b"\r\n")
-    _write_all(fd, delimiter + b"--\r\n")
-    return True
-
-
-def multipart_body(fields: Mapping[str, str] | Iterable[tuple[str, str]] | None,
-                   files: Mapping[str, str | os.PathLike[str]] | Iterable[tuple[Any, ...]] | None,
-                   directory: str | os.PathLike[str] | None = None) -> tuple[str, str]:
-    """Write a ``multipart/form-data`` body (RFC 7578) into a new file for ``upload_task(request, from_file=path)``:
-    AFNetworking's ``requestWithMultipartFormRequest:writingStreamContentsToFile:``, because a background upload
-    comes from a file. Returns ``(path, content_type)``; send *content_type* (it carries the boundary) as the
-    request's ``Content-Type``.
-
-    *fields*: text fields, a mapping or ``(name, value)`` pairs, in order. *files*: a mapping of field name to path,
-    or ``(name, path[, filename[, content_type]])`` tuples (filename: the path's base name; content type: guessed
-    from it, else ``application/octet-stream``). Names may be any Unicode (sent as UTF-8, as browsers do); files may
-    hold any bytes: they are streamed in 256 KiB blocks, never whole in memory, and a boundary that occurs in them is
-    replaced. The body is fsynced before this returns.
-
-    The file is the upload's own: an upload task made from it removes it once its completion is acknowledged
-    (until then it is needed: the upload may be retried, or resumed after a relaunch). *directory*: where it is
-    written (created 0700; default: ``bgsession-multipart`` in bgsession's per-user state directory, which outlives
-    a reboot, as the task does)."""
-    parts = _multipart_parts(fields, files)
-    if directory is None:
-        directory = os.path.join(_state_base(), "bgsession-multipart")
-    directory = os.path.abspath(_check_path(directory, "directory"))
-    _ensure_private_dir(directory)
-    for _ in range(8):
-        boundary = b"bgsession-" + os.urandom(16).hex().encode("ascii")
-        fd, tmp = tempfile.mkstemp(prefix="body-", suffix=".part", dir=directory)
-        try:
-            written = _write_multipart(fd, parts, boundary)
-            if written:
-                _fsync(fd)
-        finally:
-            os.close(fd)
-        if not written:
-            os.unlink(tmp)
-            continue
-        path = tmp[: -len(".part")] + ".multipart"
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-        with _unclaimed_lock:
-            _unclaimed_bodies.add(path)
-        return path, f"multipart/form-data; boundary={boundary.decode('ascii')}"
-    raise BGSessionError("no boundary absent from the parts was found (8 random ones occurred in the data)")
-
-
 _T = TypeVar("_T")
 #: What a hook or block returns: its value, or (``async def``) an awaitable of it.
 _MaybeAwaitable = Union[_T, Awaitable[_T]]
@@ -4585,7 +4589,7 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         of that name; a directory: the file keeps the response's suggested name), or None: no file."""
         self._set("finish", fn)
 
-    def set_task_did_complete(self, fn: Callable[[Session, Task, Union[TransferError, None]], object] | None) -> None:
+    def set_task_did_complete(self, fn: Callable[[Session, Task, TransferError | None], object] | None) -> None:
         """fn(session, task, error)."""
         self._set("complete", fn)
 
@@ -4607,7 +4611,7 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         """fn(session, task, challenge) -> (AuthChallengeDisposition, Credential | None)."""
         self._set("challenge", fn)
 
-    def set_session_did_become_invalid(self, fn: Callable[[Session, Union[BaseException, None]], object] | None
+    def set_session_did_become_invalid(self, fn: Callable[[Session, BaseException | None], object] | None
                                        ) -> None:
         """fn(session, error)."""
         self._set("invalid", fn)
@@ -4645,9 +4649,9 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
             self._task_blocks[task.identifier] = _TaskBlocks(progress, destination, completion_handler)
 
     def download_task(self, request: str | Request, progress: Callable[[int, int], object] | None = None,
-                      destination: Callable[[str, Union[Response, None]], _MaybeAwaitable[_Destination]] | None = None,
-                      completion_handler: Callable[[Union[Response, None], Union[str, None],
-                                                    Union[TransferError, None]], object] | None = None, *,
+                      destination: Callable[[str, Response | None], _MaybeAwaitable[_Destination]] | None = None,
+                      completion_handler: Callable[[Response | None, str | None,
+                                                    TransferError | None], object] | None = None, *,
                       description: str | None = None) -> DownloadTask:
         """A suspended download task; optional task-level blocks (in memory only):
         progress(total_bytes_written, total_bytes_expected), destination(location, response) -> path,
@@ -4658,8 +4662,8 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
 
     def upload_task(self, request: str | Request, from_file: str | os.PathLike[str],
                     progress: Callable[[int, int], object] | None = None,
-                    completion_handler: Callable[[Union[Response, None], Union[bytes, None],
-                                                  Union[TransferError, None]], object] | None = None, *,
+                    completion_handler: Callable[[Response | None, bytes | None,
+                                                  TransferError | None], object] | None = None, *,
                     description: str | None = None) -> UploadTask:
         """A suspended upload task; completion_handler(response, response_data, error)."""
         task = self.session.upload_task(request, from_file, description=description)
