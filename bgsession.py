@@ -3688,9 +3688,9 @@ def _multipart_parts(fields: Any, files: Any) -> list[tuple[bytes, str | None, s
         if not isinstance(name, str) or not os.path.isfile(path):
             raise _invalid(f"file part {name!r}: {path} is not a readable regular file")
         filename = os.path.basename(path) if filename is None else filename
-        ctype = ctype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        if not isinstance(filename, str) or not isinstance(ctype, str) or _CTL_RE.search(ctype):
+        if not isinstance(filename, str) or not (ctype is None or isinstance(ctype, str) and ctype.isprintable()):
             raise _invalid(f"file part {name!r}: filename and content_type must be str, not {filename!r}, {ctype!r}")
+        ctype = ctype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
         head = (b'Content-Disposition: form-data; name="' + _form_name(name) + b'"; filename="' + _form_name(filename)
                 + b'"\r\nContent-Type: ' + ctype.encode("ascii", "replace") + b"\r\n")
         parts.append((head, path, path))
