@@ -392,7 +392,8 @@ def test_async_lifecycle_methods_run_on_the_apps_event_loop(spawn: Callable[...,
     """async def lifecycle methods run in order on app.event_loop (its own thread); so does the async run()."""
     child = spawn("async_order")
     assert child.wait() == 0, child.stderr()
-    assert child.lines == ["did_finish_launching on the app loop", "run on the app loop", "will_terminate on the app loop"]
+    assert child.lines == ["did_finish_launching on the app loop", "run on the app loop",
+                           "will_terminate on the app loop"]
 
 
 @pytest.mark.timeout(60)
