@@ -3688,7 +3688,7 @@ def _multipart_parts(fields: Any, files: Any) -> list[tuple[bytes, str | None, s
         if not isinstance(name, str) or not os.path.isfile(path):
             raise _invalid(f"file part {name!r}: {path} is not a readable regular file")
         filename = os.path.basename(path) if filename is None else filename
-        if not isinstance(filename, str) or not (ctype is None or isinstance(ctype, str) and ctype.isprintable()):
+        if not isinstance(filename, str) or not (ctype is None or (isinstance(ctype, str) and ctype.isprintable())):
             raise _invalid(f"file part {name!r}: filename and content_type must be str, not {filename!r}, {ctype!r}")
         ctype = ctype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
         head = (b'Content-Disposition: form-data; name="' + _form_name(name) + b'"; filename="' + _form_name(filename)
