@@ -5060,6 +5060,7 @@ class _Relauncher:
         if child is None or child.poll() is None:
             return
         status = self.engine.status()
+        log.info("relaunched app (pid %s) exited with %s", child.pid, child.returncode)  # (the test kit reads this)
         if status.acks == self._child_acks and not status.attached:
             self._failures += 1
             self._next_at = time.monotonic() + self._backoff()
