@@ -126,8 +126,8 @@ def test_mypy_strict_sees_the_installed_types_and_names_a_wrong_hook(installed, 
 
 def test_pyright_strict_sees_the_installed_types(installed, tmp_path):
     """pyright (strict) resolves the installed packages as typed: no error on the user's program."""
-    if shutil.which("pyright") is None:
-        pytest.skip("pyright is not installed (.ci/run installs it)")
+    if shutil.which("pyright") is None or _run(["pyright", "--version"]).returncode != 0:
+        pytest.skip("pyright is not installed or cannot start (.ci/run installs it)")
     good = tmp_path / "good.py"
     good.write_text(USER_PROGRAM)
     checked = _run(["pyright", "--pythonpath", installed, str(good)], cwd=str(tmp_path))
