@@ -309,11 +309,22 @@ HEARTBEAT_APP = textwrap.dedent('''
     done = {"finish": 0, "complete": 0}
 
 
-    def runqueue_wait():
-        """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat): time the machine's
-        load took from it, which no code of this process can give back."""
-        with open("/proc/thread-self/schedstat", "rb") as f:
-            return int(f.read().split()[1]) / 1e9
+    def runqueue_waits():
+        """Per thread of this process: seconds spent runnable but waiting for a CPU (Linux schedstat)."""
+        waits = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                    waits[tid] = int(f.read().split()[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                pass  # the thread ended
+        return waits
+
+
+    def machine_delay(before, after):
+        """The longest any thread of this process waited for a CPU between two readings: the loop's thread, or
+        the one holding the GIL it waited for. That is the machine's load, which no code here can give back."""
+        return max((after[t] - before[t] for t in before.keys() & after.keys()), default=0.0)
 
 
     class Hooks(bgsession.SessionDelegate):
@@ -335,11 +346,11 @@ HEARTBEAT_APP = textwrap.dedent('''
 
         async def heartbeat():
             while not stop.is_set():
-                asked, waited = time.monotonic(), runqueue_wait()
+                asked, waits = time.monotonic(), runqueue_waits()
                 await asyncio.sleep(HEARTBEAT)
                 late = time.monotonic() - asked - HEARTBEAT
                 raw.append(late)
-                lags.append(late - (runqueue_wait() - waited))
+                lags.append(late - machine_delay(waits, runqueue_waits()))
 
         beating = asyncio.ensure_future(heartbeat())
         await loop.run_in_executor(None, session.resume_all, tasks)
@@ -375,7 +386,7 @@ def _raised_priority() -> None:
     """In the child: ask for a larger share of the CPU than the machine's other work (root only), so that what is
     measured is this process, not the neighbours' test runs."""
     with contextlib.suppress(OSError):
-        os.nice(-10)
+        os.nice(-20)
 
 
 def test_heartbeat_lag_stays_low_during_a_thousand_downloads(server_process, tmp_path, host):
@@ -383,8 +394,9 @@ def test_heartbeat_lag_stays_low_during_a_thousand_downloads(server_process, tmp
     never late by 50 ms or more: journal, socket and file work stay off the loop.
 
     The app runs as a process of its own (at a raised priority where allowed) against a server in another one, and
-    each beat's lateness leaves out the time the loop's thread waited for a CPU (schedstat): on a shared 2-core
-    machine that is the neighbours' load, not this code."""
+    each beat's lateness leaves out the longest time a thread of the app waited for a CPU meanwhile (schedstat: the
+    loop's thread, or the one holding the GIL): on a shared 2-core machine that is the neighbours' load, not this
+    code. Unloaded, nothing is left out, and a 60 ms blocking call on the loop fails the test."""
     directory = str(tmp_path / "session")
     script = tmp_path / "heartbeat.py"
     script.write_text(HEARTBEAT_APP)
