@@ -16,6 +16,8 @@ from setuptools.dist import Distribution
 
 #: The single-file modules installed as typed packages.
 MODULES = ("bgsession", "appdelegate")
+#: bgsession/__main__.py: the command line of ``python -m bgsession``.
+MAIN = "import sys\n\nfrom bgsession import _main\n\nsys.exit(_main())\n"
 
 
 class build_py_typed(build_py):
@@ -29,11 +31,13 @@ class build_py_typed(build_py):
             self.copy_file(f"{name}.py", os.path.join(package, "__init__.py"))
             with open(os.path.join(package, "py.typed"), "w", encoding="ascii"):
                 pass  # the marker is empty: its presence is the message
+        with open(os.path.join(self.build_lib, "bgsession", "__main__.py"), "w", encoding="ascii") as main:
+            main.write(MAIN)  # `python -m bgsession`, as with the single file
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs = super().get_outputs(include_bytecode)
         made = [os.path.join(self.build_lib, name, f) for name in MODULES for f in ("__init__.py", "py.typed")]
-        return outputs + made
+        return outputs + made + [os.path.join(self.build_lib, "bgsession", "__main__.py")]
 
 
 class _Distribution(Distribution):

@@ -136,11 +136,12 @@ def test_pyright_strict_sees_the_installed_types(installed, tmp_path):
 
 
 def test_installed_command_downloads_and_starts_its_daemon(installed, tmp_path, server):
-    """The installed ``bgsession`` command works; its daemon is started from the installed package (it re-executes
-    ``bgsession/__init__.py``) and delivers the file."""
+    """The installed ``bgsession`` command (and ``python -m bgsession``) works; its daemon is started from the
+    installed package (it re-executes ``bgsession/__init__.py``) and delivers the file."""
     exe = os.path.join(os.path.dirname(installed), "bgsession")
-    help_text = _run([exe, "--help"])
-    assert help_text.returncode == 0 and "download" in help_text.stdout
+    for command in ([exe], [installed, "-m", "bgsession"]):
+        help_text = _run([*command, "--help"])
+        assert help_text.returncode == 0 and "download" in help_text.stdout, help_text.stderr
     server.add_blob("/v.bin", size=1000)
     state = str(tmp_path / "state")
     try:
