@@ -30,7 +30,8 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
                       attached app), and the engine that owns the tasks.
  9. Interface      -- the app<->engine protocol, declared once: a Protocol and one table
                       of operations that every host uses.
-10. Session        -- ``SessionDelegate``, ``Task``, ``Session``, ``SessionManager``.
+10. Session        -- ``move_to``, ``multipart_body``; ``SessionDelegate``, ``Task``, ``Session``,
+                      ``SessionManager``; async def hooks on the session's event loop.
 11. Wire           -- JSON-lines frames and the codecs of the daemon socket.
 12. Daemon         -- the daemon host: server, relauncher, client, start-up.
 13. CLI            -- ``python -m bgsession`` / the ``bgsession`` command."""
@@ -889,7 +890,9 @@ class Configuration:
 
         *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
         on while the app is dead) or ``"inprocess"`` (the default on Windows: transfers run in
-        the app and resume when it re-creates the session)."""
+        the app and resume when it re-creates the session). *relaunch_command*: the argv the daemon
+        runs (in the current directory) to relaunch the app for its events, such as
+        ``[sys.executable, os.path.abspath(__file__)]``; a program that does not exist is refused here."""
         _check_identifier(identifier)
         if host is None:
             host = "daemon" if fcntl is not None and hasattr(socket, "AF_UNIX") else "inprocess"
@@ -4474,7 +4477,8 @@ class Session:
     async def wait_async(self, timeout: float | None = None) -> bool:
         """``wait()`` for asyncio: ``await session.wait_async(timeout)`` returns True once every task has completed
         and its events were delivered, False on timeout, without blocking the event loop (the delegate thread
-        checks after every event and resolves the wait)."""
+        checks after every event and resolves the wait). Not from inside a hook: hooks are what it waits for
+        (nor ``await task`` in a hook of that task)."""
         import asyncio
         if self._invalid:
             return True
