@@ -116,7 +116,8 @@ def test_photos_script_resumes_after_a_kill_and_never_enqueues_twice(server, san
 def test_photos_app_test_kit_example_passes(sandbox):
     """test_photos_app.py, the README's test-kit example, passes: photos_app.py is SIGKILLed mid-download,
     relaunched by the daemon in the background, and saves the photo once."""
-    run = sandbox.run("-m", "pytest", "-q", "-p", "no:cacheprovider", "test_photos_app.py", timeout=LONG * 3)
+    run = sandbox.run("-W", "error", "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_photos_app.py",
+                      timeout=LONG * 3)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed" in run.stdout
 
