@@ -296,6 +296,69 @@ def test_asyncio_app_survives_a_kill_and_a_background_relaunch(server, tmp_path,
     assert bg.Journal(str(tmp_path / "session")).check() == []
 
 
+KILLED_IN_HOOK = textwrap.dedent('''
+    import asyncio, json, os, sys
+    import bgsession
+
+    directory, host, ledger, mode = sys.argv[1:5]
+
+    def note(**line):
+        with open(ledger, "a") as f:
+            f.write(json.dumps({**line, "pid": os.getpid()}) + "\\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    class Hooks(bgsession.SessionDelegate):
+        async def download_task_did_finish_downloading(self, session, task, location):
+            note(event="finish", phase="started")
+            if mode == "block":
+                await asyncio.Event().wait()  # the test kills the process in here
+            await asyncio.sleep(0)
+            note(event="finish", phase="returned")
+
+        async def task_did_complete(self, session, task, error):
+            note(event="complete", error=str(error) if error else None)
+
+    async def main():
+        config = bgsession.Configuration.background("test.killedinhook", directory=directory, host=host,
+                                                    daemon_idle_timeout=0.5)
+        session = bgsession.Session(config, Hooks())
+        if len(sys.argv) > 5:
+            session.download_task(sys.argv[5]).resume()
+        await session.wait_async()
+        session.close()
+
+    asyncio.run(main())
+''')
+
+
+def test_kill_inside_an_async_hook_redelivers_the_event_once(server, tmp_path, host):
+    """SIGKILL while an async def finish hook awaits: the next launch runs it again; once it has returned (and
+    been acknowledged) no later launch runs it: exactly-once, as for plain hooks."""
+    server.add_blob("/f.bin", size=50_000)
+    script = tmp_path / "app.py"
+    script.write_text(KILLED_IN_HOOK)
+    directory, ledger = str(tmp_path / "session"), Ledger(str(tmp_path / "ledger.jsonl"))
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = [sys.executable, str(script), directory, host, ledger.path]
+    try:
+        first = subprocess.Popen([*argv, "block", server.url("/f.bin")], env=env)
+        try:
+            wait_until(lambda: any(r["event"] == "finish" for r in ledger.read()), what="the hook to start")
+        finally:
+            first.kill()
+            first.wait()
+        for _ in range(2):  # the second launch delivers again; the third finds nothing owed
+            assert subprocess.run([*argv, "return"], env=env, timeout=LONG).returncode == 0
+    finally:
+        stop_daemon(directory)
+    lines = [(r["event"], r.get("phase"), r["pid"]) for r in ledger.read()]
+    assert [(e, p) for e, p, _ in lines] == [("finish", "started"), ("finish", "started"), ("finish", "returned"),
+                                             ("complete", None)]
+    assert lines[0][2] == first.pid and len({pid for _, _, pid in lines[1:]}) == 1
+    assert bg.Journal(directory).check() == [] and bg.Journal(directory).tasks() == []
+
+
 # ---------------------------------------------------------------------------
 # the loop stays responsive
 # ---------------------------------------------------------------------------
