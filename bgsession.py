@@ -4450,8 +4450,14 @@ class Session:
         """On the delegate thread, after each event: finish an invalidation, resolve ``wait_async``."""
         if self._invalidating and not self._invalid and self._settled():
             self._become_invalid()
-        if self._async.has_waiters() and (self._invalid or self._settled()):
-            self._async.settle_waiters()
+        if self._async.has_waiters():
+            try:
+                settled = self._invalid or self._settled()
+            except BGSessionError as err:  # the daemon is out of reach: the next event asks again
+                log.info("wait_async: cannot tell whether the session settled: %s", err)
+                settled = False
+            if settled:
+                self._async.settle_waiters()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every task has completed and its events were delivered. False on timeout.
