@@ -18,7 +18,8 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
  1. Errors         -- one root, leaf classes, ``ErrorCode``.
  2. Model          -- task phases and their transition table; events and attempt
                       outcomes as classes; ``TaskInfo``, the value that crosses every boundary.
- 3. Policies       -- ``Retry`` (the whole "try again?" decision), the clock.
+ 3. Policies       -- ``Retry`` (the whole "try again?" decision), which queued task
+                      starts next, the session's bandwidth limit in force, the clock.
  4. Values         -- headers, ``Request``, ``Response``, credentials, ``Configuration``.
  5. HTTP decisions -- pure functions: the range plan, validators, auth headers and
                       ``next_step``, the response sequence both transfer kinds share.
@@ -26,8 +27,9 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
                       compaction, reserve, recovery, resume data. Knows nothing of HTTP or apps.
  7. Transfer       -- connections, authentication, download and upload attempts that
                       return outcomes and never take the engine's lock.
- 8. Engine         -- the scheduler (queues, timers, worker threads), the outbox (the
-                      attached app), and the engine that owns the tasks.
+ 8. Engine         -- the scheduler (the priority queue over all hosts, the caps, timers,
+                      transfer threads), the planner (priority, earliest begin date, bandwidth
+                      limits), the outbox (the attached app), and the engine that owns the tasks.
  9. Interface      -- the app<->engine protocol, declared once: a Protocol and one table
                       of operations that every host uses.
 10. Session        -- ``move_to``, ``multipart_body``; ``SessionDelegate``, ``Task``, ``Session``,
@@ -44,6 +46,7 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import datetime
 import email.utils
 import enum
 import errno
@@ -83,7 +86,7 @@ try:  # Windows byte-range locks
 except ImportError:
     msvcrt = None  # type: ignore[assignment]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
@@ -97,8 +100,10 @@ log = logging.getLogger("bgsession")
 
 #: Environment variable that marks a background relaunch (value: the session identifier).
 BACKGROUND_EVENTS_ENV = "BGSESSION_BACKGROUND_EVENTS"
-#: Journal and snapshot record format version written by this module (also the daemon protocol's).
-JOURNAL_VERSION = 1
+#: Journal and snapshot format this module reads (also the daemon protocol's version). Each record is written in the
+#: oldest format that holds it (the store section says which), so that an older bgsession reads a journal that uses
+#: nothing newer, and refuses one that does.
+JOURNAL_VERSION = 2
 
 
 # ============================================================================
@@ -207,7 +212,8 @@ class TaskState(enum.IntEnum):
 class Phase(str, enum.Enum):
     """Internal lifecycle of a task. Only :data:`_TRANSITIONS` moves between them."""
     SUSPENDED = "suspended"  # created, or suspended by the app
-    QUEUED = "queued"  # resumed, waiting for a connection slot
+    QUEUED = "queued"  # resumed, waiting for a transfer slot
+    SCHEDULED = "scheduled"  # resumed before its earliest begin date: waits for it
     TRANSFERRING = "transferring"
     WAITING_RETRY = "waiting_retry"
     CANCELING = "canceling"  # cancel asked while a transfer runs
@@ -220,8 +226,9 @@ P = Phase
 #: the journal's phase records (see the Store); "ack" of a task's last event ends it.
 _TRANSITIONS: dict[Phase, dict[str, Phase]] = {
     P.SUSPENDED: {"resume": P.QUEUED, "cancel": P.DELIVERING, "fail": P.DELIVERING},
-    P.QUEUED: {"start": P.TRANSFERRING, "suspend": P.SUSPENDED, "cancel": P.DELIVERING,
+    P.QUEUED: {"start": P.TRANSFERRING, "schedule": P.SCHEDULED, "suspend": P.SUSPENDED, "cancel": P.DELIVERING,
                "fail": P.DELIVERING},
+    P.SCHEDULED: {"due": P.QUEUED, "suspend": P.SUSPENDED, "cancel": P.DELIVERING, "fail": P.DELIVERING},
     P.TRANSFERRING: {"suspend": P.SUSPENDED, "cancel": P.CANCELING, "backoff": P.WAITING_RETRY,
                      "requeue": P.QUEUED, "finish": P.DELIVERING, "fail": P.DELIVERING},
     P.WAITING_RETRY: {"due": P.QUEUED, "suspend": P.SUSPENDED, "cancel": P.DELIVERING,
@@ -232,8 +239,9 @@ _TRANSITIONS: dict[Phase, dict[str, Phase]] = {
 }
 del P
 
-#: Phases in which a task counts as RUNNING for the public state.
-_ACTIVE_PHASES = frozenset({Phase.QUEUED, Phase.TRANSFERRING, Phase.WAITING_RETRY})
+#: Phases in which a task counts as RUNNING for the public state (a scheduled task is resumed: on iOS too a task
+#: whose earliestBeginDate is ahead is running).
+_ACTIVE_PHASES = frozenset({Phase.QUEUED, Phase.SCHEDULED, Phase.TRANSFERRING, Phase.WAITING_RETRY})
 #: The public state of each phase.
 _PUBLIC_STATE = {**dict.fromkeys(_ACTIVE_PHASES, TaskState.RUNNING), Phase.SUSPENDED: TaskState.SUSPENDED,
                  Phase.CANCELING: TaskState.CANCELING, Phase.DELIVERING: TaskState.COMPLETED,
@@ -254,6 +262,11 @@ def next_phase(task_id: int, phase: Phase, event: str) -> Phase:
         return _TRANSITIONS[phase][event]
     except KeyError:
         raise IllegalTransition(task_id, phase, event) from None
+
+
+#: A task's priority unless the app sets one: the middle of the iOS scale, 0.0 (lowest) to 1.0 (highest), where
+#: NSURLSessionTaskPriorityLow is 0.25, ...Default 0.5 and ...High 0.75.
+DEFAULT_PRIORITY = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +290,9 @@ class TaskInfo:
     rate: float = 0.0  # bytes per second while transferring (status display)
     events: tuple[str, ...] = ()
     body_path: str | None = None  # an upload's response body, until its completion is acknowledged
+    priority: float = DEFAULT_PRIORITY  # see Task.priority
+    begin: float | None = None  # the earliest begin date (POSIX time), see Task.earliest_begin_date
+    limit: int | None = None  # bytes per second, see Task.max_bytes_per_second
 
     @property
     def state(self) -> TaskState:
@@ -376,6 +392,9 @@ MAX_REDIRECTS = 16
 MAX_TIMEOUT_FOR_REQUEST = 24 * 3600.0
 MAX_TIMEOUT_FOR_RESOURCE = 366 * 24 * 3600.0
 MAX_CONNECTIONS_PER_HOST = 64
+#: Transfers (and transfer threads) of a session at once, over all hosts, unless configured; and the most allowed.
+DEFAULT_MAX_CONCURRENT_TRANSFERS = 16
+MAX_CONCURRENT_TRANSFERS = 256
 
 
 def _check_seconds(name: str, value: Any, *, allow_zero: bool = False,
@@ -505,6 +524,42 @@ class Retry:
         return wait if asked is None else max(wait, asked)
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class _Queued:
+    """A queued task as the scheduling decision sees it, ordered by ``rank``: the higher priority first, then the
+    first in (``seq`` counts arrivals in the queue; a relaunch queues tasks again in the order they were created)."""
+    rank: tuple[float, int]
+    task_id: int = dataclasses.field(compare=False)
+    origin: Any = dataclasses.field(compare=False)
+
+    @classmethod
+    def of(cls, task_id: int, origin: Any, priority: float, seq: int) -> _Queued:
+        return cls((-priority, seq), task_id, origin)
+
+
+def next_to_start(queued: Iterable[_Queued], active: Mapping[Any, int], *, running: int, max_concurrent: int,
+                  per_host: int) -> _Queued | None:
+    """Which queued task starts next (pure): none while ``running`` transfers fill ``max_concurrent``; else the
+    best-ranked one -- highest priority, then first in -- whose origin runs fewer than ``per_host`` transfers.
+
+    It only fills a free slot: a running transfer is never stopped for a higher-priority one (as on iOS; BITS
+    preempts, but a preempted HTTP download pays a new request and a Range resume, and an upload starts over)."""
+    if running >= max_concurrent:
+        return None
+    return min((q for q in queued if active.get(q.origin, 0) < per_host), default=None)
+
+
+def session_rate(configured: int | None, override: tuple[int | None, int | None] | None) -> int | None:
+    """The session's bandwidth limit in force (pure). *configured*: ``Configuration.max_bytes_per_second`` of the
+    app that opened the session last; *override*: a limit set while the session ran (``session.max_bytes_per_second
+    = ...``, ``bgsession limit RATE``) and the configured limit it replaced. The newer decision wins: the override
+    holds -- across relaunches and daemon restarts -- until an app configures a limit other than the one it
+    replaced."""
+    if override is not None and override[1] == configured:
+        return override[0]
+    return configured
+
+
 class _Clock:
     """Time source for the engine; tests substitute one that does not sleep."""
 
@@ -606,17 +661,65 @@ class Headers(Mapping[str, str]):
     __hash__ = None  # type: ignore[assignment]
 
 
+#: Bounds of a bandwidth limit in bytes per second (a larger one is a mistake).
+MIN_BYTES_PER_SECOND = 1
+MAX_BYTES_PER_SECOND = 1 << 40
+#: Latest earliest begin date accepted (a POSIX time beyond year 9999 is milliseconds, not seconds).
+_MAX_BEGIN_DATE = 253402300799.0
+
+
+def _check_priority(value: Any) -> float:
+    """A task priority: a number from 0.0 (lowest) to 1.0 (highest)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise _invalid(f"priority must be a number from 0.0 (lowest) to 1.0 (highest), as on iOS "
+                       f"(0.25 low, 0.5 default, 0.75 high), not {value!r}")
+    return float(value)
+
+
+def _check_rate(value: Any, what: str = "max_bytes_per_second") -> int | None:
+    """A bandwidth limit: None (no limit) or a whole number of bytes per second."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or \
+            not MIN_BYTES_PER_SECOND <= value <= MAX_BYTES_PER_SECOND:
+        raise _invalid(f"{what} must be None (no limit) or bytes per second from {MIN_BYTES_PER_SECOND} to "
+                       f"{MAX_BYTES_PER_SECOND}, not {value!r}")
+    return int(value)
+
+
+def _begin_timestamp(value: Any) -> float | None:
+    """An earliest begin date as POSIX time: from a ``datetime`` with a time zone, or a POSIX timestamp; None: none."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise _invalid(f"earliest_begin_date {value!r} has no time zone, so the moment it names is ambiguous; "
+                           "use an aware datetime (datetime.now(timezone.utc) + ..., or .astimezone())")
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _invalid(f"earliest_begin_date must be a datetime with a time zone, a POSIX timestamp or None, "
+                       f"not {value!r}")
+    if not 0 <= value <= _MAX_BEGIN_DATE:
+        raise _invalid(f"earliest_begin_date {value!r} is not a POSIX time in seconds (milliseconds?)")
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What to transfer: ``Request(url, method="GET", headers=None, sha256=None)``.
+    """What to transfer: ``Request(url, method="GET", headers=None, sha256=None, priority=None,
+    earliest_begin_date=None)``.
 
     ``sha256`` (hex) is verified before a download reaches the finish hook. ``Authorization`` given here is used in
-    this process only, never journaled; after a relaunch the server's 401 reaches ``task_did_receive_challenge``."""
+    this process only, never journaled; after a relaunch the server's 401 reaches ``task_did_receive_challenge``.
+    ``priority`` and ``earliest_begin_date`` are the new task's first ``Task.priority`` and
+    ``Task.earliest_begin_date`` (None: the default priority, no date)."""
 
     url: str
     method: str = "GET"
     headers: Any = None
     sha256: str | None = None
+    priority: float | None = None
+    earliest_begin_date: datetime.datetime | float | None = None
 
     def __post_init__(self) -> None:
         _check_url(self.url)
@@ -631,10 +734,22 @@ class Request:
             if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
                 raise _invalid(f"sha256 must be 64 hex digits, not {self.sha256!r}")
             object.__setattr__(self, "sha256", self.sha256.lower())
+        if self.priority is not None:
+            _check_priority(self.priority)
+        _begin_timestamp(self.earliest_begin_date)
 
     def _to_record(self) -> dict[str, Any]:
         public = [[k, v] for k, v in self.headers.pairs() if k.lower() not in _SECRET_HEADERS]
         return {"url": self.url, "method": self.method, "headers": public, "sha256": self.sha256}
+
+    def _task_options(self) -> dict[str, Any]:
+        """The scheduling options this request gives its task, as the task record's fields (defaults left out)."""
+        options: dict[str, Any] = {}
+        if self.priority is not None and self.priority != DEFAULT_PRIORITY:
+            options["priority"] = float(self.priority)
+        if self.earliest_begin_date is not None:
+            options["begin"] = _begin_timestamp(self.earliest_begin_date)
+        return options
 
     def _secret_headers(self) -> tuple[tuple[str, str], ...]:
         """The headers kept in memory only, never journaled."""
@@ -863,7 +978,13 @@ class Configuration:
 
     ``timeout_for_request`` is the longest wait for the next byte (connect, headers or body) before the attempt counts
     as failed and is retried; it does not bound a slow but moving transfer. ``timeout_for_resource`` bounds a task's
-    whole life, wall-clock, from its first ``resume()``, across relaunches; then it fails with ``TIMED_OUT``."""
+    whole life, wall-clock, from its first ``resume()`` (or its earliest begin date, if later), across relaunches;
+    then it fails with ``TIMED_OUT``.
+
+    ``max_concurrent_transfers`` bounds the transfers running at once over all hosts (and the session's transfer
+    threads and open connections); ``max_connections_per_host`` bounds them per origin. ``max_bytes_per_second``
+    limits the session's transfers together, downloads and uploads (None: no limit); ``session.max_bytes_per_second``
+    changes it while they run."""
 
     identifier: str | None
     directory: str | None
@@ -878,6 +999,8 @@ class Configuration:
     working_directory: str | None = None
     daemon_idle_timeout: float = 30.0
     relaunch_backoff: float = 1.0
+    max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS
+    max_bytes_per_second: int | None = None
 
     @classmethod
     def background(cls, identifier: str, *, directory: str | None = None, host: str | None = None,
@@ -885,7 +1008,8 @@ class Configuration:
                    timeout_for_request: float = 60.0, timeout_for_resource: float = 7 * 24 * 3600.0,
                    retry: Retry | None = None, headers: Mapping[str, str] | None = None,
                    ssl_context: ssl.SSLContext | None = None, daemon_idle_timeout: float = 30.0,
-                   relaunch_backoff: float = 1.0) -> Configuration:
+                   relaunch_backoff: float = 1.0, max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
+                   max_bytes_per_second: int | None = None) -> Configuration:
         """A durable session: its tasks and undelivered events survive the process.
 
         *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
@@ -909,7 +1033,8 @@ class Configuration:
             _check_relaunch_command(relaunch_command)
         common = cls.default(max_connections_per_host=max_connections_per_host, timeout_for_request=timeout_for_request,
                              timeout_for_resource=timeout_for_resource, retry=retry, headers=headers,
-                             ssl_context=ssl_context)
+                             ssl_context=ssl_context, max_concurrent_transfers=max_concurrent_transfers,
+                             max_bytes_per_second=max_bytes_per_second)
         return dataclasses.replace(
             common, identifier=identifier, directory=os.path.normpath(os.fspath(directory)), host=host,
             relaunch_command=tuple(relaunch_command) if relaunch_command is not None else None,
@@ -921,13 +1046,14 @@ class Configuration:
     @classmethod
     def default(cls, *, max_connections_per_host: int = 6, timeout_for_request: float = 60.0,
                 timeout_for_resource: float = 7 * 24 * 3600.0, retry: Retry | None = None,
-                headers: Mapping[str, str] | None = None, ssl_context: ssl.SSLContext | None = None
-                ) -> Configuration:
+                headers: Mapping[str, str] | None = None, ssl_context: ssl.SSLContext | None = None,
+                max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
+                max_bytes_per_second: int | None = None) -> Configuration:
         """An in-process, in-memory session: nothing durable (``NSURLSessionConfiguration.default``)."""
-        if isinstance(max_connections_per_host, bool) or not isinstance(max_connections_per_host, int) or \
-                not 1 <= max_connections_per_host <= MAX_CONNECTIONS_PER_HOST:
-            raise _invalid(f"max_connections_per_host must be an int from 1 to {MAX_CONNECTIONS_PER_HOST}, "
-                           f"not {max_connections_per_host!r}")
+        for name, value, most in (("max_connections_per_host", max_connections_per_host, MAX_CONNECTIONS_PER_HOST),
+                                  ("max_concurrent_transfers", max_concurrent_transfers, MAX_CONCURRENT_TRANSFERS)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise _invalid(f"{name} must be an int from 1 to {most}, not {value!r}")
         if retry is not None and not isinstance(retry, Retry):
             raise _invalid(f"retry must be a bgsession.Retry, not {type(retry).__name__}")
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
@@ -936,7 +1062,9 @@ class Configuration:
                    timeout_for_request=_check_seconds("timeout_for_request", timeout_for_request,
                                                       maximum=MAX_TIMEOUT_FOR_REQUEST),
                    timeout_for_resource=_check_seconds("timeout_for_resource", timeout_for_resource),
-                   retry=retry or Retry(), headers=Headers(_check_headers(headers)), ssl_context=ssl_context)
+                   retry=retry or Retry(), headers=Headers(_check_headers(headers)), ssl_context=ssl_context,
+                   max_concurrent_transfers=max_concurrent_transfers,
+                   max_bytes_per_second=_check_rate(max_bytes_per_second))
 
     @property
     def is_background(self) -> bool:
@@ -1211,12 +1339,19 @@ _TMP_DIR = "tmp"
 _RESERVE_NAME = "reserve"
 RESERVE_BYTES = 256 << 10
 #: Record types that move a task through the transition table (their "t" is the event).
-_PHASE_RECORDS = frozenset({"resume", "suspend", "start", "backoff", "due", "requeue", "cancel", "finish", "fail"})
+_PHASE_RECORDS = frozenset({"resume", "schedule", "suspend", "start", "backoff", "due", "requeue", "cancel", "finish",
+                            "fail"})
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 #: Every journal record type; the reducer (_SessionState.apply) handles exactly these.
 _RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "reserve", "task", "ack", "describe",
-                                            "response", "progress", "redirect"})
+                                            "response", "progress", "redirect", "priority", "begin", "limit"})
+#: What journal format 2 added to format 1: the scheduling options (these record types, these fields of a task).
+#: A record or snapshot is written as format 2 only if it uses one of them: a journal that uses none stays readable
+#: by a bgsession of format 1, and one that does is refused by it (with its clear error) instead of being misread --
+#: a scheduled task started at once, a limit ignored.
+_FORMAT_2_RECORDS = frozenset({"schedule", "priority", "begin", "limit"})
+_FORMAT_2_TASK_FIELDS = {"priority": DEFAULT_PRIORITY, "begin": None, "limit": None}  # and their defaults
 #: Task identifiers reserved (durably) at a time: a task lost to a kill before its record reached
 #: the disk leaves a gap, never a reused identifier.
 ID_RESERVE_BLOCK = 1024
@@ -1226,6 +1361,14 @@ DEFAULT_COMPACT_RECORDS = 20_000
 _RESUME_MAGIC = b"bgsession-resume-data/1\n"
 #: Days a partial file kept for resume data survives before it is removed.
 RESUME_FILE_TTL = 7 * 24 * 3600.0
+
+
+def _record_version(record_type: str, fields: Mapping[str, Any]) -> int:
+    """The oldest journal format that holds a record (the "v" it is written with)."""
+    if record_type in _FORMAT_2_RECORDS or (record_type == "task" and not _FORMAT_2_TASK_FIELDS.keys().isdisjoint(
+            fields)):
+        return 2
+    return 1
 
 
 def _boot_id() -> str | None:
@@ -1239,10 +1382,74 @@ def _boot_id() -> str | None:
 _BOOT_ID = _boot_id()
 
 
+class _FileSystem:
+    """Every file-system operation the durability order depends on, in one table, the way SQLite routes its I/O
+    through a VFS: production uses these ``os`` functions; the power-loss tests swap ``_vfs`` for a recorder that
+    replays every state a disk may hold after a crash. Reads and metadata do not go through it; bgsession never links
+    or writes at an offset other than the file's position."""
+
+    open = staticmethod(os.open)
+    write = staticmethod(os.write)
+    truncate = staticmethod(os.ftruncate)
+    sync = staticmethod(getattr(os, "fdatasync", os.fsync))  # a file's data (and the metadata to read it back)
+    sync_dir = staticmethod(os.fsync)  # a directory's entries
+    replace = staticmethod(os.replace)
+    unlink = staticmethod(os.unlink)
+    mkdir = staticmethod(os.mkdir)
+    close = staticmethod(os.close)
+
+
+_vfs = _FileSystem()
+
+
+def _open_private(path: str, flags: int) -> int:
+    """os.open with mode 0600 whatever the umask."""
+    fd = _vfs.open(path, flags | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+    if os.name == "posix":
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:
+                os.fchmod(fd, _FILE_MODE)
+        except OSError:
+            _vfs.close(fd)
+            raise
+    return fd
+
+
+def _fsync(fd: int) -> None:
+    if sys.platform == "darwin" and fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+    _vfs.sync(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    if os.name != "posix":
+        return
+    fd = _vfs.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        _vfs.sync_dir(fd)
+    finally:
+        _vfs.close(fd)
+
+
+def _makedirs(path: str, mode: int) -> None:
+    """os.makedirs, and each directory it creates is made durable in its parent (fsync of the parent)."""
+    parent = os.path.dirname(path)
+    if os.path.isdir(path) or not parent or parent == path:
+        return
+    _makedirs(parent, mode)
+    try:
+        _vfs.mkdir(path, mode)
+    except FileExistsError:
+        return
+    _fsync_dir(parent)
+
+
 def _ensure_private_dir(path: str) -> None:
     """Create *path* (and parents) with mode 0700; tighten it if it exists."""
     try:
-        os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
+        _makedirs(path, _DIR_MODE)
         if os.name == "posix":
             st = os.stat(path)
             if st.st_uid != os.getuid():
@@ -1254,40 +1461,6 @@ def _ensure_private_dir(path: str) -> None:
         raise
     except OSError as err:
         raise JournalError(f"cannot create the session directory {path}: {err.strerror or err}", path) from err
-
-
-def _open_private(path: str, flags: int) -> int:
-    """os.open with mode 0600 whatever the umask."""
-    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
-    if os.name == "posix":
-        try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) != _FILE_MODE:
-                os.fchmod(fd, _FILE_MODE)
-        except OSError:
-            os.close(fd)
-            raise
-    return fd
-
-
-def _fsync(fd: int) -> None:
-    if sys.platform == "darwin" and fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-            return
-    if hasattr(os, "fdatasync"):
-        os.fdatasync(fd)
-    else:
-        os.fsync(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _GroupSync:
@@ -1320,7 +1493,7 @@ class _GroupSync:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[_vfs.write(fd, view):]
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -1332,11 +1505,11 @@ def _atomic_write(path: str, data: bytes) -> None:
             _write_all(fd, data)
             _fsync(fd)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            _vfs.close(fd)
+        _vfs.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # the original exception matters, not this one
-            os.unlink(tmp)
+            _vfs.unlink(tmp)
         raise
     _fsync_dir(os.path.dirname(path))
 
@@ -1355,7 +1528,7 @@ def _size(path: str) -> int | None:
 
 def _unlink_quietly(path: str) -> None:
     try:
-        os.unlink(path)
+        _vfs.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as err:
@@ -1408,9 +1581,9 @@ class _TaskRecord:
     """One task as the journal knows it. Mutated only by :class:`_SessionState`."""
 
     __slots__ = (
-        "acked", "boot", "cancel_requested", "created", "current_url", "delivery_seq", "description",
-        "durable_offset", "error", "file", "id", "kind", "live", "phase", "problem", "request", "response",
-        "resume_file", "started", "total", "upload", "validator", "want_resume_data",
+        "acked", "begin", "boot", "cancel_requested", "created", "current_url", "delivery_seq", "description",
+        "durable_offset", "error", "file", "id", "kind", "limit", "live", "phase", "priority", "problem", "request",
+        "response", "resume_file", "started", "total", "upload", "validator", "want_resume_data",
     )
 
     def __init__(self, rec: Mapping[str, Any]) -> None:
@@ -1436,12 +1609,25 @@ class _TaskRecord:
         self.acked: list[str] = list(rec.get("acked", []))
         self.current_url: str = rec.get("current_url") or self.request["url"]
         self.problem: str | None = rec.get("problem")  # e.g. unusable resume data: fails at resume()
+        self.priority: float = float(rec.get("priority", DEFAULT_PRIORITY))  # the scheduling options (format 2)
+        self.begin: float | None = rec.get("begin")
+        self.limit: int | None = rec.get("limit")
         self.live: Any = None  # engine-side state, never persisted
 
     def snapshot(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.__slots__ if name != "live"}
         out["phase"] = self.phase.value
+        for name, default in _FORMAT_2_TASK_FIELDS.items():
+            if out[name] == default:
+                del out[name]  # (a task without options keeps the snapshot format 1)
         return out
+
+    def resource_expired(self, now: float, timeout: float) -> bool:
+        """Has *timeout* (timeout_for_resource) passed? It counts from the first resume(), or from the earliest begin
+        date if that is later."""
+        if self.started is None:
+            return False
+        return now - (self.started if self.begin is None else max(self.started, self.begin)) > timeout
 
     def events(self) -> list[str]:
         """The durable events this task owes the app, in order, not yet acknowledged."""
@@ -1470,11 +1656,17 @@ class _SessionState:
         self.reserved = 0  # see the "reserve" record
         self.replayed = 0  # journal records recovery replayed on top of the snapshot
         self.problems: list[str] = []
+        self.session_limit: tuple[int | None, int | None] | None = None  # see the session's "limit" record
 
     def to_snapshot(self) -> dict[str, Any]:
-        return {"v": JOURNAL_VERSION, "t": "snapshot", "generation": self.generation,
-                "next_id": max(self.next_id, self.reserved), "delivery_counter": self.delivery_counter,
-                "tasks": [t.snapshot() for t in self.tasks.values() if t.phase is not Phase.ACKNOWLEDGED]}
+        tasks = [t.snapshot() for t in self.tasks.values() if t.phase is not Phase.ACKNOWLEDGED]
+        newer = self.session_limit is not None or any(
+            t["phase"] == Phase.SCHEDULED.value or not _FORMAT_2_TASK_FIELDS.keys().isdisjoint(t) for t in tasks)
+        snap: dict[str, Any] = {"v": 2 if newer else 1, "t": "snapshot", "generation": self.generation,
+                "next_id": max(self.next_id, self.reserved), "delivery_counter": self.delivery_counter, "tasks": tasks}
+        if self.session_limit is not None:
+            snap["session_limit"] = list(self.session_limit)
+        return snap
 
     @classmethod
     def from_snapshot(cls, snap: Mapping[str, Any]) -> _SessionState:
@@ -1482,6 +1674,9 @@ class _SessionState:
         state.generation, state.next_id = int(snap["generation"]), int(snap["next_id"])
         state.delivery_counter = int(snap.get("delivery_counter", 0))
         state.tasks = {task.id: task for task in map(_TaskRecord, snap.get("tasks", []))}
+        if snap.get("session_limit") is not None:
+            rate, configured = snap["session_limit"]
+            state.session_limit = (rate, configured)
         return state
 
     def apply(self, rec: Mapping[str, Any]) -> _TaskRecord | None:
@@ -1496,6 +1691,9 @@ class _SessionState:
         if kind == "reserve":
             # identifiers below "upto" may have been handed out: recovery never hands them out again
             self.reserved = max(self.reserved, int(rec["upto"]))
+            return None
+        if kind == "limit" and "id" not in rec:  # the session's: the rate and the configured limit it replaced
+            self.session_limit = (_check_rate(rec.get("rate")), _check_rate(rec.get("configured")))
             return None
         if kind == "task":
             tid = int(rec["id"])
@@ -1533,6 +1731,12 @@ class _SessionState:
         elif kind == "progress":
             task.durable_offset = int(rec["offset"])
             task.boot = rec.get("boot")
+        elif kind == "priority":
+            task.priority = _check_priority(rec["priority"])
+        elif kind == "begin":
+            task.begin = _begin_timestamp(rec.get("at"))
+        elif kind == "limit":
+            task.limit = _check_rate(rec.get("rate"))
         else:  # "redirect"
             task.current_url = rec["url"]
         return task
@@ -1607,7 +1811,7 @@ class _JournalWriter:
     def __init__(self, path: str, valid_length: int) -> None:
         self.path = path
         self._fd = _open_private(path, os.O_WRONLY | os.O_CREAT)
-        os.ftruncate(self._fd, valid_length)  # drop a torn last line before appending
+        _vfs.truncate(self._fd, valid_length)  # drop a torn last line before appending
         os.lseek(self._fd, valid_length, os.SEEK_SET)
         self._length = valid_length
         self._cond = threading.Condition(threading.Lock())
@@ -1669,7 +1873,7 @@ class _JournalWriter:
         except OSError as err:
             failure = err
             with contextlib.suppress(OSError):  # the write error is what matters
-                os.ftruncate(self._fd, self._length)
+                _vfs.truncate(self._fd, self._length)
                 os.lseek(self._fd, self._length, os.SEEK_SET)
         finally:
             self._cond.acquire()
@@ -1723,7 +1927,7 @@ class _JournalWriter:
         """Switch to a new file at the same path (after compaction); nothing may be pending."""
         with self._cond:
             assert not self._pending and self._durable == self._appended
-            os.close(self._fd)
+            _vfs.close(self._fd)
             self._fd = _open_private(self.path, os.O_WRONLY)
             os.lseek(self._fd, valid_length, os.SEEK_SET)
             self._length = valid_length
@@ -1735,7 +1939,7 @@ class _JournalWriter:
             self._cond.notify_all()
         self._thread.join(30.0)
         with contextlib.suppress(OSError):
-            os.close(self._fd)
+            _vfs.close(self._fd)
 
 
 class _MemoryWriter:
@@ -1947,7 +2151,7 @@ class _Store:
             log.warning("session %s: damaged journal kept as %s", self.identifier, aside)
         self.writer = _JournalWriter(journal, valid)
         if valid == 0:
-            self.writer.append({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
+            self.writer.append({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
         with self.lock:
             self._recover()
         self.writer.flush()
@@ -1959,7 +2163,7 @@ class _Store:
     def record(self, task: _TaskRecord | None, record_type: str, /, **fields: Any) -> int:
         """Apply a record (validated first: nothing changes if it does not fit) and queue it
         for the journal; returns the ticket to wait for. Under ``lock``."""
-        rec: dict[str, Any] = {"v": JOURNAL_VERSION, "t": record_type}
+        rec: dict[str, Any] = {"v": _record_version(record_type, fields), "t": record_type}
         if task is not None:
             rec["id"] = task.id
         rec.update(fields)
@@ -2007,6 +2211,13 @@ class _Store:
         err = TransferError(ErrorCode.CANCELLED, "cancelled", url=task.request["url"])
         return self.record(task, "finish", error=err._to_record(), resume_file=resume_file)
 
+    def describe(self, task: _TaskRecord, description: str | None) -> int:
+        """Record the app's new description (an acknowledged task's, about to be forgotten, in memory only)."""
+        if task.phase is Phase.ACKNOWLEDGED:
+            task.description = description
+            return 0
+        return self.record(task, "describe", description=description)
+
     def consume_missing_finish(self, task: _TaskRecord) -> None:
         """An owed finish event whose file is gone was handled: the finish hook moved the file and
         the app died before its acknowledgement was durable. Acknowledge it instead of posting it
@@ -2035,10 +2246,13 @@ class _Store:
             return None
         name = f"resume-{task.id}-{os.urandom(6).hex()}.part"
         try:
-            with open(part, "r+b") as f:
-                f.truncate(size)
-                _fsync(f.fileno())
-            os.replace(part, self.path(name))
+            fd = _open_private(part, os.O_RDWR)
+            try:
+                _vfs.truncate(fd, size)
+                _fsync(fd)
+            finally:
+                _vfs.close(fd)
+            _vfs.replace(part, self.path(name))
             self.tmp_sync.sync()
         except OSError as err:
             log.warning("task %s: cannot keep partial data for resume (%s)", task.id, err)
@@ -2061,7 +2275,8 @@ class _Store:
     def adopt_partial(self, task: _TaskRecord, path: str) -> bool:
         """Take the partial file that resume data refers to as *task*'s own."""
         try:
-            os.replace(path, self.path(task.partial_name))
+            _vfs.replace(path, self.path(task.partial_name))
+            self.tmp_sync.sync()
         except OSError as err:
             log.warning("task %s: resume file unusable (%s); it will start from zero", task.id, err)
             return False
@@ -2079,7 +2294,7 @@ class _Store:
                 self.record(task, "due")
             if task.phase is Phase.CANCELING:
                 self.finish_cancel(task)
-            elif task.phase in (Phase.QUEUED, Phase.SUSPENDED) and task.kind == "download":
+            elif task.phase in (Phase.QUEUED, Phase.SCHEDULED, Phase.SUSPENDED) and task.kind == "download":
                 self.offsets[task.id] = self._recover_partial(task)
             elif task.phase is Phase.DELIVERING:
                 self.consume_missing_finish(task)
@@ -2091,12 +2306,15 @@ class _Store:
         if os.path.exists(done):
             # killed after the finished file was renamed, before its record: the file is whole
             # and verified; take it back as the partial file (the resume gets a 416 and completes)
-            os.replace(done, part)
+            _vfs.replace(done, part)
         size = _size(part)
         keep = 0 if task.validator is None else recovered_offset(size, task.durable_offset, task.boot, _BOOT_ID)
         if size is not None and size != keep:
-            with open(part, "r+b") as f:
-                f.truncate(keep)
+            fd = _open_private(part, os.O_RDWR)
+            try:
+                _vfs.truncate(fd, keep)
+            finally:
+                _vfs.close(fd)
         return keep
 
     def _clean_tmp(self) -> None:
@@ -2108,12 +2326,12 @@ class _Store:
             if name.startswith("resume-"):
                 with contextlib.suppress(OSError):
                     if name not in keep_names and now - os.path.getmtime(path) > RESUME_FILE_TTL:
-                        os.unlink(path)
+                        _vfs.unlink(path)
                 continue
             stem = name.split(".", 1)[0]
             if stem.isdigit() and int(stem) not in live:
                 with contextlib.suppress(OSError):
-                    os.unlink(path)  # left behind by a kill after its acknowledgement
+                    _vfs.unlink(path)  # left behind by a kill after its acknowledgement
 
     # -- compaction and the disk reserve ------------------------------------------------------
     def compact(self) -> None:
@@ -2126,7 +2344,7 @@ class _Store:
             for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
                 del self.state.tasks[tid]
             _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
-            header = _dumps({"v": JOURNAL_VERSION, "t": "header", "generation": self.state.generation})
+            header = _dumps({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
             _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
             self.writer.reopen(len(header))
 
@@ -2155,7 +2373,7 @@ class _Store:
                     else:  # pragma: no cover - Windows
                         _write_all(fd, bytes(RESERVE_BYTES))
                 finally:
-                    os.close(fd)
+                    _vfs.close(fd)
         except OSError as err:
             _unlink_quietly(path)
             log.warning("cannot keep %d bytes in reserve in %s: %s", RESERVE_BYTES, self.directory, err)
@@ -2196,6 +2414,14 @@ _DISCARD_LIMIT = 64 << 10
 _MAX_AUTH_FAILURES = 10
 #: Seconds an idle keep-alive connection is kept for reuse.
 IDLE_CONNECTION_SECONDS = 30.0
+#: A bandwidth limit's bucket holds at most this many seconds' worth of bytes: after an idle moment a transfer runs
+#: that much ahead of its limit, never more (so a 10-second window carries at most 2.5 % more than the limit).
+LIMIT_BURST_SECONDS = 0.25
+#: A limited transfer moves this many seconds' worth of its limit at a time (at most its buffer): smooth, not bursty.
+LIMIT_CHUNK_SECONDS = 0.05
+#: Longest sleep while a limit holds a transfer back: a cancel, suspend or close ends it at once, and a changed
+#: limit applies after at most this.
+LIMIT_SLICE_SECONDS = 0.1
 
 _Origin = tuple[str, str, int]
 _Held = dict[_Origin, http.client.HTTPConnection]  # an attempt's connections, by origin
@@ -2214,6 +2440,59 @@ def _fail(code: ErrorCode, message: str, url: str | None, keep_partial: bool = T
     return _AttemptEnded(_Failed(TransferError(code, message, url=url), keep_partial))
 
 
+class _RateLimit:
+    """A bandwidth limit as a token bucket: ``rate`` bytes per second on average (None: no limit), at most
+    LIMIT_BURST_SECONDS' worth ahead after an idle moment. A transfer reserves bytes before it moves them -- the
+    bucket may go into debt, and the transfer then waits (``delay``) until the debt is paid -- and gives back what it
+    did not move. Its own lock: a changed rate applies to the next ``delay`` of every transfer that shares it.
+    *clock*: seconds, monotonic (tests give their own)."""
+
+    def __init__(self, rate: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.rate = rate
+        self._tokens = 0.0  # bytes that may move now; negative: reserved ahead of the rate
+        self._at = clock()
+
+    def set_rate(self, rate: int | None) -> None:
+        with self._lock:
+            self._refill()
+            self.rate = rate
+            self._tokens = 0.0 if rate is None else min(self._tokens, rate * LIMIT_BURST_SECONDS)
+
+    def chunk(self, most: int) -> int:
+        """How many bytes a transfer moves at a time under this limit (at most *most*)."""
+        rate = self.rate
+        return most if rate is None else max(1, min(most, int(rate * LIMIT_CHUNK_SECONDS)))
+
+    def reserve(self, n: int) -> None:
+        with self._lock:
+            if self.rate is not None:
+                self._refill()
+                self._tokens -= n
+
+    def give_back(self, n: int) -> None:
+        """Return reserved bytes that did not move (a short read, a stopped transfer)."""
+        with self._lock:
+            if self.rate is not None and n > 0:
+                self._refill()
+                self._tokens = min(self._tokens + n, self.rate * LIMIT_BURST_SECONDS)
+
+    def delay(self) -> float:
+        """Seconds until what was reserved may move (0: now), at the rate in force."""
+        with self._lock:
+            if self.rate is None:
+                return 0.0
+            self._refill()
+            return max(0.0, -self._tokens / self.rate)
+
+    def _refill(self) -> None:
+        now = self._clock()
+        if self.rate is not None:
+            self._tokens = min(self._tokens + (now - self._at) * self.rate, self.rate * LIMIT_BURST_SECONDS)
+        self._at = now
+
+
 class _Control:
     """Lets another thread stop a running attempt (suspend, cancel, close)."""
 
@@ -2221,12 +2500,14 @@ class _Control:
         self.reason: str | None = None
         self.conn: http.client.HTTPConnection | None = None
         self.lock = threading.Lock()
+        self.stopped = threading.Event()  # set with the reason: ends a wait for a bandwidth limit at once
 
     def stop(self, reason: str) -> None:
         with self.lock:
             if self.reason is None:
                 self.reason = reason
             conn = self.conn
+        self.stopped.set()
         if conn is not None and conn.sock is not None:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read at once
@@ -2242,12 +2523,13 @@ class _Live:
 
     __slots__ = (
         "auth_header", "auth_origin", "control", "done", "due", "events_ready", "expected", "expected_send",
-        "failures", "offset", "progress_at", "progress_pending", "rate", "rate_at", "rate_bytes", "rerequest",
-        "retry", "secret_headers", "sent", "worker",
+        "failures", "limit", "offset", "progress_at", "progress_pending", "rate", "rate_at", "rate_bytes",
+        "rerequest", "retry", "secret_headers", "sent", "worker",
     )
 
-    def __init__(self, retry: Retry, offset: int = 0, expected: int = -1) -> None:
+    def __init__(self, retry: Retry, offset: int = 0, expected: int = -1, limit: int | None = None) -> None:
         self.offset, self.expected, self.retry = offset, expected, retry
+        self.limit = _RateLimit(limit)  # the task's own bandwidth limit
         self.sent, self.expected_send = 0, -1
         self.secret_headers: tuple[tuple[str, str], ...] = ()
         self.auth_header: str | Callable[[str, str], str] | None = None
@@ -2257,7 +2539,7 @@ class _Live:
         self.progress_at, self.progress_pending = 0.0, 0
         self.rate, self.rate_at, self.rate_bytes = 0.0, 0.0, 0  # bytes per second, smoothed (status)
         # engine
-        self.due = 0.0  # the retry timer in force
+        self.due = 0.0  # the timer in force (a retry, or the earliest begin date)
         self.control: _Control | None = None
         self.worker = False  # an attempt runs (or is settling)
         self.events_ready = True  # False while the outcome's record is not yet durable
@@ -2266,12 +2548,16 @@ class _Live:
 
 class _ConnectionPool:
     """Keep-alive connections by origin, shared by the workers: an attempt holds the ones it uses
-    (*held*) and gives them back when it ends. Its own lock, never the engine's."""
+    (*held*) and gives them back when it ends. Its own lock, never the engine's. The connections
+    open at once, held and idle, stay within ``max_concurrent_transfers``: an idle one is closed
+    (the oldest first) before a new one is opened beyond it."""
 
     def __init__(self, config: Configuration) -> None:
         self.config = config
         self._lock = threading.Lock()
         self._idle: dict[_Origin, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle_count = 0
+        self._held = 0  # connections in attempts' *held* (closed ones too, until released)
         self._ssl: ssl.SSLContext | None = None  # created once: loading the CA store is slow
 
     def configure(self, config: Configuration) -> None:
@@ -2285,26 +2571,30 @@ class _ConnectionPool:
         if conn is not None and not fresh:
             return conn, conn.sock is not None
         if conn is not None:
-            conn.close()
+            conn.close()  # replaced below: still one of the attempt's
+        else:
+            with self._lock:
+                self._held += 1
         idle = None if fresh else self._take(key)
         held[key] = idle or self._new(key)
         return held[key], idle is not None
 
-    def release(self, held: _Held, own: _Origin | None, ok: bool) -> None:
-        """After an attempt: keep the worker's *own* origin's connection, return the others
-        (redirect targets) to the idle lists; close everything if the attempt failed."""
+    def release(self, held: _Held, ok: bool) -> None:
+        """After an attempt: its connections go back to the idle lists (keep-alive), within the
+        per-origin and overall bounds; everything is closed if the attempt failed."""
         for key, conn in list(held.items()):
-            if not ok or conn.sock is None:
-                conn.close()
-                del held[key]
-            elif key != own:
-                del held[key]
+            del held[key]
+            with self._lock:
+                idle = self._idle.setdefault(key, [])
+                keep = ok and conn.sock is not None and len(idle) < self.config.max_connections_per_host
+                if keep:
+                    idle.append((time.monotonic(), conn))
+                    self._idle_count += 1
+                    self._held -= 1
+            if not keep:
+                conn.close()  # closed before it stops counting: a new one never overlaps it
                 with self._lock:
-                    idle = self._idle.setdefault(key, [])
-                    if len(idle) < self.config.max_connections_per_host:
-                        idle.append((time.monotonic(), conn))
-                        continue
-                conn.close()
+                    self._held -= 1
 
     def _take(self, key: _Origin) -> http.client.HTTPConnection | None:
         now = time.monotonic()
@@ -2312,12 +2602,18 @@ class _ConnectionPool:
             idle = self._idle.get(key, [])
             while idle:
                 at, conn = idle.pop()
+                self._idle_count -= 1
                 if now - at < IDLE_CONNECTION_SECONDS:
                     return conn
                 conn.close()
         return None
 
     def _new(self, key: _Origin) -> http.client.HTTPConnection:
+        with self._lock:  # room for one more: close idle connections, the oldest first
+            while self._idle_count and self._idle_count + self._held > self.config.max_concurrent_transfers:
+                oldest = min((idle for idle in self._idle.values() if idle), key=lambda idle: idle[0][0])
+                oldest.pop(0)[1].close()
+                self._idle_count -= 1
         scheme, host, port = key
         timeout = self.config.timeout_for_request
         if scheme == "https":
@@ -2328,7 +2624,7 @@ class _ConnectionPool:
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, {}
+            idle, self._idle, self._idle_count = self._idle, {}, 0
         for conns in idle.values():
             for _, conn in conns:
                 conn.close()
@@ -2514,6 +2810,7 @@ class _Transfer:
                  connections: _ConnectionPool) -> None:
         self.store, self.host = store, host
         self.http = _HTTP(config, host, connections)
+        self.session_limit = _RateLimit()  # the session's bandwidth limit, shared by every attempt
 
     def attempt(self, task: _TaskRecord, control: _Control, held: _Held, buf: bytearray) -> _Outcome:
         live = task.live
@@ -2539,7 +2836,7 @@ class _Transfer:
             return _Interrupted(*Retry.classify(err))
         finally:
             if fd >= 0:
-                os.close(fd)
+                _vfs.close(fd)
 
     # -- downloads ---------------------------------------------------------------------------
     def _open_partial(self, task: _TaskRecord) -> int:
@@ -2547,7 +2844,7 @@ class _Transfer:
         try:
             done = self.store.path(task.done_name)
             if os.path.exists(done) and not os.path.exists(part):  # .done is rare: one stat mostly
-                os.replace(done, part)  # finished just as it was suspended: the file is whole
+                _vfs.replace(done, part)  # finished just as it was suspended: the file is whole
             return _open_private(part, os.O_RDWR | os.O_CREAT)
         except OSError as err:
             raise _fail(ErrorCode.CANNOT_CREATE_FILE, f"cannot create {part}: {err}", task.current_url) from err
@@ -2577,7 +2874,7 @@ class _Transfer:
         live = task.live
         had_data = size > plan.start or live.offset > plan.start
         if had_data:
-            os.ftruncate(fd, plan.start)
+            _vfs.truncate(fd, plan.start)
         validator = resume_validator(response.headers) if plan.resumable else None
         ticket = self.host.record(task, "response", response=response._to_record(), start=plan.start,
                                   total=plan.total, validator=validator, boot=_BOOT_ID)
@@ -2606,8 +2903,10 @@ class _Transfer:
         last_sync, unsynced = time.monotonic(), 0
         read = self._reader(resp, buf)
         while True:
+            allowed = self._pace(task, control, len(buf))
             try:
-                data = read()
+                data = read(allowed)
+                self._give_back(task, allowed - len(data))
                 if not data:
                     resp.read()  # marks the response done, so the keep-alive connection can be reused
                     break
@@ -2627,20 +2926,45 @@ class _Transfer:
                     raise _fail(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded", task.current_url)
         self._progress(task, 0, final=True)
 
+    def _pace(self, task: _TaskRecord, control: _Control, most: int) -> int:
+        """How many bytes (at most *most*) the attempt may move next, once the task's and the session's bandwidth
+        limits allow them. It waits in slices that a cancel, suspend or close ends at once, and reads the limits
+        again after each: a changed or removed limit applies within LIMIT_SLICE_SECONDS."""
+        limits = (task.live.limit, self.session_limit)
+        if limits[0].rate is None and limits[1].rate is None:
+            return most
+        n = min(limit.chunk(most) for limit in limits)
+        for limit in limits:
+            limit.reserve(n)
+        try:
+            while (wait := max(limit.delay() for limit in limits)) > 0:
+                control.stopped.wait(min(wait, LIMIT_SLICE_SECONDS))
+                control.check()
+        except _AttemptEnded:
+            self._give_back(task, n)
+            raise
+        return n
+
+    def _give_back(self, task: _TaskRecord, n: int) -> None:
+        """Bytes allowed by _pace that did not move."""
+        if n > 0:
+            task.live.limit.give_back(n)
+            self.session_limit.give_back(n)
+
     @staticmethod
-    def _reader(resp: http.client.HTTPResponse, buf: bytearray) -> Callable[[], memoryview]:
-        """What has arrived, at most one socket read per call, so that a slow link still reaches the disk and the
-        progress hook promptly and a cut loses nothing already received. A body with a length (or close-delimited) is
-        read into the reused buffer: no allocation per read, memory flat in the file size. http.client has no public
-        readinto1: its buffered reader (.fp) and bytes-still-due (.length) are what its own read1() uses. Chunked
-        bodies, or an http.client without them, use read1()."""
+    def _reader(resp: http.client.HTTPResponse, buf: bytearray) -> Callable[[int], memoryview]:
+        """What has arrived (at most the given number of bytes), at most one socket read per call, so that a slow link
+        still reaches the disk and the progress hook promptly and a cut loses nothing already received. A body with a
+        length (or close-delimited) is read into the reused buffer: no allocation per read, memory flat in the file
+        size. http.client has no public readinto1: its buffered reader (.fp) and bytes-still-due (.length) are what its
+        own read1() uses. Chunked bodies, or an http.client without them, use read1()."""
         size, view = len(buf), memoryview(buf)
         fp: Any = getattr(resp, "fp", None)
         if resp.chunked or fp is None or not hasattr(fp, "readinto1"):
-            return lambda: memoryview(resp.read1(size))
+            return lambda most: memoryview(resp.read1(min(size, most)))
 
-        def direct() -> memoryview:
-            want = size if resp.length is None else min(size, resp.length)
+        def direct(most: int) -> memoryview:
+            want = min(size, most) if resp.length is None else min(size, most, resp.length)
             n = fp.readinto1(view[:want]) if want else 0
             if resp.length is not None:
                 resp.length -= n
@@ -2649,8 +2973,7 @@ class _Transfer:
 
     def _write(self, task: _TaskRecord, fd: int, data: memoryview) -> None:
         try:
-            while data:
-                data = data[os.write(fd, data):]
+            _write_all(fd, data)
         except OSError as err:
             if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
                 self.store.release_reserve()  # room for the journal to record this failure
@@ -2682,7 +3005,7 @@ class _Transfer:
                     raise _fail(ErrorCode.INTEGRITY_MISMATCH, f"SHA-256 {digest.hexdigest()} does not match the "
                                 f"expected {expected}", task.current_url, keep_partial=False)
             _fsync(fd)
-            os.replace(self.store.path(task.partial_name), self.store.path(task.done_name))
+            _vfs.replace(self.store.path(task.partial_name), self.store.path(task.done_name))
             self.store.tmp_sync.sync()
         except OSError as err:
             raise _fail(ErrorCode.CANNOT_WRITE_TO_FILE, f"cannot finish the file: {err}", task.current_url) from err
@@ -2726,10 +3049,10 @@ class _Transfer:
         fd = _open_private(self.store.path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             for block in iter(lambda: resp.read(64 << 10), b""):
-                os.write(fd, block)
+                _write_all(fd, block)
             _fsync(fd)
         finally:
-            os.close(fd)
+            _vfs.close(fd)
         self.store.tmp_sync.sync()
         return _Finished(name, Response(ex.url, resp.status, Headers(resp.getheaders()))._to_record())
 
@@ -2741,7 +3064,7 @@ class _Transfer:
         live.sent = 0
         with open(path, "rb") as f:
             while live.sent < size - 1:
-                block = f.read(min(256 << 10, size - 1 - live.sent))
+                block = f.read(self._pace(task, control, min(256 << 10, size - 1 - live.sent)))
                 if not block:
                     break
                 conn.send(block)
@@ -2767,7 +3090,7 @@ class _Transfer:
 
 
 # ============================================================================
-# 8. Engine: scheduler, outbox, and the engine that owns the tasks
+# 8. Engine: scheduler, planner, outbox, and the engine that owns the tasks
 # ============================================================================
 #
 # The engine runs in the app (in-process host) or in the daemon. One lock (``_Engine.lock``)
@@ -2778,27 +3101,31 @@ class _Transfer:
 WORKER_LINGER = 2.0
 
 
-@dataclasses.dataclass(eq=False)
-class _HostQueue:
-    """The queued tasks of one origin and the worker threads serving it (at most ``limit``)."""
-    key: _Origin
-    limit: int
-    cond: threading.Condition  # on the engine's lock: idle workers wait here for work
-    queue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
-    workers: int = 0  # threads alive for this origin
-    active: int = 0  # of which are running an attempt
+#: Longest wait for an earliest begin date before the wall clock is read again: the timers run on the monotonic
+#: clock, which a machine that sleeps, or a clock that is set, does not move as it moves the wall clock.
+BEGIN_DATE_RECHECK = 60.0
 
 
 class _Scheduler:
-    """When each task runs: a queue per origin with its connection limit, the retry timers, and
-    the threads (workers and the timer thread), which it owns and joins on :meth:`close`.
-    Called with the engine's lock held, except :meth:`close`."""
+    """When each task runs: the queued tasks of every origin in priority order (ties: first in, first out), the
+    session's cap (``max_concurrent_transfers``) and each origin's (``max_connections_per_host``), the timers
+    (retries, earliest begin dates), and the threads -- the transfer threads, never more than the cap, and the timer
+    thread -- which it owns and joins on :meth:`close`. Which task starts next is :func:`next_to_start`'s decision, on
+    the best task of each origin; a running transfer is never preempted. Called with the engine's lock held, except
+    :meth:`close`."""
 
-    def __init__(self, lock: threading.RLock, clock: _Clock, limit: int,
-                 work: Callable[[_HostQueue], None], due: Callable[[int, float], None]) -> None:
-        self.lock, self.clock, self.limit = lock, clock, limit
+    def __init__(self, lock: threading.RLock, clock: _Clock, config: Configuration,
+                 work: Callable[[], None], due: Callable[[int, float], None]) -> None:
+        self.lock, self.clock = lock, clock
+        self.per_host, self.cap = config.max_connections_per_host, config.max_concurrent_transfers
         self.closed = False
-        self.queues: dict[_Origin, _HostQueue] = {}
+        self.cond = threading.Condition(lock)  # idle transfer threads wait here for work
+        self._queues: dict[_Origin, list[_Queued]] = {}  # a heap per origin
+        self._queued: dict[int, _Queued] = {}  # each queued task's entry in force (the heaps keep stale ones)
+        self._seq = itertools.count()
+        self._active: dict[_Origin, int] = {}  # transfers running, by origin
+        self._running: dict[int, _Origin] = {}
+        self._threads = 0  # transfer threads that will still take work
         self._work, self._due = work, due
         self._timers: list[tuple[float, int, int]] = []
         self._timer_seq = itertools.count()
@@ -2807,37 +3134,48 @@ class _Scheduler:
         self._timer_thread = threading.Thread(target=self._timer_loop, name="bgsession-scheduler", daemon=True)
         self._timer_thread.start()
 
-    def enqueue(self, task_id: int, origin: _Origin) -> None:
-        """Queue a task on its origin; start a worker if the origin's limit allows one more."""
-        q = self.queues.get(origin)
-        if q is None:
-            q = self.queues[origin] = _HostQueue(origin, self.limit, threading.Condition(self.lock))
-        q.queue.append(task_id)
-        q.cond.notify()  # wakes a lingering worker
-        if q.workers < q.limit and q.workers - q.active < len(q.queue):
-            q.workers += 1
-            thread = threading.Thread(target=self._run_worker, args=(q,), daemon=True,
-                                      name=f"bgsession-worker-{q.key[1]}")
-            self._workers.add(thread)
-            thread.start()
+    def configure(self, config: Configuration) -> None:
+        self.per_host, self.cap = config.max_connections_per_host, config.max_concurrent_transfers
+        self.cond.notify_all()
+        self._spawn()
 
-    def next_task(self, q: _HostQueue, runnable: Callable[[int], bool]) -> int | None:
-        """The next runnable task of *q*, or None: the worker exits (and stops counting). An idle
-        worker lingers a little first, so that a stream of small tasks does not start a thread each."""
+    def enqueue(self, task_id: int, origin: _Origin, priority: float) -> None:
+        """Queue a task (behind those of its priority); wake or start a transfer thread for it."""
+        self._push(_Queued.of(task_id, origin, priority, next(self._seq)))
+        self.cond.notify()
+        self._spawn()
+
+    def reprioritize(self, task_id: int, priority: float) -> None:
+        """A queued task's new priority orders it from now on (among equals it keeps its place)."""
+        entry = self._queued.get(task_id)
+        if entry is not None:
+            self._push(_Queued.of(task_id, entry.origin, priority, entry.rank[1]))
+
+    def next_task(self, runnable: Callable[[int], bool]) -> int | None:
+        """The task a transfer thread starts next (counted as running until :meth:`finished`), or None: the thread
+        exits. An idle thread lingers a little first, so that a stream of small tasks does not start a thread each."""
         deadline = None
         while not self.closed:
-            while q.queue:
-                tid = q.queue.popleft()
-                if runnable(tid):
-                    return tid
+            entry = self._pick(runnable)
+            if entry is not None:
+                self._running[entry.task_id] = entry.origin
+                self._active[entry.origin] = self._active.get(entry.origin, 0) + 1
+                return entry.task_id
             now = time.monotonic()
             if deadline is None:
                 deadline = now + WORKER_LINGER
             if now >= deadline:
                 break
-            q.cond.wait(deadline - now)
-        q.workers -= 1
+            self.cond.wait(deadline - now)
+        self._threads -= 1
         return None
+
+    def finished(self, task_id: int) -> None:
+        """The task's attempt ended: its slot is free (its thread asks for the next task itself)."""
+        origin = self._running.pop(task_id)
+        self._active[origin] -= 1
+        if not self._active[origin]:
+            del self._active[origin]
 
     def push_timer(self, task_id: int, delay: float) -> float:
         """Call ``due(task_id, due)`` after *delay* seconds; returns *due* (identifies this timer)."""
@@ -2846,9 +3184,42 @@ class _Scheduler:
         self._wake.set()
         return due
 
-    def _run_worker(self, q: _HostQueue) -> None:
+    def _push(self, entry: _Queued) -> None:
+        self._queued[entry.task_id] = entry
+        heapq.heappush(self._queues.setdefault(entry.origin, []), entry)
+
+    def _pick(self, runnable: Callable[[int], bool]) -> _Queued | None:
+        """Take the task to start next off the queue (a task no longer runnable -- suspended, cancelled, scheduled
+        -- is dropped on the way)."""
+        while True:
+            heads = []
+            for origin, heap in list(self._queues.items()):
+                while heap and self._queued.get(heap[0].task_id) is not heap[0]:
+                    heapq.heappop(heap)  # stale: re-ranked or queued again since
+                if heap:
+                    heads.append(heap[0])
+                else:
+                    del self._queues[origin]
+            entry = next_to_start(heads, self._active, running=len(self._running), max_concurrent=self.cap,
+                                  per_host=self.per_host)
+            if entry is None:
+                return None
+            heapq.heappop(self._queues[entry.origin])
+            del self._queued[entry.task_id]
+            if runnable(entry.task_id):
+                return entry
+
+    def _spawn(self) -> None:
+        """Start a transfer thread if the queue has more tasks than idle threads, within the cap."""
+        if self._threads < self.cap and self._threads - len(self._running) < len(self._queued) and not self.closed:
+            self._threads += 1
+            thread = threading.Thread(target=self._run_worker, daemon=True, name="bgsession-worker")
+            self._workers.add(thread)
+            thread.start()
+
+    def _run_worker(self) -> None:
         try:
-            self._work(q)
+            self._work()
         finally:
             with self.lock:
                 self._workers.discard(threading.current_thread())
@@ -2870,16 +3241,75 @@ class _Scheduler:
                 self.clock.wait(self._wake, next_due)
 
     def close(self) -> None:
-        """Stop: lingering workers and the timer thread exit; join every thread."""
+        """Stop: lingering threads and the timer thread exit; join every thread."""
         with self.lock:
             self.closed = True
-            for q in self.queues.values():
-                q.cond.notify_all()
+            self.cond.notify_all()
             workers = list(self._workers)
         self._wake.set()
         for thread in workers:
             thread.join(30.0)
         self._timer_thread.join(30.0)
+
+
+class _Planner:
+    """The app's scheduling options -- each task's priority, earliest begin date and bandwidth limit, and the
+    session's bandwidth limit -- journaled and applied: to the scheduler's order and timers, and to the rate limits
+    the transfers read. A task that may run is queued; while its earliest begin date is ahead it is scheduled (a
+    phase of its own, which survives relaunches and daemon restarts) and a timer queues it when the date comes.
+    Called with the engine's lock held."""
+
+    def __init__(self, store: _Store, scheduler: _Scheduler, clock: _Clock, session_limit: _RateLimit) -> None:
+        self.store, self.scheduler, self.clock, self.session_limit = store, scheduler, clock, session_limit
+        self.configured: int | None = None  # Configuration.max_bytes_per_second
+
+    def configure(self, config: Configuration) -> None:
+        self.configured = config.max_bytes_per_second
+        self.session_limit.set_rate(session_rate(self.configured, self.store.state.session_limit))
+
+    def queue(self, task: _TaskRecord) -> None:
+        """A task that may run now (resumed, due again, recovered queued or scheduled, its date changed): queue it
+        -- or, while its earliest begin date is ahead, schedule it and set a timer."""
+        wait = 0.0 if task.begin is None else task.begin - self.clock.time()
+        if wait > 0:
+            if task.phase is Phase.QUEUED:
+                self.store.record(task, "schedule")
+            task.live.due = self.scheduler.push_timer(task.id, min(wait, BEGIN_DATE_RECHECK))
+            return
+        if task.phase is Phase.SCHEDULED:
+            self.store.record(task, "due")
+        self.scheduler.enqueue(task.id, _origin(task.request["url"]), task.priority)
+
+    def set_priority(self, task: _TaskRecord, priority: Any) -> int:
+        priority = _check_priority(priority)
+        if task.phase in (Phase.CANCELING, Phase.DELIVERING, Phase.ACKNOWLEDGED):
+            return 0  # it has ended: nothing left to order
+        ticket = self.store.record(task, "priority", priority=priority)
+        self.scheduler.reprioritize(task.id, priority)
+        return ticket
+
+    def set_begin(self, task: _TaskRecord, begin: Any) -> int:
+        at = _begin_timestamp(begin)
+        if task.phase not in (Phase.SUSPENDED, Phase.QUEUED, Phase.SCHEDULED):
+            raise _invalid(f"task {task.id} is {task.phase.value}: its earliest begin date can change only before "
+                           "it begins (while it is suspended, queued or scheduled)")
+        ticket = self.store.record(task, "begin", at=at)
+        if task.phase is Phase.SCHEDULED or (task.phase is Phase.QUEUED and (at or 0) > self.clock.time()):
+            self.queue(task)  # scheduled with a new timer, or queued now (a queued task with a past date stays)
+        return ticket
+
+    def set_limit(self, task: _TaskRecord | None, rate: Any) -> int:
+        """A task's bandwidth limit, or the session's (*task* None); it applies to running transfers at once."""
+        rate = _check_rate(rate)
+        if task is None:
+            ticket = self.store.record(None, "limit", rate=rate, configured=self.configured)
+            self.session_limit.set_rate(rate)
+            return ticket
+        if task.phase in (Phase.DELIVERING, Phase.ACKNOWLEDGED):
+            return 0
+        ticket = self.store.record(task, "limit", rate=rate)
+        task.live.limit.set_rate(rate)
+        return ticket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2948,7 +3378,7 @@ def _task_info(task: _TaskRecord, store: _Store) -> TaskInfo:
         sent=live.sent if live else 0, expected_send=live.expected_send if live else -1,
         rate=round(live.rate, 1) if live and task.phase is Phase.TRANSFERRING else 0.0, events=tuple(task.events()),
         body_path=(store.path(task.file) if task.kind == "upload" and task.file and task.phase is Phase.DELIVERING
-                   else None))
+                   else None), priority=task.priority, begin=task.begin, limit=task.limit)
 
 
 class _Outbox:
@@ -3037,6 +3467,7 @@ class _Outbox:
 class _EngineStatus:
     """What a host needs to know of its engine (the daemon: when to exit, when to relaunch)."""
     running: int  # tasks queued, transferring or waiting to retry
+    scheduled: int  # tasks waiting for their earliest begin date
     canceling: int
     backlog: int  # tasks whose durable events wait for an app
     backlog_age: float  # seconds since the oldest of those was journaled (0: none)
@@ -3062,13 +3493,15 @@ class _Engine:
         self.outbox = _Outbox(self.store, self.changed)
         self.connections = _ConnectionPool(config)
         self.transfer = _Transfer(config, self.store, self, self.connections)
-        self.scheduler = _Scheduler(self.lock, self.clock, config.max_connections_per_host, self._work, self._due)
+        self.scheduler = _Scheduler(self.lock, self.clock, config, self._work, self._due)
+        self.planner = _Planner(self.store, self.scheduler, self.clock, self.transfer.session_limit)
         with self.lock:
+            self.planner.configure(config)
             for task in self.store.state.tasks.values():
                 task.live = _Live(config.retry, self.store.offsets.get(task.id, 0),
-                                  task.total if task.total is not None else -1)
-                if task.phase is Phase.QUEUED:
-                    self._enqueue(task)
+                                  task.total if task.total is not None else -1, task.limit)
+                if task.phase in (Phase.QUEUED, Phase.SCHEDULED):
+                    self.planner.queue(task)
 
     # -- the app<->engine interface ---------------------------------------------------------
     def new_task(self, kind: str, request: Request, description: str | None, upload_path: str | None = None,
@@ -3087,7 +3520,7 @@ class _Engine:
             self._check_open()
             tid, reserve_ticket = self.store.new_id()
             fields: dict[str, Any] = {"kind": kind, "request": request._to_record(), "description": description,
-                                      "created": self.clock.time(), "upload": upload}
+                                      "created": self.clock.time(), "upload": upload, **request._task_options()}
             if resume and resume.get("invalid"):
                 fields["problem"] = resume["invalid"]
             elif resume:
@@ -3165,14 +3598,23 @@ class _Engine:
     def describe(self, tid: int, description: str | None) -> None:
         if description is not None and not isinstance(description, str):
             raise _invalid("task description must be a str or None")
-        with self.lock:
-            self._check_open()
-            task = self._task(tid)
-            if task.phase is Phase.ACKNOWLEDGED:
-                task.description = description
-                return
-            ticket = self.store.record(task, "describe", description=description)
-        self.store.wait(ticket)
+        self._change(tid, lambda task: self.store.describe(task, description))
+
+    def set_priority(self, tid: int, priority: float) -> None:
+        """Change a task's priority: it orders the queue from now on; a running transfer goes on."""
+        self._change(tid, lambda task: self.planner.set_priority(task, priority))
+
+    def set_begin_date(self, tid: int, at: float | None) -> None:
+        """Change a task's earliest begin date (POSIX time; None: none) before it begins."""
+        self._change(tid, lambda task: self.planner.set_begin(task, at))
+
+    def set_limit(self, tid: int | None, rate: int | None) -> None:
+        """Change a task's bandwidth limit, or the session's (*tid* None): bytes per second, None for none."""
+        self._change(tid, lambda task: self.planner.set_limit(task, rate))
+
+    def session_limit(self) -> int | None:
+        """The session's bandwidth limit in force (bytes per second; None: none)."""
+        return self.planner.session_limit.rate
 
     def ack(self, tid: int, event: str) -> None:
         """The app's hook for *event* returned: journal that, then remove what it no longer needs."""
@@ -3215,8 +3657,8 @@ class _Engine:
             for task in backlog:
                 self.store.consume_missing_finish(task)
                 self.outbox.post_task_events(task)
-            waiting = {t.id for t in self.store.state.tasks.values()
-                       if t.phase in _ACTIVE_PHASES or t.phase is Phase.CANCELING} if wait_for_active else set()
+            waiting = {t.id for t in self.store.state.tasks.values() if t.phase in (  # (not a scheduled one)
+                Phase.QUEUED, Phase.TRANSFERRING, Phase.WAITING_RETRY, Phase.CANCELING)} if wait_for_active else set()
             self.outbox.begin_backlog(bool(backlog), waiting)
             self.changed.notify_all()
 
@@ -3243,13 +3685,13 @@ class _Engine:
     # -- for the host ----------------------------------------------------------------------------
     def status(self) -> _EngineStatus:
         with self.lock:
-            tasks = self.store.state.tasks.values()
+            phases = collections.Counter(t.phase for t in self.store.state.tasks.values())
             backlog = self.store.state.backlog()
             oldest = min((self.store.delivered_at.get(t.id, 0.0) for t in backlog), default=None)
             return _EngineStatus(
-                sum(1 for t in tasks if t.phase in _ACTIVE_PHASES), sum(1 for t in tasks if t.phase is Phase.CANCELING),
-                len(backlog), 0.0 if oldest is None else time.monotonic() - oldest, self.outbox.sink is not None,
-                self.outbox.waiting_challenges, self.store.acks)
+                sum(phases[p] for p in _ACTIVE_PHASES) - phases[Phase.SCHEDULED], phases[Phase.SCHEDULED],
+                phases[Phase.CANCELING], len(backlog), 0.0 if oldest is None else time.monotonic() - oldest,
+                self.outbox.sink is not None, self.outbox.waiting_challenges, self.store.acks)
 
     def configure(self, config: Configuration) -> None:
         """Take a newer configuration of the same session (the daemon: each app brings its own)."""
@@ -3258,7 +3700,8 @@ class _Engine:
                                        f"not {self.config.identifier!r}")
         with self.lock:
             self.config = config
-            self.scheduler.limit = config.max_connections_per_host
+            self.scheduler.configure(config)
+            self.planner.configure(config)
         self.connections.configure(config)
         self.transfer.http.config = config
 
@@ -3279,43 +3722,40 @@ class _Engine:
         return self.outbox.ask(task.id, control, challenge)
 
     def resource_expired(self, task: _TaskRecord) -> bool:
-        return task.started is not None and self.clock.time() - task.started > self.config.timeout_for_resource
+        return task.resource_expired(self.clock.time(), self.config.timeout_for_resource)
 
     # -- running tasks ------------------------------------------------------------------------------
-    def _work(self, q: _HostQueue) -> None:
-        """A worker thread (owned by the scheduler): run *q*'s tasks, one attempt at a time."""
-        held: _Held = {}  # connections by origin, kept between attempts (keep-alive)
+    def _work(self) -> None:
+        """A transfer thread (owned by the scheduler): run the queue's tasks, one attempt at a time."""
+        held: _Held = {}  # the attempt's connections by origin; back to the pool (keep-alive) after it
         buf = bytearray(self.buffer_size)
-        try:
-            while True:
-                with self.lock:
-                    task = self._start_next(q)
-                if task is None:
-                    return
-                control = task.live.control
-                assert control is not None
-                try:
-                    outcome = self.transfer.attempt(task, control, held, buf)
-                except BaseException as err:  # a bug must not lose the task: fail it clearly
-                    log.exception("task %s: internal error", task.id)
-                    outcome = _Failed(TransferError(ErrorCode.UNKNOWN, f"internal error: {err!r}",
-                                                    url=task.request["url"]))
-                self.connections.release(held, q.key, isinstance(outcome, _Finished))
-                self._end_attempt(q, task, outcome)
-        finally:
-            self.connections.release(held, None, not self.closed)
-
-    def _start_next(self, q: _HostQueue) -> _TaskRecord | None:
         while True:
-            tid = self.scheduler.next_task(q, self._runnable)
+            with self.lock:
+                task = self._start_next()
+            if task is None:
+                return
+            control = task.live.control
+            assert control is not None
+            try:
+                outcome = self.transfer.attempt(task, control, held, buf)
+            except BaseException as err:  # a bug must not lose the task: fail it clearly
+                log.exception("task %s: internal error", task.id)
+                outcome = _Failed(TransferError(ErrorCode.UNKNOWN, f"internal error: {err!r}",
+                                                url=task.request["url"]))
+            self.connections.release(held, isinstance(outcome, _Finished))
+            self._end_attempt(task, outcome)
+
+    def _start_next(self) -> _TaskRecord | None:
+        while True:
+            tid = self.scheduler.next_task(self._runnable)
             if tid is None:
                 return None
             task = self.store.state.tasks[tid]
             if self.resource_expired(task):
+                self.scheduler.finished(tid)
                 self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
                 continue
             self.store.record(task, "start")
-            q.active += 1
             task.live.control, task.live.worker, task.live.done = _Control(), True, threading.Event()
             return task
 
@@ -3323,14 +3763,14 @@ class _Engine:
         task = self.store.state.tasks.get(tid)  # (None: cancelled, acknowledged and compacted away)
         return task is not None and task.phase is Phase.QUEUED and not task.live.worker
 
-    def _end_attempt(self, q: _HostQueue, task: _TaskRecord, outcome: _Outcome) -> None:
+    def _end_attempt(self, task: _TaskRecord, outcome: _Outcome) -> None:
         with self.lock:
-            q.active -= 1
+            self.scheduler.finished(task.id)
             task.live.control = None
             ticket = self._settle(task, outcome)
             task.live.worker = False
             if task.phase is Phase.QUEUED and not self.closed:
-                self._enqueue(task)  # resumed again while this attempt was stopping
+                self.planner.queue(task)  # resumed again while this attempt was stopping
             if ticket is None:
                 task.live.done.set()
                 self.changed.notify_all()
@@ -3371,15 +3811,17 @@ class _Engine:
         return None
 
     def _due(self, tid: int, due: float) -> None:
-        """A retry timer fired (scheduler thread, under the lock)."""
+        """A timer fired (scheduler thread, under the lock): a retry's, or an earliest begin date's."""
         task = self.store.state.tasks.get(tid)
-        if task is None or task.phase is not Phase.WAITING_RETRY or task.live.due != due:
+        if task is None or task.phase not in (Phase.WAITING_RETRY, Phase.SCHEDULED) or task.live.due != due:
             return  # suspended, cancelled or rescheduled meanwhile
-        if self.resource_expired(task):
+        if task.phase is Phase.SCHEDULED:
+            self.planner.queue(task)  # its date came (or the wall clock says not yet: it waits on)
+        elif self.resource_expired(task):
             self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
         else:
             self.store.record(task, "due")
-            self._enqueue(task)
+            self.planner.queue(task)
 
     def _outcome_durable(self, task: _TaskRecord) -> None:
         with self.lock:
@@ -3399,8 +3841,12 @@ class _Engine:
         if self.closed:
             raise SessionInvalidatedError("the session is closed")
 
-    def _enqueue(self, task: _TaskRecord) -> None:
-        self.scheduler.enqueue(task.id, _origin(task.request["url"]))
+    def _change(self, tid: int | None, change: Callable[[Any], int]) -> None:
+        """Apply *change* to a task (None: the session) under the lock; return once its record is durable."""
+        with self.lock:
+            self._check_open()
+            ticket = change(None if tid is None else self._task(tid))
+        self.store.wait(ticket)
 
     def _resume_locked(self, task: _TaskRecord) -> tuple[int, _TaskRecord | None]:
         """Journal a resume. Returns (ticket, the task if it fails at once)."""
@@ -3417,7 +3863,7 @@ class _Engine:
         if task.problem:
             error = TransferError(ErrorCode.CANNOT_RESUME, task.problem, url=task.request["url"])
             return self.store.fail(task, error, "fail", keep_partial=False), task
-        self._enqueue(task)
+        self.planner.queue(task)
         return ticket, None
 
     def _fail_now(self, task: _TaskRecord, error: TransferError) -> None:
@@ -3448,6 +3894,10 @@ class _Backend(Protocol):
     def suspend(self, tid: int) -> None: ...
     def cancel(self, tid: int, produce_resume_data: bool = False) -> bytes | None: ...
     def describe(self, tid: int, description: str | None) -> None: ...
+    def set_priority(self, tid: int, priority: float) -> None: ...
+    def set_begin_date(self, tid: int, at: float | None) -> None: ...
+    def set_limit(self, tid: int | None, rate: int | None) -> None: ...
+    def session_limit(self) -> int | None: ...
     def ack(self, tid: int, event: str) -> None: ...
     def task_info(self, tid: int) -> TaskInfo: ...
     def tasks(self) -> list[TaskInfo]: ...
@@ -3466,13 +3916,15 @@ class _Codec:
 
 def _request_to_wire(request: Request) -> dict[str, Any]:
     # secret headers travel over the 0700 socket into the daemon's memory, never to a disk
-    return {**request._to_record(), "secret": [list(p) for p in request._secret_headers()]}
+    return {**request._to_record(), "secret": [list(p) for p in request._secret_headers()],
+            "priority": request.priority, "begin": _begin_timestamp(request.earliest_begin_date)}
 
 
 def _request_from_wire(wire: Mapping[str, Any]) -> Request:
     headers = dict(wire.get("headers") or [])
     headers.update(dict(wire.get("secret") or []))
-    return Request(wire["url"], wire.get("method", "GET"), headers, wire.get("sha256"))
+    return Request(wire["url"], wire.get("method", "GET"), headers, wire.get("sha256"), wire.get("priority"),
+                   wire.get("begin"))
 
 
 _PLAIN = _Codec(lambda value: value, lambda value: value)
@@ -3511,6 +3963,10 @@ _OPERATIONS: dict[str, _Operation] = {op.name: op for op in (
     _Operation("suspend", (("tid", _PLAIN),)),
     _Operation("cancel", (("tid", _PLAIN), ("produce_resume_data", _PLAIN)), _BYTES),
     _Operation("describe", (("tid", _PLAIN), ("description", _PLAIN))),
+    _Operation("set_priority", (("tid", _PLAIN), ("priority", _PLAIN))),
+    _Operation("set_begin_date", (("tid", _PLAIN), ("at", _PLAIN))),
+    _Operation("set_limit", (("tid", _PLAIN), ("rate", _PLAIN))),
+    _Operation("session_limit"),
     _Operation("ack", (("tid", _PLAIN), ("event", _PLAIN))),
     _Operation("task_info", (("tid", _PLAIN),), _INFO),
     _Operation("tasks", (), _INFOS),
@@ -3573,47 +4029,34 @@ class _NameTaken(FileExistsError):
     """move_to's destination exists with other bytes."""
 
 
-#: errno values of os.link that mean "not here": another file system, or one without hard links.
-_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES,
-                      getattr(errno, "ENOTSUP", errno.EPERM), getattr(errno, "EOPNOTSUPP", errno.EPERM)})
-
-
 def _place(src: str, dest: str, replace: bool) -> bool:
-    """Give *dest* *src*'s bytes, whole or not at all, leaving *src* in place. False: *dest* held those very bytes
-    already. A hard link where it can be made (same file system), else a copy next to *dest*, fsynced; then into
-    place: ``os.replace`` (*replace*) or a link that fails if the name exists."""
+    """Give *dest* *src*'s file, whole or not at all; False: *dest* held those very bytes already. On one file system
+    a rename (*src* goes); across file systems a copy next to *dest*, fsynced, then renamed (*src* stays: the caller
+    removes it once the new name is durable). Without *replace*, an existing name is checked first: the standard
+    library has no rename that refuses to replace, so a file another process creates under that name in between is
+    replaced."""
+    if not replace and os.path.lexists(dest):
+        if _same_bytes(src, dest):
+            return False
+        raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes; pass exist_ok=True to replace it, or choose "
+                         "another name", dest)
+    try:
+        _vfs.replace(src, dest)
+        return True
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
     tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.bgsession-{os.urandom(6).hex()}")
     try:
-        try:
-            os.link(src, tmp)
-        except OSError as err:
-            if err.errno not in _NO_LINK:
-                raise
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                _fsync(f.fileno())
-        if replace:
-            os.replace(tmp, dest)
-            return True
-        try:
-            os.link(tmp, dest)  # atomic: fails if the name exists
-        except FileExistsError:
-            if _same_bytes(tmp, dest):
-                return False
-            raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes; pass exist_ok=True to replace it, "
-                             "or choose another name", dest) from None
-        except OSError as err:
-            if err.errno not in _NO_LINK:
-                raise
-            if os.path.lexists(dest):  # a file system without hard links: check, then rename
-                if _same_bytes(tmp, dest):
-                    return False
-                raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes", dest) from None
-            os.rename(tmp, dest)
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            _fsync(f.fileno())
+        _vfs.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the original error is what matters
+            _vfs.unlink(tmp)
+        raise
+    return True
 
 
 def move_to(location: str | os.PathLike[str], directory_or_path: str | os.PathLike[str], *, exist_ok: bool = False,
@@ -3623,9 +4066,9 @@ def move_to(location: str | os.PathLike[str], directory_or_path: str | os.PathLi
     *directory_or_path*: an existing directory, or a path ending with a separator, receives the file as *name*
     (sanitised; default: the location's own name, ``<id>.done`` for a download, so pass
     ``name=task.response.suggested_filename``); any other path is the file's new name. Missing directories are
-    created. It works across file systems (copied, fsynced, then put in place) and the file is whole or absent at its
-    new name, never partial. The moved file gets the mode a file this process creates would have (0666 minus the
-    umask), not the session's private 0600.
+    created. It works across file systems (copied, fsynced, then renamed into place) and the file is whole or absent
+    at its new name, never partial. The moved file gets the mode a file this process creates would have (0666 minus
+    the umask), not the session's private 0600.
 
     When the name exists: holding the very same bytes, it is taken as this file (an earlier launch moved it and was
     killed before the acknowledgement): the location is removed and the path returned. With other bytes:
@@ -3638,13 +4081,15 @@ def move_to(location: str | os.PathLike[str], directory_or_path: str | os.PathLi
         raise _invalid(f"name= ({name!r}) is a file name for when directory_or_path is a directory; "
                        f"{target!r} is not one")
     dest = os.path.abspath(os.path.join(target, sanitize_filename(name or os.path.basename(src))) if into else target)
+    parent = os.path.dirname(dest)
     try:
         if not os.path.isfile(src):
             raise FileNotFoundError(errno.ENOENT, "no such file", src)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        _makedirs(parent, 0o777)  # (the umask applies, as to any directory the app creates)
         placed = _place(src, dest, exist_ok)
-        _fsync_dir(os.path.dirname(dest))
-        os.unlink(src)
+        _fsync_dir(parent)  # the new name is durable before the location goes and the finish is acknowledged
+        if os.path.lexists(src):  # copied from another file system, or the same bytes were there
+            _vfs.unlink(src)
         if placed:
             os.chmod(dest, 0o666 & ~_umask())
     except _NameTaken:
@@ -3759,7 +4204,7 @@ def multipart_body(fields: Mapping[str, str] | Iterable[tuple[str, str]] | None,
             os.unlink(tmp)
             continue
         path = tmp[: -len(".part")] + ".multipart"
-        os.replace(tmp, path)
+        _vfs.replace(tmp, path)
         _fsync_dir(directory)
         with _unclaimed_lock:
             _unclaimed_bodies.add(path)
@@ -4091,6 +4536,40 @@ class Task:
     @property
     def count_of_bytes_expected_to_send(self) -> int:
         return self._info().expected_send
+
+    @property
+    def priority(self) -> float:
+        """From 0.0 (lowest) to 1.0 (highest), default 0.5, as ``NSURLSessionTask.priority``; persisted. Across all
+        hosts, a higher-priority queued task starts before a lower one (equal ones: first in, first out). Setting it
+        reorders a queued task at once; a running transfer goes on (it is never preempted)."""
+        return self._info().priority
+
+    @priority.setter
+    def priority(self, value: float) -> None:
+        self._session._backend.set_priority(self._identifier, _check_priority(value))
+
+    @property
+    def earliest_begin_date(self) -> datetime.datetime | None:
+        """The task does not start before this moment (``NSURLSessionTask.earliestBeginDate``), an aware datetime
+        in UTC, or None; persisted. Set it with a ``datetime`` that has a time zone or a POSIX timestamp, while the
+        task is suspended, queued or scheduled. A task resumed before its date is scheduled: it waits -- across
+        relaunches and daemon restarts -- and ``timeout_for_resource`` counts from the date."""
+        begin = self._info().begin
+        return None if begin is None else datetime.datetime.fromtimestamp(begin, datetime.timezone.utc)
+
+    @earliest_begin_date.setter
+    def earliest_begin_date(self, value: datetime.datetime | float | None) -> None:
+        self._session._backend.set_begin_date(self._identifier, _begin_timestamp(value))
+
+    @property
+    def max_bytes_per_second(self) -> int | None:
+        """This task's bandwidth limit (downloads and uploads), or None; persisted. The session's limit
+        (``Configuration.max_bytes_per_second``) applies too. Setting it applies to a running transfer at once."""
+        return self._info().limit
+
+    @max_bytes_per_second.setter
+    def max_bytes_per_second(self, value: int | None) -> None:
+        self._session._backend.set_limit(self._identifier, _check_rate(value))
 
     def resume(self) -> None:
         """Start (tasks are created suspended) or continue. Durable when it returns."""
@@ -4438,6 +4917,18 @@ class Session:
     def get_tasks(self) -> list[Task]:
         """Tasks not yet completed and delivered, including those re-created after a relaunch."""
         return [self._task_object(info.id, info, final=False) for info in self._backend.tasks()]
+
+    @property
+    def max_bytes_per_second(self) -> int | None:
+        """The bandwidth limit of the session's transfers together (bytes per second; None: none). It starts as
+        ``Configuration.max_bytes_per_second``; set here, it applies to running transfers at once and holds --
+        across relaunches and daemon restarts -- until an app configures a different limit."""
+        return self._backend.session_limit()
+
+    @max_bytes_per_second.setter
+    def max_bytes_per_second(self, value: int | None) -> None:
+        self._check_usable()
+        self._backend.set_limit(None, _check_rate(value))
 
     # -- waiting and ending -------------------------------------------------------------------
     def _settled(self) -> bool:
@@ -5194,12 +5685,14 @@ class _DaemonServer:
         log.info("daemon exited")
 
     def _busy(self) -> bool:
-        """Work only this daemon can do: transfers, a challenge waiting for an answer, and events waiting for an app --
-        the last only with a relaunch_command. Without one it cannot bring an app: the events wait in the journal for
-        the daemon the next attach starts (an idle daemon must not live on for an app that may never come back)."""
+        """Work only this daemon can do: transfers, tasks waiting for their earliest begin date (nobody else would start
+        them), a challenge waiting for an answer, and events waiting for an app -- the last only with a
+        relaunch_command. Without one it cannot bring an app: the events wait in the journal for the daemon the next
+        attach starts (an idle daemon must not live on for an app that may never come back)."""
         status = self.engine.status()
         relaunches = bool(self.engine.config.relaunch_command)
-        return bool(status.running or status.canceling or status.waiting_challenges or (status.backlog and relaunches))
+        return bool(status.running or status.scheduled or status.canceling or status.waiting_challenges
+                    or (status.backlog and relaunches))
 
     def _idle_expired(self) -> bool:
         with self.lock:
@@ -5682,6 +6175,53 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+_RATE_RE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*\Z", re.I)
+_RELATIVE_RE = re.compile(r"\A\+(\d+(?:\.\d+)?)\s*([smhd])\Z")
+_CLOCK_RE = re.compile(r"\A(\d{1,2}):(\d{2})(?::(\d{2}))?\Z")
+#: The finer states `status` shows (the others are the public TaskState's names).
+_CLI_STATES = {Phase.SCHEDULED: "scheduled", Phase.QUEUED: "queued", Phase.WAITING_RETRY: "retrying"}
+
+
+def _parse_rate(text: str) -> int | None:
+    """A bandwidth limit as curl, wget and aria2 write it: bytes per second, with K, M or G (1K = 1024); "0" or
+    "none": no limit."""
+    if text.strip().lower() in ("0", "none", "unlimited"):
+        return None
+    m = _RATE_RE.match(text)
+    if not m:
+        raise _CliError(f"bad rate {text!r}: bytes per second, with K, M or G (512K, 2M, 1.5G), or 0 for no limit")
+    return _check_rate(round(float(m.group(1)) * 1024 ** " kmg".index(m.group(2).lower() or " ")), "rate")
+
+
+def _parse_number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _CliError(f"{what} must be a number, not {text!r}") from None
+
+
+def _parse_when(text: str, now: float) -> float:
+    """A moment for ``--not-before``, as POSIX time: "+30m" (from *now*: s, m, h or d), "22:00" (the next time the
+    local clock shows it), an ISO 8601 date and time ("2026-12-01T22:00", local time unless it has an offset or Z),
+    or "@1767225600" (POSIX time)."""
+    text = text.strip()
+    relative, clock = _RELATIVE_RE.match(text), _CLOCK_RE.match(text)
+    if relative:
+        return now + float(relative.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[relative.group(2)]
+    if text.startswith("@"):
+        return _parse_number(text[1:], "--not-before @TIME")
+    try:
+        if clock:
+            hour, minute, second = (int(g or 0) for g in clock.groups())
+            when = datetime.datetime.fromtimestamp(now).replace(hour=hour, minute=minute, second=second, microsecond=0)
+            if when.timestamp() <= now:  # (naive: local time, whatever the day's UTC offset)
+                when += datetime.timedelta(days=1)
+            return when.timestamp()
+        return datetime.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text).timestamp()
+    except ValueError as err:
+        raise _CliError(f"bad time {text!r} ({err}): use +30m, 22:00, 2026-12-01T22:00[+01:00] or @POSIXTIME") from None
+
+
 def _cli_meta(info: TaskInfo) -> dict[str, Any]:
     desc = info.description or ""
     try:
@@ -5691,8 +6231,24 @@ def _cli_meta(info: TaskInfo) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _cli_state(info: TaskInfo) -> str:
+    return _CLI_STATES.get(info.phase, info.state.name.lower())
+
+
+def _task_notes(info: TaskInfo) -> list[str]:
+    """A task's scheduling options, for `status`: its date (until it starts), priority and limit if set."""
+    notes = []
+    if info.begin is not None and info.phase in (Phase.SUSPENDED, Phase.QUEUED, Phase.SCHEDULED):
+        notes.append(f"not before {datetime.datetime.fromtimestamp(info.begin):%Y-%m-%d %H:%M:%S}")
+    if info.priority != DEFAULT_PRIORITY:
+        notes.append(f"priority {info.priority:g}")
+    if info.limit is not None:
+        notes.append(f"limit {_human(info.limit)}/s")
+    return notes
+
+
 def _task_line(info: TaskInfo, width: int = 100) -> str:
-    state = info.state.name.lower()
+    state = _cli_state(info)
     got, total = info.received, info.expected
     if info.kind == "upload":
         got, total = info.sent, info.expected_send
@@ -5700,8 +6256,9 @@ def _task_line(info: TaskInfo, width: int = 100) -> str:
     rate = info.rate
     eta = _eta((total - got) / rate) if rate > 0 and total and total > got else "-:--:--"
     name = info.current_url or info.request["url"]
+    notes = _task_notes(info)
     line = (f"{info.id:>5} {state:<10} {pct} {_human(got):>10} / {_human(total) if total >= 0 else '?':>10} "
-            f"{_human(rate) + '/s':>12} {eta}  {name}")
+            f"{_human(rate) + '/s':>12} {eta}  {name}" + (f"  [{', '.join(notes)}]" if notes else ""))
     return line[:width]
 
 
@@ -5802,13 +6359,20 @@ def _cmd_download(args: argparse.Namespace, out: Any) -> int:
         raise _CliError(f"cannot write to {dest}")
     if args.sha256 and len(args.urls) != 1:
         raise _CliError("--sha256 applies to a single URL")
-    requests = [Request(url, sha256=args.sha256) for url in args.urls]  # bad URLs fail here, before any enqueue
+    priority = None if args.priority is None else _parse_number(args.priority, "--priority")
+    begin = None if args.not_before is None else _parse_when(args.not_before, time.time())
+    rate = None if args.limit_rate is None else _parse_rate(args.limit_rate)
+    # bad URLs and options fail here, before any enqueue
+    requests = [Request(url, sha256=args.sha256, priority=priority, earliest_begin_date=begin) for url in args.urls]
     desc = _CLI_PREFIX + json.dumps({"dir": dest}, separators=(",", ":"))
 
     def enqueue(backend: _Backend) -> None:
         queued: list[TaskInfo] = []
         try:
-            queued.extend(backend.new_task("download", req, desc) for req in requests)
+            for req in requests:
+                queued.append(backend.new_task("download", req, desc))
+                if rate is not None:
+                    backend.set_limit(queued[-1].id, rate)
         finally:
             backend.resume([info.id for info in queued])  # what was created runs, even if a later create failed
             if not args.wait:
@@ -5828,19 +6392,24 @@ def _cmd_status(args: argparse.Namespace, out: Any) -> int:
     config = _cli_config(args)
     assert config.directory is not None
     infos: list[TaskInfo] = []
+    session_limit = None
     if os.path.isdir(config.directory):
         client = _cli_observer(args)
         try:
-            infos = client.tasks()
+            infos, session_limit = client.tasks(), client.session_limit()
         finally:
             client.close()
     if args.json:
-        json.dump([{"id": i.id, "state": i.state.name.lower(), "url": i.request["url"],
+        json.dump([{"id": i.id, "state": _cli_state(i), "url": i.request["url"],
                     "received": i.received, "expected": i.expected, "sent": i.sent,
                     "rate": i.rate, "destination": _cli_meta(i).get("dir"), "description": i.description,
-                    "error": i.error["message"] if i.error else None} for i in infos], out, indent=1)
+                    "error": i.error["message"] if i.error else None, "priority": i.priority,
+                    "not_before": None if i.begin is None else datetime.datetime.fromtimestamp(
+                        i.begin, datetime.timezone.utc).isoformat(), "limit": i.limit} for i in infos], out, indent=1)
         out.write("\n")
         return EXIT_OK
+    if session_limit is not None:
+        print(f"session limit {_human(session_limit)}/s", file=out)
     if not infos:
         print(f"no tasks in session {args.session!r}", file=out)
         return EXIT_OK
@@ -5862,6 +6431,28 @@ def _cmd_task_op(args: argparse.Namespace, out: Any) -> int:
     finally:
         client.close()
     print(f"{args.command} {args.id}", file=out)
+    return EXIT_OK
+
+
+def _cmd_option(args: argparse.Namespace, out: Any) -> int:
+    """`limit [ID] RATE` (no ID: the session's) and `priority ID P`: change a scheduling option while it runs."""
+    if args.command == "limit":
+        value: Any = _parse_rate(args.rate)
+        shown = "none" if value is None else f"{_human(value)}/s"
+    else:
+        value = _check_priority(_parse_number(args.priority, "priority"))
+        shown = f"{value:g}"
+    client = _cli_observer(args)
+    try:
+        if args.id is not None and args.id not in {i.id for i in client.tasks()}:
+            raise _CliError(f"no task {args.id} in session {args.session!r} (see `bgsession status`)")
+        if args.command == "limit":
+            client.set_limit(args.id, value)
+        else:
+            client.set_priority(args.id, value)
+    finally:
+        client.close()
+    print(f"{args.command} {'session' if args.id is None else args.id} {shown}", file=out)
     return EXIT_OK
 
 
@@ -5892,12 +6483,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dir", help="where finished files go (default: the current directory)")
     p.add_argument("--wait", action="store_true", help="stay and show progress until done")
     p.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the (single) file")
+    p.add_argument("--priority", metavar="P", help="0.0 (lowest) to 1.0 (highest), default 0.5")
+    p.add_argument("--not-before", metavar="WHEN", help="start no earlier than WHEN: +30m, 22:00, "
+                   "2026-12-01T22:00[+01:00], @POSIXTIME")
+    p.add_argument("--limit-rate", metavar="RATE", help="bandwidth limit of each download: 512K, 2M ...")
     p = sub.add_parser("status", parents=[common], help="list tasks with state, bytes, rate and ETA")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("wait", parents=[common], help="attach, show progress and deliver files until all are done")
     for name, text in (("cancel", "cancel a task"), ("suspend", "pause a task"), ("resume", "continue a task")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("id", type=int, metavar="ID")
+    p = sub.add_parser("limit", parents=[common], help="set the bandwidth limit of a task, or of the session")
+    p.add_argument("id", type=int, nargs="?", metavar="ID", help="a task (default: the whole session)")
+    p.add_argument("rate", metavar="RATE", help="bytes per second: 512K, 2M ...; 0 or none: no limit")
+    p = sub.add_parser("priority", parents=[common], help="set a task's priority")
+    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("priority", metavar="P", help="0.0 (lowest) to 1.0 (highest)")
     p = sub.add_parser("check", parents=[common], help="check a session directory's journal")
     p.add_argument("directory", nargs="?", help="session directory (default: the CLI session's)")
     p = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
@@ -5918,7 +6519,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace, Any], int]] = {
         "download": _cmd_download, "status": _cmd_status, "wait": _cmd_wait, "check": _cmd_check,
         "deliver": lambda a, o: _cmd_wait(a, o, deliver=True),
-        "cancel": _cmd_task_op, "suspend": _cmd_task_op, "resume": _cmd_task_op}
+        "cancel": _cmd_task_op, "suspend": _cmd_task_op, "resume": _cmd_task_op,
+        "limit": _cmd_option, "priority": _cmd_option}
     try:
         return commands[args.command](args, out)
     except _CliError as err:

@@ -7,10 +7,12 @@ uploads, answers Basic and Digest challenges, redirects, and misbehaves on deman
 a *fault matrix* (``Fault``) chosen per route and per request cuts, resets,
 stalls, throttles, lies about ranges and totals, or answers with an error status.
 
-It also *observes*: body bytes served per path, every request, TCP connections
-accepted, and byte boundaries on a path at which a callback runs or the serving
-thread holds still (``on_bytes``, ``hold_at``), so a test can kill a client at an
-exact offset.  ``AppController`` launches an app as a real subprocess, SIGKILLs it
+It also *observes*: body bytes served per path, every request (with the port it came
+to and when), TCP connections accepted, the most connections and requests there were
+at once (``peak_connections``, ``peak_requests``), and byte boundaries on a path at
+which a callback runs or the serving thread holds still (``on_bytes``, ``hold_at``),
+so a test can kill a client at an exact offset.  ``add_ports`` makes one server many
+hosts: more ports, the same routes and counters.  ``AppController`` launches an app as a real subprocess, SIGKILLs it
 at such a boundary and relaunches it as a "background launch"; it also adopts the
 app processes that bgsession's daemon launches and kills them, or the daemon, by
 pid and start token (``ProcessRef``), never hitting a recycled pid.
@@ -63,6 +65,7 @@ import os
 import re
 import secrets
 import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -663,6 +666,10 @@ class RequestRecord:
     bytes_received: int = 0
     upload_sha256: str | None = None
     fault: Fault | None = None
+    #: The server port it came in on (see ``FakeServer.add_ports``).
+    port: int = 0
+    #: When it arrived (wall clock, ``time.time()``).
+    time: float = 0.0
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """Case-insensitive header lookup."""
@@ -735,8 +742,23 @@ def _strip_query(path: str) -> str:
     return path.split("?", 1)[0]
 
 
+def _peer_closed(sock: Any) -> bool:
+    """Whether the client has closed the connection (or shut down its sending side) as far as the kernel knows,
+    though the handler may not have read the end yet.  Linux only (POLLRDHUP); elsewhere always False."""
+    rdhup = getattr(select, "POLLRDHUP", None)
+    if rdhup is None or not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), rdhup)
+    except (ValueError, OSError):
+        return True  # already closed here
+    return bool(poller.poll(0))
+
+
 class _Traffic:
-    """What the server has seen: body bytes per path each way, the requests, the connections."""
+    """What the server has seen: body bytes per path each way, the requests, the connections, and the most
+    connections and requests there were at once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -745,6 +767,9 @@ class _Traffic:
         self._records: list[RequestRecord] = []
         self._accepted = 0
         self._open: dict[Any, int] = {}  # socket -> connection number
+        self._in_flight = 0
+        self.peak_connections = 0
+        self.peak_requests = 0
 
     def count(self, path: str, received: bool) -> int:
         """Body bytes moved on ``path`` so far: received (uploads) or served."""
@@ -775,6 +800,7 @@ class _Traffic:
             self._received.clear()
             self._records.clear()
             self._accepted = 0
+            self.peak_connections = self.peak_requests = 0
 
     def begin_record(self, method: str, path: str, query: str, headers: Iterable[tuple[str, str]],
                      client_port: int, sock: Any) -> RequestRecord:
@@ -783,16 +809,31 @@ class _Traffic:
         for name, value in headers:
             key = name.lower()
             folded[key] = folded[key] + ", " + value if key in folded else value
+        try:
+            port = int(sock.getsockname()[1])
+        except (OSError, IndexError, TypeError):
+            port = 0
         with self._lock:
             record = RequestRecord(method=method, path=path, query=query, headers=folded, client_port=client_port,
-                                   connection=self._open.get(sock, 0), range_header=folded.get("range"))
+                                   connection=self._open.get(sock, 0), range_header=folded.get("range"), port=port,
+                                   time=time.time())
             self._records.append(record)
+            self._in_flight += 1
+            self.peak_requests = max(self.peak_requests, self._in_flight)
         return record
 
+    def end_record(self) -> None:
+        """A request was answered (or its connection cut): it no longer counts as in flight."""
+        with self._lock:
+            self._in_flight -= 1
+
     def connection_opened(self, sock: Any) -> int:
-        """Number a new connection (1, 2, ... since start or reset)."""
+        """Number a new connection (1, 2, ... since start or reset); count the connections open with it (those the
+        client has closed count as closed, though their handler may not have seen it yet)."""
         with self._lock:
             self._accepted += 1
+            open_now = 1 + sum(1 for other in self._open if not _peer_closed(other))
+            self.peak_connections = max(self.peak_connections, open_now)
             self._open[sock] = self._accepted
             return self._accepted
 
@@ -1015,10 +1056,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = split.path or "/"
         record = parts.traffic.begin_record(self.command, path, split.query, self.headers.items(),
                                             self.client_address[1], self.request)
-        query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
+        try:
+            self._answer(record, path, split.query)
+        finally:
+            parts.traffic.end_record()
+
+    def _answer(self, record: RequestRecord, path: str, query_text: str) -> None:
+        query = dict(urllib.parse.parse_qsl(query_text, keep_blank_values=True))
         self._route = None
         try:
-            route = parts.routes.resolve(path, query)
+            route = self.server.parts.routes.resolve(path, query)
             query_fault = Fault.from_query(query)
         except ValueError as err:
             self.drain_request_body()
@@ -1578,37 +1625,89 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
 
 class _Listener:
-    """The server's lifecycle: the listening socket, the accept thread and one thread per connection.
+    """The server's lifecycle: the listening sockets (its port, and any ``add_ports``), one accept thread for all of
+    them, and one thread per connection.
 
     It owns every thread it starts and joins them in ``stop()`` (within its timeout).  Started
-    again after ``stop()``, it binds the port it had, so URLs stay valid across an outage.
+    again after ``stop()``, it binds the ports it had, so URLs stay valid across an outage.
     """
 
     def __init__(self, parts: _Parts, host: str, port: int) -> None:
         self._parts = parts
         self.host = host
         self._requested_port = port
-        self.port: int | None = None
+        self.ports: list[int] = []  # bound ports, the first one the server's own; kept after stop()
         self._lock = threading.Lock()
-        self._httpd: _HTTPServer | None = None
+        self._httpds: list[_HTTPServer] = []
+        self._stop = threading.Event()
         self._accept_thread: threading.Thread | None = None
         self._threads: set[threading.Thread] = set()
 
     @property
+    def port(self) -> int | None:
+        return self.ports[0] if self.ports else None
+
+    @property
     def running(self) -> bool:
-        return self._httpd is not None
+        return bool(self._httpds)
 
     def start(self) -> None:
-        if self._httpd is not None:
+        if self._httpds:
             raise RuntimeError("server already started")
         self._parts.stopping.clear()
-        httpd = _HTTPServer(self._parts, self, (self.host, self.port or self._requested_port))
-        self._httpd = httpd
-        self.port = httpd.server_address[1]
-        self._accept_thread = threading.Thread(target=httpd.serve_forever,
-                                               kwargs={"poll_interval": ACCEPT_POLL_INTERVAL},
-                                               name="fake_server-accept", daemon=True)
+        self._stop.clear()
+        httpds: list[_HTTPServer] = []
+        try:
+            for port in self.ports or [self._requested_port]:
+                httpds.append(_HTTPServer(self._parts, self, (self.host, port)))
+        except BaseException:
+            for httpd in httpds:
+                httpd.server_close()
+            raise
+        with self._lock:
+            self._httpds = httpds
+        self.ports = [httpd.server_address[1] for httpd in httpds]
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="fake_server-accept", daemon=True)
         self._accept_thread.start()
+
+    def add_ports(self, count: int) -> list[int]:
+        """Listen on ``count`` more free ports of the same host (served by the same accept thread)."""
+        if not self._httpds:
+            raise RuntimeError("start the server before adding ports")
+        added = [_HTTPServer(self._parts, self, (self.host, 0)) for _ in range(count)]
+        with self._lock:
+            self._httpds.extend(added)
+        ports = [httpd.server_address[1] for httpd in added]
+        self.ports.extend(ports)
+        return ports
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            registered = 0
+            while not self._stop.is_set():
+                with self._lock:
+                    fresh = self._httpds[registered:]
+                for httpd in fresh:
+                    selector.register(httpd, selectors.EVENT_READ)
+                registered += len(fresh)
+                for key, _ in selector.select(ACCEPT_POLL_INTERVAL):
+                    self._accept(key.fileobj)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _accept(httpd: _HTTPServer) -> None:
+        """One connection of a listening socket that is ready (what serve_forever does for one request)."""
+        try:
+            request, address = httpd.get_request()
+        except OSError:
+            return
+        if not httpd.verify_request(request, address):
+            httpd.shutdown_request(request)
+            return
+        try:
+            httpd.process_request(request, address)
+        except Exception:  # noqa: BLE001 - as socketserver does: report, close, serve on
+            httpd.handle_error(request, address)
+            httpd.shutdown_request(request)
 
     def start_thread(self, target: Callable[..., Any], args: tuple[Any, ...], name: str) -> None:
         """Start a connection's thread; it is joined by stop() (finished ones are forgotten here)."""
@@ -1621,26 +1720,28 @@ class _Listener:
     def stop(self, timeout: float, wake: Callable[[], None]) -> None:
         """Stop accepting, ``wake()`` the handlers that wait (holds, stalls), cut every connection,
         then join the connection threads and the accept thread, all within ``timeout``."""
-        httpd = self._httpd
-        if httpd is None:
+        with self._lock:
+            httpds = list(self._httpds)
+        if not httpds:
             return
         self._parts.stopping.set()
         wake()
-        httpd.shutdown()
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        if self._accept_thread is not None:
+            self._accept_thread.join(max(0.0, deadline - time.monotonic()))
         for sock in self._parts.traffic.open_sockets():
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         with self._lock:
             threads = list(self._threads)
-        deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        httpd.server_close()
-        if self._accept_thread is not None:
-            self._accept_thread.join(max(0.0, deadline - time.monotonic()))
+        for httpd in httpds:
+            httpd.server_close()
         with self._lock:
             self._threads = {t for t in self._threads if t.is_alive()}
-        self._httpd = None
+            self._httpds = []
         self._accept_thread = None
 
 
@@ -1728,11 +1829,28 @@ class FakeServer:
         host = self.host if ":" not in self.host else "[%s]" % self.host
         return "%s://%s:%d" % ("https" if self.tls is not None else "http", host, self.port)
 
-    def url(self, path: str) -> str:
-        """``base_url + path``; ``path`` starts with "/"."""
+    def url(self, path: str, port: int | None = None) -> str:
+        """``base_url + path`` (with ``port``: that one of ``ports`` instead); ``path`` starts with "/"."""
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', not {path!r}")
-        return self.base_url + path
+        if port is None:
+            return self.base_url + path
+        if port not in self.ports:
+            raise ValueError(f"port {port} is not one of this server's ports {self.ports}")
+        return self.base_url.rsplit(":", 1)[0] + ":%d" % port + path
+
+    @property
+    def ports(self) -> list[int]:
+        """Every port the server listens on: ``port`` first, then those of ``add_ports``."""
+        return list(self._listener.ports)
+
+    def add_ports(self, count: int) -> list[int]:
+        """Also listen on ``count`` more free ports: the same routes, counters and boundaries, seen by a client
+        as ``count`` more hosts (origins).  The server must be running; it keeps them across stop() and start().
+        Returns the new ports (``url(path, port=p)``; ``RequestRecord.port`` says which one a request came to)."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        return self._listener.add_ports(count)
 
     # -- routes -----------------------------------------------------------
 
@@ -1801,8 +1919,20 @@ class FakeServer:
         """TCP connections accepted since start (or reset_counters())."""
         return self._parts.traffic.connections_accepted
 
+    @property
+    def peak_connections(self) -> int:
+        """The most TCP connections open at once, on all ports, since start (or reset_counters()).  Counted at
+        each accept; a connection its client has closed no longer counts, even if its handler has not read the
+        end yet (on Linux; elsewhere it counts until the handler has)."""
+        return self._parts.traffic.peak_connections
+
+    @property
+    def peak_requests(self) -> int:
+        """The most requests being answered at once (from the request line to the last byte of the answer)."""
+        return self._parts.traffic.peak_requests
+
     def reset_counters(self) -> None:
-        """Zero bytes served/received, forget request records and the connection count.
+        """Zero bytes served/received, forget request records, the connection count and the peaks.
 
         Fault positions of routes and armed watches are kept (watches then count from zero).
         """

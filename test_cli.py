@@ -3,21 +3,25 @@ the TTY progress display (under a pseudo-terminal), and `pip install .` giving a
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pty
 import select
 import subprocess
 import sys
+import time
 
 import pytest
 
 import bgsession as bg
 import fake_server as fs
 from testkit import *
-from testkit import HERE, LONG, MiB, sha, stop_daemon, wait_until
+from testkit import HERE, LONG, MiB, read_pid_file, sha, stop_daemon, wait_until
 
 BGSESSION = os.path.join(HERE, "bgsession.py")
+#: How far ahead a test schedules a download: room for three CLI runs (each a new interpreter) on a busy machine.
+SCHEDULE_AHEAD = 8.0
 
 
 class Cli:
@@ -105,6 +109,13 @@ def test_status_lists_tasks_and_cancel_and_resume_act_on_them(server, cli):
     (["cancel", "42"], 2, "no task 42"),
     (["check", "/nonexistent/session"], 2, "no such session directory"),
     (["download", "--sha256", "xyz", "http://127.0.0.1:9/x"], 2, "sha256"),
+    (["download", "--priority", "2", "http://127.0.0.1:9/x"], 2, "priority"),
+    (["download", "--not-before", "someday", "http://127.0.0.1:9/x"], 2, "bad time"),
+    (["download", "--limit-rate", "fast", "http://127.0.0.1:9/x"], 2, "bad rate"),
+    (["limit", "7", "1M"], 2, "no task 7"),
+    (["limit", "0.5"], 2, "rate"),
+    (["priority", "7", "0.5"], 2, "no task 7"),
+    (["priority", "7", "high"], 2, "number"),
 ])
 def test_bad_input_is_one_line_and_non_zero(cli, args, code, words):
     """Bad input gives one readable error line on stderr (no traceback) and a documented exit code."""
@@ -113,6 +124,73 @@ def test_bad_input_is_one_line_and_non_zero(cli, args, code, words):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bgsession: error: ") and words in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_scheduled_download_shows_in_status_and_waits_across_a_daemon_kill(server, cli):
+    """`download --not-before` a few seconds ahead (with --priority, --limit-rate): status shows it scheduled with its
+    options; the daemon SIGKILLed, the next status recovers it, still scheduled; it does not start before its time;
+    then status shows it running, and the file is delivered."""
+    data = fs.blob_bytes(200_000, seed=62)
+    server.add_blob("/later.bin", data)
+    hold = server.hold_at("/later.bin", 0)
+    when = datetime.datetime.fromtimestamp(time.time() + SCHEDULE_AHEAD, datetime.timezone.utc).isoformat()
+    begin = datetime.datetime.fromisoformat(when).timestamp()
+    cli.run("download", "-d", str(cli.out), "--not-before", when, "--priority", "0.8", "--limit-rate", "2M",
+            server.url("/later.bin"), check=True)
+    (task,) = cli.status()
+    assert (task["state"], task["priority"], task["limit"]) == ("scheduled", 0.8, 2 * MiB)
+    assert datetime.datetime.fromisoformat(task["not_before"]).timestamp() == pytest.approx(begin, abs=1e-5)
+    daemon = read_pid_file(cli.state)
+    assert daemon is not None and daemon.kill()
+    text = cli.run("status", check=True).stdout  # a new daemon recovered it, still scheduled
+    assert "scheduled" in text and "not before" in text and "priority 0.8" in text and "limit 2.0 MiB/s" in text
+    assert hold.wait(LONG)
+    (request,) = server.requests("/later.bin")
+    assert request.time >= begin
+    assert cli.status()[0]["state"] == "running"
+    hold.release()
+    target = cli.out / "later.bin"
+    wait_until(lambda: target.exists(), what="the delivered file")
+    assert sha(target.read_bytes()) == sha(data)
+
+
+def test_limit_and_priority_change_a_running_session(server, cli):
+    """`limit RATE` sets the session's limit, `limit ID RATE` and `priority ID P` a task's; status shows them."""
+    cli.run("download", "-d", str(cli.out), "--not-before", "+1h", server.url("/never.bin"), check=True)
+    assert cli.run("limit", "512K", check=True).stdout == "limit session 512.0 KiB/s\n"
+    assert cli.run("limit", "1", "1.5M", check=True).stdout == "limit 1 1.5 MiB/s\n"
+    assert cli.run("priority", "1", "0.9", check=True).stdout == "priority 1 0.9\n"
+    (task,) = cli.status()
+    assert (task["limit"], task["priority"], task["state"]) == (1536 * 1024, 0.9, "scheduled")
+    assert cli.run("status", check=True).stdout.startswith("session limit 512.0 KiB/s\n")
+    assert cli.run("limit", "none", check=True).stdout == "limit session none\n"
+    assert "session limit" not in cli.run("status", check=True).stdout
+    cli.run("cancel", "1", check=True)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("+90s", 1_800_000_090.0), ("+30m", 1_800_001_800.0), ("+1.5h", 1_800_005_400.0), ("+2d", 1_800_172_800.0),
+    ("@1767225600", 1_767_225_600.0), ("2027-01-15T08:00:00+00:00", 1_800_000_000.0),
+    ("2027-01-15T09:00:00+01:00", 1_800_000_000.0), ("2027-01-15T08:00:00Z", 1_800_000_000.0),
+    ("2027-01-20T10:30", datetime.datetime(2027, 1, 20, 10, 30).timestamp()),  # no offset: local time
+])
+def test_not_before_forms(text, expected):
+    """--not-before takes a relative time, POSIX time, or ISO 8601 (local time unless it says its offset)."""
+    assert bg._parse_when(text, 1_800_000_000.0) == expected
+
+
+def test_not_before_clock_time_is_the_next_one():
+    """--not-before HH:MM is the next time the local clock shows it: today if still ahead, else tomorrow."""
+    now = datetime.datetime(2027, 3, 10, 21, 0).timestamp()
+    assert bg._parse_when("22:00", now) == datetime.datetime(2027, 3, 10, 22, 0).timestamp()
+    assert bg._parse_when("20:15:30", now) == datetime.datetime(2027, 3, 11, 20, 15, 30).timestamp()
+
+
+@pytest.mark.parametrize("text, expected", [("2M", 2 * MiB), ("512k", 512 << 10), ("1.5MiB/s", 1536 << 10),
+                                            ("100", 100), ("1G", 1 << 30), ("0", None), ("none", None)])
+def test_rate_forms(text, expected):
+    """Rates as curl, wget and aria2 write them: bytes per second with K, M, G (1024-based); 0 or none: no limit."""
+    assert bg._parse_rate(text) == expected
 
 
 def test_unwritable_destination_is_refused(cli, tmp_path):

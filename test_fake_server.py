@@ -1015,6 +1015,54 @@ def test_reset_counters(srv):
     assert (srv.bytes_served("/a"), srv.requests(), srv.connections_accepted) == (0, [], 0)
 
 
+def test_added_ports_serve_the_same_routes_and_are_recorded(srv):
+    """add_ports: more ports (origins) with the same routes and counters; each record names its port."""
+    srv.add_blob("/a", b"same")
+    extra = srv.add_ports(3)
+    assert srv.ports == [srv.port, *extra] and len(set(srv.ports)) == 4
+    for port in srv.ports:
+        with urllib.request.urlopen(srv.url("/a", port=port), timeout=SHORT) as resp:
+            assert resp.read() == b"same"
+    assert [r.port for r in srv.requests("/a")] == srv.ports
+    assert srv.bytes_served("/a") == 16 and srv.connections_accepted == 4
+    with pytest.raises(ValueError):
+        srv.url("/a", port=1)
+
+
+def test_added_ports_come_back_after_a_restart(srv):
+    """Ports added are bound again, the same numbers, when the server is started again."""
+    srv.add_blob("/a", b"x")
+    (extra,) = srv.add_ports(1)
+    srv.stop()
+    srv.start()
+    assert srv.ports[1] == extra
+    with urllib.request.urlopen(srv.url("/a", port=extra), timeout=SHORT) as resp:
+        assert resp.read() == b"x"
+
+
+def test_peaks_count_connections_and_requests_open_at_once(srv):
+    """peak_connections and peak_requests: the most at once, held open by the test; closed ones stop counting."""
+    srv.add_blob("/h", size=1000, faults=[fs.Fault(stall_after=0)] * 3)
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=SHORT) for port in [srv.port, *srv.add_ports(2)]]
+    try:
+        for conn in conns:
+            conn.request("GET", "/h")
+        assert srv.wait_stalled(3, SHORT)
+        assert (srv.peak_connections, srv.peak_requests) == (3, 3)
+        srv.release_stalls()
+        for conn in conns:
+            assert len(conn.getresponse().read()) == 1000
+    finally:
+        for conn in conns:
+            conn.close()
+    for _ in range(4):  # one at a time: the closed ones no longer count
+        fetch(srv, "/h")
+    assert (srv.peak_connections, srv.peak_requests) == (3, 3)
+    srv.reset_counters()
+    fetch(srv, "/h")
+    assert (srv.peak_connections, srv.peak_requests) == (1, 1)
+
+
 # --- byte boundaries ----------------------------------------------------------------
 
 def test_on_bytes_fires_at_exact_boundary(srv):
