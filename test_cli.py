@@ -11,7 +11,6 @@ import select
 import subprocess
 import sys
 import time
-import venv
 
 import pytest
 
@@ -324,28 +323,3 @@ def test_tty_progress_is_redrawn_in_place(server, cli):
     assert any("%" in f and "/s" in f for f in frames)
     assert "done" in text.splitlines()[-1] or "done" in text
     assert (cli.out / "t.bin").stat().st_size == 3 * MiB
-
-
-def test_pip_install_gives_a_working_command(tmp_path, server):
-    """`pip install .` into a fresh venv installs a `bgsession` command that runs."""
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(str(env_dir))
-    pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", HERE]
-    proc = subprocess.run(pip, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    exe = str(env_dir / "bin" / "bgsession")
-    help_text = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=LONG)
-    assert help_text.returncode == 0 and "download" in help_text.stdout
-    server.add_blob("/v.bin", size=1000)
-    state = str(tmp_path / "state")
-    try:
-        run = subprocess.run([exe, "download", "--state-dir", state, "--wait", "-d", str(tmp_path),
-                              server.url("/v.bin")], capture_output=True, text=True, timeout=LONG)
-        assert run.returncode == 0, run.stderr
-        assert (tmp_path / "v.bin").stat().st_size == 1000
-        imported = subprocess.run([str(env_dir / "bin" / "python"), "-c",
-                                   "import bgsession, appdelegate; print(bgsession.__version__)"],
-                                  capture_output=True, text=True, timeout=LONG)
-        assert imported.stdout.strip() == bg.__version__
-    finally:
-        stop_daemon(state)
