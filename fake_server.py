@@ -1997,18 +1997,21 @@ class _Listener:
         thread.start()
 
     def stop(self, timeout: float, wake: Callable[[], None]) -> None:
-        """Stop accepting, ``wake()`` the handlers that wait (holds, stalls), cut every connection,
-        then join the connection threads and the accept thread, all within ``timeout``."""
+        """Stop accepting (the accept thread ends and the listening sockets close first, so that a client
+        retrying the moment its connection is cut finds nothing listening), ``wake()`` the handlers that wait
+        (holds, stalls), cut every connection, then join the connection threads, all within ``timeout``."""
         with self._lock:
             httpds = list(self._httpds)
         if not httpds:
             return
         self._parts.stopping.set()
-        wake()
         self._stop.set()
         deadline = time.monotonic() + timeout
         if self._accept_thread is not None:
             self._accept_thread.join(max(0.0, deadline - time.monotonic()))
+        for httpd in httpds:
+            httpd.server_close()
+        wake()
         for sock in self._parts.traffic.open_sockets():
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -2016,8 +2019,6 @@ class _Listener:
             threads = list(self._threads)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        for httpd in httpds:
-            httpd.server_close()
         with self._lock:
             self._threads = {t for t in self._threads if t.is_alive()}
             self._httpds = []

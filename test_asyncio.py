@@ -1,7 +1,7 @@
 """asyncio: ``async def`` hooks run on the loop the session was created on, one at a time, in order, each
 acknowledged after its coroutine returned; ``await session.wait_async()``; ``error = await task``; both hosts.
-An asyncio app survives a SIGKILL and a background relaunch; the event loop stays responsive (a heartbeat's lag)
-during 1,000 downloads, because no blocking work runs on it."""
+An asyncio app survives a SIGKILL and a background relaunch; no blocking work runs on the event loop during 1,000
+downloads (traced; the heartbeat lag it buys is measured by bench/heartbeat.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -21,9 +23,9 @@ import bgsession as bg
 import fake_server as fs
 from testkit import *
 
-#: The lag bound of the heartbeat test: a coroutine that asks to wake every HEARTBEAT seconds is never late by more.
-MAX_LAG = 0.050
-HEARTBEAT = 0.010
+sys.path.insert(0, os.path.join(HERE, "bench"))
+import heartbeat  # noqa: E402 - the app of the benchmark, run here with its trace
+
 
 
 class AsyncRecorder(bg.SessionDelegate):
@@ -364,70 +366,6 @@ def test_kill_inside_an_async_hook_redelivers_the_event_once(server, tmp_path, h
 # ---------------------------------------------------------------------------
 
 
-HEARTBEAT_APP = textwrap.dedent('''
-    import asyncio, json, os, sys, time
-    import bgsession
-
-    base, directory, host, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    done = {"finish": 0, "complete": 0}
-
-
-    def runqueue_waits():
-        """Per thread of this process: seconds spent runnable but waiting for a CPU (Linux schedstat)."""
-        waits = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
-                    waits[tid] = int(f.read().split()[1]) / 1e9
-            except (OSError, IndexError, ValueError):
-                pass  # the thread ended
-        return waits
-
-
-    def machine_delay(before, after):
-        """The longest any thread of this process waited for a CPU between two readings: the loop's thread, or
-        the one holding the GIL it waited for. That is the machine's load, which no code here can give back."""
-        return max((after[t] - before[t] for t in before.keys() & after.keys()), default=0.0)
-
-
-    class Hooks(bgsession.SessionDelegate):
-        async def download_task_did_finish_downloading(self, session, task, location):
-            done["finish"] += 1
-
-        async def task_did_complete(self, session, task, error):
-            done["complete"] += 1
-
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        config = bgsession.Configuration.background("test.heartbeat", directory=directory, host=host,
-                                                    max_connections_per_host=16, daemon_idle_timeout=0.5)
-        session = bgsession.Session(config, Hooks())
-        tasks = await loop.run_in_executor(None, lambda: [
-            session.download_task(f"{base}/blob/10240?seed={i}") for i in range(count)])
-        lags, raw, stop = [], [], asyncio.Event()
-
-        async def heartbeat():
-            while not stop.is_set():
-                asked, waits = time.monotonic(), runqueue_waits()
-                await asyncio.sleep(HEARTBEAT)
-                late = time.monotonic() - asked - HEARTBEAT
-                raw.append(late)
-                lags.append(late - machine_delay(waits, runqueue_waits()))
-
-        beating = asyncio.ensure_future(heartbeat())
-        await loop.run_in_executor(None, session.resume_all, tasks)
-        settled = await session.wait_async(120)
-        stop.set()
-        await beating
-        await loop.run_in_executor(None, session.close)
-        print(json.dumps({"settled": settled, "done": done, "lags": lags, "raw": raw}))
-
-
-    asyncio.run(main())
-''').replace("HEARTBEAT", repr(HEARTBEAT))
-
-
 @pytest.fixture
 def server_process():
     """A FakeServer in a process of its own, so that its threads do not compete with the app's for the GIL."""
@@ -445,36 +383,43 @@ def server_process():
             proc.stdout.close()
 
 
-def _raised_priority() -> None:
-    """In the child: ask for a larger share of the CPU than the machine's other work (root only), so that what is
-    measured is this process, not the neighbours' test runs."""
-    with contextlib.suppress(OSError):
-        os.nice(-20)
+def test_no_blocking_call_runs_on_the_loop_during_a_thousand_downloads(server_process, tmp_path, host):
+    """During 1,000 small downloads whose hooks are async def, nothing on the loop's thread waits for the disk, the
+    network or another thread: the app (bench/heartbeat.py, in a process of its own) traces every call on that thread
+    and lists the blocking ones (fsync, file and socket I/O, sleeps, waits on threads), and there must be none.
 
-
-def test_heartbeat_lag_stays_low_during_a_thousand_downloads(server_process, tmp_path, host):
-    """During 1,000 small downloads whose hooks are async def, a heartbeat coroutine asking to wake every 10 ms is
-    never late by 50 ms or more: journal, socket and file work stay off the loop.
-
-    The app runs as a process of its own (at a raised priority where allowed) against a server in another one, and
-    each beat's lateness leaves out the longest time a thread of the app waited for a CPU meanwhile (schedstat: the
-    loop's thread, or the one holding the GIL): on a shared 2-core machine that is the neighbours' load, not this
-    code. Unloaded, nothing is left out, and a 60 ms blocking call on the loop fails the test."""
+    How late a heartbeat coroutine then is (the 50 ms target) is timing, so it is measured by bench/heartbeat.py and
+    only printed here."""
     directory = str(tmp_path / "session")
-    script = tmp_path / "heartbeat.py"
-    script.write_text(HEARTBEAT_APP)
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
-        run = subprocess.run([sys.executable, "-W", "error", str(script), server_process, directory, host, "1000"],
-                             capture_output=True, text=True, env=env, timeout=300, preexec_fn=_raised_priority)
+        result = heartbeat.run_app(server_process, directory, host, 1000, trace=True)
     finally:
         stop_daemon(directory)
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.splitlines()[-1])
     assert result["settled"] and result["done"] == {"finish": 1000, "complete": 1000}
-    lags, raw = sorted(result["lags"]), sorted(result["raw"])
-    print(f"heartbeat lag over {len(lags)} beats ({host}): median {lags[len(lags) // 2] * 1000:.1f} ms, "
-          f"max {lags[-1] * 1000:.1f} ms (wall clock: p99 {raw[int(len(raw) * 0.99)] * 1000:.1f} ms, "
-          f"max {raw[-1] * 1000:.1f} ms)")
-    assert lags[-1] < MAX_LAG
+    assert result["blocking"] == []
+    lags = sorted(result["lags"])
+    print(f"heartbeat lag over {len(lags)} beats ({host}, traced): median {lags[len(lags) // 2] * 1000:.1f} ms, "
+          f"max {lags[-1] * 1000:.1f} ms")
     assert bg.Journal(directory).check() == []
+
+
+def test_the_trace_sees_a_blocking_call_on_the_loop():
+    """The check above can fail: bgsession code doing file work on the loop is listed; the app's own waits are not."""
+    trace = heartbeat.BlockingTrace()
+
+    async def hook(directory: str) -> None:
+        journal = bg.Journal(directory)  # opens and reads files: blocking, made inside bgsession
+        journal.check()
+        done = threading.Event()
+        done.set()
+        done.wait()  # the app's own: not bgsession's
+        time.sleep(0.001)
+
+    old = sys.getprofile()
+    with tempfile.TemporaryDirectory() as directory:
+        sys.setprofile(trace.profile)
+        try:
+            asyncio.run(hook(directory))
+        finally:
+            sys.setprofile(old)
+    assert trace.calls and all(" in bgsession." in call for call in trace.calls), trace.calls
