@@ -6,8 +6,6 @@ downloads (traced; the heartbeat lag it buys is measured by bench/heartbeat.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -24,8 +22,7 @@ import fake_server as fs
 from testkit import *
 
 sys.path.insert(0, os.path.join(HERE, "bench"))
-import heartbeat  # noqa: E402 - the app of the benchmark, run here with its trace
-
+import heartbeat
 
 
 class AsyncRecorder(bg.SessionDelegate):
@@ -383,7 +380,7 @@ def server_process():
             proc.stdout.close()
 
 
-def test_no_blocking_call_runs_on_the_loop_during_a_thousand_downloads(server_process, tmp_path, host):
+def test_heartbeat_app_makes_no_blocking_call_on_the_loop_during_a_thousand_downloads(server_process, tmp_path, host):
     """During 1,000 small downloads whose hooks are async def, nothing on the loop's thread waits for the disk, the
     network or another thread: the app (bench/heartbeat.py, in a process of its own) traces every call on that thread
     and lists the blocking ones (fsync, file and socket I/O, sleeps, waits on threads), and there must be none.
@@ -403,7 +400,7 @@ def test_no_blocking_call_runs_on_the_loop_during_a_thousand_downloads(server_pr
     assert bg.Journal(directory).check() == []
 
 
-def test_the_trace_sees_a_blocking_call_on_the_loop():
+def test_heartbeat_trace_sees_a_blocking_call_on_the_loop():
     """The check above can fail: bgsession code doing file work on the loop is listed; the app's own waits are not."""
     trace = heartbeat.BlockingTrace()
 
