@@ -3214,6 +3214,8 @@ class _Segments:
                     except OSError as err:
                         log.warning("task %s: cannot sync segment %d: %s", self.task.id, seg.index, err)
         if self.control.reason is not None:
+            if self.control.reason == "cancel" and self.task.want_resume_data and not isinstance(failure, _Failed):
+                self._unsplit(fd, held, restart=False)  # resume data: every byte held contiguously from the start
             raise _AttemptEnded(_Stopped(self.control.reason))
         if isinstance(failure, RangePlan):
             self._unsplit(fd, held, restart=failure.action == "restart")
@@ -3350,7 +3352,8 @@ class _Transfer:
             if connections > 1:
                 log.info("task %s: one connection: %s", task.id, split.reason)
             return False
-        self.host.record(task, "split", segments=[list(segment) for segment in split.segments])
+        # durable before a segment's file gets a byte: recovery can always tell what the files hold
+        self.store.wait(self.host.record(task, "split", segments=[list(segment) for segment in split.segments]))
         return True
 
     def _finish_split(self, task: _TaskRecord, fd: int) -> _Finished:
