@@ -3347,7 +3347,7 @@ class _Transfer:
             return False
         connections = min(config.max_connections_per_task, config.max_connections_per_host,
                           config.max_concurrent_transfers)
-        split = plan_split(connections, response.status, response.headers, plan)
+        split = plan_split(connections, response.status, response.headers, plan, MIN_SEGMENT_SIZE)
         if not split.segments:
             if connections > 1:
                 log.info("task %s: one connection: %s", task.id, split.reason)
