@@ -82,7 +82,7 @@ try:  # Windows byte-range locks
 except ImportError:
     msvcrt = None  # type: ignore[assignment]
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
@@ -6228,7 +6228,8 @@ def _cli_config(args: argparse.Namespace) -> Configuration:
     relaunch = _self_command("deliver", "--session", args.session)
     if directory:
         relaunch += ["--state-dir", directory]
-    return Configuration.background(args.session, directory=directory, host="daemon", relaunch_command=relaunch)
+    return Configuration.background(args.session, directory=directory, host="daemon", relaunch_command=relaunch,
+                                    max_connections_per_task=getattr(args, "split", None) or 1)
 
 
 def _human(n: float) -> str:
@@ -6557,6 +6558,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--not-before", metavar="WHEN", help="start no earlier than WHEN: +30m, 22:00, "
                    "2026-12-01T22:00[+01:00], @POSIXTIME")
     p.add_argument("--limit-rate", metavar="RATE", help="bandwidth limit of each download: 512K, 2M ...")
+    p.add_argument("-x", "--split", type=int, metavar="N", help="up to N connections per download (1-16; aria2c's "
+                   "-x/--split): a file whose server allows it is fetched in N segments at once")
     p = sub.add_parser("status", parents=[common], help="list tasks with state, bytes, rate and ETA")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("wait", parents=[common], help="attach, show progress and deliver files until all are done")

@@ -23,7 +23,7 @@ import pytest
 import bgsession as bg
 import fake_server as fs
 from testkit import *
-from testkit import HERE, LONG, SHORT, MiB, Recorder, Sessions, download, received, sha, stop_daemon, wait_until
+from testkit import HERE, LONG, MiB, Recorder, download, received, sha, stop_daemon, wait_until
 
 KiB = 1 << 10
 SEG = bg.MIN_SEGMENT_SIZE
