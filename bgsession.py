@@ -3047,18 +3047,19 @@ class _Segments:
             self.queue = [seg for seg in self.segments[1 if first is not None else 0:] if seg.pos < seg.end]
             wanted = len(self.queue) - (1 if first is None else 0)  # (without a first response, this thread takes one)
             granted = self.transfer.host.change_connections(self.task, wanted) if wanted > 0 else 0
-            helpers = [threading.Thread(target=self._helper, name="bgsession-segment", daemon=True)
-                       for _ in range(granted)]
+            helpers: list[threading.Thread] = []
             try:
-                for thread in helpers:
-                    thread.start()
+                for _ in range(granted):
+                    helpers.append(threading.Thread(target=self._helper, name="bgsession-segment", daemon=True))
+                    helpers[-1].start()
                 self._work(held, self._child(), self.buf, first)
             except BaseException:
                 self._stop_others()
                 raise
             finally:
                 for thread in helpers:
-                    thread.join()
+                    if thread.ident is not None:
+                        thread.join()
             return self._conclude(fd, held)
         finally:
             for seg in self.segments[1:]:
@@ -3103,6 +3104,7 @@ class _Segments:
         attempt ends. A failure is kept (the first one) and stops the other connections. True: ended cleanly."""
         try:
             if first is not None:
+                control.conn = first[1]  # (a stop of this connection shuts it down)
                 self._stream(self.segments[0], control, buf, *first)
                 if self.segments[0].pos < self.segments[0].end:
                     self._fetch(self.segments[0], control, held, buf)

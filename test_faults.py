@@ -123,7 +123,7 @@ SEGMENTED = [
     Scenario("a segment stalls longer than timeout_for_request",
              split_faults(None, fs.Fault(stall_after=HALF, stall_seconds=5.0)), SPLIT_DATA, timeout_for_request=0.3,
              way="resumed"),
-    Scenario("a slow segment (256 KiB/s)", split_faults(None, fs.Fault(throttle=256 << 10)), SPLIT_DATA,
+    Scenario("a slow segment (512 KiB/s)", split_faults(None, fs.Fault(throttle=512 << 10)), SPLIT_DATA,
              way="resumed"),
     Scenario("503 to a segment", split_faults(None, fs.Fault(status=503, retry_after="1")), SPLIT_DATA,
              way="resumed"),
