@@ -346,6 +346,19 @@ def test_progress_is_one_total_per_task(server, sessions):
     assert {expected for _, _, expected in progress} == {len(data)}
 
 
+def test_timeout_for_resource_ends_a_split_download(server, sessions):
+    """timeout_for_resource ends a split download that cannot finish in time with TIMED_OUT and its resume data,
+    as it ends a one-connection download."""
+    server.add_blob("/f", size=4 * SEG, default_fault=fs.Fault(throttle=256 * KiB))  # 4 s a segment
+    rec = Recorder()
+    s = sessions.open(rec, max_connections_per_task=4, timeout_for_resource=1.5)
+    task = download(s, server.url("/f"))
+    assert s.wait(LONG)
+    error = rec.errors[task.identifier]
+    assert error is not None and error.code is bg.ErrorCode.TIMED_OUT and error.resume_data
+    assert len(server.requests("/f")) == 4 and task.identifier not in rec.files
+
+
 def test_a_stalled_segment_is_retried_and_resumed(server, inproc):
     """A segment whose connection stalls past timeout_for_request ends the attempt; the next one resumes every
     segment where it stopped, and the file is exact."""
