@@ -91,7 +91,7 @@ try:  # Windows byte-range locks
 except ImportError:
     msvcrt = None  # type: ignore[assignment]
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "TLS", "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
@@ -108,7 +108,7 @@ BACKGROUND_EVENTS_ENV = "BGSESSION_BACKGROUND_EVENTS"
 #: Journal and snapshot format this module reads (also the daemon protocol's version). Each record is written in the
 #: oldest format that holds it (the store section says which), so that an older bgsession reads a journal that uses
 #: nothing newer, and refuses one that does.
-JOURNAL_VERSION = 2
+JOURNAL_VERSION = 3
 
 
 # ============================================================================
@@ -421,6 +421,9 @@ MAX_CONNECTIONS_PER_HOST = 64
 #: Transfers (and transfer threads) of a session at once, over all hosts, unless configured; and the most allowed.
 DEFAULT_MAX_CONCURRENT_TRANSFERS = 16
 MAX_CONCURRENT_TRANSFERS = 256
+#: Connections one download may use at once (``Configuration.max_connections_per_task``, aria2's ``-x``): the most
+#: allowed (aria2's too).
+MAX_CONNECTIONS_PER_TASK = 16
 
 
 #: OS errors that mean "out of a resource that frees itself" (descriptors, buffers): an attempt that meets one is
@@ -649,6 +652,18 @@ def next_to_start(queued: Iterable[_Queued], active: Mapping[Any, int], *, runni
     if running >= max_concurrent:
         return None
     return min((q for q in queued if active.get(q.origin, 0) < per_host), default=None)
+
+
+def extra_connections(wanted: int, *, running: int, max_concurrent: int, origin_running: int, per_host: int,
+                      waiting: bool) -> int:
+    """How many more connections a running split download may open now (pure). None while a queued task could take a
+    free slot (*waiting*): a segment never takes a slot from a task that waits for one, and never preempts a
+    transfer. Else as many of *wanted* as both caps leave free: the session's (*running* of *max_concurrent*) and its
+    origin's (*origin_running* of *per_host*). Each connection granted counts as a transfer against both caps until
+    it is given back (when its segments are done)."""
+    if waiting:
+        return 0
+    return max(0, min(wanted, max_concurrent - running, per_host - origin_running))
 
 
 def session_rate(configured: int | None, override: tuple[int | None, int | None] | None) -> int | None:
@@ -1412,7 +1427,11 @@ class Configuration:
     waiting period. ``fails_on_unknown_host``: a host name the resolver says does not exist fails the task at once
     (CANNOT_FIND_HOST) instead of waiting. ``proxies``: ``"environment"`` (http_proxy, https_proxy, all_proxy,
     no_proxy, read when the configuration is made), a mapping or None; the daemon uses these. ``tls``: a
-    :class:`TLS`, the way to give TLS settings to the daemon host (``ssl_context`` works in-process only)."""
+    :class:`TLS`, the way to give TLS settings to the daemon host (``ssl_context`` works in-process only).
+    ``max_connections_per_task`` (1 to 16, default 1; aria2's ``-x``/``-s``): a download whose response allows it (a
+    strong validator, a known length, Range support) is split into up to that many segments fetched on parallel
+    connections, each resumed and validated on its own (README, "Segmented downloads"). Its extra connections count
+    against both caps above and are taken only when no queued task could use them."""
 
     identifier: str | None
     directory: str | None
@@ -1434,6 +1453,7 @@ class Configuration:
     fails_on_unknown_host: bool = False
     proxies: _Proxies | None = None
     tls: TLS | None = None
+    max_connections_per_task: int = 1
 
     @classmethod
     def background(cls, identifier: str, *, directory: str | None = None, host: str | None = None,
@@ -1444,7 +1464,8 @@ class Configuration:
                    relaunch_backoff: float = 1.0, max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
                    max_bytes_per_second: int | None = None, waits_for_connectivity: bool = True,
                    fails_on_unknown_host: bool = False, proxies: Any = "environment",
-                   tls: TLS | None = None, secret_headers: Iterable[str] | None = None) -> Configuration:
+                   tls: TLS | None = None, secret_headers: Iterable[str] | None = None,
+                   max_connections_per_task: int = 1) -> Configuration:
         """A durable session: its tasks and undelivered events survive the process.
 
         *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
@@ -1471,7 +1492,7 @@ class Configuration:
                              ssl_context=ssl_context, max_concurrent_transfers=max_concurrent_transfers,
                              max_bytes_per_second=max_bytes_per_second, waits_for_connectivity=waits_for_connectivity,
                              fails_on_unknown_host=fails_on_unknown_host, proxies=proxies, tls=tls,
-                             secret_headers=secret_headers)
+                             secret_headers=secret_headers, max_connections_per_task=max_connections_per_task)
         return dataclasses.replace(
             common, identifier=identifier, directory=os.path.normpath(os.fspath(directory)), host=host,
             relaunch_command=tuple(relaunch_command) if relaunch_command is not None else None,
@@ -1487,10 +1508,12 @@ class Configuration:
                 max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
                 max_bytes_per_second: int | None = None, waits_for_connectivity: bool = False,
                 fails_on_unknown_host: bool = False, proxies: Any = "environment",
-                tls: TLS | None = None, secret_headers: Iterable[str] | None = None) -> Configuration:
+                tls: TLS | None = None, secret_headers: Iterable[str] | None = None,
+                max_connections_per_task: int = 1) -> Configuration:
         """An in-process, in-memory session: nothing durable (``NSURLSessionConfiguration.default``)."""
         for name, value, most in (("max_connections_per_host", max_connections_per_host, MAX_CONNECTIONS_PER_HOST),
-                                  ("max_concurrent_transfers", max_concurrent_transfers, MAX_CONCURRENT_TRANSFERS)):
+                                  ("max_concurrent_transfers", max_concurrent_transfers, MAX_CONCURRENT_TRANSFERS),
+                                  ("max_connections_per_task", max_connections_per_task, MAX_CONNECTIONS_PER_TASK)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
                 raise _invalid(f"{name} must be an int from 1 to {most}, not {value!r}")
         for name, flag in (("waits_for_connectivity", waits_for_connectivity),
@@ -1514,7 +1537,8 @@ class Configuration:
                    max_bytes_per_second=_check_rate(max_bytes_per_second),
                    waits_for_connectivity=waits_for_connectivity, fails_on_unknown_host=fails_on_unknown_host,
                    proxies=_resolve_proxies(proxies), tls=tls,
-                   secret_headers=_check_secret_names(secret_headers, "secret_headers"))
+                   secret_headers=_check_secret_names(secret_headers, "secret_headers"),
+                   max_connections_per_task=max_connections_per_task)
 
     @property
     def is_background(self) -> bool:
@@ -1540,7 +1564,8 @@ def resume_validator(headers: Mapping[str, str]) -> dict[str, str] | None:
 class RangePlan:
     """What to do with a download response (:func:`plan_response`). ``action``: ``"write"`` (write the body at
     ``start``, truncating the partial file there first), ``"complete"`` (the local file is already whole),
-    ``"rerequest"`` (discard this response, ask again without Range)."""
+    ``"rerequest"`` (discard this response, ask again without Range); for a segment of a split download
+    (:func:`plan_segment`) also ``"restart"`` and ``"unsplit"`` (go on with one connection)."""
 
     action: str
     start: int = 0
@@ -1605,6 +1630,96 @@ def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[
         why = "the server sent the whole entity (Range ignored or If-Range failed)" if asked_range else ""
         return RangePlan("write", start=0, total=total, resumable=status == 200, reason=why)
     return RangePlan("write", start=0, total=_content_length(headers), resumable=False)
+
+
+#: The smallest segment a download is split into (aria2's smallest ``--min-split-size``): a download with fewer than
+#: twice this many bytes left stays on one connection, and a longer one gets at most one segment per this many bytes.
+MIN_SEGMENT_SIZE = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """Where a download is split (:func:`plan_split`): ``segments``, the entity's bytes ``(start, end)`` (end excluded)
+    of each connection, the first from 0 (the partial file); empty: one connection, for ``reason``."""
+
+    segments: tuple[tuple[int, int], ...] = ()
+    reason: str = ""
+
+
+def _accepts_byte_ranges(headers: Mapping[str, str]) -> bool:
+    return "bytes" in (token.strip().lower() for token in headers.get("Accept-Ranges", "").split(","))
+
+
+def plan_split(connections: int, status: int, headers: Mapping[str, str], plan: RangePlan,
+               min_segment: int = MIN_SEGMENT_SIZE) -> SplitPlan:
+    """Whether to fetch a download on *connections* parallel connections, and which bytes each fetches (pure).
+
+    *plan* is :func:`plan_response`'s decision for this response (status, headers), whose body is written from
+    ``plan.start``. Only an entity that later Range requests can continue without a splice is split: one with a
+    strong validator (:func:`resume_validator`: a strong ETag, else Last-Modified), a known length (no chunked
+    coding) and Range support (this answer is a 206, or a 200 that says ``Accept-Ranges: bytes``). The bytes still
+    to fetch are cut into equal segments of at least *min_segment* bytes: the first runs on from 0 (the bytes held
+    and this response's body), each other one is asked with ``Range: bytes=A-B`` and ``If-Range``. Anything else
+    stays on one connection."""
+    if connections < 2:
+        return SplitPlan(reason="one connection per task")
+    if plan.action != "write" or not plan.resumable or status not in (200, 206):
+        return SplitPlan(reason=f"HTTP {status}: not a whole or partial entity that a Range request can continue")
+    if resume_validator(headers) is None:
+        return SplitPlan(reason="no strong validator (strong ETag or Last-Modified)")
+    if plan.total is None:
+        return SplitPlan(reason="unknown length")
+    if status == 200 and not _accepts_byte_ranges(headers):
+        return SplitPlan(reason="no Accept-Ranges: bytes")
+    rest = plan.total - plan.start
+    count = min(connections, rest // max(1, min_segment))
+    if count < 2:
+        return SplitPlan(reason=f"{rest} bytes to fetch: less than two segments of {min_segment}")
+    bounds = [0] + [plan.start + rest * i // count for i in range(1, count)] + [plan.total]
+    return SplitPlan(tuple(zip(bounds, bounds[1:])))
+
+
+def _validator_changed(validator: Mapping[str, str] | None, headers: Mapping[str, str]) -> bool:
+    """Does a response name another entity than *validator* (the one the held bytes belong to)? Only a validator of
+    the same kind tells: a response without one is taken at its If-Range."""
+    if not validator:
+        return False
+    if validator.get("etag"):
+        etag = headers.get("ETag", "").strip()
+        return bool(etag) and etag != validator["etag"]
+    modified = headers.get("Last-Modified", "").strip()
+    return bool(modified) and modified != validator.get("last_modified")
+
+
+def plan_segment(position: int, segment: tuple[int, int], status: int, headers: Mapping[str, str],
+                 validator: Mapping[str, str] | None, known_total: int | None) -> RangePlan:
+    """The validated-resume rule for one segment of a split download (pure): what to do with the answer to
+    ``Range: bytes=P-(E-1)`` and ``If-Range``, where *position* P is how far the segment's file holds it and
+    *segment* (S, E) its bytes of the entity.
+
+    ``"write"`` at ``start``: a 206 whose Content-Range starts within [S, P] (earlier than P: the file is cut back to
+    it), whose total is the entity's and whose validators, if it sends any, are the entity's -- plan_response's rule,
+    with the validators compared too. ``"restart"``: the entity changed (another validator or length, a 416 inside
+    it): the whole download starts again from zero on one connection, never a splice of two entities.
+    ``"unsplit"``: the server does not serve this range reliably (a 200 for the same entity, a malformed or misplaced
+    Content-Range, another status): the bytes held contiguously from the start are kept and the download goes on
+    with one connection."""
+    changed = _validator_changed(validator, headers)
+    if status == 206:
+        cr = parse_content_range(headers.get("Content-Range"))
+        first, total = (None, None) if cr is None else (cr[0], cr[2])
+        if first is None or total is None:
+            return RangePlan("unsplit", reason=f"malformed Content-Range {headers.get('Content-Range')!r}")
+        if total != known_total or changed:
+            return RangePlan("restart", reason=f"the entity changed (length {known_total} -> {total}"
+                                               f"{', another validator' if changed else ''})")
+        if not segment[0] <= first <= position:
+            return RangePlan("unsplit", reason=f"206 starts at {first}, not within [{segment[0]}, {position}]")
+        return RangePlan("write", start=first, total=total, resumable=True)
+    length = _content_length(headers) if 200 <= status < 300 else None
+    if status == 416 or changed or length not in (None, known_total):
+        return RangePlan("restart", reason=f"the entity changed (HTTP {status} to a Range request inside it)")
+    return RangePlan("unsplit", reason=f"HTTP {status} to a Range request")
 
 
 def _origin(url: str) -> tuple[str, str, int]:
@@ -1760,10 +1875,12 @@ class _Exchange:
     auth_declined: bool = False  # the 401 (or 407) in hand was not answered with a credential
     renewals: int = 0  # new requests the app gave for a 401/403 in this attempt
     renew_declined: bool = False  # the 401/403 in hand stands: the app continued or gave nothing new
+    segment: tuple[int, int] | None = None  # a split download's segment (start, end): asks bytes offset..end-1
 
     @property
     def asks_range(self) -> bool:
-        return self.kind == "download" and self.offset > 0 and self.validator is not None and not self.rerequest
+        return self.kind == "download" and (self.offset > 0 or self.segment is not None) and \
+            self.validator is not None and not self.rerequest
 
     def request_headers(self) -> dict[str, str]:
         """A download never asks for a transfer coding that would change the bytes; it asks for the
@@ -1774,7 +1891,8 @@ class _Exchange:
         if not self.asks_range:
             return {"Accept-Encoding": "identity"}
         assert self.validator is not None
-        return {"Accept-Encoding": "identity", "Range": f"bytes={self.offset}-",
+        last = "" if self.segment is None else str(self.segment[1] - 1)
+        return {"Accept-Encoding": "identity", "Range": f"bytes={self.offset}-{last}",
                 "If-Range": self.validator.get("etag") or self.validator["last_modified"]}
 
 
@@ -1835,8 +1953,9 @@ def _redirect_step(ex: _Exchange, status: int, location: str) -> _Step:
 
 def next_step(ex: _Exchange, status: int, headers: Headers) -> _Step:
     """The response sequence of both transfer kinds, in order: redirect -> 401/407 challenge -> 401/403 renewal ->
-    retryable status -> (downloads) the validated-range plan. Pure: the caller does what it says. A 407 that no
-    credential answers fails the task: a proxy's page is not the resource's answer."""
+    retryable status -> (downloads) the validated-range plan (a split download's segment: :func:`plan_segment`'s).
+    Pure: the caller does what it says. A 407 that no credential answers fails the task: a proxy's page is not the
+    resource's answer."""
     if status in _REDIRECT_STATUSES and "Location" in headers:
         return _redirect_step(ex, status, headers["Location"])
     if status in (401, 407) and not ex.auth_declined:
@@ -1855,6 +1974,8 @@ def next_step(ex: _Exchange, status: int, headers: Headers) -> _Step:
                             retry_after=headers.get("Retry-After"))
     if ex.kind != "download":
         return _Accept(None)
+    if ex.segment is not None:  # the segment's worker writes, restarts or falls back to one connection
+        return _Accept(plan_segment(ex.offset, ex.segment, status, headers, ex.validator, ex.known_total))
     plan = plan_response(ex.offset, ex.asks_range, status, headers, ex.known_total, ex.validator)
     if plan.action != "rerequest":
         return _Accept(plan)
@@ -1911,8 +2032,9 @@ _TMP_DIR = "tmp"
 _MARKER_NAME = "BGSESSION.TAG"
 _MARKER_SIGNATURE = b"Signature: bgsession session directory\n"
 #: Names bgsession gives the files it keeps in tmp/ (the only ones it ever removes there): a task's partial,
-#: finished, upload-response file, the marker that a finish hook was handed one, and a partial kept for resume data.
-_TMP_NAME_RE = re.compile(r"\A(\d+)\.(?:part|done|body)(?:\.handed)?\Z")
+#: finished, upload-response file, the marker that a finish hook was handed one, a split download's segment, and a
+#: partial kept for resume data.
+_TMP_NAME_RE = re.compile(r"\A(\d+)\.(?:part|done|body|seg\d+)(?:\.handed)?\Z")
 _RESUME_NAME_RE = re.compile(r"\Aresume-\d+-[0-9a-f]{12}\.part\Z")
 
 
@@ -1937,15 +2059,17 @@ _PHASE_RECORDS = frozenset({"resume", "schedule", "suspend", "start", "backoff",
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 #: Every journal record type; the reducer (_SessionState.apply) handles exactly these.
-_RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "reserve", "task", "ack", "describe",
-                                            "response", "progress", "redirect", "vanished", "priority", "begin",
-                                            "limit"})
+_RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "reserve", "task", "ack", "describe", "response", "progress",
+                                            "redirect", "vanished", "priority", "begin", "limit", "split", "unsplit"})
 #: What journal format 2 added to format 1: the scheduling options (these record types, these fields of a task).
 #: A record or snapshot is written as format 2 only if it uses one of them: a journal that uses none stays readable
 #: by a bgsession of format 1, and one that does is refused by it (with its clear error) instead of being misread --
 #: a scheduled task started at once, a limit ignored.
 _FORMAT_2_RECORDS = frozenset({"schedule", "priority", "begin", "limit"})
 _FORMAT_2_TASK_FIELDS = {"priority": DEFAULT_PRIORITY, "begin": None, "limit": None}  # and their defaults
+#: What format 3 added: segmented downloads (these record types, a ``progress`` record of a segment, a task's
+#: ``segments``). A reader of format 2 would take a segment's offset for the whole file's: it must refuse them.
+_FORMAT_3_RECORDS = frozenset({"split", "unsplit"})
 #: Task identifiers reserved (durably) at a time: a task lost to a kill before its record reached
 #: the disk leaves a gap, never a reused identifier.
 ID_RESERVE_BLOCK = 1024
@@ -1961,6 +2085,8 @@ RESUME_FILE_TTL = 7 * 24 * 3600.0
 
 def _record_version(record_type: str, fields: Mapping[str, Any]) -> int:
     """The oldest journal format that holds a record (the "v" it is written with)."""
+    if record_type in _FORMAT_3_RECORDS or (record_type == "progress" and "segment" in fields):
+        return 3
     if record_type in _FORMAT_2_RECORDS or (record_type == "task" and not _FORMAT_2_TASK_FIELDS.keys().isdisjoint(
             fields)):
         return 2
@@ -2328,7 +2454,7 @@ class _TaskRecord:
     __slots__ = (
         "acked", "begin", "boot", "cancel_requested", "created", "current_url", "delivery_seq", "description",
         "durable_offset", "error", "file", "id", "kind", "limit", "live", "phase", "priority", "problem", "request",
-        "response", "resume_file", "secrets", "started", "total", "upload", "validator", "want_resume_data",
+        "response", "resume_file", "secrets", "segments", "started", "total", "upload", "validator", "want_resume_data",
     )
 
     def __init__(self, rec: Mapping[str, Any]) -> None:
@@ -2358,12 +2484,15 @@ class _TaskRecord:
         self.begin: float | None = rec.get("begin")
         self.limit: int | None = rec.get("limit")
         self.secrets: list[str] = list(rec.get("secrets") or [])  # names of the request's secret headers
+        #: A split download's segments, [start, end, durable position] each (format 3); [] once it fell back to one
+        #: connection (it is never split again); None: never split.
+        self.segments: list[list[int]] | None = rec.get("segments")
         self.live: Any = None  # engine-side state, never persisted
 
     def snapshot(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.__slots__ if name != "live"}
         out["phase"] = self.phase.value
-        for name, default in _FORMAT_2_TASK_FIELDS.items():
+        for name, default in (*_FORMAT_2_TASK_FIELDS.items(), ("segments", None)):
             if out[name] == default:
                 del out[name]  # (a task without options keeps the snapshot format 1)
         return out
@@ -2397,6 +2526,26 @@ class _TaskRecord:
         """The verified, fsynced file between its rename and its finish record (recovery takes it back)."""
         return f"{self.id}.done"
 
+    def segment_name(self, index: int) -> str:
+        """The file of a split download's segment: the partial file for the first, ``<id>.seg<k>`` for the others."""
+        return self.partial_name if index == 0 else f"{self.id}.seg{index}"
+
+
+def _split_segments(task: _TaskRecord, bounds: Any) -> list[list[int]]:
+    """A ``split`` record's segments as the task keeps them, [start, end, durable position] each: contiguous from 0
+    to the entity's length; the first keeps the partial file's durable bytes (JournalError if they do not fit)."""
+    if task.segments is not None:
+        raise JournalError(f"task {task.id} is split again (or after it fell back to one connection)")
+    try:
+        pairs = [(int(start), int(end)) for start, end in bounds]
+    except (TypeError, ValueError) as err:
+        raise JournalError(f"malformed segments {bounds!r} of task {task.id}") from err
+    ends = [end for _, end in pairs]
+    if not 2 <= len(pairs) <= MAX_CONNECTIONS_PER_TASK or pairs[0][0] != 0 or ends[-1] != task.total or any(
+            start >= end for start, end in pairs) or [start for start, _ in pairs[1:]] != ends[:-1]:
+        raise JournalError(f"segments {bounds!r} of task {task.id} do not cover its {task.total} bytes in order")
+    return [[start, end, min(task.durable_offset, end) if i == 0 else start] for i, (start, end) in enumerate(pairs)]
+
 
 class _SessionState:
     """The journal's reducer: records in, model out, no I/O. ``apply(record)`` validates first and changes nothing
@@ -2414,7 +2563,8 @@ class _SessionState:
         tasks = [t.snapshot() for t in self.tasks.values() if t.phase is not Phase.ACKNOWLEDGED]
         newer = self.session_limit is not None or any(
             t["phase"] == Phase.SCHEDULED.value or not _FORMAT_2_TASK_FIELDS.keys().isdisjoint(t) for t in tasks)
-        snap: dict[str, Any] = {"v": 2 if newer else 1, "t": "snapshot", "generation": self.generation,
+        version = 3 if any("segments" in t for t in tasks) else 2 if newer else 1
+        snap: dict[str, Any] = {"v": version, "t": "snapshot", "generation": self.generation,
                 "next_id": max(self.next_id, self.reserved), "delivery_counter": self.delivery_counter, "tasks": tasks}
         if self.session_limit is not None:
             snap["session_limit"] = list(self.session_limit)
@@ -2502,8 +2652,11 @@ class _SessionState:
             task.durable_offset = min(task.durable_offset, int(rec.get("start", 0)))
             task.boot = rec.get("boot")
         elif kind == "progress":
-            task.durable_offset = int(rec["offset"])
-            task.boot = rec.get("boot")
+            self._apply_progress(task, rec)
+        elif kind == "split":
+            task.segments = _split_segments(task, rec.get("segments"))
+        elif kind == "unsplit":  # one connection from now on; the partial file holds the bytes recorded
+            task.segments, task.durable_offset, task.boot = [], int(rec["offset"]), rec.get("boot")
         elif kind == "priority":
             task.priority = _check_priority(rec["priority"])
         elif kind == "begin":
@@ -2513,6 +2666,20 @@ class _SessionState:
         else:  # "redirect"
             task.current_url = rec["url"]
         return task
+
+    @staticmethod
+    def _apply_progress(task: _TaskRecord, rec: Mapping[str, Any]) -> None:
+        offset = int(rec["offset"])
+        if "segment" in rec:  # a split download's segment was fsynced up to offset
+            if not task.segments:
+                raise JournalError(f"progress of a segment of task {task.id}, which is not split")
+            segment = task.segments[int(rec["segment"])]
+            if not segment[0] <= offset <= segment[1]:
+                raise JournalError(f"progress {offset} outside segment {segment[:2]} of task {task.id}")
+            segment[2] = offset
+        else:
+            task.durable_offset = offset
+        task.boot = rec.get("boot")
 
     def _apply_phase(self, task: _TaskRecord, kind: str, new: Phase, rec: Mapping[str, Any]) -> None:
         if kind == "resume":
@@ -2885,6 +3052,8 @@ class Journal:
                 continue
             if t.resume_file:
                 referenced.add(t.resume_file)
+            segments = [t.segment_name(k) for k in range(1, len(t.segments or ()))]
+            referenced.update(segments)  # (a split download's other segments, until its completion is acknowledged)
             if t.phase is Phase.DELIVERING:
                 if t.file:
                     # (a missing finished file whose finish event is not acknowledged is not a problem: the hook
@@ -2893,10 +3062,13 @@ class Journal:
                 referenced.add(t.partial_name)
             else:
                 referenced.update((t.partial_name, t.done_name))  # .done: recovery takes it back
-                size = _size(os.path.join(tmp, t.partial_name)) or _size(os.path.join(tmp, t.done_name)) or 0
-                if t.durable_offset > size:
-                    problems.append(f"task {t.id}: journal says {t.durable_offset} bytes are durable "
-                                    f"but tmp/{t.partial_name} has {size}")
+                held = [(t.partial_name, t.durable_offset)] if not t.segments else [
+                    (t.segment_name(k), durable - start) for k, (start, _, durable) in enumerate(t.segments)]
+                for name, durable in held:
+                    size = _size(os.path.join(tmp, name)) or _size(os.path.join(tmp, t.done_name)) or 0
+                    if durable > size:
+                        problems.append(f"task {t.id}: journal says {durable} bytes are durable but tmp/{name} "
+                                        f"has {size}")
         if os.path.isdir(tmp):
             for name in sorted(os.listdir(tmp)):
                 if name not in referenced and not _RESUME_NAME_RE.match(name):
@@ -3031,6 +3203,16 @@ class _Store:
         """Block until the record of *ticket* (and every one before it) is on disk."""
         self.writer.wait(ticket)
 
+    def record_progress(self, task: _TaskRecord, offset: int, segment: int | None = None) -> None:
+        """Record that a download's partial file (or a split download's *segment*) is fsynced up to *offset*, if that
+        is further than recorded. Under ``lock``."""
+        if task.phase is Phase.ACKNOWLEDGED:
+            return
+        if segment is None and offset > task.durable_offset:
+            self.record(task, "progress", offset=offset, boot=_BOOT_ID)
+        elif segment is not None and task.segments and offset > task.segments[segment][2]:
+            self.record(task, "progress", offset=offset, segment=segment, boot=_BOOT_ID)
+
     def new_id(self) -> tuple[int, int]:
         """The next task identifier and the ticket of its durable reservation (0: none needed).
         Under ``lock``. Identifiers are never used twice, even when a kill loses a task before
@@ -3094,6 +3276,13 @@ class _Store:
             _unlink_quietly(self.path(task.partial_name))
             if task.upload and task.upload.get("remove") and task.upload.get("path"):
                 _unlink_quietly(task.upload["path"])
+            if task.segments:
+                self.drop_segments(task)
+
+    def drop_segments(self, task: _TaskRecord) -> None:
+        """Remove the files of a split download's segments but the first (the partial file)."""
+        for k in range(1, len(task.segments or ())):
+            _unlink_quietly(self.path(task.segment_name(k)))
 
     # -- resume data -------------------------------------------------------------------------
     def keep_for_resume(self, task: _TaskRecord, size: int) -> str | None:
@@ -3101,6 +3290,8 @@ class _Store:
         if task.kind != "download" or task.validator is None:
             return None
         part = self.path(task.partial_name)
+        if task.segments:  # a split download: the first segment's bytes, the prefix the partial file holds
+            size = min(size, task.segments[0][1], _size(part) or 0)
         if size <= 0 or not os.path.exists(part):
             return None
         name = f"resume-{task.id}-{os.urandom(6).hex()}.part"
@@ -3182,6 +3373,12 @@ class _Store:
             # killed after the finished file was renamed, before its record: the file is whole
             # and verified; take it back as the partial file (the resume gets a 416 and completes)
             _vfs.replace(done, part)
+            if task.segments:  # assembled from its segments: one file now, fsynced before its rename
+                whole = _size(part) or 0
+                self.record(task, "unsplit", offset=whole, boot=_BOOT_ID)
+                return whole
+        if task.segments:
+            return self._recover_segments(task)
         size = _size(part)
         keep = 0 if task.validator is None else recovered_offset(size, task.durable_offset, task.boot, _BOOT_ID)
         if size is not None and size != keep:
@@ -3192,11 +3389,28 @@ class _Store:
                 _vfs.close(fd)
         return keep
 
+    def _recover_segments(self, task: _TaskRecord) -> int:
+        """A split download's segment files cut to what can be trusted, each by the rule of a partial file (the
+        first also to its end: an assembly may have begun); returns the bytes held."""
+        held = 0
+        for k, (start, end, durable) in enumerate(task.segments or ()):
+            path = self.path(task.segment_name(k))
+            size = _size(path)
+            keep = min(recovered_offset(size, durable - start, task.boot, _BOOT_ID), end - start)
+            if size is not None and size != keep:
+                fd = _open_private(path, os.O_RDWR)
+                try:
+                    _vfs.truncate(fd, keep)
+                finally:
+                    _vfs.close(fd)
+            held += keep
+        return held
+
     def _clean_tmp(self) -> None:
         """Remove what bgsession left in tmp/ and no task needs: only names it gives files (anything else there is
         not its to delete)."""
-        live = {t.id for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED}
-        keep_names = {t.resume_file for t in self.state.tasks.values() if t.resume_file}
+        tasks = self.state.tasks
+        keep_names = {t.resume_file for t in tasks.values() if t.resume_file}
         now = time.time()
         for name in os.listdir(self.tmp):
             path = self.path(name)
@@ -3206,9 +3420,12 @@ class _Store:
                         _vfs.unlink(path)
                 continue
             ours = _TMP_NAME_RE.match(name)
-            if ours and int(ours.group(1)) not in live:
+            task = tasks.get(int(ours.group(1))) if ours else None
+            if ours and (task is None or task.phase is Phase.ACKNOWLEDGED or (".seg" in name and (
+                    not task.segments or task.phase is Phase.DELIVERING))):
                 with contextlib.suppress(OSError):
-                    _vfs.unlink(path)  # left behind by a kill after its acknowledgement
+                    _vfs.unlink(path)  # left behind by a kill after its acknowledgement (or a segment's, after
+                    # its download fell back to one connection or ended)
 
     # -- compaction and the disk reserve ------------------------------------------------------
     def compact(self) -> None:
@@ -3463,23 +3680,37 @@ class _RateLimit:
 
 
 class _Control:
-    """Lets another thread stop a running attempt (suspend, cancel, close)."""
+    """Lets another thread stop a running attempt (suspend, cancel, close), and each of its connections: a split
+    download's segments run under children of the attempt's control, stopped with it."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self.conn: http.client.HTTPConnection | None = None
         self.lock = threading.Lock()
         self.stopped = threading.Event()  # set with the reason: ends a wait for a bandwidth limit at once
+        self.children: list[_Control] = []
+
+    def child(self) -> _Control:
+        """A control for one more connection of this attempt: stopped when this one is (or on its own)."""
+        child = _Control()
+        with self.lock:
+            self.children.append(child)
+            reason = self.reason
+        if reason is not None:
+            child.stop(reason)
+        return child
 
     def stop(self, reason: str) -> None:
         with self.lock:
             if self.reason is None:
                 self.reason = reason
-            conn = self.conn
+            conn, children = self.conn, list(self.children)
         self.stopped.set()
         if conn is not None and conn.sock is not None:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read at once
+        for child in children:
+            child.stop(reason)
 
     def check(self) -> None:
         if self.reason is not None:
@@ -3710,10 +3941,13 @@ class _ConnectionPool:
 
 
 class _TransferHost(Protocol):
-    """What an attempt needs from the engine. Each method takes the engine's lock itself."""
+    """What an attempt needs from the engine. Each method takes the engine's lock itself. ``change_connections``: a
+    split download asks for *count* more connections (returns how many the scheduler grants) or, with a negative
+    *count*, gives that many back."""
 
     def record(self, task: _TaskRecord, record_type: str, /, **fields: Any) -> int: ...
-    def record_offset(self, task: _TaskRecord, offset: int) -> None: ...
+    def record_offset(self, task: _TaskRecord, offset: int, segment: int | None = None) -> None: ...
+    def change_connections(self, task: _TaskRecord, count: int) -> int: ...
     def post(self, event: ProgressEvent) -> None: ...
     def ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge) -> _Answer: ...
     def renew(self, task: _TaskRecord, control: _Control, request: Request) -> _Renewal: ...
@@ -4000,6 +4234,276 @@ class _HTTP:
         conn.close()
 
 
+class _Segment:
+    """One segment of a split download in this attempt: the entity's bytes [start, end), held up to ``pos`` in its
+    own file (``fd``)."""
+
+    __slots__ = ("end", "fd", "index", "pos", "start")
+
+    def __init__(self, index: int, start: int, end: int, fd: int, size: int) -> None:
+        self.index, self.start, self.end, self.fd = index, start, end, fd
+        self.pos = start + min(size, end - start)
+
+
+class _Segments:
+    """One attempt of a split download: its segments fetched on parallel connections, then put together.
+
+    The attempt's thread works on the segments -- the first on the response that decided the split, if there is one
+    -- with as many helper threads (``bgsession-segment``, joined before :meth:`run` returns) as the engine grants it
+    extra connections: only slots that no queued task could use (:func:`extra_connections`); a helper gives its slot
+    back when no segment is left to start. Each segment is written to its own file (the first: the partial file) from
+    its own position, fsynced and journaled like a one-connection download (``progress`` with ``segment``), and each
+    answer passes :func:`plan_segment`. The first failure stops the other connections and ends the attempt: each
+    segment resumes from its own position at the next. An answer that means "one connection from now on" keeps the
+    bytes held contiguously from the start (none if the entity changed) in the partial file, journals ``unsplit``
+    and lets the attempt go on with one connection. When every segment is complete, the others are appended to the
+    partial file, which the transfer then finishes like any download.
+
+    Why a file per segment, not one preallocated file written at each segment's offset: a file's size is the exact,
+    kill-proof record of how far its writer got -- a one-connection download relies on it after a process kill
+    (:func:`recovered_offset`), and so does each segment. In one shared file, written and preallocated bytes look
+    alike after a kill; a side map updated after each write would lose the bytes written between the write and the
+    map's update (and a write that a SIGKILL cut short), which would be fetched again. The price: the other segments
+    are copied into the partial file once at the end, and need that much more space until then."""
+
+    def __init__(self, transfer: _Transfer, task: _TaskRecord, control: _Control, buf: bytearray) -> None:
+        self.transfer, self.task, self.control, self.buf = transfer, task, control, buf
+        self.lock = threading.Lock()  # the queue, the first failure, the task's byte count and its progress
+        self.segments: list[_Segment] = []
+        self.queue: list[_Segment] = []  # segments no connection works on yet
+        self.failure: _Outcome | RangePlan | None = None  # the first; a RangePlan: go on with one connection
+        self.controls: list[_Control] = []
+        self.url = task.current_url
+
+    def run(self, held: _Held, fd: int, url: str,
+            first: tuple[http.client.HTTPResponse, http.client.HTTPConnection] | None = None) -> bool:
+        """Fetch every segment not complete yet (*first*: the response that decided the split, which streams the first
+        segment). True: the partial file holds the whole entity; False: the download goes on with one connection."""
+        self.url = url
+        try:
+            self._open(fd)
+            self.queue = [seg for seg in self.segments[1 if first is not None else 0:] if seg.pos < seg.end]
+            wanted = len(self.queue) - (1 if first is None else 0)  # (without a first response, this thread takes one)
+            granted = self.transfer.host.change_connections(self.task, wanted) if wanted > 0 else 0
+            helpers: list[threading.Thread] = []
+            try:
+                for _ in range(granted):
+                    helpers.append(threading.Thread(target=self._helper, name="bgsession-segment", daemon=True))
+                    helpers[-1].start()
+                self._work(held, self._child(), self.buf, first)
+            except BaseException:
+                self._stop_others()
+                raise
+            finally:
+                for thread in helpers:
+                    if thread.ident is not None:
+                        thread.join()
+            return self._conclude(fd, held)
+        finally:
+            for seg in self.segments[1:]:
+                _vfs.close(seg.fd)
+
+    def _open(self, fd: int) -> None:
+        """Each segment's file (created if need be) and how far it holds its segment."""
+        task = self.task
+        for k, (start, end, _) in enumerate(task.segments or ()):
+            path = self.transfer.store.path(task.segment_name(k))
+            try:
+                seg_fd = fd if k == 0 else _open_private(path, os.O_RDWR | os.O_CREAT)
+            except OSError as err:
+                raise _fail(ErrorCode.CANNOT_CREATE_FILE, f"cannot create {path}: {err}", self.url) from err
+            size = os.fstat(seg_fd).st_size
+            if size > end - start:
+                _vfs.truncate(seg_fd, end - start)  # (the first segment: an assembly had begun)
+            self.segments.append(_Segment(k, start, end, seg_fd, size))
+        task.live.offset = sum(seg.pos - seg.start for seg in self.segments)
+
+    def _child(self) -> _Control:
+        child = self.control.child()
+        with self.lock:
+            self.controls.append(child)
+        return child
+
+    def _helper(self) -> None:
+        held: _Held = {}
+        clean = False
+        try:
+            clean = self._work(held, self._child(), bytearray(len(self.buf)))
+        except BaseException as err:  # a bug must not hang the attempt: it fails the task clearly
+            log.exception("task %s: internal error in a segment", self.task.id)
+            self._fail(_Failed(TransferError(ErrorCode.UNKNOWN, f"internal error: {err!r}", url=self.url)))
+        finally:
+            self.transfer.http.connections.release(held, clean)
+            self.transfer.host.change_connections(self.task, -1)
+
+    def _work(self, held: _Held, control: _Control, buf: bytearray,
+              first: tuple[http.client.HTTPResponse, http.client.HTTPConnection] | None = None) -> bool:
+        """One connection: the first response's segment, then segments off the queue until none is left or the
+        attempt ends. A failure is kept (the first one) and stops the other connections. True: ended cleanly."""
+        try:
+            if first is not None:
+                control.conn = first[1]  # (a stop of this connection shuts it down)
+                self._stream(self.segments[0], control, buf, *first)
+                if self.segments[0].pos < self.segments[0].end:
+                    self._fetch(self.segments[0], control, held, buf)
+            while (seg := self._next()) is not None:
+                self._fetch(seg, control, held, buf)
+            return control.reason is None
+        except _AttemptEnded as end:
+            self._fail(end.outcome)
+        except OSError as err:  # a segment's file
+            self._fail(_Failed(TransferError(ErrorCode.CANNOT_WRITE_TO_FILE, f"cannot write a segment: {err}",
+                                             url=self.url)))
+        return False
+
+    def _next(self) -> _Segment | None:
+        with self.lock:
+            if self.failure is not None or self.control.reason is not None or not self.queue:
+                return None
+            return self.queue.pop(0)
+
+    def _fail(self, outcome: _Outcome | RangePlan) -> None:
+        """Keep the first failure (a stop is the attempt's control's business) and stop the other connections."""
+        if isinstance(outcome, _Stopped):
+            return
+        with self.lock:
+            if self.failure is not None:
+                return
+            self.failure = outcome
+        self._stop_others()
+
+    def _stop_others(self) -> None:
+        with self.lock:
+            controls = list(self.controls)
+        for control in controls:
+            control.stop("segment")
+
+    def _fetch(self, seg: _Segment, control: _Control, held: _Held, buf: bytearray) -> None:
+        """Ask for the rest of a segment (``Range: bytes=pos-end-1``, ``If-Range``) until it is complete."""
+        task = self.task
+        ex = _Exchange("download", "GET", self.url, task.live.retry, validator=task.validator,
+                       known_total=task.total, segment=(seg.start, seg.end))
+        while seg.pos < seg.end:
+            control.check()
+            ex = dataclasses.replace(ex, offset=seg.pos)
+            resp, conn, ex, plan = self.transfer.http.exchange(task, control, held, ex)
+            assert plan is not None
+            if plan.action != "write":
+                self.transfer.http.drain(resp, conn)
+                log.info("task %s: segment %d: %s; going on with one connection", task.id, seg.index, plan.reason)
+                self._fail(plan)
+                return
+            self._stream(seg, control, buf, resp, conn, skip=seg.pos - plan.start)
+
+    def _stream(self, seg: _Segment, control: _Control, buf: bytearray, resp: http.client.HTTPResponse,
+                conn: http.client.HTTPConnection, skip: int = 0) -> None:
+        """Copy an answer into the segment's file from its position, at most to its end (a longer answer's
+        connection is closed there), paced by the task's and the session's limits, with progress and fsync ticks.
+        *skip*: bytes the answer repeats before the position (a 206 that starts early)."""
+        transfer, task = self.transfer, self.task
+        read = transfer._reader(resp, buf)
+        os.lseek(seg.fd, seg.pos - seg.start, os.SEEK_SET)
+        last_sync, unsynced = time.monotonic(), 0
+        while seg.pos < seg.end:
+            allowed = transfer._pace(task, control, min(len(buf), seg.end - seg.pos + skip))
+            try:
+                data = read(allowed)
+                transfer._give_back(task, allowed - len(data))
+                if not data:
+                    resp.read()  # the end of the answer (IncompleteRead if it was cut): ask for the rest
+                    return
+            except (OSError, http.client.HTTPException) as err:
+                control.check()
+                raise _AttemptEnded(_Interrupted(*Retry.classify(err))) from err
+            if skip:
+                dropped = min(skip, len(data))
+                data, skip = data[dropped:], skip - dropped
+                if not data:
+                    continue
+            transfer._write(task, seg.fd, data)
+            seg.pos += len(data)
+            unsynced += len(data)
+            with self.lock:
+                task.live.offset += len(data)
+                transfer._progress(task, len(data))
+            control.check()
+            now = time.monotonic()
+            if unsynced >= DEFAULT_SYNC_BYTES or now - last_sync >= DEFAULT_SYNC_INTERVAL:
+                self._sync_segment(seg)
+                last_sync, unsynced = now, 0
+                if transfer.host.resource_expired(task):
+                    raise _fail(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded", task.current_url)
+        if resp.chunked or resp.length != 0:
+            conn.close()  # the answer goes on past the segment (the response that decided the split): drop it
+        else:
+            resp.read()  # complete: the keep-alive connection can be reused
+
+    def _sync_segment(self, seg: _Segment) -> None:
+        _fsync(seg.fd)  # data first, then the record that covers it
+        self.transfer.host.record_offset(self.task, seg.pos, seg.index)
+        self.transfer.store.maybe_compact()
+
+    def _conclude(self, fd: int, held: _Held) -> bool:
+        """After every connection stopped: the attempt's end, a fall-back to one connection, or the whole file."""
+        failure = self.failure
+        if not isinstance(failure, (_Failed, RangePlan)):
+            for seg in self.segments:  # what arrived is kept: each segment resumes after it
+                if seg.pos > (self.task.segments[seg.index][2] if self.task.segments else seg.end):
+                    try:
+                        self._sync_segment(seg)
+                    except OSError as err:
+                        log.warning("task %s: cannot sync segment %d: %s", self.task.id, seg.index, err)
+        if self.control.reason is not None:
+            if self.control.reason == "cancel" and self.task.want_resume_data and not isinstance(failure, _Failed):
+                self._unsplit(fd, held, restart=False)  # resume data: every byte held contiguously from the start
+            raise _AttemptEnded(_Stopped(self.control.reason))
+        if isinstance(failure, RangePlan):
+            self._unsplit(fd, held, restart=failure.action == "restart")
+            return False
+        if failure is not None:
+            raise _AttemptEnded(failure)
+        os.lseek(fd, self.segments[0].end, os.SEEK_SET)
+        for seg in self.segments[1:]:
+            self._append(fd, seg)
+        with self.lock:
+            self.transfer._progress(self.task, 0, final=True)
+        return True
+
+    def _append(self, fd: int, seg: _Segment) -> None:
+        """Copy what a segment's file holds to the partial file's position."""
+        os.lseek(seg.fd, 0, os.SEEK_SET)
+        left = seg.pos - seg.start
+        while left:
+            data = os.read(seg.fd, min(left, len(self.buf)))
+            if not data:
+                raise _fail(ErrorCode.CANNOT_WRITE_TO_FILE, f"segment {seg.index}'s file is shorter than its "
+                            f"{seg.pos - seg.start} bytes", self.url)
+            self.transfer._write(self.task, fd, memoryview(data))
+            left -= len(data)
+
+    def _unsplit(self, fd: int, held: _Held, restart: bool) -> None:
+        """One connection from now on: the partial file keeps the bytes held contiguously from the start (none for
+        a *restart*: the entity changed), fsynced before the ``unsplit`` record that says so; the other segments'
+        files go."""
+        prefix = 0
+        if not restart:
+            os.lseek(fd, self.segments[0].pos, os.SEEK_SET)
+            prefix = self.segments[0].pos
+            for before, seg in zip(self.segments, self.segments[1:]):
+                if before.pos < before.end or seg.pos == seg.start:
+                    break
+                self._append(fd, seg)
+                prefix = seg.pos
+        _vfs.truncate(fd, prefix)
+        _fsync(fd)
+        self.transfer.store.wait(self.transfer.host.record(self.task, "unsplit", offset=prefix, boot=_BOOT_ID))
+        for seg in self.segments[1:]:
+            _unlink_quietly(self.transfer.store.path(self.task.segment_name(seg.index)))
+        for conn in held.values():
+            conn.close()  # (one may be in the middle of an answer)
+        self.task.live.offset = prefix
+
+
 class _Transfer:
     """Runs one attempt of a task and returns its outcome: a download into ``tmp/<id>.part``
     (validated resume, periodic fsync + offset records, verified, fsynced and renamed to
@@ -4021,11 +4525,13 @@ class _Transfer:
             if task.kind == "upload":
                 return self._upload(task, control, held)
             fd = self._open_partial(task)
-            live.offset = start = min(live.offset, os.fstat(fd).st_size)
+            if not task.segments:  # (a split download counts the bytes of every segment's file)
+                live.offset = min(live.offset, os.fstat(fd).st_size)
+            start = live.offset
             return self._download(task, control, held, buf, fd)
         except _AttemptEnded as end:
             outcome = end.outcome
-            if fd >= 0 and not isinstance(outcome, _Failed):
+            if fd >= 0 and not isinstance(outcome, _Failed) and not task.segments:
                 self._sync_quietly(task, fd)  # what arrived is kept: the next attempt resumes after it
             if isinstance(outcome, _Interrupted):
                 if control.reason is not None:
@@ -4059,6 +4565,8 @@ class _Transfer:
 
     def _download(self, task: _TaskRecord, control: _Control, held: _Held, buf: bytearray, fd: int) -> _Finished:
         live = task.live
+        if task.segments and _Segments(self, task, control, buf).run(held, fd, task.current_url):
+            return self._finish_split(task, fd)  # (split in an earlier attempt: each segment resumed on its own)
         ex = _Exchange("download", "GET", self.http.request_in_force(task).url, live.retry)
         size = live.offset
         while True:
@@ -4072,17 +4580,46 @@ class _Transfer:
                 self.http.drain(resp, conn)
                 return self._finalize(task, fd, _entity_response(task.response or
                                                                  response._to_record(self._secret(task))))
-            if self._write_body(task, control, resp, fd, buf, response, plan, size):
+            held_before = live.offset
+            self._accept(task, fd, response, plan, size)
+            if self._split(task, response, plan):
+                if _Segments(self, task, control, buf).run(held, fd, ex.url, (resp, conn)):
+                    return self._finish_split(task, fd)
+            elif self._write_body(task, control, resp, fd, buf, response, plan, held_before):
                 return self._finalize(task, fd, _entity_response(response._to_record(self._secret(task))))
-            conn.close()  # the body ended early: that connection is done
-            size = live.offset  # a shorter range than asked, which advanced the file: ask for the rest
+            else:
+                conn.close()  # the body ended early: that connection is done
+            size = live.offset  # a shorter range than asked (or one connection from now on): ask for the rest
 
-    def _write_body(self, task: _TaskRecord, control: _Control, resp: http.client.HTTPResponse, fd: int,
-                    buf: bytearray, response: Response, plan: RangePlan, size: int) -> bool:
-        """Write an accepted response's body at ``plan.start``. True: the entity is complete;
-        False: the server sent less, and a Range request may fetch the rest (after_body decides)."""
+    def _split(self, task: _TaskRecord, response: Response, plan: RangePlan) -> bool:
+        """Split the download across parallel connections (journaled) if the configuration asks for it and the
+        response allows it (:func:`plan_split`); a download that was split or fell back is not split again."""
+        config = self.http.config
+        if task.segments is not None:
+            return False
+        connections = min(config.max_connections_per_task, config.max_connections_per_host,
+                          config.max_concurrent_transfers)
+        split = plan_split(connections, response.status, response.headers, plan, MIN_SEGMENT_SIZE)
+        if not split.segments:
+            if connections > 1:
+                log.info("task %s: one connection: %s", task.id, split.reason)
+            return False
+        # durable before a segment's file gets a byte: recovery can always tell what the files hold
+        self.store.wait(self.host.record(task, "split", segments=[list(segment) for segment in split.segments]))
+        return True
+
+    def _finish_split(self, task: _TaskRecord, fd: int) -> _Finished:
+        """The partial file holds the segments put together: finish it like any download; then the segments'
+        files go (the finished file is durable)."""
+        assert task.response is not None
+        finished = self._finalize(task, fd, _entity_response(task.response))
+        self.store.drop_segments(task)
+        return finished
+
+    def _accept(self, task: _TaskRecord, fd: int, response: Response, plan: RangePlan, size: int) -> None:
+        """Take a response whose body is written at ``plan.start``: the partial file is cut back there and the
+        response journaled (a restart durably, before its first byte)."""
         live = task.live
-        held_before = live.offset
         had_data = size > plan.start or live.offset > plan.start
         if had_data:
             _vfs.truncate(fd, plan.start)
@@ -4095,6 +4632,13 @@ class _Transfer:
         live.expected = plan.total if plan.total is not None else -1
         if plan.reason:
             log.info("task %s: restarting from zero: %s", task.id, plan.reason)
+
+    def _write_body(self, task: _TaskRecord, control: _Control, resp: http.client.HTTPResponse, fd: int,
+                    buf: bytearray, response: Response, plan: RangePlan, held_before: int) -> bool:
+        """Write an accepted response's body at ``plan.start``. True: the entity is complete; False: the server
+        sent less, and a Range request may fetch the rest (after_body decides; *held_before*: bytes held before
+        this response)."""
+        live = task.live
         self._stream(task, control, resp, fd, buf)
         end = after_body(held_before, live.offset, plan.total, task.validator is not None)
         if isinstance(end, (_Interrupted, _Failed)):
@@ -4337,8 +4881,9 @@ class _Scheduler:
         self._queues: dict[_Origin, list[_Queued]] = {}  # a heap per origin
         self._queued: dict[int, _Queued] = {}  # each queued task's entry in force (the heaps keep stale ones)
         self._seq = itertools.count()
-        self._active: dict[_Origin, int] = {}  # transfers running, by origin
+        self._active: dict[_Origin, int] = {}  # transfers running (and split downloads' extra connections), by origin
         self._running: dict[int, _Origin] = {}
+        self._extra: dict[int, int] = {}  # a split download's extra connections (see grant), by task
         self._threads = 0  # transfer threads that will still take work
         self._work, self._due = work, due
         self._timers: list[tuple[float, int, int]] = []
@@ -4387,9 +4932,43 @@ class _Scheduler:
     def finished(self, task_id: int) -> None:
         """The task's attempt ended: its slot is free (its thread asks for the next task itself)."""
         origin = self._running.pop(task_id)
-        self._active[origin] -= 1
+        self._active[origin] -= 1 + self._extra.pop(task_id, 0)
         if not self._active[origin]:
             del self._active[origin]
+
+    @property
+    def busy(self) -> int:
+        """Transfers running, each split download's extra connections included."""
+        return len(self._running) + sum(self._extra.values())
+
+    def grant(self, task_id: int, wanted: int) -> int:
+        """Extra connections for a running task (a split download's segments): as many of *wanted* as are free --
+        slots no queued task could take now, within both caps (:func:`extra_connections`). Each counts as a
+        transfer until :meth:`release`d (or the attempt ends)."""
+        origin = self._running.get(task_id)
+        if origin is None or wanted <= 0:
+            return 0
+        waiting = next_to_start(self._heads(), self._active, running=self.busy, max_concurrent=self.cap,
+                                per_host=self.per_host) is not None
+        count = extra_connections(wanted, running=self.busy, max_concurrent=self.cap, per_host=self.per_host,
+                                  origin_running=self._active.get(origin, 0), waiting=waiting)
+        if count:
+            self._extra[task_id] = self._extra.get(task_id, 0) + count
+            self._active[origin] += count
+        return count
+
+    def release(self, task_id: int, count: int) -> int:
+        """A split download gives back extra connections: the slots may start queued tasks. Returns 0."""
+        count = min(count, self._extra.get(task_id, 0))
+        if count <= 0:
+            return 0
+        self._extra[task_id] -= count
+        if not self._extra[task_id]:
+            del self._extra[task_id]
+        self._active[self._running[task_id]] -= count
+        self.cond.notify(count)
+        self._spawn()
+        return 0
 
     def push_timer(self, task_id: int, delay: float) -> float:
         """Call ``due(task_id, due)`` after *delay* seconds; returns *due* (identifies this timer)."""
@@ -4402,19 +4981,23 @@ class _Scheduler:
         self._queued[entry.task_id] = entry
         heapq.heappush(self._queues.setdefault(entry.origin, []), entry)
 
+    def _heads(self) -> list[_Queued]:
+        """The best queued task of each origin."""
+        heads = []
+        for origin, heap in list(self._queues.items()):
+            while heap and self._queued.get(heap[0].task_id) is not heap[0]:
+                heapq.heappop(heap)  # stale: re-ranked or queued again since
+            if heap:
+                heads.append(heap[0])
+            else:
+                del self._queues[origin]
+        return heads
+
     def _pick(self, runnable: Callable[[int], bool]) -> _Queued | None:
         """Take the task to start next off the queue (a task no longer runnable -- suspended, cancelled, scheduled
         -- is dropped on the way)."""
         while True:
-            heads = []
-            for origin, heap in list(self._queues.items()):
-                while heap and self._queued.get(heap[0].task_id) is not heap[0]:
-                    heapq.heappop(heap)  # stale: re-ranked or queued again since
-                if heap:
-                    heads.append(heap[0])
-                else:
-                    del self._queues[origin]
-            entry = next_to_start(heads, self._active, running=len(self._running), max_concurrent=self.cap,
+            entry = next_to_start(self._heads(), self._active, running=self.busy, max_concurrent=self.cap,
                                   per_host=self.per_host)
             if entry is None:
                 return None
@@ -4763,10 +5346,13 @@ class _Runner:
         with self.lock:
             return self.store.record(task, record_type, **fields)
 
-    def record_offset(self, task: _TaskRecord, offset: int) -> None:
+    def record_offset(self, task: _TaskRecord, offset: int, segment: int | None = None) -> None:
         with self.lock:
-            if task.phase is not Phase.ACKNOWLEDGED and offset > task.durable_offset:
-                self.store.record(task, "progress", offset=offset, boot=_BOOT_ID)
+            self.store.record_progress(task, offset, segment)
+
+    def change_connections(self, task: _TaskRecord, count: int) -> int:
+        with self.lock:
+            return self.scheduler.grant(task.id, count) if count > 0 else self.scheduler.release(task.id, -count)
 
     def post(self, event: ProgressEvent) -> None:
         self.outbox.post(event)
@@ -7683,7 +8269,8 @@ def _cli_config(args: argparse.Namespace) -> Configuration:
     relaunch = _self_command("deliver", "--session", args.session)
     if directory:
         relaunch += ["--state-dir", directory]
-    return Configuration.background(args.session, directory=directory, host="daemon", relaunch_command=relaunch)
+    return Configuration.background(args.session, directory=directory, host="daemon", relaunch_command=relaunch,
+                                    max_connections_per_task=getattr(args, "split", None) or 1)
 
 
 def _human(n: float) -> str:
@@ -8075,6 +8662,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-rate", metavar="RATE", help="bandwidth limit of each download: 512K, 2M ...")
     p.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'",
                    help="a request header (repeatable); Authorization and Cookie stay in memory, never on disk")
+    p.add_argument("-x", "--split", type=int, metavar="N", help="up to N connections per download (1-16; aria2c's "
+                   "-x/--split): a file whose server allows it is fetched in N segments at once")
     p = sub.add_parser("status", parents=[common], help="list tasks with state, bytes, rate and ETA")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("wait", parents=[common], help="attach, show progress and deliver files until all are done")

@@ -292,6 +292,13 @@ class Fault:
     #: Stages: planning.
     #: Send neither ETag nor Last-Modified.
     drop_validators: bool = False
+    #: Stages: planning.
+    #: Send this ETag instead of the entity's (If-Range is still checked against the entity's own: a server that
+    #: labels one entity with another's validator).
+    etag: str | None = None
+    #: Stages: planning.
+    #: Send no ``Accept-Ranges`` header (Range requests are still honoured).
+    no_accept_ranges: bool = False
     #: Stages: pre-response.
     #: Wait this many seconds before answering (after the request was read).
     delay: float | None = None
@@ -341,7 +348,7 @@ class Fault:
                 kwargs[f.name] = _parse_bool(raw)
             elif f.name in ("stall_seconds", "delay", "drip"):
                 kwargs[f.name] = float(raw)
-            elif f.name == "retry_after":
+            elif f.name in ("retry_after", "etag"):
                 kwargs[f.name] = raw
             else:
                 kwargs[f.name] = int(raw)
@@ -464,10 +471,11 @@ def _plan_response(method: str, request_headers: _HeaderLookup, entity: _Entity,
         return _apply_common(_plan_status_fault(fault), method, fault)
 
     size = len(entity.data)
-    headers: list[tuple[str, str]] = [("Accept-Ranges", "bytes"), ("Content-Type", entity.content_type)]
+    headers: list[tuple[str, str]] = [("Accept-Ranges", "bytes")] if not fault.no_accept_ranges else []
+    headers.append(("Content-Type", entity.content_type))
     if not fault.drop_validators:
-        if entity.etag:
-            headers.append(("ETag", entity.etag))
+        if fault.etag or entity.etag:
+            headers.append(("ETag", fault.etag or entity.etag or ""))
         if entity.last_modified:
             headers.append(("Last-Modified", entity.last_modified))
 
@@ -765,6 +773,9 @@ class RequestRecord:
     port: int = 0
     #: When it arrived (wall clock, ``time.time()``).
     time: float = 0.0
+    #: The entity's offset of the first body byte of the answer (0 for a 200, the first byte of a 206's range), or
+    #: None for an answer that is not the entity: the entity's bytes ``[first_byte, first_byte + bytes_sent)`` went out.
+    first_byte: int | None = None
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """Case-insensitive header lookup."""
@@ -1413,6 +1424,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if plan.span is not None:
             if entity is None:
                 raise RuntimeError("a plan with a span needs its entity")
+            record.first_byte = plan.span[0]
             view = memoryview(entity.data)[plan.span[0]:plan.span[1]]
         else:
             view = memoryview(plan.body)

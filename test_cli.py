@@ -63,6 +63,18 @@ def test_download_enqueues_and_the_daemon_delivers_the_file(server, cli):
     assert target.stat().st_mode & 0o777 == 0o666 & ~bg._umask()  # normal permissions outside the session
 
 
+def test_download_split_fetches_a_file_on_parallel_connections(server, cli):
+    """`download -x 4` (aria2c's name; also --split) fetches a file in 4 segments at once; -x 17 is refused."""
+    data = fs.blob_bytes(4 * bg.MIN_SEGMENT_SIZE, seed=62)
+    server.add_blob("/big.bin", data)
+    cli.run("download", "--wait", "-x", "4", "-d", str(cli.out), server.url("/big.bin"), check=True)
+    assert sha((cli.out / "big.bin").read_bytes()) == sha(data)
+    assert [r.range_header is None for r in server.requests("/big.bin")] == [True, False, False, False]
+    proc = cli.run("download", "--split", "17", "-d", str(cli.out), server.url("/big.bin"))
+    assert proc.returncode == 2 and "max_connections_per_task must be an int from 1 to 16" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_wait_shows_plain_lines_when_not_a_tty_and_exit_code_reflects_failures(server, cli):
     """`download --wait` without a TTY prints one line per file; a 404 makes the exit code 1."""
     server.add_blob("/a.bin", size=1000)

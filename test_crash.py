@@ -97,8 +97,8 @@ class Lab:
         self.entities: dict[str, bytes] = {}
         self.counter = 0
 
-    def blob(self, path: str, size: int, seed: int = 0) -> str:
-        route = self.server.add_blob(path, size=size, seed=seed)
+    def blob(self, path: str, size: int, seed: int = 0, **route: Any) -> str:
+        route = self.server.add_blob(path, size=size, seed=seed, **route)
         url = self.server.url(path)
         self.expected[url], self.entities[url] = sha(route.data), route.data
         self.probe = url  # a URL for the task that checks identifiers after recovery
@@ -109,10 +109,10 @@ class Lab:
         return tempfile.mkdtemp(prefix=f"crash{self.counter}-", dir=self.base)
 
 
-def config(root: str, host: str = "inprocess") -> bg.Configuration:
+def config(root: str, host: str = "inprocess", **options: Any) -> bg.Configuration:
     return bg.Configuration.background("crash.lab", directory=os.path.join(root, "session"), host=host,
                                        retry=bg.Retry(backoff_factor=0.01, backoff_max=0.05),
-                                       daemon_idle_timeout=0.5)
+                                       daemon_idle_timeout=0.5, **options)
 
 
 @contextlib.contextmanager
@@ -126,11 +126,11 @@ def recording(root: str, skip: tuple[str, str] | None = None) -> Iterator[crashs
         real_ack(engine, tid, event)
         recorder.mark(f"acked {event} {tid}")  # ack() returns once the record is on disk
 
-    def record_offset(engine: bg._Engine, task: Any, offset: int) -> None:
+    def record_offset(engine: bg._Engine, task: Any, offset: int, segment: int | None = None) -> None:
         # An offset record is queued for the journal thread, which may write it at once or with the next durable
         # record: on a fast link the whole download can end before it runs. The recording takes the earliest
         # schedule, the one where an offset record reaches the disk before the data it covers could.
-        real_offset(engine, task, offset)
+        real_offset(engine, task, offset, segment)
         engine.store.writer.flush()
     bg._vfs, bg._Engine.ack, bg._Runner.record_offset = recorder, ack, record_offset  # type: ignore[assignment, method-assign]
     try:
@@ -255,6 +255,26 @@ def resume_data(lab: Lab, root: str, rec: crashsim.Recorder) -> None:
             rec.mark(f"resumed {again.identifier}")
         assert session.wait(LONG)
         assert not app.problems, app.problems
+
+
+def segmented(lab: Lab, root: str, rec: crashsim.Recorder) -> None:
+    """A split download (three segments of at least 64 KiB, each fsynced and journaled on its own, put together at
+    the end); then one whose segment is answered 200, which falls back to one connection keeping the bytes held
+    contiguously -- with no offset sync before, so that only the fall-back's own fsync makes them durable before
+    the unsplit record that counts them."""
+    whole = lab.blob("/seg.bin", size=300_000, seed=500)
+    fallback = lab.blob("/fallback.bin", size=260_000, seed=501, faults=[None, fs.Fault(ignore_range=True)])
+    app = App(root, lab.expected)
+    with bg.Session(config(root, max_connections_per_task=3), app) as session:
+        resume_all(rec, session, [whole])
+        assert session.wait(LONG)
+        saved_sync, bg.DEFAULT_SYNC_BYTES = bg.DEFAULT_SYNC_BYTES, 16 << 20
+        try:
+            resume_all(rec, session, [fallback])
+            assert session.wait(LONG)
+        finally:
+            bg.DEFAULT_SYNC_BYTES = saved_sync
+    assert not app.problems, app.problems
 
 
 def identifiers(lab: Lab, root: str, rec: crashsim.Recorder) -> None:
@@ -460,6 +480,7 @@ def lab(monkeypatch):
     monkeypatch.setattr(bg, "DEFAULT_SYNC_INTERVAL", 3600.0)  # offsets synced by bytes only: a repeatable log
     monkeypatch.setattr(bg, "DEFAULT_COMPACT_RECORDS", 60)
     monkeypatch.setattr(bg, "DEFAULT_PROGRESS_INTERVAL", 0.0)  # every write reported: a workload can wait for bytes
+    monkeypatch.setattr(bg, "MIN_SEGMENT_SIZE", 64 << 10)  # split downloads of a few hundred KB
     base = tempfile.mkdtemp(prefix="bgsession-crash-", dir=SCRATCH)
     with fs.FakeServer() as server:
         yield Lab(server, base)
@@ -514,6 +535,7 @@ WORKLOADS: dict[str, tuple[Callable[..., None], dict[str, Any], float]] = {
     "resume data": (resume_data, {}, 0.1),
     "identifiers": (identifiers, {}, 0.05),
     "cli deliver": (cli_deliver, {}, 0.1),
+    "segmented": (segmented, {}, 0.1),
 }
 
 
@@ -556,6 +578,8 @@ FSYNCS = [
     (("sync", "_finalize"), tiny),  # a finished file's data, before the record that points at it
     (("dirsync", "_finalize"), tiny),  # its rename .part -> .done
     (("sync", "_sync_offset"), large),  # a partial file's data, before the offset record that covers it
+    (("sync", "_sync_segment"), segmented),  # a segment's data, before the offset record that covers it
+    (("sync", "_unsplit"), segmented),  # what a fall-back to one connection keeps, before the record that says so
     (("sync", "keep_for_resume"), resume_data),  # the partial data resume data refers to
     (("dirsync", "keep_for_resume"), resume_data),  # ... and its rename
     (("sync", "_upload"), upload),  # an upload's response body, before its finish record

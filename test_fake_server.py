@@ -283,6 +283,12 @@ PLAN_TABLE = [
          sent=_NO_VALIDATORS),
     _row("drop_validators: If-Range still judged on the entity", {"range": "bytes=3-", "if-range": _ENTITY.etag},
          fault=fs.Fault(drop_validators=True), status=206, body=b"3456789", sent=_NO_VALIDATORS),
+    _row("etag: another ETag is sent", fault=fs.Fault(etag='"other"'), status=200, body=b"0123456789",
+         sent={"ETag": '"other"', "Last-Modified": _LM}),
+    _row("etag: If-Range still judged on the entity's own", {"range": "bytes=3-", "if-range": _ENTITY.etag},
+         fault=fs.Fault(etag='"other"'), status=206, body=b"3456789", sent={"ETag": '"other"'}),
+    _row("no_accept_ranges", {"range": "bytes=3-"}, fault=fs.Fault(no_accept_ranges=True), status=206,
+         body=b"3456789", sent={"Accept-Ranges": None, "Content-Range": "bytes 3-9/10"}),
     _row("chunked", fault=fs.Fault(chunked=True), status=200, body=b"0123456789", chunked=True,
          sent={"Transfer-Encoding": "chunked", "Content-Length": None}),
     _row("short_body", fault=fs.Fault(short_body=3), status=200, body=b"0123456", abort="close",
@@ -1027,9 +1033,12 @@ def test_request_records(srv):
     fetch(srv, "/a?x=1", {"Range": "bytes=100-", "X-Test": "yes"})
     (record,) = srv.requests("/a")
     assert (record.method, record.path, record.query, record.status) == ("GET", "/a", "x=1", 206)
-    assert record.range_header == "bytes=100-" and record.bytes_sent == 900
+    assert record.range_header == "bytes=100-" and record.bytes_sent == 900 and record.first_byte == 100
     assert record.headers["x-test"] == "yes" and record.header("X-TEST") == "yes"
     assert record.client_port > 0
+    fetch(srv, "/a")
+    fetch(srv, "/missing")
+    assert [r.first_byte for r in srv.requests()] == [100, 0, None]  # (None: an answer that is not the entity)
 
 
 def test_reset_counters(srv):

@@ -1,10 +1,14 @@
 """The server fault matrix, on both hosts: every fault ends in a byte-exact file or a clear
-TransferError, never a splice. ``python test_faults.py`` prints the table of docs/reliability.md
-(requests and bytes each scenario cost, per host)."""
+TransferError, never a splice. ``python test_faults.py`` prints the tables of docs/reliability.md
+(requests and bytes each scenario cost, per host): one-connection downloads, then segmented ones
+(``max_connections_per_task=4``, a 4 MiB file in four segments), whose rows also say which way the
+download went on (every segment resumed, or one connection from the bytes held, or from zero)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -22,6 +26,10 @@ HALF = SIZE // 2
 DATA = fs.blob_bytes(SIZE, seed=71)
 NEW = fs.blob_bytes(SIZE, seed=72)
 NEW_LONGER = fs.blob_bytes(SIZE + 777, seed=73)
+#: The segmented rows: four segments of MIN_SEGMENT_SIZE.
+SPLIT = 4 * bg.MIN_SEGMENT_SIZE
+SPLIT_DATA = fs.blob_bytes(SPLIT, seed=74)
+SPLIT_NEW = fs.blob_bytes(SPLIT, seed=75)
 
 
 #: Retries in milliseconds, Retry-After clamped to 50 ms: the matrix is about outcomes, not waiting.
@@ -37,6 +45,10 @@ class Scenario:
     timeout_for_request: float = 60.0
     timeout_for_resource: float = 7 * 24 * 3600.0
     path: str = "/f"  # the path whose requests and bytes the table counts
+    connections: int = 1  # max_connections_per_task
+    #: A segmented row: how the download must go on -- "resumed" (no fall-back), "one connection" (from the bytes
+    #: held contiguously from the start), "from zero" (the entity changed: restarted on one connection).
+    way: str | None = None
 
 
 def cut_then(second: fs.Fault | None, **kw: Any) -> Callable[[fs.FakeServer], str]:
@@ -116,6 +128,16 @@ HOSTILE = [
 ]
 
 
+def split_faults(*fl: fs.Fault | None, default: fs.Fault | None = None) -> Callable[[fs.FakeServer], str]:
+    return faults(*fl, default=default, data=SPLIT_DATA)
+
+
+def split_entity_changes(srv: fs.FakeServer) -> str:
+    route = srv.add_blob("/f", SPLIT_DATA)
+    srv.on_bytes("/f", 64 << 10, lambda path, served: route.update(SPLIT_NEW))  # once the first answer has come
+    return srv.url("/f")
+
+
 SCENARIOS = [
     Scenario("connection reset mid-body", faults(fs.Fault(cut_after=HALF, reset=True)), DATA),
     Scenario("connection closed mid-body", cut_then(None), DATA),
@@ -145,13 +167,49 @@ SCENARIOS = [
 ]
 
 
+#: Segmented downloads (max_connections_per_task=4, a 4 MiB file): the first request is answered normally and
+#: splits the download; the faults hit the segments' requests (the second request is one, whichever comes first).
+SEGMENTED = [
+    Scenario("a segment's connection reset mid-way", split_faults(None, fs.Fault(cut_after=HALF, reset=True)),
+             SPLIT_DATA, way="resumed"),
+    Scenario("a segment stalls longer than timeout_for_request",
+             split_faults(None, fs.Fault(stall_after=HALF, stall_seconds=5.0)), SPLIT_DATA, timeout_for_request=0.3,
+             way="resumed"),
+    Scenario("a slow segment (512 KiB/s)", split_faults(None, fs.Fault(throttle=512 << 10)), SPLIT_DATA,
+             way="resumed"),
+    Scenario("503 to a segment", split_faults(None, fs.Fault(status=503, retry_after="1")), SPLIT_DATA,
+             way="resumed"),
+    Scenario("a segment answered 200 instead of 206", split_faults(None, fs.Fault(ignore_range=True)), SPLIT_DATA,
+             way="one connection"),
+    Scenario("Range ignored after the first request", split_faults(None, default=fs.Fault(ignore_range=True)),
+             SPLIT_DATA, way="one connection"),
+    Scenario("a segment's 206 with another ETag", split_faults(None, fs.Fault(etag='"other"')), SPLIT_DATA,
+             way="from zero"),
+    Scenario("a segment's 206 with another total", split_faults(None, fs.Fault(wrong_total=True)), SPLIT_DATA,
+             way="from zero"),
+    Scenario("416 to a segment", split_faults(None, fs.Fault(status=416)), SPLIT_DATA, way="from zero"),
+    Scenario("malformed Content-Range of a segment", split_faults(None, fs.Fault(malformed_range=True)), SPLIT_DATA,
+             way="one connection"),
+    Scenario("entity changed between segments", split_entity_changes, SPLIT_NEW, way="from zero"),
+]
+for _row in SEGMENTED:
+    object.__setattr__(_row, "connections", 4)
+
+
+def journal(directory: str, record_type: str) -> list[dict[str, Any]]:
+    """The session's journal records of one type, in order."""
+    with open(os.path.join(directory, "journal.jsonl"), "rb") as f:
+        return [r for r in map(json.loads, f) if r.get("t") == record_type]
+
+
 def run_scenario(scenario: Scenario, sessions: Sessions) -> dict[str, Any]:
     """Run one scenario; assert its outcome; return what it cost."""
     with fs.FakeServer() as srv:
         url = scenario.setup(srv)
         rec = Recorder()
         s = sessions.open(rec, retry=scenario.retry, timeout_for_request=scenario.timeout_for_request,
-                          timeout_for_resource=scenario.timeout_for_resource)
+                          timeout_for_resource=scenario.timeout_for_resource,
+                          max_connections_per_task=scenario.connections)
         task = download(s, url)
         try:
             assert s.wait(LONG)
@@ -169,6 +227,12 @@ def run_scenario(scenario: Scenario, sessions: Sessions) -> dict[str, Any]:
             assert err is not None and err.code is scenario.expect, err
             assert task.identifier not in rec.files
             outcome = scenario.expect.name
+        if scenario.way is not None:  # which way the split download went on
+            assert len(journal(sessions.config().directory, "split")) == 1
+            unsplit = [r["offset"] for r in journal(sessions.config().directory, "unsplit")]
+            way = "resumed" if not unsplit else "from zero" if unsplit[0] == 0 else "one connection"
+            assert way == scenario.way, unsplit
+            outcome += f", {way}"
         path = scenario.path
         return {"outcome": outcome, "requests": len(srv.requests(path)), "served": srv.bytes_served(path)}
 
@@ -179,12 +243,25 @@ def test_fault_ends_in_exact_file_or_clear_error(scenario, sessions):
     run_scenario(scenario, sessions)
 
 
-def main() -> int:
-    """Print the fault table (Markdown) for docs/reliability.md."""
-    rows: list[str] = ["| fault | outcome | requests (in-process / daemon) | bytes served for a 1 MiB file |",
-                       "|---|---|---|---|"]
+@pytest.mark.parametrize("scenario", SEGMENTED, ids=[s.name for s in SEGMENTED])
+def test_fault_of_a_segment_ends_in_exact_file(scenario, sessions):
+    """Each fault of a segmented download's segment ends in the exact file, the documented way: every segment
+    resumed on its own, or one connection from the bytes held contiguously, or -- the entity changed -- from zero;
+    never a splice of two entities."""
+    run_scenario(scenario, sessions)
 
-    for scenario in SCENARIOS + HOSTILE:
+
+def main() -> int:
+    """Print the fault tables (Markdown) for docs/reliability.md."""
+    print(table(SCENARIOS + HOSTILE, "bytes served for a 1 MiB file"))
+    print()
+    print(table(SEGMENTED, "bytes served for a 4 MiB file"))
+    return 0
+
+
+def table(scenarios: list[Scenario], served: str) -> str:
+    rows: list[str] = [f"| fault | outcome | requests (in-process / daemon) | {served} |", "|---|---|---|---|"]
+    for scenario in scenarios:
         results = {}
         for host in ("inprocess", "daemon"):
             with tempfile.TemporaryDirectory() as tmp:
@@ -196,8 +273,7 @@ def main() -> int:
         a, b = results["inprocess"], results["daemon"]
         rows.append(f"| {scenario.name} | {a['outcome']} | {a['requests']} / {b['requests']} | "
                     f"{a['served']:,} / {b['served']:,} |")
-    print("\n".join(rows))
-    return 0
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,39 @@ def test_kills_mid_download_then_background_relaunch(tmp_path: Any, server: Any,
             ranged = [r.range_header for r in server.requests(large.path) if r.status == 206]
             assert ranged and not ranged[0].startswith("bytes=0-"), "a killed download resumes with Range"
         assert any(launch.background and launch.rc == 0 for launch in driver.launches)
+        _check(driver)
+    finally:
+        driver.close()
+
+
+@pytest.mark.timeout(120)
+def test_kills_mid_segmented_download_then_background_relaunch(tmp_path: Any, server: Any, host: str) -> None:
+    """Split downloads (max_connections_per_task=4) under seeded SIGKILLs at random byte offsets, relaunched in
+    the background: every hook completes once and every file is byte-exact (the contract's rules); the big files
+    were fetched on parallel connections and resumed segment by segment (closed Range requests)."""
+    rng = random.Random(1604)
+    files = [File("split.bin", (6 << 20) + rng.randint(0, 4096), seed=21, pacing=THROTTLE // 2),
+             File("split2.bin", (3 << 20) + rng.randint(0, 4096), seed=22, pacing=THROTTLE // 2),
+             File("small.bin", rng.randint(1000, 9000), seed=23), File("missing.bin", None)]
+    big = files[0]
+    assert big.size is not None
+    driver = Driver(str(tmp_path), server, files, host=host, identifier=IDENTIFIER,
+                    session={"max_connections_per_task": 4}, env={appdelegate.BACKGROUND_TIME_ENV: BACKGROUND_TIME})
+    try:
+        driver.kill_at(big.path, rng.randint(big.size * 3 // 10, big.size * 6 // 10))
+        assert driver.wait(driver.launch(background=False)) == SIGKILLED
+        for n in range(MAX_LAUNCHES):
+            if n < KILLS - 1:  # then more, a little further each time (or none, if the files are done first)
+                driver.kill_at(big.path, server.bytes_served(big.path) + rng.randint(64 << 10, 1 << 20))
+            launch = driver.relaunch()
+            assert driver.wait(launch) in (0, SIGKILLED), driver.app_log()
+            if launch.rc == 0 and driver.delivered() >= {f.desc for f in files}:
+                break
+        for f in files[:2]:
+            closed = [r.range_header for r in server.requests(f.path) if re.fullmatch(r"bytes=\d+-\d+",
+                                                                                        r.range_header or "")]
+            segments = min(4, (f.size or 0) // bgsession.MIN_SEGMENT_SIZE)
+            assert len(closed) >= segments - 1, f"{f.name} was not fetched in segments: {closed}"
         _check(driver)
     finally:
         driver.close()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bgsession benchmark: one command, against a private nginx on 127.0.0.1.
 
-    python bench/run.py [--quick] [--rows 1,2,3,4,5,6] [--repeat N] [--allow-missing]
+    python bench/run.py [--quick] [--rows 1,2,3,4,5,6,7] [--repeat N] [--allow-missing]
 
 Installs nothing. It needs nginx, curl, wget and aria2c; when one is missing it
 says how to install them and exits with status 2 (``--allow-missing`` skips the
@@ -69,15 +69,19 @@ class Sizes:
     medium_size: int
     queue_n: int  # row 5
     rss_small: int  # row 6: the smaller file, to show RSS is flat in size
+    split: int  # row 7: the file fetched in segments from a server that limits each connection
 
 
 FULL = Sizes(big=1 << 30, small_n=1000, small_size=10 * KiB, medium_n=100, medium_size=MiB,
-             queue_n=10_000, rss_small=64 * MiB)
+             queue_n=10_000, rss_small=64 * MiB, split=64 * MiB)
 QUICK = Sizes(big=64 * MiB, small_n=200, small_size=10 * KiB, medium_n=20, medium_size=MiB,
-              queue_n=1_000, rss_small=16 * MiB)
+              queue_n=1_000, rss_small=16 * MiB, split=16 * MiB)
 
-#: The bare-urllib contender of each kind of row: every "÷ bare" ratio divides by it.
-BASELINES = ("urllib bare loop", "urllib 16-thread pool")
+#: Row 7's contenders: bgsession with one connection (the row's baseline), and with four.
+SPLIT_ONE, SPLIT_FOUR = "bgsession inprocess, 1 connection", "bgsession inprocess, 4 connections"
+#: The contender of each kind of row every "÷ bare" ratio divides by: the bare urllib one (row 7: bgsession on
+#: one connection, so that its "speed vs bare" column is the speed-up of four connections over one).
+BASELINES = ("urllib bare loop", "urllib 16-thread pool", SPLIT_ONE)
 #: Seconds a single child may run before the bench kills it and records a failure.
 CHILD_TIMEOUT = 900.0
 #: Poll period (seconds) while watching a file grow in row 4.
@@ -284,12 +288,13 @@ def free_port() -> int:
 class Nginx:
     """nginx in the foreground on a free 127.0.0.1 port; its pid is ours to stop."""
 
-    def __init__(self, binary: str, workdir: str, docroot: str, kill_rate: str) -> None:
+    def __init__(self, binary: str, workdir: str, docroot: str, kill_rate: str, split_rate: str = "3m") -> None:
         self.binary = binary
         self.dir = os.path.join(workdir, "nginx")
         os.makedirs(self.dir, exist_ok=True)
         self.docroot = docroot
         self.kill_rate = kill_rate
+        self.split_rate = split_rate
         self.count_log = os.path.join(self.dir, "count.log")
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -331,6 +336,10 @@ http {{
             alias {self.docroot}/;
             limit_rate {self.kill_rate};
             access_log {self.count_log} bench;
+        }}
+        location /limited/ {{
+            alias {self.docroot}/;
+            limit_rate {self.split_rate};
         }}
     }}
 }}
@@ -535,6 +544,8 @@ class Bench:
             self.hashes["big.bin"] = write_random(os.path.join(self.docroot, "big.bin"), s.big)
         if 6 in rows:
             self.hashes["rss-small.bin"] = write_random(os.path.join(self.docroot, "rss-small.bin"), s.rss_small)
+        if 7 in rows:
+            self.hashes["split.bin"] = write_random(os.path.join(self.docroot, "split.bin"), s.split)
         for key, n, size in (("small", s.small_n, s.small_size), ("medium", s.medium_n, s.medium_size)):
             if (key == "small" and 2 not in rows) or (key == "medium" and 3 not in rows):
                 continue
@@ -546,7 +557,7 @@ class Bench:
         self.kill_rate = self.args.kill_rate
 
     def start_servers(self) -> None:
-        self.nginx = Nginx(self.tools["nginx"], self.work, self.docroot, self.kill_rate)
+        self.nginx = Nginx(self.tools["nginx"], self.work, self.docroot, self.kill_rate, self.args.split_rate)
         self.nginx.start()
         log(f"nginx on 127.0.0.1:{self.nginx.port} (config {self.nginx.dir}/nginx.conf)")
         if 5 in self.args.rows:
@@ -806,6 +817,41 @@ class Bench:
 
     def row3(self) -> None:
         self._many("3", "medium", self.sizes.medium_n, self.sizes.medium_size)
+
+    # -- row 7: one file in segments, from a server that limits each connection ---------------------
+    def row7(self) -> None:
+        """nginx's /limited/ location (``limit_rate`` per connection): bgsession on one connection and on four
+        (``max_connections_per_task``, both hosts), and aria2c -x4 -s4, each output checked by SHA-256."""
+        fname = "split.bin"
+        url = self.nginx.url(f"limited/{fname}")
+        sess = os.path.join(self.sessions, "row7")
+        base = {"mode": "bg-transfer", "url": url, "outdir": self.out, "session": sess}
+        cs = [Contender(SPLIT_ONE, lambda r: self._py_trial("7", SPLIT_ONE, r, dict(base, host="inprocess",
+                                                                                     split=1)), baseline=True),
+              Contender(SPLIT_FOUR, lambda r: self._py_trial("7", SPLIT_FOUR, r, dict(base, host="inprocess",
+                                                                                       split=4)))]
+        daemon = "bgsession daemon, 4 connections"
+        if self.daemon_skip:
+            self.skipped[f"7:{daemon}"] = self.daemon_skip
+        else:
+            cs.append(Contender(daemon, lambda r: self._py_trial("7", daemon, r, dict(base, host="daemon", split=4))))
+        for name, extra in (("aria2c -x4 -s4", []), ("aria2c -x4 -s4 -k1M", ["-k1M"])):
+            if "aria2c" not in self.tools:
+                self.skipped[f"7:{name}"] = "aria2c not installed (--allow-missing)"
+                continue
+            argv = [self.tools["aria2c"], "-q", "-x4", "-s4", *extra, "--allow-overwrite=true",
+                    "--auto-file-renaming=false", "-d", self.out, "-o", fname, url]
+            cs.append(Contender(name, (lambda n, a: lambda r: self._tool_trial("7", n, r, a))(name, argv)))
+
+        def check(c: Contender) -> None:
+            path = os.path.join(self.out, fname)
+            if not os.path.exists(path) or sha256_file(path) != self.hashes[fname]:
+                raise Failed(f"{c.name}: the output is missing or differs from the source (SHA-256)")
+        log(f"row 7: {fmt_bytes(self.sizes.split)} at {self.args.split_rate}/s per connection")
+        before = os.getloadavg()
+        self.alternate("7", cs, self.args.repeat, check, self._single_reset("7"))
+        self.notes.append("row 7: load average (1, 5, 15 min) {:.2f} {:.2f} {:.2f} before, {:.2f} {:.2f} {:.2f} after "
+                          "(the machine is shared)".format(*before, *os.getloadavg()))
 
     # -- row 4: SIGKILL at 50 % and relaunch --------------------------------------------------
     def row4(self) -> None:
@@ -1085,6 +1131,11 @@ class Report:
             "curl --parallel 16": "--parallel --parallel-max 16 -K config",
             "aria2c -j16": "-j16 -i list",
             "wget -i (sequential)": "informational: 1 connection, keep-alive",
+            SPLIT_ONE: "max_connections_per_task=1 (the default): the row's baseline",
+            SPLIT_FOUR: "max_connections_per_task=4",
+            "bgsession daemon, 4 connections": "max_connections_per_task=4",
+            "aria2c -x4 -s4": "its defaults otherwise: min-split-size 20M (a 64 MiB file: 3 segments, 16 MiB: 1)",
+            "aria2c -x4 -s4 -k1M": "min-split-size 1M, as bgsession's smallest segment: 4 segments",
         }
         return infos.get(name.replace(" [B]", ""), "") + (" — with --compare-lib" if name.endswith("[B]") else "")
 
@@ -1207,6 +1258,14 @@ class Report:
                     out.append((f"daemon{sfx} ≤ 10% slower than inprocess (row {row})",
                                 fmt_ratio(rd) if rd else (self.b.daemon_skip or "—")[:120],
                                 verdict(rd is not None and rd <= 1.10, rd, skip=bool(self.b.daemon_skip))))
+        if self.by("7"):
+            speedup = self.ratio("7", SPLIT_ONE, SPLIT_FOUR)
+            out.append(("segmented, per-connection-limited server: 4 connections ≥ 3.5× one",
+                        f"{fmt_ratio(speedup)} as fast", verdict(speedup is not None and speedup >= 3.5, speedup)))
+            for peer in ("aria2c -x4 -s4", "aria2c -x4 -s4 -k1M"):
+                vs = self.ratio("7", SPLIT_FOUR, peer)
+                out.append((f"segmented: 4 connections no slower than {peer}", f"{fmt_ratio(vs)} of its time",
+                            verdict(vs is not None and vs <= 1.0, vs)))
         if self.by("4"):
             good = self.ok(self.by("4").get("bgsession inprocess", []))
             worst = max((t.extra["refetched_on_disk"] for t in good), default=None)
@@ -1283,6 +1342,13 @@ class Report:
                       "kill; \"re-fetched although on disk\" = partial size at kill − the relaunch's Range "
                       "offset. First new byte: the partial file grows past its size at kill (polled every "
                       f"{POLL * 1000:.0f} ms), timed from spawning the relaunched process.", ""] + r4 + [""]
+        if self.by("7"):
+            rate = getattr(b.args, "split_rate", "3m")
+            lines += [f"## Row 7: {fmt_bytes(s.split)} from a server that limits each connection to {rate}/s "
+                      "(nginx limit_rate)", "", "\"time ÷ bare\" divides by bgsession on one connection, so "
+                      "\"speed vs bare\" is the speed-up over one connection.", ""]
+            lines += self.timing_table([("7", f"{fmt_bytes(s.split)} at {rate}/s per connection", s.split)])
+            lines += [""] + self.pairwise("7") + [""]
         r5 = self.row5_table()
         if r5:
             lines += [f"## Row 5: {s.queue_n} queued tasks (resumed against a server that accepts and never "
@@ -1334,7 +1400,7 @@ def write_results(bench: Bench) -> str:
         with open(base + ".json", "w", encoding="utf-8") as f:  # everything needed to render again
             json.dump({"machine": bench.machine, "stamp": bench.stamp, "kill_rate": bench.kill_rate,
                        "args": {"quick": bench.args.quick, "rows": sorted(bench.args.rows),
-                                "repeat": bench.args.repeat},
+                                "repeat": bench.args.repeat, "split_rate": bench.args.split_rate},
                        "skipped": bench.skipped, "notes": bench.notes, "daemon_skip": bench.daemon_skip,
                        "trials": [dataclasses.asdict(t) for t in bench.trials]}, f, indent=1)
     with open(base + ".csv", "w", encoding="utf-8", newline="") as f:
@@ -1362,7 +1428,7 @@ class Rendered:
             data = json.load(f)
         self.machine, self.stamp, self.kill_rate = data["machine"], data["stamp"], data["kill_rate"]
         self.args = argparse.Namespace(quick=data["args"]["quick"], rows=set(data["args"]["rows"]),
-                                       repeat=data["args"]["repeat"])
+                                       repeat=data["args"]["repeat"], split_rate=data["args"].get("split_rate", "3m"))
         self.sizes = QUICK if self.args.quick else FULL
         self.skipped, self.notes, self.daemon_skip = data["skipped"], data["notes"], data["daemon_skip"]
         self.trials = [Trial(**t) for t in data["trials"]]
@@ -1379,9 +1445,9 @@ def parse_rows(text: str) -> set:
             rows.update(range(int(lo), int(hi) + 1))
         else:
             rows.add(int(part))
-    bad = rows - set(range(1, 7))
+    bad = rows - set(range(1, 8))
     if bad:
-        raise argparse.ArgumentTypeError(f"rows are 1..6, not {sorted(bad)}")
+        raise argparse.ArgumentTypeError(f"rows are 1..7, not {sorted(bad)}")
     return rows
 
 
@@ -1389,12 +1455,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke check (64 MiB, 200 files, ...)")
-    p.add_argument("--rows", type=parse_rows, default=set(range(1, 7)), help="rows to run, e.g. 1,2,5 or 1-3")
+    p.add_argument("--rows", type=parse_rows, default=set(range(1, 8)), help="rows to run, e.g. 1,2,5 or 1-3")
     p.add_argument("--repeat", type=int, default=None, help="rounds per row (default 5; --quick: 2)")
     p.add_argument("--allow-missing", action="store_true", help="skip contenders whose program is missing")
     p.add_argument("--workdir", default=None, help="where the temp dir goes (default: the system temp dir); "
                    "its filesystem is part of the result")
     p.add_argument("--kill-rate", default="128m", help="nginx limit_rate of row 4's location (0: unthrottled)")
+    p.add_argument("--split-rate", default="3m", help="nginx limit_rate per connection of row 7's location")
     p.add_argument("--verify", action="store_true", help="SHA-256 every single-file output (slower)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (files, nginx logs)")
     p.add_argument("--fixed-order", action="store_true",

@@ -130,11 +130,15 @@ def _configuration(bgsession, spec: dict):
                   max_connections_per_host=spec.get("conns", 6), timeout_for_request=REQUEST_TIMEOUT)
     if kwargs["host"] == "daemon":
         kwargs["daemon_idle_timeout"] = 1.0  # the bench cleans up after itself
+    if spec.get("split"):  # row 7: connections per download
+        kwargs["max_connections_per_task"] = spec["split"]
     try:
         return bgsession.Configuration.background(IDENTIFIER, **kwargs)
     except NotImplementedError as err:
         raise _Skip(f"host={kwargs['host']!r}: {err}") from None
-    except TypeError:  # an older/newer signature without daemon_idle_timeout
+    except TypeError:  # an older/newer signature without daemon_idle_timeout (or max_connections_per_task)
+        if "max_connections_per_task" in kwargs:
+            raise _Skip("this bgsession.py has no max_connections_per_task") from None
         kwargs.pop("daemon_idle_timeout", None)
         return bgsession.Configuration.background(IDENTIFIER, **kwargs)
 
