@@ -4918,6 +4918,8 @@ _PID_NAME = "daemon.pid"
 _DAEMON_LOG = "daemon.log"
 _APP_LOCK_NAME = "app.lock"
 _START_LOCK_NAME = "daemon.start"
+#: The daemon's process name (Linux comm: at most 15 characters).
+DAEMON_PROCESS_NAME = "bgsessiond"
 #: Seconds an app waits for a daemon it started to accept connections.
 DAEMON_START_TIMEOUT = 15.0
 #: Seconds a client keeps trying to reach a daemon that went away.
@@ -5260,16 +5262,77 @@ class _DaemonServer:
         return _serve_operation(self.engine, op, msg, sink), sink
 
 
-def _run_daemon(directory: str, config_fd: int | None = None) -> int:
-    """Entry of ``bgsession.py daemon --directory DIR``: read the configuration from stdin
-    (never from argv or disk: it may hold secrets), detach, serve until idle."""
-    directory = os.path.abspath(directory)
-    raw = sys.stdin.buffer.readline(_MAX_FRAME) if config_fd is None else os.read(config_fd, _MAX_FRAME)
+_SERVICE_CONFIG = "service.json"
+
+
+def _config_at_rest(config: Configuration) -> dict[str, Any]:
+    """What the login service keeps on disk of a configuration: everything but secrets (credential headers are
+    renewed through the app, which is relaunched for a challenge, never stored)."""
+    wire = _config_to_wire(config)
+    wire["headers"] = [[k, v] for k, v in config.headers.pairs() if k.lower() not in _SECRET_HEADERS]
+    return wire
+
+
+def _read_config_at_rest(directory: str) -> Configuration:
+    path = os.path.join(directory, _SERVICE_CONFIG)
+    raw = _read_if_exists(path)
+    if raw is None:
+        raise FileNotFoundError(errno.ENOENT, f"no {_SERVICE_CONFIG}: is the login service installed?", path)
+    return _config_from_wire(json.loads(raw))
+
+
+def _name_process() -> None:
+    """Give the daemon a name ``ps -e``, ``top`` and ``pgrep bgsessiond`` show (Linux; its command line already
+    names bgsession.py, ``daemon`` and the session)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+        f.write(DAEMON_PROCESS_NAME)
+
+
+def _serve_in_foreground(directory: str, config: Configuration) -> int:
+    """The login service's daemon: no fork (the service manager supervises it), log to stderr (the journal, or
+    daemon.log under launchd); a daemon that already serves the session makes this one exit at once."""
+    os.chdir(directory)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"bgsession-daemon[{os.getpid()}] %(levelname)s %(message)s")
     try:
-        config = _config_from_wire(json.loads(raw))
-    except (ValueError, KeyError, TypeError) as err:
-        print(f"bgsession daemon: bad configuration on stdin: {err}", file=sys.stderr)
+        server = _DaemonServer(directory, config)
+    except TransferError as err:
+        if err.code is not ErrorCode.BACKGROUND_SESSION_IN_USE:
+            raise
+        log.info("another daemon serves %s; nothing to do", directory)
+        return 0
+    except JournalError as err:
+        log.error("%s", err)
+        return 4
+    stop = server.stop
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return server.serve()
+
+
+def _run_daemon(directory: str, config_fd: int | None = None, service: bool = False) -> int:
+    """Entry of ``bgsession.py daemon --directory DIR``: read the configuration from stdin
+    (never from argv: it may hold secrets), detach, serve until idle. *service*: started by the login
+    service (``LoginService``): the configuration is the one it keeps at rest, without secrets, and
+    the daemon stays in the foreground, as systemd and launchd expect."""
+    directory = os.path.abspath(directory)
+    _name_process()
+    try:
+        if service:
+            config = _read_config_at_rest(directory)
+        else:
+            raw = sys.stdin.buffer.readline(_MAX_FRAME) if config_fd is None else os.read(config_fd, _MAX_FRAME)
+            config = _config_from_wire(json.loads(raw))
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        print(f"bgsession daemon: bad configuration {'in ' + directory if service else 'on stdin'}: {err}",
+              file=sys.stderr)
         return 2
+    if service:
+        return _serve_in_foreground(directory, config)
     ready_r, ready_w = os.pipe()
     if os.fork() > 0:
         # The starter waits for this parent, which exits once the daemon (reparented to init)
@@ -5314,15 +5377,24 @@ def _run_daemon(directory: str, config_fd: int | None = None) -> int:
 
 
 #: How a daemon loads this very file (wherever an app keeps it) as a module, from cached bytecode:
-#: run as a script it would be compiled at every start (~60 ms and ~12 MiB more peak memory).
-_DAEMON_BOOT = ("import importlib.util, sys\nspec = importlib.util.spec_from_file_location('bgsession', sys.argv[1])\n"
-                "module = importlib.util.module_from_spec(spec)\nsys.modules['bgsession'] = module\n"
-                "spec.loader.exec_module(module)\nsys.exit(module._main(sys.argv[2:]))\n")
+#: run as a script it would be compiled at every start (~60 ms and ~12 MiB more peak memory); run with
+#: ``-m`` its directory would come before the standard library on sys.path, where an app's own
+#: ``logging.py`` or ``http/`` would shadow it. One line, so that a service unit can hold it.
+_DAEMON_BOOT = ("import sys, importlib.util as u; s = u.spec_from_file_location('bgsession', sys.argv[1]); "
+                "m = u.module_from_spec(s); sys.modules['bgsession'] = m; s.loader.exec_module(m); "
+                "sys.exit(m._main(sys.argv[2:]))")
 
 
 def _self_command(*args: str) -> list[str]:
     """``bgsession.py <args>`` as a command line: this very file, through the cached-bytecode loader."""
     return [sys.executable, "-c", _DAEMON_BOOT, os.path.abspath(__file__), *args]
+
+
+def _daemon_command(config: Configuration, service: bool = False) -> list[str]:
+    """The daemon's command line; it names bgsession.py, the session and its directory, as ``ps`` shows them."""
+    assert config.directory is not None
+    return _self_command("daemon", "--session", config.identifier or "", "--directory", config.directory,
+                         *(["--service"] if service else []))
 
 
 def _try_connect(directory: str) -> socket.socket | None:
@@ -5356,7 +5428,7 @@ def _connect_daemon(config: Configuration) -> socket.socket:
         log_fd = _open_private(os.path.join(directory, _DAEMON_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         env = {k: v for k, v in os.environ.items() if k != BACKGROUND_EVENTS_ENV}
         try:
-            proc = subprocess.Popen(_self_command("daemon", "--directory", directory), stdin=subprocess.PIPE,
+            proc = subprocess.Popen(_daemon_command(config), stdin=subprocess.PIPE,
                                     stdout=log_fd, stderr=log_fd, env=env, cwd=directory, start_new_session=True)
         finally:
             os.close(log_fd)
@@ -5386,6 +5458,145 @@ def _connect_daemon(config: Configuration) -> socket.socket:
                             "not start" + (f": {tail}" if tail else f" (see {os.path.join(directory, _DAEMON_LOG)})"))
     finally:
         os.close(start_fd)
+
+
+def _systemd_escape(text: str) -> str:
+    """*text* where a unit file expands specifiers (%) and variables ($)."""
+    return text.replace("%", "%%").replace("$", "$$")
+
+
+def _systemd_quote(arg: str) -> str:
+    """One argument of a unit's ExecStart or path setting: double-quoted, C escapes, specifiers escaped."""
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + _systemd_escape(escaped) + '"'
+
+
+class LoginService:
+    """Starts a background session's daemon at login, so that unfinished transfers resume after a reboot or a
+    logout and the app is relaunched for their events with nothing else run: a systemd user unit on Linux, a
+    launchd agent on macOS (the BITS job that outlives a logout). The daemon starts as ``bgsession.py daemon
+    --service``: in the foreground, with the configuration kept at rest in the session directory
+    (``service.json``, 0600, no secrets; an app that attaches brings its full configuration, as always). On
+    Linux the user's units run at boot only with lingering enabled (``loginctl enable-linger``); otherwise at
+    login. *home* and *platform* default to this user's and this machine's (tests set them)."""
+
+    def __init__(self, configuration: Configuration, *, home: str | None = None,
+                 platform: str | None = None) -> None:
+        if configuration.host != "daemon" or not configuration.identifier or configuration.directory is None:
+            raise InvalidArgumentError("a login service starts a daemon: it needs a background configuration with "
+                                       "host='daemon'")
+        self.configuration = configuration
+        self.home = home or os.path.expanduser("~")
+        self.platform = platform or sys.platform
+        if not self.platform.startswith(("linux", "darwin")):
+            raise InvalidArgumentError(f"no login service on {self.platform}: systemd (Linux) and launchd (macOS) "
+                                       "are supported")
+        #: The unit's (or the agent's) name: ``bgsession-<identifier>.service`` or ``org.bgsession.<identifier>``
+        #: (an identifier is made of characters both allow).
+        self.name = (f"org.bgsession.{configuration.identifier}" if self.launchd
+                     else f"bgsession-{configuration.identifier}.service")
+
+    @property
+    def launchd(self) -> bool:
+        return self.platform == "darwin"
+
+    @property
+    def path(self) -> str:
+        """Where the unit (or the agent's property list) is written."""
+        if self.launchd:
+            return os.path.join(self.home, "Library", "LaunchAgents", self.name + ".plist")
+        config_home = os.environ.get("XDG_CONFIG_HOME") if self.home == os.path.expanduser("~") else None
+        return os.path.join(config_home or os.path.join(self.home, ".config"), "systemd", "user", self.name)
+
+    @property
+    def command(self) -> list[str]:
+        """The command the service manager runs (systemd's ExecStart, launchd's ProgramArguments)."""
+        return _daemon_command(self.configuration, service=True)
+
+    def text(self) -> str:
+        """The unit file (systemd) or property list (launchd) :meth:`install` writes."""
+        directory = self.configuration.directory
+        assert directory is not None
+        if self.launchd:
+            import plistlib  # (only here: an import every start would pay for)
+            return plistlib.dumps({
+                "Label": self.name, "ProgramArguments": self.command, "RunAtLoad": True,
+                "WorkingDirectory": directory, "ProcessType": "Background",
+                "StandardOutPath": os.path.join(directory, _DAEMON_LOG),
+                "StandardErrorPath": os.path.join(directory, _DAEMON_LOG)}).decode("utf-8")
+        return (f"# Written by bgsession {__version__} (`bgsession service install`): starts the daemon of\n"
+                f"# background session {self.configuration.identifier!r} at login; it resumes unfinished transfers\n"
+                "# and exits when idle. Remove with `bgsession service uninstall` (or LoginService(...).uninstall()).\n"
+                "[Unit]\n"
+                f"Description=bgsession daemon of session {_systemd_escape(self.configuration.identifier or '')}\n"
+                "\n[Service]\nType=simple\n"
+                f"WorkingDirectory={_systemd_escape(directory)}\n"  # (the rest of the line, unquoted)
+                f"ExecStart={' '.join(_systemd_quote(arg) for arg in self.command)}\n"
+                "Restart=on-failure\nRestartSec=30\n"
+                "\n[Install]\nWantedBy=default.target\n")
+
+    def install(self, enable: bool = True) -> list[str]:
+        """Write the configuration at rest and the unit (durably), and with *enable* ask the service manager to
+        start it at every login; returns what was done or could not be, one line each (a service manager that
+        cannot be reached, as in a container, is reported, not raised: the unit is in place for the next login)."""
+        directory = self.configuration.directory
+        assert directory is not None
+        _ensure_private_dir(directory)
+        _atomic_write(os.path.join(directory, _SERVICE_CONFIG), _dumps(_config_at_rest(self.configuration)))
+        _makedirs(os.path.dirname(self.path), 0o755)
+        _atomic_write(self.path, self.text().encode("utf-8"))
+        done = [f"wrote {self.path}"]
+        if enable:
+            done.append(self._manage("enable"))
+        return done
+
+    def uninstall(self) -> list[str]:
+        """Disable and remove the unit and the configuration at rest; the session and its transfers stay."""
+        done = [self._manage("disable")] if os.path.exists(self.path) else []
+        for path in (self.path, os.path.join(self.configuration.directory or "", _SERVICE_CONFIG)):
+            with contextlib.suppress(FileNotFoundError):
+                _vfs.unlink(path)
+                done.append(f"removed {path}")
+        return done or [f"no login service for session {self.configuration.identifier!r}"]
+
+    def status(self) -> dict[str, Any]:
+        """``installed`` (the unit is there), ``current`` (and is what :meth:`text` writes today), ``enabled``
+        (the service manager's answer, or None if it cannot be asked), ``running`` (a daemon serves the session)."""
+        current = _read_if_exists(self.path)
+        directory = self.configuration.directory or ""
+        sock = _try_connect(directory) if os.path.isdir(directory) else None
+        if sock is not None:
+            sock.close()
+        enabled = None
+        if current is not None:
+            answer = self._run(["launchctl", "print", f"gui/{os.getuid()}/{self.name}"] if self.launchd
+                               else ["systemctl", "--user", "is-enabled", self.name])
+            enabled = None if answer is None else answer[0] == 0
+        return {"name": self.name, "path": self.path, "installed": current is not None,
+                "current": current == self.text().encode("utf-8"), "enabled": enabled, "running": sock is not None}
+
+    def _manage(self, action: str) -> str:
+        if self.launchd:
+            target = f"gui/{os.getuid()}"
+            argv = ["launchctl", "bootstrap" if action == "enable" else "bootout", target,
+                    self.path if action == "enable" else f"{target}/{self.name}"]
+        else:
+            argv = ["systemctl", "--user", action, self.name]
+            if action == "enable":
+                self._run(["systemctl", "--user", "daemon-reload"])
+        answer = self._run(argv)
+        if answer is not None and answer[0] == 0:
+            return f"{action}d {self.name}"
+        why = "not found" if answer is None else (answer[1].strip().splitlines() or [f"exit {answer[0]}"])[-1]
+        return f"could not {action} {self.name} ({' '.join(argv)}: {why}); run it in a login session"
+
+    @staticmethod
+    def _run(argv: list[str]) -> tuple[int, str] | None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.returncode, done.stderr or done.stdout
 
 
 class _Disconnected(Exception):
@@ -5956,6 +6167,23 @@ def _cmd_check(args: argparse.Namespace, out: Any) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
+def _cmd_service(args: argparse.Namespace, out: Any) -> int:
+    """`service install|uninstall|status`: the login service that resumes the session's transfers after a reboot."""
+    service = LoginService(_cli_config(args))
+    if args.action == "status":
+        st = service.status()
+        enabled = {None: "unknown (no service manager reachable)", True: "yes", False: "no"}[st["enabled"]]
+        print(f"{st['name']}: {'installed' if st['installed'] else 'not installed'} ({st['path']})"
+              + ("" if st["current"] or not st["installed"] else "; written by another version: install again"),
+              f"enabled at login: {enabled}", f"daemon running: {'yes' if st['running'] else 'no'}", sep="\n", file=out)
+        return EXIT_OK if st["installed"] else EXIT_FAILED
+    lines = service.install(enable=not args.no_enable) if args.action == "install" else service.uninstall()
+    print("\n".join(lines), file=out)
+    if args.action == "install" and sys.platform.startswith("linux"):
+        print("(to start it at boot rather than at login: loginctl enable-linger)", file=out)
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgsession", description="Downloads that survive the process that started "
                                      "them: enqueue into a background session; a daemon transfers, resumes after "
@@ -5989,9 +6217,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("priority", metavar="P", help="0.0 (lowest) to 1.0 (highest)")
     p = sub.add_parser("check", parents=[common], help="check a session directory's journal")
     p.add_argument("directory", nargs="?", help="session directory (default: the CLI session's)")
+    p = sub.add_parser("service", parents=[common], help="start the session's daemon at login (systemd, launchd), "
+                       "so that transfers resume after a reboot")
+    p.add_argument("action", choices=("install", "uninstall", "status"))
+    p.add_argument("--no-enable", action="store_true", help="write the unit, do not ask the service manager")
     p = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
     p = sub.add_parser("daemon", help=argparse.SUPPRESS)
     p.add_argument("--directory", required=True)
+    p.add_argument("--session", help=argparse.SUPPRESS)  # (shown by ps; the configuration names the session)
+    p.add_argument("--service", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -6000,7 +6234,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = sys.stdout
     if args.command == "daemon":
-        return _run_daemon(args.directory)
+        return _run_daemon(args.directory, service=args.service)
     deliver = args.command == "deliver"  # (its log lines say what it moved)
     logging.basicConfig(level=logging.INFO if deliver else logging.WARNING,
                         format=f"bgsession{' deliver' if deliver else ''}: %(message)s")
@@ -6008,7 +6242,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         "download": _cmd_download, "status": _cmd_status, "wait": _cmd_wait, "check": _cmd_check,
         "deliver": lambda a, o: _cmd_wait(a, o, deliver=True),
         "cancel": _cmd_task_op, "suspend": _cmd_task_op, "resume": _cmd_task_op,
-        "limit": _cmd_option, "priority": _cmd_option}
+        "limit": _cmd_option, "priority": _cmd_option, "service": _cmd_service}
     try:
         return commands[args.command](args, out)
     except _CliError as err:
