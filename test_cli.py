@@ -60,19 +60,22 @@ def test_download_enqueues_and_the_daemon_delivers_the_file(server, cli):
     target = cli.out / "report.pdf"
     wait_until(lambda: target.exists(), what="the delivered file")
     assert sha(target.read_bytes()) == sha(data)
-    wait_until(lambda: cli.status() == [], what="the task to be delivered")
+    wait_until(lambda: [t["state"] for t in cli.status()] == ["saved"], what="the task's outcome")
+    assert cli.status()[0]["saved_as"] == str(target) and cli.status()[0]["exit"] == 0
     assert target.stat().st_mode & 0o777 == 0o666 & ~bg._umask()  # normal permissions outside the session
 
 
 def test_wait_shows_plain_lines_when_not_a_tty_and_exit_code_reflects_failures(server, cli):
-    """`download --wait` without a TTY prints one line per file; a 404 makes the exit code 1."""
+    """`download --wait` without a TTY prints one line per outcome and wget's summary; a 404 makes the exit code
+    wget's 8."""
     server.add_blob("/a.bin", size=1000)
     server.add_status("/missing.bin", 404, b"no")
     proc = cli.run("download", "--wait", "-d", str(cli.out), server.url("/a.bin"), server.url("/missing.bin"))
-    assert proc.returncode == 1
-    lines = proc.stdout.splitlines()
-    assert any(line.startswith("done 1 ") for line in lines)
-    assert any(line.startswith("failed 2 ") and "HTTP 404" in line for line in lines)
+    assert proc.returncode == bg.EXIT_SERVER == 8
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert ["1", "saved", "a.bin", "(1000", "B)", "in", str(cli.out)] in lines
+    assert ["2", "failed", "HTTP", "404", server.url("/missing.bin")] in lines
+    assert proc.stdout.splitlines()[-1].startswith("Downloaded: 1 file, 1000 B in ") and "; 1 failed" in proc.stdout
     assert (cli.out / "a.bin").exists() and not (cli.out / "missing.bin").exists()
 
 
@@ -99,17 +102,27 @@ def test_status_lists_tasks_and_cancel_and_resume_act_on_them(server, cli):
     assert hold2.wait(LONG)
     cli.run("cancel", "2", check=True)
     hold2.release()
-    wait_until(lambda: cli.status() == [], what="the cancelled task to be delivered")
+    wait_until(lambda: [t["state"] for t in cli.status()] == ["saved", "cancelled"], what="the cancel's outcome")
     assert not (cli.out / "slow2.bin").exists()
 
 
 @pytest.mark.parametrize("args, code, words", [
     (["download", "ftp://example.com/x"], 2, "unsupported"),
     (["download", "http://exa mple.com/x"], 2, "control characters"),
-    (["download", "-d", "/nonexistent/dir", "http://127.0.0.1:9/x"], 2, "not a directory"),
+    (["download", "-d", "/dev/null/dir", "http://127.0.0.1:9/x"], 2, "cannot create the directory"),
     (["cancel", "42"], 2, "no task 42"),
     (["check", "/nonexistent/session"], 2, "no such session directory"),
-    (["download", "--sha256", "xyz", "http://127.0.0.1:9/x"], 2, "sha256"),
+    (["download", "--sha256", "xyz", "http://127.0.0.1:9/x"], 2, "checksum"),
+    (["download", "--checksum", "md5=" + "0" * 32, "http://127.0.0.1:9/x"], 2, "sha-256"),
+    (["download"], 2, "no URL"),
+    (["download", "-O", "a", "http://127.0.0.1:9/x", "http://127.0.0.1:9/y"], 2, "single URL"),
+    (["download", "-O", "-", "http://127.0.0.1:9/x"], 2, "name a file"),
+    (["download", "-i", "/nonexistent.txt"], 2, "cannot read the input file"),
+    (["download", "-j", "0", "http://127.0.0.1:9/x"], 2, "-j must be within"),
+    (["download", "--tries", "many", "http://127.0.0.1:9/x"], 2, "whole number"),
+    (["download", "--timeout", "-1", "http://127.0.0.1:9/x"], 2, "--timeout"),
+    (["download", "--header", "NoColon", "http://127.0.0.1:9/x"], 2, "bad header"),
+    (["resume", "9"], 2, "no task 9"),
     (["download", "--priority", "2", "http://127.0.0.1:9/x"], 2, "priority"),
     (["download", "--not-before", "someday", "http://127.0.0.1:9/x"], 2, "bad time"),
     (["download", "--limit-rate", "fast", "http://127.0.0.1:9/x"], 2, "bad rate"),
@@ -206,7 +219,7 @@ def test_unwritable_destination_is_refused(cli, tmp_path):
 
 
 def test_corrupt_journal_is_one_line_error(server, cli):
-    """A session whose journal is from a future version gives one line and exit code 4, not a traceback."""
+    """A session whose journal is from a future version gives one line and exit code 10, not a traceback."""
     server.add_blob("/a.bin", size=10)
     cli.run("download", "--wait", "-d", str(cli.out), server.url("/a.bin"), check=True)
     stop_daemon(cli.state)
@@ -214,28 +227,38 @@ def test_corrupt_journal_is_one_line_error(server, cli):
     with open(os.path.join(cli.state, "journal.jsonl"), "wb") as f:
         f.write(b'{"v":99,"t":"header","generation":9}\n')
     proc = cli.run("download", "--wait", "-d", str(cli.out), server.url("/a.bin"))
-    assert proc.returncode == 4
+    assert proc.returncode == bg.EXIT_JOURNAL == 10
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     check = cli.run("check")
     assert check.returncode == 1 and "newer bgsession" in check.stdout
 
 
 def test_session_in_use_is_reported(server, cli):
-    """A second attached CLI process (wait) while one is attached gets exit code 3."""
+    """The CLI's delivery while another app is attached to its session gets exit code 9 and one line."""
+    config = bg._cli_config(bg._parser().parse_args(["status", "--state-dir", cli.state]))
+    with bg.Session(config, bg.SessionDelegate()):
+        proc = cli.run("deliver")
+    assert proc.returncode == bg.EXIT_IN_USE == 9 and "delivered by another process" in proc.stderr
+
+
+def test_wait_and_the_daemons_delivery_never_lock_each_other_out(server, cli):
+    """Two `wait`s and a `download --wait` run while the daemon relaunches `bgsession deliver`: all of them end
+    with the outcome, none is refused, and the file is delivered once."""
     server.add_blob("/h.bin", size=1 * MiB)
     hold = server.hold_at("/h.bin", 1000)
-    first = subprocess.Popen([sys.executable, BGSESSION, "download", "--state-dir", cli.state, "--wait", "-d",
-                              str(cli.out), server.url("/h.bin")], stdout=subprocess.DEVNULL)
-    try:
-        assert hold.wait(LONG)
-        proc = cli.run("wait")
-        assert proc.returncode == 3 and "in use" in proc.stderr
-        hold.release()
-        assert first.wait(LONG) == 0
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait()
+    cli.run("download", "-d", str(cli.out), server.url("/h.bin"), check=True)
+    assert hold.wait(LONG)
+    command = [sys.executable, "-W", "error", BGSESSION]
+    watchers = [subprocess.Popen(command + ["wait", "--state-dir", cli.state], stdout=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    server.add_blob("/i.bin", size=1000)
+    also = cli.run("download", "--wait", "-d", str(cli.out), server.url("/i.bin"))
+    hold.release()
+    outputs = [w.communicate(timeout=LONG)[0] for w in watchers]
+    assert also.returncode == 0 and f"saved      i.bin (1000 B) in {cli.out}" in also.stdout
+    for w, text in zip(watchers, outputs):
+        assert w.returncode == 0 and f"1 saved      h.bin (1.0 MiB) in {cli.out}" in text, text
+    assert sorted(os.listdir(cli.out)) == ["h.bin", "i.bin"]
 
 
 def test_check_reports_clean(server, cli):
@@ -274,7 +297,8 @@ def test_tty_progress_is_redrawn_in_place(server, cli):
     frames = [f for f in text.split("\x1b[2K") if "running" in f]
     assert len(frames) >= 2  # drawn more than once
     assert any("%" in f and "/s" in f for f in frames)
-    assert "done" in text.splitlines()[-1] or "done" in text
+    assert "1 saved      t.bin (3.0 MiB) in " in text  # the name it was saved as
+    assert text.rstrip().splitlines()[-1].startswith("Downloaded: 1 file, 3.0 MiB in ")
     assert (cli.out / "t.bin").stat().st_size == 3 * MiB
 
 
