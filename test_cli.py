@@ -7,7 +7,9 @@ import datetime
 import json
 import os
 import pty
+import re
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -325,3 +327,174 @@ def test_pip_install_gives_a_working_command(tmp_path, server):
         assert imported.stdout.strip() == bg.__version__
     finally:
         stop_daemon(state)
+
+
+# -- issue 19: outcomes, wget's and aria2c's flags, identity ------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_failures_are_visible_without_wait(server, cli):
+    """`download` of a 404 and a good URL returns at once; the next `wait` prints the failure and wget's summary
+    and exits 8; a second `wait` has nothing new; `status` keeps both outcomes; `resume` downloads the failed one
+    again as a new task; `clear` forgets the outcomes."""
+    server.add_blob("/ok.bin", size=2000)
+    server.add_status("/gone.bin", 404, b"no")
+    cli.run("download", "-d", str(cli.out), server.url("/ok.bin"), server.url("/gone.bin"), check=True)
+    first = cli.run("wait")
+    assert first.returncode == 8, first.stdout + first.stderr
+    assert f"2 failed     HTTP 404  {server.url('/gone.bin')}" in first.stdout
+    assert "Downloaded: 1 file, 2.0 KiB in" in first.stdout and "; 1 failed" in first.stdout
+    again = cli.run("wait")
+    assert again.returncode == 0 and again.stdout.strip() == "nothing to wait for"
+    text = cli.run("status", check=True).stdout
+    assert "1 saved      ok.bin" in text and "2 failed     HTTP 404" in text
+    assert [(t["id"], t["state"], t["exit"]) for t in cli.status()] == [(1, "saved", 0), (2, "failed", 8)]
+    server.add_blob("/gone.bin", size=500)  # the server has it now
+    assert cli.run("resume", "2", check=True).stdout.strip() == "resume 2: again as 3"
+    assert cli.run("wait").returncode == 0
+    assert [(t["id"], t["state"]) for t in cli.status()] == [(1, "saved"), (3, "saved")]
+    assert cli.run("resume", "1").returncode == 2  # saved: nothing to resume
+    assert cli.run("clear", check=True).stdout.strip() == "forgot 2 outcomes"
+    assert cli.run("status", check=True).stdout.strip() == f"no tasks in session {bg.CLI_SESSION!r}"
+
+
+@pytest.mark.parametrize("case, code", [("ok", 0), ("404", 8), ("401", 6), ("refused", 4), ("checksum", 1)])
+def test_exit_codes_are_wgets(server, cli, case, code):
+    """`download --wait` exits as wget would: 0 saved, 8 an error response, 6 an authentication failure, 4 a
+    network failure (with --tries 1), and 1 for a failure wget has no number for (a checksum mismatch)."""
+    server.add_blob("/f.bin", size=1000)
+    server.add_blob("/secret.bin", size=1000, auth=fs.BasicAuth("ann", "pw"))
+    server.add_status("/missing.bin", 404, b"no")
+    args = {"ok": [server.url("/f.bin")], "404": [server.url("/missing.bin")], "401": [server.url("/secret.bin")],
+            "refused": ["--tries", "1", f"http://127.0.0.1:{closed_port()}/x"],
+            "checksum": ["--checksum", "sha-256=" + "0" * 64, server.url("/f.bin")]}[case]
+    proc = cli.run("download", "--wait", "-d", str(cli.out), *args)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    (task,) = cli.status()
+    assert task["exit"] == code
+
+
+def test_session_options_before_or_after_the_command(server, cli, tmp_path):
+    """--session and --state-dir work before the command (as the README's usage line shows) and after it."""
+    state = str(tmp_path / "other")
+    server.add_blob("/s.bin", size=100)
+    command = [sys.executable, "-W", "error", BGSESSION]
+    before = subprocess.run(command + ["--session", "photos", "--state-dir", state, "download", "--wait", "-d",
+                                       str(cli.out), server.url("/s.bin")], capture_output=True, text=True,
+                            timeout=LONG)
+    try:
+        assert before.returncode == 0, before.stderr
+        after = subprocess.run(command + ["status", "--json", "--session", "photos", "--state-dir", state],
+                               capture_output=True, text=True, timeout=LONG)
+        assert [t["state"] for t in json.loads(after.stdout)] == ["saved"]
+        mixed = subprocess.run(command + ["--session", "photos", "status", "--state-dir", state],
+                               capture_output=True, text=True, timeout=LONG)
+        assert "saved      s.bin" in mixed.stdout
+    finally:
+        stop_daemon(state)
+
+
+def test_help_lists_only_the_commands_people_type(cli):
+    """--help lists the commands, not the daemon's own (deliver, daemon) nor argparse's ==SUPPRESS== marks."""
+    text = subprocess.run([sys.executable, BGSESSION, "--help"], capture_output=True, text=True, timeout=LONG).stdout
+    assert "download" in text and "service" in text and "exit codes" in text
+    assert "SUPPRESS" not in text and not re.search(r"^\s+(deliver|daemon)\b", text, re.M), text
+
+
+def test_task_numbers_stay_small_and_sequential_across_daemon_restarts(server, cli):
+    """Task numbers are 1, 2, 3... in a CLI session, across a SIGKILLed daemon and a daemon that exited."""
+    server.add_blob("/n.bin", size=10)
+    url = server.url("/n.bin")
+    cli.run("download", "-d", str(cli.out), url, url, check=True)
+    daemon = read_pid_file(cli.state)
+    assert daemon is not None and daemon.kill()
+    assert cli.run("download", "-d", str(cli.out), url, check=True).stdout.startswith("queued 3 ")
+    assert cli.run("wait").returncode == 0
+    stop_daemon(cli.state)
+    assert cli.run("download", "-d", str(cli.out), url, check=True).stdout.startswith("queued 4 ")
+
+
+def test_output_names_input_file_and_headers(server, cli, tmp_path):
+    """-O FILE and -o NAME name the file (-d made if missing); -i reads URLs with aria2c's indented out=, dir=,
+    checksum= and header= options; --header reaches the server; a name taken gets .1 (never clobbered)."""
+    data = {name: fs.blob_bytes(3000 + i, seed=70 + i) for i, name in enumerate("abcd")}
+    for name, body in data.items():
+        server.add_blob(f"/{name}.bin", body)
+    new_dir = cli.out / "new" / "nested"
+    cli.run("download", "--wait", "-O", str(cli.out / "first.dat"), server.url("/a.bin"), check=True)
+    cli.run("download", "--wait", "-d", str(new_dir), "-o", "second.dat", "--header", "X-Trace: 42",
+            server.url("/b.bin"), check=True)
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"# two files\n{server.url('/c.bin')}\n  out=third.dat\n  header=X-Trace: 43\n"
+                       f"{server.url('/d.bin')}\n  dir={cli.out / 'other'}\n  checksum=sha-256={sha(data['d'])}\n\n"
+                       f"{server.url('/a.bin')}\n  out=first.dat\n")
+    proc = cli.run("download", "--wait", "-d", str(cli.out), "-i", str(listing))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sha((cli.out / "first.dat").read_bytes()) == sha(data["a"])
+    assert sha((new_dir / "second.dat").read_bytes()) == sha(data["b"])
+    assert sha((cli.out / "third.dat").read_bytes()) == sha(data["c"])
+    assert sha((cli.out / "other" / "d.bin").read_bytes()) == sha(data["d"])
+    assert sha((cli.out / "first.dat.1").read_bytes()) == sha(data["a"])
+    assert "saved      first.dat.1 " in proc.stdout
+    assert server.requests("/b.bin")[0].headers.get("x-trace") == "42"
+    assert server.requests("/c.bin")[0].headers.get("x-trace") == "43"
+
+
+def test_credentials_from_the_environment_or_netrc_are_never_stored(server, cli, tmp_path):
+    """-u USER with $BGSESSION_HTTP_PASSWORD, and --netrc-file, authenticate; the password is in no file of the
+    session directory."""
+    server.add_blob("/private.bin", size=5000, auth=fs.BasicAuth("ann", "hunter2-secret"))
+    env = {**os.environ, bg.CLI_PASSWORD_ENV: "hunter2-secret"}
+    proc = subprocess.run([sys.executable, "-W", "error", BGSESSION, "download", "--wait", "--state-dir", cli.state,
+                           "-d", str(cli.out), "-u", "ann", server.url("/private.bin")], capture_output=True,
+                          text=True, timeout=LONG, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login ann password hunter2-secret\n")
+    netrc.chmod(0o600)
+    cli.run("download", "--wait", "-d", str(cli.out), "--netrc-file", str(netrc), server.url("/private.bin"),
+            check=True)
+    assert (cli.out / "private.bin").exists() and (cli.out / "private.bin.1").exists()
+    for root, _, files in os.walk(cli.state):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path):  # (not the daemon's socket)
+                with open(path, "rb") as f:
+                    content = f.read()
+                assert b"hunter2" not in content and b"aHVudGVyMi1zZWNyZXQ" not in content, name
+    no_password = subprocess.run([sys.executable, BGSESSION, "download", "--state-dir", cli.state, "-u", "ann",
+                                  server.url("/private.bin")], capture_output=True, text=True, timeout=LONG,
+                                 stdin=subprocess.DEVNULL, env={k: v for k, v in os.environ.items()
+                                                                if k != bg.CLI_PASSWORD_ENV})
+    assert no_password.returncode == 2 and bg.CLI_PASSWORD_ENV in no_password.stderr
+
+
+def test_jobs_are_kept_for_the_session(server, cli):
+    """-j 1 holds the session to one transfer at a time, and stays so for later runs that do not repeat it."""
+    for name in "xyz":
+        server.add_blob(f"/{name}.bin", size=200_000, default_fault=fs.Fault(throttle=2_000_000))
+    cli.run("download", "-j", "1", "-d", str(cli.out), server.url("/x.bin"), check=True)
+    cli.run("download", "-d", str(cli.out), server.url("/y.bin"), server.url("/z.bin"), check=True)
+    assert cli.run("wait").returncode == 0
+    assert server.peak_requests == 1
+    with open(os.path.join(cli.state, "cli.json")) as f:
+        assert json.load(f)["jobs"] == 1
+
+
+def test_plain_progress_lines_and_quiet(server, cli):
+    """Without a terminal, --wait prints a plain progress line per running task every few seconds (as wget's dot
+    progress); -q prints only the summary, on stderr."""
+    server.add_blob("/p.bin", size=3 * MiB, default_fault=fs.Fault(throttle=1 * MiB))
+    proc = cli.run("download", "--wait", "-d", str(cli.out), server.url("/p.bin"))
+    assert proc.returncode == 0
+    progress = [line for line in proc.stdout.splitlines() if line.split()[1:2] == ["running"]]
+    assert len(progress) >= 2 and all("%" in line and "/s" in line for line in progress), proc.stdout
+    quiet = cli.run("download", "--wait", "-q", "-d", str(cli.out), server.url("/p.bin"))
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    assert quiet.stderr.startswith("Downloaded: 1 file, 3.0 MiB")
