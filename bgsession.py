@@ -87,7 +87,7 @@ __version__ = "0.3.0"
 __all__ = [
     "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
     "CredentialPersistence", "DownloadTask", "ErrorCode", "InvalidArgumentError", "Journal", "JournalError",
-    "ProtectionSpace", "Request", "Response", "Retry", "Session", "SessionDelegate", "SessionInvalidatedError",
+    "LoginService", "ProtectionSpace", "Request", "Response", "Retry", "Session", "SessionDelegate", "SessionInvalidatedError",
     "SessionManager", "Task", "TaskState", "TransferError", "UploadTask", "default_directory", "sanitize_filename",
 ]
 
