@@ -11,18 +11,21 @@ relaunched for background events) it receives every event that waited for it, th
 ``did_finish_events_for_background_session``.
 
 Guarantees (README, "Guarantees"; ARCHITECTURE.md says how each is kept): nothing is lost, never a spliced file;
-exactly-once hook completion; per-task order; validated resume; one live session per identifier; private files.
+exactly-once hook completion; per-task order; validated resume; one live session per identifier; private files, and
+no secret at rest. ARCHITECTURE.md's seams say how hostile servers, damaged state and other local users are met.
 
 Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md draws the seams between them):
 
  1. Errors         -- one root, leaf classes, ``ErrorCode``.
  2. Model          -- task phases and their transition table; events and attempt
                       outcomes as classes; ``TaskInfo``, the value that crosses every boundary.
- 3. Policies       -- ``Retry`` (the whole "try again?" decision), which queued task
-                      starts next, the session's bandwidth limit in force, the clock.
- 4. Values         -- headers, ``Request``, ``Response``, credentials, ``Configuration``.
- 5. HTTP decisions -- pure functions: the range plan, validators, auth headers and
-                      ``next_step``, the response sequence both transfer kinds share.
+ 3. Policies       -- ``Retry`` (the whole "try again?" decision, waiting for connectivity
+                      included), which queued task starts next, the session's bandwidth limit
+                      in force, the clock.
+ 4. Values         -- headers, ``Request``, ``Response``, credentials, proxies, ``TLS``,
+                      ``Configuration``.
+ 5. HTTP decisions -- pure functions: the range plan, validators, auth headers, the proxy of a
+                      URL and ``next_step``, the response sequence both transfer kinds share.
  6. Store          -- the session directory: lock, journal writer, reducer, snapshot,
                       compaction, reserve, recovery, resume data. Knows nothing of HTTP or apps.
  7. Transfer       -- connections, authentication, download and upload attempts that
@@ -48,9 +51,11 @@ import datetime
 import email.utils
 import enum
 import errno
+import functools
 import hashlib
 import heapq
 import http.client
+import io
 import itertools
 import json
 import logging
@@ -85,10 +90,11 @@ except ImportError:
 __version__ = "0.3.0"
 
 __all__ = [
-    "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
-    "CredentialPersistence", "DownloadTask", "ErrorCode", "InvalidArgumentError", "Journal", "JournalError",
-    "LoginService", "ProtectionSpace", "Request", "Response", "Retry", "Session", "SessionDelegate", "SessionInvalidatedError",
-    "SessionManager", "Task", "TaskState", "TransferError", "UploadTask", "default_directory", "sanitize_filename",
+    "TLS", "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
+    "CredentialPersistence", "DelayedRequestDisposition", "DownloadTask", "ErrorCode", "InvalidArgumentError",
+    "Journal", "JournalError", "LoginService", "ProtectionSpace", "Request", "Response", "Retry", "Session",
+    "SessionDelegate", "SessionInvalidatedError", "SessionManager", "Task", "TaskState", "TransferError", "UploadTask",
+    "default_directory", "sanitize_filename",
 ]
 
 log = logging.getLogger("bgsession")
@@ -116,7 +122,9 @@ class ErrorCode(enum.IntEnum):
     CANNOT_FIND_HOST = -1003
     CANNOT_CONNECT_TO_HOST = -1004
     NETWORK_CONNECTION_LOST = -1005
+    DNS_LOOKUP_FAILED = -1006
     HTTP_TOO_MANY_REDIRECTS = -1007
+    NOT_CONNECTED_TO_INTERNET = -1009
     BAD_SERVER_RESPONSE = -1011
     USER_CANCELLED_AUTHENTICATION = -1012
     USER_AUTHENTICATION_REQUIRED = -1013
@@ -288,6 +296,9 @@ class TaskInfo:
     priority: float = DEFAULT_PRIORITY  # see Task.priority
     begin: float | None = None  # the earliest begin date (POSIX time), see Task.earliest_begin_date
     limit: int | None = None  # bytes per second, see Task.max_bytes_per_second
+    waiting: bool = False  # waiting for connectivity: no response arrives (task_is_waiting_for_connectivity)
+    last_error: Mapping[str, Any] | None = None  # why the last attempt failed (the task goes on), journal form
+    next_retry: float | None = None  # wall-clock time of the next attempt, while it waits for one
 
     @property
     def state(self) -> TaskState:
@@ -298,7 +309,11 @@ class TaskInfo:
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> TaskInfo:
-        return cls(**{**wire, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
+        try:
+            return cls(**{**wire, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
+        except TypeError:  # a newer daemon sends fields this module does not know: leave them
+            known = {k: v for k, v in wire.items() if k in cls.__dataclass_fields__}
+            return cls(**{**known, "phase": Phase(wire["phase"]), "events": tuple(wire.get("events", ()))})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +343,13 @@ class CompletedEvent:
 
 
 @dataclasses.dataclass(frozen=True)
+class WaitingEvent:
+    """A task began waiting for connectivity: no response arrives (once per waiting period; not journaled)."""
+    task_id: int
+    info: TaskInfo | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class BacklogEnd:
     """Marks the end of the events that waited when the app attached."""
     had_events: bool
@@ -353,11 +375,13 @@ class _Failed:
 
 @dataclasses.dataclass(frozen=True)
 class _Interrupted:
-    """A transient failure: the Retry policy decides whether and when the task tries again."""
+    """A transient failure: the Retry policy decides whether and when the task tries again. *offline*: no response
+    came at all, the server (or the proxy, or the network) could not be reached: a task waits for connectivity."""
     code: ErrorCode
     message: str
     retry_after: str | None = None
     progressed: bool = False
+    offline: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,7 +394,7 @@ _Outcome = Union[_Finished, _Failed, _Interrupted, _Stopped]
 
 
 # ============================================================================
-# 3. Policies: Retry, limits, the clock
+# 3. Policies: Retry, waiting for connectivity, limits, the clock
 # ============================================================================
 
 #: Statuses retried by default (with ``Retry-After`` honoured). iOS does not retry
@@ -381,6 +405,9 @@ DEFAULT_BACKOFF_MAX = 60.0
 DEFAULT_BACKOFF_JITTER = 0.25
 DEFAULT_RETRY_AFTER_MAX = 3600.0
 DEFAULT_RETRY_TOTAL = 10
+#: Longest pause between two attempts of a task that waits for connectivity. Waiting consumes no ``Retry.total``;
+#: ``timeout_for_resource`` (7 days by default, as on iOS) is its only limit.
+CONNECTIVITY_BACKOFF_MAX = 30.0
 #: Redirects followed before a task fails with HTTP_TOO_MANY_REDIRECTS.
 MAX_REDIRECTS = 16
 #: Upper bounds for configuration values; larger ones are rejected as mistakes.
@@ -390,6 +417,15 @@ MAX_CONNECTIONS_PER_HOST = 64
 #: Transfers (and transfer threads) of a session at once, over all hosts, unless configured; and the most allowed.
 DEFAULT_MAX_CONCURRENT_TRANSFERS = 16
 MAX_CONCURRENT_TRANSFERS = 256
+
+
+#: OS errors that mean "out of a resource that frees itself" (descriptors, buffers): an attempt that meets one is
+#: retried by the Retry policy like a lost connection, never failed for good.
+EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class _DeadlinePassed(socket.timeout):
+    """A phase of an attempt outlived its deadline (see ``_BoundedHTTP``); the message says which."""
 
 
 def _check_seconds(name: str, value: Any, *, allow_zero: bool = False,
@@ -468,8 +504,12 @@ class Retry:
         server may not have seen the request, or the body stopped: resume with Range)."""
         if isinstance(err, socket.gaierror):
             return ErrorCode.CANNOT_FIND_HOST, f"cannot resolve host: {err}"
+        if isinstance(err, _DeadlinePassed):
+            return ErrorCode.TIMED_OUT, str(err)
         if isinstance(err, (socket.timeout, TimeoutError)):
             return ErrorCode.TIMED_OUT, "no data within timeout_for_request"
+        if isinstance(err, OSError) and err.errno in EXHAUSTED_ERRNOS:
+            return ErrorCode.CANNOT_CONNECT_TO_HOST, f"out of a system resource, will retry: {err.strerror or err}"
         if isinstance(err, ConnectionRefusedError):
             return ErrorCode.CANNOT_CONNECT_TO_HOST, f"connection refused: {err}"
         if isinstance(err, http.client.IncompleteRead):
@@ -517,6 +557,69 @@ class Retry:
         wait = self.backoff(rng)
         asked = self.parse_retry_after(retry_after, now)
         return wait if asked is None else max(wait, asked)
+
+    def connectivity_delay(self, waits: int, rng: Callable[[], float] = random.random) -> float:
+        """The pause before attempt *waits* + 1 of a task waiting for connectivity: the same doubling and jitter,
+        capped at CONNECTIVITY_BACKOFF_MAX (and at ``backoff_max`` if lower). With the defaults: 0.5, 1, 2, 4, 8,
+        16, 30, 30 ... seconds. It never runs out: only ``timeout_for_resource`` ends the wait."""
+        base = min(self.backoff_max, CONNECTIVITY_BACKOFF_MAX,
+                   self.backoff_factor * (2.0 ** min(max(waits, 1) - 1, 62)))
+        return base * (1.0 - self.backoff_jitter * rng())
+
+
+#: Resolver answers that say "this name does not exist" (an answer), as opposed to "no resolver answered".
+_NAME_DOES_NOT_EXIST = frozenset(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA")
+                                 if hasattr(socket, name))
+#: Errors of connect() that mean this machine has no route at all.
+_NETWORK_DOWN = frozenset({errno.ENETUNREACH, errno.ENETDOWN})
+
+
+def connect_failure(err: OSError, where: str) -> _Interrupted:
+    """What a failure to *reach* a server or a proxy means (pure). Each is *offline*: no response came, so the task
+    waits for connectivity (when the configuration says so). *where*: what was tried, a proxy's without its
+    credential. A name the resolver says does not exist is CANNOT_FIND_HOST; a lookup that got no answer (the usual
+    face of "no network") DNS_LOOKUP_FAILED. Resolvers of captive portals, VPN-only names and some offline machines
+    answer "does not exist" too, so both wait unless ``fails_on_unknown_host`` asks to fail fast."""
+    if isinstance(err, socket.gaierror):
+        if err.errno in _NAME_DOES_NOT_EXIST:
+            return _Interrupted(ErrorCode.CANNOT_FIND_HOST, f"{where}: no such host name ({err.strerror})",
+                                offline=True)
+        return _Interrupted(ErrorCode.DNS_LOOKUP_FAILED, f"{where}: name lookup failed ({err.strerror})",
+                            offline=True)
+    if isinstance(err, (socket.timeout, TimeoutError)):
+        return _Interrupted(ErrorCode.TIMED_OUT, f"{where}: no connection within timeout_for_request", offline=True)
+    if err.errno in _NETWORK_DOWN:
+        return _Interrupted(ErrorCode.NOT_CONNECTED_TO_INTERNET, f"{where}: network unreachable ({err.strerror})",
+                            offline=True)
+    why = "connection refused" if isinstance(err, ConnectionRefusedError) else (err.strerror or str(err))
+    return _Interrupted(ErrorCode.CANNOT_CONNECT_TO_HOST, f"{where}: {why}", offline=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RetryPlan:
+    """After an interrupted attempt (:func:`plan_retry`): try again after *delay* seconds with *retry*, or give up
+    (*delay* None, *why*). *waiting*: attempts that found no connectivity since the last response (0: not
+    waiting); only a response ends a waiting period."""
+    delay: float | None
+    retry: Retry
+    waiting: int = 0
+    why: str = ""
+
+
+def plan_retry(retry: Retry, outcome: _Interrupted, waiting: int, *, waits_for_connectivity: bool,
+               fails_on_unknown_host: bool, now: float | None = None,
+               rng: Callable[[], float] = random.random) -> _RetryPlan:
+    """Whether and when an interrupted task tries again (pure). Offline, with ``waits_for_connectivity``: wait with
+    :meth:`Retry.connectivity_delay`, consuming nothing of ``Retry.total``; a host name that does not exist fails at
+    once with ``fails_on_unknown_host``. Anything else (the server answered badly, a body was cut): ``Retry``."""
+    if outcome.offline and fails_on_unknown_host and outcome.code is ErrorCode.CANNOT_FIND_HOST:
+        return _RetryPlan(None, retry, why="fails_on_unknown_host")
+    if outcome.offline and waits_for_connectivity:
+        return _RetryPlan(retry.connectivity_delay(waiting + 1, rng), retry, waiting + 1)
+    decision = retry.after_failure(progressed=outcome.progressed, retry_after=outcome.retry_after, now=now, rng=rng)
+    if decision is None:
+        return _RetryPlan(None, retry, why="retries exhausted")
+    return _RetryPlan(decision[1], decision[0], waiting)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -569,35 +672,126 @@ class _Clock:
 
 
 # ============================================================================
-# 4. Values: headers, requests, responses, credentials, configuration
+# 4. Values: headers, requests, responses, credentials, proxies, TLS, configuration
 # ============================================================================
 
 #: Identifier syntax: one path component, no dots-only names.
 IDENTIFIER_RE = re.compile(r"\A[A-Za-z0-9._-]{1,200}\Z")
-#: Request headers never written to the journal or any file.
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+#: Headers whose values never reach the journal or any file: requests send them from memory only (the app's
+#: process, or the daemon's), responses are stored without them. ``secret_headers`` (Configuration, Request) adds more.
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "set-cookie2"})
 _TOKEN_RE = re.compile(r"\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: Printable ASCII: what an IRI keeps as it is when it becomes a URI (everything else is percent-encoded).
+_URI_SAFE = "".join(map(chr, range(0x21, 0x7F)))
+#: Bounds on what an app hands over (the journal's records must stay well under its line limit).
+MAX_URL_BYTES = 64 << 10
+MAX_HEADER_BYTES = 1 << 20
+MAX_DESCRIPTION_BYTES = 1 << 20
+
+
+class CredentialPersistence(enum.Enum):
+    """How long a credential is kept. Never on disk: ``FOR_SESSION`` is memory only."""
+    NONE = "none"
+    FOR_SESSION = "for_session"
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """User and password for Basic or Digest authentication (repr hides the password)."""
+
+    user: str
+    password: str = dataclasses.field(repr=False)
+    persistence: CredentialPersistence = CredentialPersistence.FOR_SESSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.user, str) or not isinstance(self.password, str):
+            raise _invalid("Credential user and password must be str")
+        if ":" in self.user:
+            raise _invalid("a Basic-auth user name cannot contain ':'")
+        if not isinstance(self.persistence, CredentialPersistence):
+            raise _invalid(f"persistence must be a CredentialPersistence, not {self.persistence!r}")
+
+
+def _iri_to_uri(iri: str) -> str:
+    """An IRI as the URI that goes on the wire (RFC 3987, 3.1): the host IDNA-encoded, every other non-ASCII character
+    percent-encoded as UTF-8. ASCII comes back unchanged (an existing ``%xx`` stays as it is)."""
+    if iri.isascii():
+        return iri
+    parts = urllib.parse.urlsplit(iri)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    host, colon, port = hostport.partition(":") if not hostport.startswith("[") else (hostport, "", "")
+    try:
+        host = host.encode("idna").decode("ascii") if host and not host.isascii() else host
+    except UnicodeError as err:
+        raise TransferError(ErrorCode.BAD_URL, f"host {host!r} cannot be written as an IDNA (xn--) name: "
+                            f"{err}", url=None) from None
+
+    def quote(text: str) -> str:
+        return urllib.parse.quote(text, safe=_URI_SAFE)
+    netloc = f"{quote(userinfo)}{at}{host}{colon}{port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, quote(parts.path), quote(parts.query),
+                                    quote(parts.fragment)))
+
+
+def _location_to_iri(value: str) -> str:
+    """A ``Location`` header as text: http.client decodes header bytes as Latin-1, servers send UTF-8; bytes that are
+    not UTF-8 are percent-encoded as they are."""
+    raw = value.encode("latin-1", "replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return urllib.parse.quote_from_bytes(raw, safe=_URI_SAFE)
+
+
+def _split_userinfo(url: str) -> tuple[str, Credential | None]:
+    """(the URL without ``user:password@``, the credential it carried or None). The URL bgsession keeps never holds
+    the userinfo; the credential lives in memory and answers the origin's challenges."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    stripped = urllib.parse.urlunsplit(parts._replace(netloc=hostport))
+    try:
+        return stripped, Credential(urllib.parse.unquote(user), urllib.parse.unquote(password),
+                                    CredentialPersistence.NONE)
+    except InvalidArgumentError:
+        return stripped, None
+
+
+def _redact(url: str) -> str:
+    """The URL with any userinfo removed: what messages and logs may show."""
+    with contextlib.suppress(ValueError):
+        return _split_userinfo(url)[0]
+    return "(unparsable URL)"
 
 
 def _check_url(url: Any, what: str = "URL") -> str:
+    """Validate an http(s) URL; return it as a URI (see :func:`_iri_to_uri`). Messages never show its userinfo."""
     if not isinstance(url, str):
         raise _invalid(f"{what} must be a str, not {type(url).__name__}")
+    shown = _redact(url)
     if _CTL_RE.search(url) or " " in url:
-        raise _invalid(f"{what} {url!r} contains spaces or control characters (CR/LF injection?); "
+        raise _invalid(f"{what} {shown!r} contains spaces or control characters (CR/LF injection?); "
                        "percent-encode them")
+    if len(url.encode("utf-8", "surrogatepass")) > MAX_URL_BYTES:
+        raise _invalid(f"{what} is longer than {MAX_URL_BYTES} bytes")
     try:
+        url = _iri_to_uri(url)
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as err:
-        raise TransferError(ErrorCode.BAD_URL, f"malformed {what} {url!r}: {err}", url=url) from None
+        raise TransferError(ErrorCode.BAD_URL, f"malformed {what} {shown!r}: {err}", url=shown) from None
+    except TransferError as err:
+        raise TransferError(ErrorCode.BAD_URL, f"malformed {what} {shown!r}: {err.message}", url=shown) from None
     if parts.scheme.lower() not in ("http", "https"):
         raise TransferError(ErrorCode.UNSUPPORTED_URL, f"unsupported {what} scheme {parts.scheme or '(none)'!r} in "
-                            f"{url!r}: only http and https are transferred", url=url)
+                            f"{shown!r}: only http and https are transferred", url=shown)
     if not parts.hostname:
-        raise TransferError(ErrorCode.BAD_URL, f"{what} {url!r} has no host", url=url)
+        raise TransferError(ErrorCode.BAD_URL, f"{what} {shown!r} has no host", url=shown)
     del port
-    return url
+    return str(url)
 
 
 def _check_headers(headers: Mapping[str, str] | None, what: str = "header") -> tuple[tuple[str, str], ...]:
@@ -605,14 +799,50 @@ def _check_headers(headers: Mapping[str, str] | None, what: str = "header") -> t
         return ()
     if not isinstance(headers, Mapping):
         raise _invalid(f"headers must be a mapping of str to str, not {type(headers).__name__}")
-    out = []
+    out, size = [], 0
     for name, value in headers.items():
         if not isinstance(name, str) or not _TOKEN_RE.match(name):
             raise _invalid(f"invalid {what} name {name!r}")
         if not isinstance(value, str) or "\r" in value or "\n" in value or "\x00" in value:
             raise _invalid(f"invalid value for {what} {name!r}: {value!r} (CR, LF and NUL are not allowed)")
+        try:
+            size += len(name) + len(value.encode("latin-1"))
+        except UnicodeEncodeError:
+            raise _invalid(f"the value of {what} {name!r} has characters HTTP cannot send (only Latin-1 is "
+                           "allowed in header values; percent-encode or base64 the rest)") from None
         out.append((name, value))
+    if size > MAX_HEADER_BYTES:
+        raise _invalid(f"{what}s total {size} bytes, more than the {MAX_HEADER_BYTES} allowed")
     return tuple(out)
+
+
+def _check_secret_names(names: Any, what: str) -> tuple[str, ...]:
+    """Header names marked secret, lower-case and sorted (a value: comparable, hashable)."""
+    if names is None:
+        return ()
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise _invalid(f"{what} must be a list of header names, not {names!r}")
+    out = set()
+    for name in names:
+        if not isinstance(name, str) or not _TOKEN_RE.match(name):
+            raise _invalid(f"invalid header name {name!r} in {what}")
+        out.add(name.lower())
+    return tuple(sorted(out))
+
+
+def _public_pairs(pairs: Iterable[tuple[str, str]], secret: Iterable[str] = ()) -> list[list[str]]:
+    """Header pairs as they may be stored: without the secret ones (built in, and the names in *secret*)."""
+    hidden = _SECRET_HEADERS.union(name.lower() for name in secret)
+    return [[k, v] for k, v in pairs if k.lower() not in hidden]
+
+
+def _check_description(description: Any) -> str | None:
+    if description is not None and not isinstance(description, str):
+        raise _invalid("task description must be a str or None")
+    if description is not None and len(description.encode("utf-8", "surrogatepass")) > MAX_DESCRIPTION_BYTES:
+        raise _invalid(f"task description is longer than {MAX_DESCRIPTION_BYTES} bytes; keep a key to your own "
+                       "records in it, not the records")
+    return description
 
 
 class Headers(Mapping[str, str]):
@@ -702,10 +932,14 @@ def _begin_timestamp(value: Any) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What to transfer: ``Request(url, method="GET", headers=None, sha256=None, priority=None,
-    earliest_begin_date=None)``.
+    earliest_begin_date=None, secret_headers=())``.
 
-    ``sha256`` (hex) is verified before a download reaches the finish hook. ``Authorization`` given here is used in
-    this process only, never journaled; after a relaunch the server's 401 reaches ``task_did_receive_challenge``.
+    ``sha256`` (hex) is verified before a download reaches the finish hook. A URL with non-ASCII characters becomes
+    its URI (IDNA host, UTF-8 percent-encoding). Secrets stay in memory (this process's, or the daemon's), never in
+    the journal or any file: ``Authorization``, ``Cookie``, ``Proxy-Authorization``, the headers named in
+    *secret_headers*, and a URL's ``user:password@`` (kept out of every stored URL; it answers the first
+    authentication challenge of the URL's origin). After a relaunch they are gone, and the server's 401 reaches
+    ``task_did_receive_challenge``. Response headers by those names (and ``Set-Cookie``) are never stored either.
     ``priority`` and ``earliest_begin_date`` are the new task's first ``Task.priority`` and
     ``Task.earliest_begin_date`` (None: the default priority, no date)."""
 
@@ -715,9 +949,10 @@ class Request:
     sha256: str | None = None
     priority: float | None = None
     earliest_begin_date: datetime.datetime | float | None = None
+    secret_headers: Any = ()
 
     def __post_init__(self) -> None:
-        _check_url(self.url)
+        object.__setattr__(self, "url", _check_url(self.url))
         if not isinstance(self.method, str) or not _TOKEN_RE.match(self.method):
             raise _invalid(f"invalid HTTP method {self.method!r}")
         object.__setattr__(self, "method", self.method.upper())
@@ -732,10 +967,16 @@ class Request:
         if self.priority is not None:
             _check_priority(self.priority)
         _begin_timestamp(self.earliest_begin_date)
+        object.__setattr__(self, "secret_headers", _check_secret_names(self.secret_headers, "secret_headers"))
 
-    def _to_record(self) -> dict[str, Any]:
-        public = [[k, v] for k, v in self.headers.pairs() if k.lower() not in _SECRET_HEADERS]
-        return {"url": self.url, "method": self.method, "headers": public, "sha256": self.sha256}
+    def _to_record(self, secret: Iterable[str] = ()) -> dict[str, Any]:
+        """The journal form: no secret header (built in, this request's, or *secret*: the configuration's names),
+        no userinfo in the URL."""
+        public = _public_pairs(self.headers.pairs(), (*self.secret_headers, *secret))
+        rec = {"url": _split_userinfo(self.url)[0], "method": self.method, "headers": public, "sha256": self.sha256}
+        if self.secret_headers:
+            rec["secret_headers"] = list(self.secret_headers)  # names only: responses by these names are not stored
+        return rec
 
     def _task_options(self) -> dict[str, Any]:
         """The scheduling options this request gives its task, as the task record's fields (defaults left out)."""
@@ -746,16 +987,35 @@ class Request:
             options["begin"] = _begin_timestamp(self.earliest_begin_date)
         return options
 
-    def _secret_headers(self) -> tuple[tuple[str, str], ...]:
+    def _secret_headers(self, secret: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
         """The headers kept in memory only, never journaled."""
-        return tuple((k, v) for k, v in self.headers.pairs() if k.lower() in _SECRET_HEADERS)
+        hidden = _SECRET_HEADERS.union(self.secret_headers, (name.lower() for name in secret))
+        return tuple((k, v) for k, v in self.headers.pairs() if k.lower() in hidden)
+
+    def _credential(self) -> Credential | None:
+        """The credential of the URL's ``user:password@``, if any (memory only)."""
+        return _split_userinfo(self.url)[1]
+
+    def __repr__(self) -> str:  # what a log line or a traceback may show: no userinfo, no secret value
+        secret = {k for k, _ in self._secret_headers()}
+        headers = {k: "<secret>" if k in secret else v for k, v in self.headers.pairs()}
+        return (f"Request({_redact(self.url)!r}, method={self.method!r}, headers={headers!r}, sha256={self.sha256!r}"
+                f", secret_headers={self.secret_headers!r})")
 
     @classmethod
     def _from_record(cls, rec: Mapping[str, Any]) -> Request:
-        return cls(rec["url"], rec.get("method", "GET"), dict(rec.get("headers") or []), rec.get("sha256"))
+        return cls(rec["url"], rec.get("method", "GET"), dict(rec.get("headers") or []), rec.get("sha256"),
+                   secret_headers=tuple(rec.get("secret_headers") or ()))
 
     def _with_url(self, url: str, method: str | None = None) -> Request:
         return dataclasses.replace(self, url=url, method=method or self.method, headers=dict(self.headers.pairs()))
+
+
+def _secret_names(request: Request) -> dict[str, Any]:
+    """The task record's ``secrets``: the names of the request's secret headers, never their values (a restart
+    without them asks the app for them again)."""
+    names = [name for name, _ in request._secret_headers()]
+    return {"secrets": names} if names else {}
 
 
 def _coerce_request(request: str | Request) -> Request:
@@ -771,11 +1031,22 @@ _WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL"] + [f"COM{i}" for i in range(1, 10)] + [f"LPT{i}" for i in range(1, 10)])
 
 
+#: Longest file name sanitize_filename() returns, in bytes of UTF-8: file systems allow 255, and this leaves room for
+#: a ``.N`` suffix that keeps a name unique.
+MAX_NAME_BYTES = 240
+
+
+def _fit_bytes(text: str, limit: int) -> str:
+    """The longest prefix of *text* whose UTF-8 takes at most *limit* bytes (never half a character)."""
+    return text.encode("utf-8", "surrogatepass")[:max(0, limit)].decode("utf-8", "ignore")
+
+
 def sanitize_filename(name: str | None, default: str = "download") -> str:
     """A safe single file name from an untrusted one (URL path, Content-Disposition).
 
     Drops directories (``/``, ``\\``), ``..``, control characters and NUL, leading dots and trailing dots/spaces,
-    Windows device names; bounds the length to 200 characters; returns *default* when nothing usable is left."""
+    Windows device names; shortens it to MAX_NAME_BYTES bytes of UTF-8 (keeping a short extension), so that it fits
+    any file system; returns *default* when nothing usable is left."""
     if not name:
         return default
     name = urllib.parse.unquote(str(name))
@@ -785,9 +1056,13 @@ def sanitize_filename(name: str | None, default: str = "download") -> str:
         return default
     if name.split(".")[0].upper() in _WINDOWS_RESERVED:
         name = "_" + name
-    if len(name) > 200:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         stem, dot, ext = name.rpartition(".")
-        name = (stem[: 200 - len(ext) - 1] + "." + ext) if dot and len(ext) < 20 else name[:200]
+        if dot and stem and len(ext.encode("utf-8", "surrogatepass")) < 20:
+            name = _fit_bytes(stem, MAX_NAME_BYTES - len(ext.encode("utf-8", "surrogatepass")) - 1).rstrip(". ")
+            name = f"{name}.{ext}" if name else default
+        else:
+            name = _fit_bytes(name, MAX_NAME_BYTES).rstrip(". ") or default
     return name
 
 
@@ -854,8 +1129,9 @@ class Response:
             return sanitize_filename(m.group(1))
         return sanitize_filename(urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1])
 
-    def _to_record(self) -> dict[str, Any]:
-        return {"url": self.url, "status": self.status, "headers": [list(p) for p in self.headers.pairs()]}
+    def _to_record(self, secret: Iterable[str] = ()) -> dict[str, Any]:
+        """The stored form: without ``Set-Cookie`` and the other secret headers (built in, and *secret*)."""
+        return {"url": self.url, "status": self.status, "headers": _public_pairs(self.headers.pairs(), secret)}
 
     @classmethod
     def _from_record(cls, rec: Mapping[str, Any] | None) -> Response | None:
@@ -864,37 +1140,16 @@ class Response:
         return cls(rec["url"], int(rec["status"]), Headers(tuple(p) for p in rec.get("headers", [])))
 
 
-class CredentialPersistence(enum.Enum):
-    """How long a credential is kept. Never on disk: ``FOR_SESSION`` is memory only."""
-    NONE = "none"
-    FOR_SESSION = "for_session"
-
-
-@dataclasses.dataclass(frozen=True)
-class Credential:
-    """User and password for Basic or Digest authentication (repr hides the password)."""
-
-    user: str
-    password: str = dataclasses.field(repr=False)
-    persistence: CredentialPersistence = CredentialPersistence.FOR_SESSION
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.user, str) or not isinstance(self.password, str):
-            raise _invalid("Credential user and password must be str")
-        if ":" in self.user:
-            raise _invalid("a Basic-auth user name cannot contain ':'")
-        if not isinstance(self.persistence, CredentialPersistence):
-            raise _invalid(f"persistence must be a CredentialPersistence, not {self.persistence!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class ProtectionSpace:
-    """Where a credential applies: host, port, realm and scheme (``"basic"``/``"digest"``)."""
+    """Where a credential applies: host, port, realm and scheme (``"basic"``/``"digest"``). *is_proxy*: the
+    challenge came from a proxy (a 407; host and port are the proxy's), as ``NSURLProtectionSpace.isProxy``."""
     host: str
     port: int
     realm: str | None
     scheme: str
     protocol: str = "http"
+    is_proxy: bool = False
 
 
 class AuthChallengeDisposition(enum.Enum):
@@ -906,11 +1161,173 @@ class AuthChallengeDisposition(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class AuthChallenge:
-    """A 401 the task met: answer with a disposition and, for USE_CREDENTIAL, a credential."""
+    """A 401 (or a proxy's 407) the task met: answer with a disposition and, for USE_CREDENTIAL, a credential."""
     protection_space: ProtectionSpace
     previous_failure_count: int
     failure_response: Response | None
     proposed_credential: Credential | None = None
+
+
+class DelayedRequestDisposition(enum.Enum):
+    """The answer of ``task_will_begin_delayed_request`` (``NSURLSessionDelayedRequestDisposition``)."""
+    CONTINUE_LOADING = "continue_loading"  # send the request as it is
+    USE_NEW_REQUEST = "use_new_request"  # send the request returned with it (a new URL, fresh headers)
+    CANCEL = "cancel"  # end the task with CANCELLED (resume data kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Proxy:
+    """An HTTP proxy: where it is and the credential its URL carried. The credential lives in memory only (never
+    journaled, never in a message): ``str()`` names host and port alone."""
+    host: str
+    port: int
+    credential: Credential | None = None
+
+    def __str__(self) -> str:
+        return f"proxy {self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Proxies:
+    """Which proxy each scheme goes through and the hosts that bypass them (``no_proxy``), resolved when the
+    Configuration is made: the daemon uses these, never its own environment."""
+    http: _Proxy | None = None
+    https: _Proxy | None = None
+    no_proxy: tuple[str, ...] = ()
+
+
+#: Keys of a proxies mapping (those of urllib.request.getproxies() that bgsession uses).
+_PROXY_KEYS = ("http", "https", "all", "no")
+
+
+def _environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """``http_proxy``, ``https_proxy``, ``all_proxy`` and ``no_proxy`` as urllib reads them (getproxies_environment):
+    any case; a lower-case variable wins over an upper-case one, and an empty lower-case one removes it; under CGI
+    (``REQUEST_METHOD`` set) ``HTTP_PROXY`` is ignored, since a client's ``Proxy:`` header sets it (httpoxy)."""
+    found: dict[str, str] = {}
+    for name, value in environ.items():
+        if value and name.lower().endswith("_proxy") and name.lower()[:-6] in _PROXY_KEYS:
+            found[name.lower()[:-6]] = value
+    if "REQUEST_METHOD" in environ:
+        found.pop("http", None)
+    for name, value in environ.items():
+        if name.endswith("_proxy") and name.lower()[:-6] in _PROXY_KEYS:
+            if value:
+                found[name.lower()[:-6]] = value
+            else:
+                found.pop(name.lower()[:-6], None)
+    return found
+
+
+def _parse_proxy(url: Any, what: str) -> _Proxy:
+    """``http://[user[:password]@]host[:port]`` (no scheme: http; no port: 80). Messages never repeat the URL: it
+    may hold a password."""
+    if not isinstance(url, str) or not url.strip() or _CTL_RE.search(url):
+        raise _invalid(f"{what} must be a proxy URL such as 'http://proxy.example:3128'")
+    text = url.strip() if "://" in url else "http://" + url.strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise _invalid(f"{what} is not a valid proxy URL (bad port?)") from None
+    if parts.scheme.lower() != "http":
+        raise _invalid(f"{what}: only http:// proxies are supported (https goes through their CONNECT tunnel), "
+                       f"not {parts.scheme}://")
+    if not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise _invalid(f"{what} must be scheme://host:port, without a path")
+    credential = None
+    if parts.username is not None:
+        credential = Credential(urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+    return _Proxy(parts.hostname.lower(), port or 80, credential)
+
+
+def _resolve_proxies(spec: Any, environ: Mapping[str, str] | None = None) -> _Proxies | None:
+    """``"environment"``, a mapping ({"http": url, "https": url, "all": url, "no": "host,host"}) or None -> the
+    proxies a session uses (None: none). ``all`` serves a scheme without its own. An environment proxy bgsession
+    cannot use (socks5://, https://) is ignored with a warning; in a mapping it is an error."""
+    if spec is None:
+        return None
+    from_environment = isinstance(spec, str) and spec == "environment"
+    if from_environment:
+        table: Mapping[str, Any] = _environment_proxies(os.environ if environ is None else environ)
+    elif isinstance(spec, Mapping):
+        unknown = sorted(str(k) for k in spec if k not in _PROXY_KEYS)
+        if unknown:
+            raise _invalid(f"unknown proxies key(s) {unknown}: use {list(_PROXY_KEYS)}")
+        table = spec
+    else:
+        raise _invalid(f"proxies must be 'environment', a mapping or None, not {spec!r}")
+    chosen: dict[str, _Proxy] = {}
+    for scheme in ("http", "https"):
+        url = table.get(scheme) or table.get("all")
+        if not url:
+            continue
+        try:
+            chosen[scheme] = _parse_proxy(url, f"the {scheme} proxy")
+        except InvalidArgumentError as err:
+            if not from_environment:
+                raise
+            log.warning("ignoring the %s proxy of the environment: %s", scheme, err)
+    no = table.get("no") or ()
+    if isinstance(no, str):
+        no = no.split(",")
+    if not all(isinstance(name, str) for name in no):
+        raise _invalid("proxies['no'] must be a comma-separated str or a list of host names")
+    names = tuple(name.strip().lower() for name in no if name.strip())
+    return _Proxies(chosen.get("http"), chosen.get("https"), names) if chosen else None
+
+
+#: TLS versions a ``TLS(minimum_version=...)`` may name, and their ssl.TLSVersion member names.
+_TLS_VERSIONS = {"TLSv1": "TLSv1", "TLSv1.1": "TLSv1_1", "TLSv1.2": "TLSv1_2", "TLSv1.3": "TLSv1_3"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TLS:
+    """TLS settings as plain data: the same on both hosts, since the daemon receives them whole (an
+    ``ssl.SSLContext`` cannot be sent to it). Paths are made absolute when the value is made.
+
+    *cafile* / *capath*: the CA certificates to trust, instead of the system's (a PEM file; a directory of hashed
+    PEM files). *certfile* / *keyfile* / *key_password*: a client certificate (PEM; the key may be in *certfile*;
+    the password of an encrypted key lives in memory only: hidden from repr, never journaled). *minimum_version*:
+    ``"TLSv1.2"`` or ``"TLSv1.3"`` (or an ``ssl.TLSVersion``). *pinned_certificates_sha256*: SHA-256 digests (hex)
+    of DER certificates; the server's own certificate must be one of them, in addition to passing verification
+    (AFSecurityPolicy's certificate pinning): a mismatch fails the task with SERVER_CERTIFICATE_UNTRUSTED."""
+
+    cafile: str | None = None
+    capath: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    minimum_version: str | None = None
+    pinned_certificates_sha256: tuple[str, ...] = ()
+    key_password: str | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("cafile", "capath", "certfile", "keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                    raise _invalid(f"TLS {name} must be a path, not {value!r}")
+                object.__setattr__(self, name, os.path.abspath(os.fspath(value)))
+        if self.keyfile is not None and self.certfile is None:
+            raise _invalid("TLS keyfile needs its certfile")
+        if self.key_password is not None and not isinstance(self.key_password, str):
+            raise _invalid("TLS key_password must be a str")
+        version = self.minimum_version
+        if isinstance(version, ssl.TLSVersion):
+            version = version.name
+        if isinstance(version, str):
+            version = version.replace("_", ".")
+        if version is not None and version not in _TLS_VERSIONS:
+            raise _invalid(f"TLS minimum_version must be one of {sorted(_TLS_VERSIONS)}, not {self.minimum_version!r}")
+        object.__setattr__(self, "minimum_version", version)
+        pins = self.pinned_certificates_sha256
+        if isinstance(pins, (str, bytes)) or not isinstance(pins, Iterable):
+            raise _invalid("TLS pinned_certificates_sha256 must be a list of SHA-256 digests (hex), not one str")
+        clean = tuple(str(pin).replace(":", "").strip().lower() for pin in pins)
+        if not all(re.fullmatch(r"[0-9a-f]{64}", pin) for pin in clean):
+            raise _invalid("each TLS pinned_certificates_sha256 entry must be 64 hex digits (a SHA-256 of a DER "
+                           "certificate; colons allowed)")
+        object.__setattr__(self, "pinned_certificates_sha256", clean)
 
 
 def _check_identifier(identifier: Any) -> str:
@@ -943,14 +1360,26 @@ class Configuration:
     """How a session behaves. Build with :meth:`background` or :meth:`default`.
 
     ``timeout_for_request`` is the longest wait for the next byte (connect, headers or body) before the attempt counts
-    as failed and is retried; it does not bound a slow but moving transfer. ``timeout_for_resource`` bounds a task's
-    whole life, wall-clock, from its first ``resume()`` (or its earliest begin date, if later), across relaunches;
-    then it fails with ``TIMED_OUT``.
+    as failed and is retried, and also bounds the whole of a response's head and of a body bgsession discards (a
+    redirect's, an error page's), however the bytes trickle in; it does not bound a slow but moving transfer.
+    ``timeout_for_resource`` bounds a task's whole life, wall-clock, from its first ``resume()`` (or its earliest
+    begin date, if later), across relaunches, every phase of every attempt included; then it fails with
+    ``TIMED_OUT``. ``secret_headers``: more header names (besides ``Authorization``, ``Cookie``,
+    ``Proxy-Authorization``, ``Set-Cookie``) whose values are never stored: requests send them from memory, stored
+    responses leave them out.
 
     ``max_concurrent_transfers`` bounds the transfers running at once over all hosts (and the session's transfer
     threads and open connections); ``max_connections_per_host`` bounds them per origin. ``max_bytes_per_second``
     limits the session's transfers together, downloads and uploads (None: no limit); ``session.max_bytes_per_second``
-    changes it while they run."""
+    changes it while they run.
+
+    ``waits_for_connectivity`` (background sessions: True, as on iOS): while no response arrives (no network, DNS
+    failing, the server or the proxy unreachable) a task waits and tries again every 30 s at most, without consuming
+    ``Retry.total``, until ``timeout_for_resource``; ``task_is_waiting_for_connectivity`` tells the app once per
+    waiting period. ``fails_on_unknown_host``: a host name the resolver says does not exist fails the task at once
+    (CANNOT_FIND_HOST) instead of waiting. ``proxies``: ``"environment"`` (http_proxy, https_proxy, all_proxy,
+    no_proxy, read when the configuration is made), a mapping or None; the daemon uses these. ``tls``: a
+    :class:`TLS`, the way to give TLS settings to the daemon host (``ssl_context`` works in-process only)."""
 
     identifier: str | None
     directory: str | None
@@ -967,6 +1396,11 @@ class Configuration:
     relaunch_backoff: float = 1.0
     max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS
     max_bytes_per_second: int | None = None
+    secret_headers: tuple[str, ...] = ()
+    waits_for_connectivity: bool = False
+    fails_on_unknown_host: bool = False
+    proxies: _Proxies | None = None
+    tls: TLS | None = None
 
     @classmethod
     def background(cls, identifier: str, *, directory: str | None = None, host: str | None = None,
@@ -975,7 +1409,9 @@ class Configuration:
                    retry: Retry | None = None, headers: Mapping[str, str] | None = None,
                    ssl_context: ssl.SSLContext | None = None, daemon_idle_timeout: float = 30.0,
                    relaunch_backoff: float = 1.0, max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
-                   max_bytes_per_second: int | None = None) -> Configuration:
+                   max_bytes_per_second: int | None = None, waits_for_connectivity: bool = True,
+                   fails_on_unknown_host: bool = False, proxies: Any = "environment",
+                   tls: TLS | None = None, secret_headers: Iterable[str] | None = None) -> Configuration:
         """A durable session: its tasks and undelivered events survive the process.
 
         *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
@@ -999,7 +1435,9 @@ class Configuration:
         common = cls.default(max_connections_per_host=max_connections_per_host, timeout_for_request=timeout_for_request,
                              timeout_for_resource=timeout_for_resource, retry=retry, headers=headers,
                              ssl_context=ssl_context, max_concurrent_transfers=max_concurrent_transfers,
-                             max_bytes_per_second=max_bytes_per_second)
+                             max_bytes_per_second=max_bytes_per_second, waits_for_connectivity=waits_for_connectivity,
+                             fails_on_unknown_host=fails_on_unknown_host, proxies=proxies, tls=tls,
+                             secret_headers=secret_headers)
         return dataclasses.replace(
             common, identifier=identifier, directory=os.path.normpath(os.fspath(directory)), host=host,
             relaunch_command=tuple(relaunch_command) if relaunch_command is not None else None,
@@ -1013,12 +1451,22 @@ class Configuration:
                 timeout_for_resource: float = 7 * 24 * 3600.0, retry: Retry | None = None,
                 headers: Mapping[str, str] | None = None, ssl_context: ssl.SSLContext | None = None,
                 max_concurrent_transfers: int = DEFAULT_MAX_CONCURRENT_TRANSFERS,
-                max_bytes_per_second: int | None = None) -> Configuration:
+                max_bytes_per_second: int | None = None, waits_for_connectivity: bool = False,
+                fails_on_unknown_host: bool = False, proxies: Any = "environment",
+                tls: TLS | None = None, secret_headers: Iterable[str] | None = None) -> Configuration:
         """An in-process, in-memory session: nothing durable (``NSURLSessionConfiguration.default``)."""
         for name, value, most in (("max_connections_per_host", max_connections_per_host, MAX_CONNECTIONS_PER_HOST),
                                   ("max_concurrent_transfers", max_concurrent_transfers, MAX_CONCURRENT_TRANSFERS)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
                 raise _invalid(f"{name} must be an int from 1 to {most}, not {value!r}")
+        for name, flag in (("waits_for_connectivity", waits_for_connectivity),
+                           ("fails_on_unknown_host", fails_on_unknown_host)):
+            if not isinstance(flag, bool):
+                raise _invalid(f"{name} must be True or False, not {flag!r}")
+        if tls is not None and not isinstance(tls, TLS):
+            raise _invalid(f"tls must be a bgsession.TLS, not {type(tls).__name__}")
+        if tls is not None and ssl_context is not None:
+            raise _invalid("give tls or ssl_context, not both (tls reaches the daemon; ssl_context works in-process)")
         if retry is not None and not isinstance(retry, Retry):
             raise _invalid(f"retry must be a bgsession.Retry, not {type(retry).__name__}")
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
@@ -1029,7 +1477,10 @@ class Configuration:
                    timeout_for_resource=_check_seconds("timeout_for_resource", timeout_for_resource),
                    retry=retry or Retry(), headers=Headers(_check_headers(headers)), ssl_context=ssl_context,
                    max_concurrent_transfers=max_concurrent_transfers,
-                   max_bytes_per_second=_check_rate(max_bytes_per_second))
+                   max_bytes_per_second=_check_rate(max_bytes_per_second),
+                   waits_for_connectivity=waits_for_connectivity, fails_on_unknown_host=fails_on_unknown_host,
+                   proxies=_resolve_proxies(proxies), tls=tls,
+                   secret_headers=_check_secret_names(secret_headers, "secret_headers"))
 
     @property
     def is_background(self) -> bool:
@@ -1064,14 +1515,28 @@ class RangePlan:
     reason: str = ""
 
 
+def same_entity(held: Mapping[str, str] | None, headers: Mapping[str, str]) -> bool:
+    """Do these response headers describe the entity whose bytes are held (*held*: its ``resume_validator``)? A
+    validator the response carries must equal the held one (a strong ETag exactly, a weak one never matches a strong
+    one); a response that carries none is taken at its word (it answered the ``If-Range``)."""
+    if not held:
+        return True
+    etag, modified = headers.get("ETag", "").strip(), headers.get("Last-Modified", "").strip()
+    if held.get("etag"):
+        return not etag or etag == held["etag"]
+    return not modified or modified == held.get("last_modified")
+
+
 def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[str, str],
-                  known_total: int | None) -> RangePlan:
+                  known_total: int | None, validator: Mapping[str, str] | None = None) -> RangePlan:
     """The validated-resume rule (README, "Guarantees"), as a pure function.
 
     *offset*: bytes held locally; *asked_range*: a ``Range: bytes=offset-`` with ``If-Range`` was sent;
-    *known_total*: the entity length recorded earlier. A 206 is appended only if its Content-Range starts at *offset*
-    (or earlier: truncate to its start) and its total matches; a 200, a changed total or a malformed range restarts
-    from zero; 416 ``*/N`` with N == offset completes."""
+    *known_total*: the entity length recorded earlier; *validator*: what the held bytes belong to. A 206 is appended
+    only if it is of the same entity (its validator matches), its Content-Range starts at *offset* (or earlier:
+    truncate to its start) and reaches past it, agrees with its Content-Length, and its total matches; a 200, a
+    changed total, another entity or a malformed or useless range restarts from zero; 416 ``*/N`` with N == offset
+    completes."""
     if status == 206:
         cr = parse_content_range(headers.get("Content-Range"))
         if cr is None or cr[0] is None:
@@ -1079,8 +1544,17 @@ def plan_response(offset: int, asked_range: bool, status: int, headers: Mapping[
         first, last, total = cr
         assert first is not None and last is not None
         limit = offset if asked_range else 0
+        length = _content_length(headers)
         if first > limit:
             return RangePlan("rerequest", reason=f"206 starts at {first}, after the {limit} bytes held")
+        if asked_range and last + 1 <= offset:
+            return RangePlan("rerequest", reason=f"206 ends at byte {last}, before the {offset} bytes held: it "
+                                                 "would never advance")
+        if length is not None and length != last + 1 - first:
+            return RangePlan("rerequest", reason=f"206 of {length} bytes for the range {first}-{last}")
+        if asked_range and not same_entity(validator, headers):
+            return RangePlan("rerequest", reason="206 of another entity (its validator differs from the held one: "
+                                                 "If-Range ignored)")
         if asked_range and known_total is not None and total is not None and total != known_total:
             return RangePlan("rerequest", reason=f"entity length changed from {known_total} to {total}")
         return RangePlan("write", start=first, total=total, resumable=True)
@@ -1103,6 +1577,52 @@ def _origin(url: str) -> tuple[str, str, int]:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+def bypasses_proxy(host: str, port: int, no_proxy: Sequence[str]) -> bool:
+    """urllib's ``no_proxy`` rule (proxy_bypass_environment), pure: ``*`` bypasses every host; an entry matches the
+    host itself, or ``host:port``, or any host under it as a domain suffix (a leading dot changes nothing); case is
+    ignored. No address ranges (CIDR), as in urllib: name each host or address."""
+    host = host.lower().strip("[]")
+    for entry in no_proxy:
+        if entry == "*":
+            return True
+        name = entry.lower().lstrip(".")
+        if not name:
+            continue
+        for candidate in (host, f"{host}:{port}"):
+            if candidate == name or candidate.endswith("." + name):
+                return True
+    return False
+
+
+def proxy_for(url: str, proxies: _Proxies | None) -> _Proxy | None:
+    """The proxy a request for *url* goes through (None: straight to the server)."""
+    if proxies is None:
+        return None
+    scheme, host, port = _origin(url)
+    proxy = proxies.https if scheme == "https" else proxies.http
+    if proxy is None or bypasses_proxy(host, port, proxies.no_proxy):
+        return None
+    return proxy
+
+
+def _request_target(url: str) -> str:
+    """The origin-form request target of *url*: its path and query."""
+    parts = urllib.parse.urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _authority(url: str) -> str:
+    """``host:port`` of *url* (an IPv6 address in brackets): what a CONNECT asks for."""
+    _, host, port = _origin(url)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _absolute_target(url: str) -> str:
+    """The absolute-form request target a proxy receives: scheme, authority, path and query (no user
+    information, no fragment)."""
+    return f"{_origin(url)[0]}://{_authority(url)}{_request_target(url)}"
 
 
 _AUTH_PARAM_RE = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
@@ -1185,6 +1705,8 @@ def _entity_response(rec: Mapping[str, Any]) -> dict[str, Any]:
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Re-requests without Range within one attempt before the server counts as broken.
 _MAX_REREQUESTS = 3
+#: New requests from task_will_begin_delayed_request within one attempt before a 401/403 is the task's result.
+_MAX_RENEWALS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1201,7 +1723,9 @@ class _Exchange:
     validator: Mapping[str, str] | None = None  # download: what the held bytes belong to
     known_total: int | None = None  # download: the entity length recorded earlier
     rerequest: bool = False  # download: ask without Range (the last range answer was unusable)
-    auth_declined: bool = False  # the 401 in hand was not answered with a credential
+    auth_declined: bool = False  # the 401 (or 407) in hand was not answered with a credential
+    renewals: int = 0  # new requests the app gave for a 401/403 in this attempt
+    renew_declined: bool = False  # the 401/403 in hand stands: the app continued or gave nothing new
 
     @property
     def asks_range(self) -> bool:
@@ -1225,13 +1749,22 @@ class _Exchange:
 
 @dataclasses.dataclass(frozen=True)
 class _FollowRedirect:
+    """Ask *url* (a URI, never with userinfo); *credential*: the userinfo the Location carried, for that origin."""
     url: str
+    credential: Credential | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Authenticate:
-    """A 401 offering these Basic/Digest challenges, in the server's order."""
+    """A 401 (a 407: *proxy*) offering these Basic/Digest challenges, in the server's order."""
     offers: tuple[tuple[str, Mapping[str, str]], ...]
+    proxy: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Renew:
+    """A 401 no challenge answered, or a 403: ask the app for a new request (task_will_begin_delayed_request)."""
+    status: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1246,46 +1779,85 @@ class _Accept:
     plan: RangePlan | None
 
 
-_Step = Union[_FollowRedirect, _Authenticate, _AskAgain, _Accept, _Failed, _Interrupted]
+_Step = Union[_FollowRedirect, _Authenticate, _Renew, _AskAgain, _Accept, _Failed, _Interrupted]
 
 
 def _redirect_step(ex: _Exchange, status: int, location: str) -> _Step:
     if not ex.retry.allows_redirect(ex.redirects):
         return _Failed(TransferError(ErrorCode.HTTP_TOO_MANY_REDIRECTS,
                                      f"more than {ex.retry.redirect} redirects (last: {ex.url})", url=ex.url))
-    new = urllib.parse.urljoin(ex.url, location.strip())
     try:
-        _check_url(new, "redirect URL")
-    except (TransferError, InvalidArgumentError) as err:
+        new, credential = _split_userinfo(urllib.parse.urljoin(ex.url, _location_to_iri(location.strip())))
+        new = _check_url(new, "redirect URL")
+    except (TransferError, InvalidArgumentError, ValueError) as err:
         code = err.code if isinstance(err, TransferError) else ErrorCode.BAD_URL
-        return _Failed(TransferError(code, f"refused redirect from {ex.url}: {err}", url=ex.url))
+        message = err.message if isinstance(err, TransferError) else str(err)
+        return _Failed(TransferError(code, f"refused redirect from {ex.url}: {message}", url=ex.url))
     if ex.kind == "upload" and status in (301, 302, 303) and ex.method != "PUT":
         return _Failed(TransferError(ErrorCode.BAD_SERVER_RESPONSE,
                                      f"upload redirected with {status}, which would drop the body", url=new))
-    return _FollowRedirect(new)
+    return _FollowRedirect(new, credential)
 
 
 def next_step(ex: _Exchange, status: int, headers: Headers) -> _Step:
-    """The response sequence of both transfer kinds, in order: redirect -> 401 -> retryable
-    status -> (downloads) the validated-range plan. Pure: the caller does what it says."""
+    """The response sequence of both transfer kinds, in order: redirect -> 401/407 challenge -> 401/403 renewal ->
+    retryable status -> (downloads) the validated-range plan. Pure: the caller does what it says. A 407 that no
+    credential answers fails the task: a proxy's page is not the resource's answer."""
     if status in _REDIRECT_STATUSES and "Location" in headers:
         return _redirect_step(ex, status, headers["Location"])
-    if status == 401 and not ex.auth_declined:
-        offers = tuple((scheme, params) for scheme, params in parse_www_authenticate(headers.get_all(
-            "WWW-Authenticate")) if scheme in ("basic", "digest"))
+    if status in (401, 407) and not ex.auth_declined:
+        field = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
+        offers = tuple((scheme, params) for scheme, params in parse_www_authenticate(headers.get_all(field))
+                       if scheme in ("basic", "digest"))
         if offers:
-            return _Authenticate(offers)
+            return _Authenticate(offers, proxy=status == 407)
+    if status == 407:
+        return _Failed(TransferError(ErrorCode.USER_AUTHENTICATION_REQUIRED, f"the proxy asks for credentials "
+                                     f"(HTTP 407 for {ex.url}) and none was given", url=ex.url))
+    if status in (401, 403) and not ex.renew_declined and ex.renewals < _MAX_RENEWALS:
+        return _Renew(status)
     if ex.retry.retries_status(status):
         return _Interrupted(ErrorCode.BAD_SERVER_RESPONSE, f"HTTP {status} from {ex.url}",
                             retry_after=headers.get("Retry-After"))
     if ex.kind != "download":
         return _Accept(None)
-    plan = plan_response(ex.offset, ex.asks_range, status, headers, ex.known_total)
+    plan = plan_response(ex.offset, ex.asks_range, status, headers, ex.known_total, ex.validator)
     if plan.action != "rerequest":
         return _Accept(plan)
     if ex.rerequests >= _MAX_REREQUESTS:
         return _Interrupted(ErrorCode.CANNOT_RESUME, f"server keeps answering unusable ranges: {plan.reason}")
     return _AskAgain(plan.reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Complete:
+    """The body ended with the entity: the file is whole."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _AskRest:
+    """The body ended early but advanced the file: ask for the rest with Range, in this attempt."""
+
+
+def after_body(held_before: int, held_after: int, total: int | None, resumable: bool
+               ) -> _Complete | _AskRest | _Interrupted | _Failed:
+    """What to do once an accepted download body ended (pure). *held_before*: bytes held before this response;
+    *held_after*: after its body; *total*: the entity's length if known; *resumable*: the held bytes have a validator.
+
+    A body that ended early asks for the rest only if it advanced the file: one that did not (a 206 with no body, a
+    connection closed before the first new byte) ends the attempt, so the Retry policy -- which counts attempts
+    without progress -- bounds it; never a loop of requests inside one attempt."""
+    if total is None or held_after == total:
+        return _Complete()
+    if held_after > total:
+        return _Failed(TransferError(ErrorCode.BAD_SERVER_RESPONSE, f"server sent {held_after} bytes of a "
+                                     f"{total}-byte entity"), keep_partial=False)
+    if held_after <= held_before:
+        return _Interrupted(ErrorCode.NETWORK_CONNECTION_LOST, f"body ended at {held_after} of {total} bytes "
+                            f"without advancing past the {held_before} bytes held")
+    if not resumable:
+        return _Interrupted(ErrorCode.NETWORK_CONNECTION_LOST, f"body ended at {held_after} of {total} bytes")
+    return _AskRest()
 
 
 # ============================================================================
@@ -1300,6 +1872,28 @@ _JOURNAL_NAME = "journal.jsonl"
 _SNAPSHOT_NAME = "snapshot.json"
 _LOCK_NAME = "lock"
 _TMP_DIR = "tmp"
+#: The marker of a directory bgsession made (the CACHEDIR.TAG idea): only in such a directory does it chmod, take
+#: files back or delete them.
+_MARKER_NAME = "BGSESSION.TAG"
+_MARKER_SIGNATURE = b"Signature: bgsession session directory\n"
+#: Names bgsession gives the files it keeps in tmp/ (the only ones it ever removes there): a task's partial,
+#: finished, upload-response file, the marker that a finish hook was handed one, and a partial kept for resume data.
+_TMP_NAME_RE = re.compile(r"\A(\d+)\.(?:part|done|body)(?:\.handed)?\Z")
+_RESUME_NAME_RE = re.compile(r"\Aresume-\d+-[0-9a-f]{12}\.part\Z")
+
+
+def _handed_name(finished: str) -> str:
+    """The marker the delegate thread creates next to a finished file (a name or a path) just before it hands the file
+    to the finish hook. A finished file found gone *with* its marker was taken by the hook (which died before its
+    acknowledgement); gone *without* it, it vanished before delivery (a temp-file cleaner): that is an error."""
+    return f"{finished}.handed"
+
+
+#: Longest journal line read: a longer one is damage, skipped without reading it into memory (the API's bounds on
+#: URLs, headers and descriptions keep every record far below it).
+_MAX_RECORD_BYTES = 16 << 20
+#: Problems reported one by one, per file; beyond that they are counted.
+_MAX_PROBLEMS = 20
 #: Space kept in reserve so that the journal can still record a "disk full" failure.
 _RESERVE_NAME = "reserve"
 RESERVE_BYTES = 256 << 10
@@ -1310,7 +1904,8 @@ _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 #: Every journal record type; the reducer (_SessionState.apply) handles exactly these.
 _RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "reserve", "task", "ack", "describe",
-                                            "response", "progress", "redirect", "priority", "begin", "limit"})
+                                            "response", "progress", "redirect", "vanished", "priority", "begin",
+                                            "limit"})
 #: What journal format 2 added to format 1: the scheduling options (these record types, these fields of a task).
 #: A record or snapshot is written as format 2 only if it uses one of them: a journal that uses none stays readable
 #: by a bgsession of format 1, and one that does is refused by it (with its clear error) instead of being misread --
@@ -1322,8 +1917,10 @@ _FORMAT_2_TASK_FIELDS = {"priority": DEFAULT_PRIORITY, "begin": None, "limit": N
 ID_RESERVE_BLOCK = 1024
 #: Journal records after which the journal is compacted into the snapshot.
 DEFAULT_COMPACT_RECORDS = 20_000
-#: Prefix of resume data produced by this module (versioned; the rest is JSON).
-_RESUME_MAGIC = b"bgsession-resume-data/1\n"
+#: Prefix of resume data produced by this module (versioned; the rest is JSON). Version 2 names its partial file
+#: relative to the session's tmp/ (version 1, an absolute path: only its name is used, inside tmp/).
+_RESUME_MAGIC = b"bgsession-resume-data/2\n"
+_RESUME_MAGICS = (_RESUME_MAGIC, b"bgsession-resume-data/1\n")
 #: Days a partial file kept for resume data survives before it is removed.
 RESUME_FILE_TTL = 7 * 24 * 3600.0
 
@@ -1350,8 +1947,8 @@ _BOOT_ID = _boot_id()
 class _FileSystem:
     """Every file-system operation the durability order depends on, in one table, the way SQLite routes its I/O
     through a VFS: production uses these ``os`` functions; the power-loss tests swap ``_vfs`` for a recorder that
-    replays every state a disk may hold after a crash. Reads and metadata do not go through it; bgsession never links
-    or writes at an offset other than the file's position."""
+    replays every state a disk may hold after a crash. Reads and metadata do not go through it; bgsession never
+    writes at an offset other than the file's position."""
 
     open = staticmethod(os.open)
     write = staticmethod(os.write)
@@ -1359,6 +1956,7 @@ class _FileSystem:
     sync = staticmethod(getattr(os, "fdatasync", os.fsync))  # a file's data (and the metadata to read it back)
     sync_dir = staticmethod(os.fsync)  # a directory's entries
     replace = staticmethod(os.replace)
+    link = staticmethod(os.link)
     unlink = staticmethod(os.unlink)
     mkdir = staticmethod(os.mkdir)
     close = staticmethod(os.close)
@@ -1409,23 +2007,6 @@ def _makedirs(path: str, mode: int) -> None:
     except FileExistsError:
         return
     _fsync_dir(parent)
-
-
-def _ensure_private_dir(path: str) -> None:
-    """Create *path* (and parents) with mode 0700; tighten it if it exists."""
-    try:
-        _makedirs(path, _DIR_MODE)
-        if os.name == "posix":
-            st = os.stat(path)
-            if st.st_uid != os.getuid():
-                raise JournalError(f"session directory {path} belongs to uid {st.st_uid}, not to this "
-                                   f"user (uid {os.getuid()}); refusing to use it", path)
-            if stat.S_IMODE(st.st_mode) != _DIR_MODE:
-                os.chmod(path, _DIR_MODE)
-    except JournalError:
-        raise
-    except OSError as err:
-        raise JournalError(f"cannot create the session directory {path}: {err.strerror or err}", path) from err
 
 
 class _GroupSync:
@@ -1479,8 +2060,108 @@ def _atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(os.path.dirname(path))
 
 
+def _make_private_dirs(path: str) -> None:
+    """Create *path* and each missing parent with mode 0700, whatever the umask (os.makedirs would create the parents
+    0777 & ~umask: with umask 000, a directory other users can plant a fake session or daemon socket in). Existing
+    parents are left as they are."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            _vfs.mkdir(directory, _DIR_MODE)
+        except FileExistsError:
+            continue  # another process made it meanwhile: its own business, checked below if it is ours
+        if os.name == "posix" and stat.S_IMODE(os.lstat(directory).st_mode) != _DIR_MODE:
+            os.chmod(directory, _DIR_MODE)  # a umask can only take bits away; this puts 0700 back
+        _fsync_dir(os.path.dirname(directory))  # durable in its parent: a power loss must not take the session
+
+
+def _is_session_dir(path: str) -> bool:
+    """Does *path* look like a session directory bgsession made: its marker, or (made by an older bgsession, before
+    markers) a journal or snapshot? Reads only."""
+    try:
+        with open(os.path.join(path, _MARKER_NAME), "rb") as f:
+            return f.read(len(_MARKER_SIGNATURE)) == _MARKER_SIGNATURE
+    except OSError:
+        return any(os.path.isfile(os.path.join(path, name)) for name in (_JOURNAL_NAME, _SNAPSHOT_NAME))
+
+
+def _private_dir(path: str, what: str = "session directory") -> os.stat_result:
+    """Check that *path* is a real directory (not a symbolic link) of this user; returns its lstat."""
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        raise JournalError(f"cannot use the {what} {path}: {err.strerror or err}", path) from err
+    if stat.S_ISLNK(st.st_mode):
+        raise _invalid(f"the {what} {path} is a symbolic link; bgsession does not follow it (another user could "
+                       "point it anywhere): give the real path")
+    if not stat.S_ISDIR(st.st_mode):
+        raise _invalid(f"the {what} {path} is not a directory")
+    if os.name == "posix" and st.st_uid != os.getuid():
+        raise JournalError(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
+                           "refusing to use it", path)
+    return st
+
+
+def _claim_session_dir(path: str, identifier: str | None) -> None:
+    """Make *path* this user's private session directory, or refuse it. Created (with private parents) if missing;
+    an existing one must be a real directory of this user that bgsession made (its marker) or an empty one, which
+    gets the marker; anything else -- a folder of the user's files -- is refused untouched: bgsession deletes and
+    chmods only in directories it made."""
+    try:
+        _make_private_dirs(path)
+    except OSError as err:
+        raise JournalError(f"cannot create the session directory {path}: {err.strerror or err}", path) from err
+    st = _private_dir(path)
+    if not _is_session_dir(path):
+        try:
+            foreign = os.listdir(path)
+        except OSError as err:
+            raise JournalError(f"cannot read the session directory {path}: {err.strerror or err}", path) from err
+        # (its own marker's temp file, left by a crash or a power loss while bgsession claimed the directory)
+        stray = [name for name in foreign if re.fullmatch(re.escape(_MARKER_NAME) + r"\.tmp-\d+-\d+", name)]
+        for name in stray:
+            with contextlib.suppress(FileNotFoundError):
+                _vfs.unlink(os.path.join(path, name))
+        foreign = [name for name in foreign if name not in stray]
+        if foreign:
+            raise _invalid(f"{path} is not a bgsession session directory (no {_MARKER_NAME}, and it holds "
+                           f"{len(foreign)} entries, e.g. {sorted(foreign)[0]!r}); refusing to use it: give a new or "
+                           "empty directory")
+    tmp = os.path.join(path, _TMP_DIR)
+    try:
+        if os.name == "posix" and stat.S_IMODE(st.st_mode) != _DIR_MODE:
+            os.chmod(path, _DIR_MODE)
+        marker = os.path.join(path, _MARKER_NAME)
+        if not os.path.exists(marker):
+            _atomic_write(marker, _MARKER_SIGNATURE + f"# identifier: {identifier}\n# bgsession "
+                                                       f"{__version__}\n".encode())
+        if not os.path.isdir(tmp):
+            with contextlib.suppress(FileExistsError):
+                _vfs.mkdir(tmp, _DIR_MODE)
+                _fsync_dir(path)
+        if os.name == "posix" and stat.S_IMODE(_private_dir(tmp, "session's tmp directory").st_mode) != _DIR_MODE:
+            os.chmod(tmp, _DIR_MODE)
+    except OSError as err:
+        raise JournalError(f"cannot prepare the session directory {path}: {err.strerror or err}", path) from err
+
+
 def _dumps(record: Mapping[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _read_if_exists(path: str) -> bytes | None:
+    """A small file's bytes (the CLI's and the login service's own files), or None if there is none."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def _size(path: str) -> int | None:
@@ -1542,13 +2223,87 @@ def _release_lock(directory: str, name: str) -> None:
         os.close(fd)  # closing the descriptor drops flock
 
 
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_pairs(v: Any) -> bool:
+    return all(type(p) is list and len(p) == 2 and type(p[0]) is str and type(p[1]) is str for p in v)
+
+
+def _is_names(v: Any) -> bool:
+    return type(v) is list and all(type(n) is str for n in v)
+
+
+def _is_request(v: Mapping[str, Any]) -> bool:
+    return type(v.get("url")) is str and type(v.get("method", "")) is str and type(v.get("headers", [])) is list \
+        and _is_pairs(v.get("headers", ())) and type(v.get("sha256")) in (str, type(None)) \
+        and _is_names(v.get("secret_headers", []))
+
+
+def _is_response(v: Mapping[str, Any]) -> bool:
+    return type(v.get("url")) is str and type(v.get("status")) is int and type(v.get("headers", [])) is list \
+        and _is_pairs(v.get("headers", ()))
+
+
+_NONE = type(None)
+_INT, _NUMBER, _TEXT, _OBJECT = frozenset({int}), frozenset({int, float}), frozenset({str}), frozenset({dict})
+#: The types the value of each field a journal record or a snapshot's task may carry can have (a missing field takes
+#: its default; an unknown one is ignored, for newer bgsessions)...
+_FIELD_TYPES: dict[str, frozenset[type]] = {
+    **dict.fromkeys(("v", "id", "generation", "upto", "next_id", "delivery_counter", "durable_offset", "start",
+                     "offset", "code"), _INT),
+    **dict.fromkeys(("total", "delivery_seq"), _INT | {_NONE}),
+    **dict.fromkeys(("created", "delay"), _NUMBER), **dict.fromkeys(("started", "at"), _NUMBER | {_NONE}),
+    **dict.fromkeys(("t", "kind", "phase", "event", "url", "current_url"), _TEXT),
+    **dict.fromkeys(("description", "boot", "file", "resume_file", "problem"), _TEXT | {_NONE}),
+    **dict.fromkeys(("cancel_requested", "want_resume_data", "resume_data"), frozenset({bool})),
+    "request": _OBJECT, **dict.fromkeys(("response", "error", "validator", "upload"), _OBJECT | {_NONE}),
+    "acked": frozenset({list}), "secrets": frozenset({list}),
+    "priority": _NUMBER, "begin": _NUMBER | {_NONE}, **dict.fromkeys(("limit", "rate", "configured"), _INT | {_NONE}),
+}
+_PHASE_VALUES = frozenset(p.value for p in Phase)
+#: ...and what more than its type a value (not None) must be. Records are checked before they are applied: a record
+#: or snapshot task that does not fit is skipped and reported, never half-applied, never a crash at every open. File
+#: names must be the ones bgsession gives files in tmp/: damaged state never points the store at another file.
+_FIELD_FORMS: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(("generation", "upto", "next_id", "delivery_counter", "durable_offset", "start", "offset",
+                     "total", "delivery_seq"), (0).__le__),  # (C methods, not lambdas: this runs per record)
+    "id": (1).__le__, "kind": frozenset({"download", "upload"}).__contains__, "phase": _PHASE_VALUES.__contains__,
+    "request": _is_request, "response": _is_response, "acked": lambda v: all(e in ("finish", "complete") for e in v),
+    "error": lambda v: type(v.get("code", 0)) is int and type(v.get("message", "")) is str
+    and type(v.get("url")) in (str, _NONE),
+    "validator": lambda v: all(type(v.get(k, "")) is str for k in ("etag", "last_modified")),
+    "upload": lambda v: type(v.get("path")) is str and all(type(v.get(k, 0)) is int for k in ("size", "mtime_ns")),
+    "file": lambda v: _TMP_NAME_RE.match(v) is not None, "resume_file": lambda v: _RESUME_NAME_RE.match(v) is not None,
+    "priority": lambda v: 0.0 <= v <= 1.0, **dict.fromkeys(("limit", "rate", "configured"), (1).__le__),
+}
+
+
+def _check_fields(rec: Any, required: Sequence[str] = ()) -> None:
+    """Raise JournalError unless *rec* is an object whose fields have the types and forms above."""
+    if type(rec) is not dict:
+        raise JournalError(f"a record must be an object, not {type(rec).__name__}")
+    for name in required:
+        if name not in rec:
+            raise JournalError(f"field {name!r} is missing")
+    types, forms = _FIELD_TYPES, _FIELD_FORMS
+    for name, value in rec.items():
+        allowed = types.get(name)
+        if allowed is None or (value is None and _NONE in allowed):
+            continue
+        form = forms.get(name)
+        if type(value) not in allowed or (form is not None and not form(value)):
+            raise JournalError(f"field {name!r} has a value of the wrong type or form: {value!r}"[:300])
+
+
 class _TaskRecord:
     """One task as the journal knows it. Mutated only by :class:`_SessionState`."""
 
     __slots__ = (
         "acked", "begin", "boot", "cancel_requested", "created", "current_url", "delivery_seq", "description",
         "durable_offset", "error", "file", "id", "kind", "limit", "live", "phase", "priority", "problem", "request",
-        "response", "resume_file", "started", "total", "upload", "validator", "want_resume_data",
+        "response", "resume_file", "secrets", "started", "total", "upload", "validator", "want_resume_data",
     )
 
     def __init__(self, rec: Mapping[str, Any]) -> None:
@@ -1577,6 +2332,7 @@ class _TaskRecord:
         self.priority: float = float(rec.get("priority", DEFAULT_PRIORITY))  # the scheduling options (format 2)
         self.begin: float | None = rec.get("begin")
         self.limit: int | None = rec.get("limit")
+        self.secrets: list[str] = list(rec.get("secrets") or [])  # names of the request's secret headers
         self.live: Any = None  # engine-side state, never persisted
 
     def snapshot(self) -> dict[str, Any]:
@@ -1593,6 +2349,12 @@ class _TaskRecord:
         if self.started is None:
             return False
         return now - (self.started if self.begin is None else max(self.started, self.begin)) > timeout
+
+    def resource_left(self, now: float, timeout: float) -> float:
+        """Seconds until timeout_for_resource (all of it if the task has not started)."""
+        if self.started is None:
+            return timeout
+        return (self.started if self.begin is None else max(self.started, self.begin)) + timeout - now
 
     def events(self) -> list[str]:
         """The durable events this task owes the app, in order, not yet acknowledged."""
@@ -1635,10 +2397,27 @@ class _SessionState:
 
     @classmethod
     def from_snapshot(cls, snap: Mapping[str, Any]) -> _SessionState:
+        """The state a snapshot holds. ValueError if the snapshot itself is unusable; a task in it that does not fit
+        is skipped into ``problems`` (the others are kept)."""
+        try:
+            _check_fields({k: v for k, v in snap.items() if k != "tasks"}, ("generation", "next_id"))
+        except JournalError as err:
+            raise ValueError(str(err)) from None
+        if type(snap.get("tasks", [])) is not list:
+            raise ValueError("its tasks are not a list")
         state = cls()
-        state.generation, state.next_id = int(snap["generation"]), int(snap["next_id"])
-        state.delivery_counter = int(snap.get("delivery_counter", 0))
-        state.tasks = {task.id: task for task in map(_TaskRecord, snap.get("tasks", []))}
+        state.generation, state.next_id = snap["generation"], snap["next_id"]
+        state.delivery_counter = snap.get("delivery_counter", 0)
+        for rec in snap.get("tasks", []):
+            try:
+                _check_fields(rec, ("id", "request"))
+                if rec["id"] in state.tasks:
+                    raise JournalError(f"duplicate task id {rec['id']}")
+                task = _TaskRecord(rec)
+            except (JournalError, ValueError) as err:
+                state.problems.append(f"snapshot task skipped: {err} in {rec!r}"[:500])
+                continue
+            state.tasks[task.id] = task
         if snap.get("session_limit") is not None:
             rate, configured = snap["session_limit"]
             state.session_limit = (rate, configured)
@@ -1646,7 +2425,7 @@ class _SessionState:
 
     def apply(self, rec: Mapping[str, Any]) -> _TaskRecord | None:
         kind = rec.get("t")
-        if rec.get("v", JOURNAL_VERSION) > JOURNAL_VERSION:
+        if _is_count(rec.get("v")) and rec["v"] > JOURNAL_VERSION:
             raise JournalError(f"record of journal version {rec.get('v')} is newer than this bgsession "
                                f"(version {JOURNAL_VERSION})")
         if kind not in _RECORD_TYPES:
@@ -1684,6 +2463,10 @@ class _SessionState:
                     raise JournalError(f"ack of 'complete' before 'finish' for task {task.id}")
                 task.phase = next_phase(task.id, task.phase, "ack")
             task.acked.append(event)
+        elif kind == "vanished":
+            if "finish" not in task.events():
+                raise JournalError(f"task {task.id} owes no finished file that could have vanished")
+            task.error, task.file = rec["error"], None  # owes no finish any more: the complete event reports it
         elif kind == "describe":
             task.description = rec.get("description")
         elif kind == "response":
@@ -1726,13 +2509,22 @@ class _SessionState:
         task.phase = new
 
     def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Apply records read from a journal: each is type-checked first; one that does not fit is skipped and
+        reported (at most _MAX_PROBLEMS one by one); a record of a newer bgsession stops everything."""
+        skipped = 0
         for rec in records:
+            self.replayed += 1
             try:
+                _check_fields(rec)
                 self.apply(rec)
-            except (IllegalTransition, JournalError, KeyError, TypeError, ValueError) as err:
+            except (IllegalTransition, JournalError, KeyError, TypeError, ValueError, AttributeError) as err:
                 if isinstance(err, JournalError) and "newer than this bgsession" in str(err):
                     raise
-                self.problems.append(f"journal record skipped: {err} in {dict(rec)!r}"[:500])
+                skipped += 1
+                if skipped <= _MAX_PROBLEMS:
+                    self.problems.append(f"journal record skipped: {err} in {rec!r}"[:500])
+        if skipped > _MAX_PROBLEMS:
+            self.problems.append(f"journal: {skipped - _MAX_PROBLEMS} more records skipped")
 
     def backlog(self) -> list[_TaskRecord]:
         """Tasks owing durable events, in the order their outcomes were journaled."""
@@ -1740,29 +2532,64 @@ class _SessionState:
         return sorted(owing, key=lambda t: t.delivery_seq or 0)
 
 
-def _read_journal_lines(data: bytes, path: str, problems: list[str]) -> tuple[list[dict[str, Any]], int]:
-    """Parse JSON Lines, ignoring a torn last line: (records, length of the valid prefix where appends resume)."""
-    records: list[dict[str, Any]] = []
-    good = pos = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break  # torn last line: the writer died mid-append
-        line = data[pos:end]
-        pos = end + 1
+class _JournalReader:
+    """Reads ``journal.jsonl`` as a stream, one line in memory at a time (a garbage journal of gigabytes costs no more
+    memory than one record): :meth:`records` yields each readable record; then ``valid`` is the length of the prefix
+    appends resume after (a torn last line -- the writer died mid-append -- is left out), ``problems`` what was
+    skipped, and ``damaged`` how many lines could not be read."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.valid, self.damaged = path, 0, 0
+        self.problems: list[str] = []
+
+    def _skip(self, at: int, why: str) -> None:
+        self.damaged += 1
+        if self.damaged <= _MAX_PROBLEMS:
+            self.problems.append(f"{self.path}: unreadable line at byte {at} skipped ({why})")
+
+    def records(self) -> Iterator[dict[str, Any]]:
         try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
-        except ValueError as err:
-            if pos >= len(data):
-                break  # a torn last line that happens to end in a newline byte
-            problems.append(f"{path}: unreadable line at byte {end - len(line)} skipped ({err})")
-            good = pos
-            continue
-        records.append(rec)
-        good = pos
-    return records, good
+            f = io.BufferedReader(io.FileIO(self.path, "r"), buffer_size=1 << 20)  # (the generator closes it)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise JournalError(f"cannot read {self.path}: {err.strerror or err}", self.path) from err
+        with f:
+            pos = 0
+            while True:
+                line = f.readline(_MAX_RECORD_BYTES + 1)
+                start, pos = pos, pos + len(line)
+                if not line.endswith(b"\n"):
+                    if len(line) <= _MAX_RECORD_BYTES:
+                        break  # end of file; a torn last line (if any) is not part of the journal
+                    found = -1
+                    while found < 0:  # longer than any record: skip to its end, a block at a time
+                        block = f.read(1 << 20)
+                        if not block:
+                            break
+                        found = block.find(b"\n")
+                        pos += len(block) if found < 0 else found + 1
+                    if found < 0:
+                        self._skip(start, f"more than {_MAX_RECORD_BYTES} bytes without a newline, to the end")
+                        break
+                    f.seek(pos)
+                    self._skip(start, f"longer than {_MAX_RECORD_BYTES} bytes")
+                    self.valid = pos
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise ValueError("not an object")
+                except ValueError as err:
+                    if not f.peek(1):
+                        break  # a torn last line that happens to end in a newline byte
+                    self._skip(start, str(err)[:100])
+                    self.valid = pos
+                    continue
+                self.valid = pos
+                yield rec
+        if self.damaged > _MAX_PROBLEMS:
+            self.problems.append(f"{self.path}: {self.damaged - _MAX_PROBLEMS} more unreadable lines skipped")
 
 
 class _JournalWriter:
@@ -1925,57 +2752,67 @@ def _aside_name(path: str) -> str:
     return f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
 
-def _read_if_exists(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise JournalError(f"cannot read {path}: {err.strerror or err}", path) from err
-
-
 def _check_version(rec: Mapping[str, Any], path: str) -> None:
-    if int(rec.get("v", 0)) > JOURNAL_VERSION:
+    if _is_count(rec.get("v")) and rec["v"] > JOURNAL_VERSION:
         raise JournalError(f"{path} was written by a newer bgsession (format {rec.get('v')}, this one reads "
                            f"{JOURNAL_VERSION}); upgrade bgsession or move {os.path.dirname(path)} aside", path)
 
 
-def _load_state(directory: str) -> tuple[_SessionState, int, list[str]]:
-    """Snapshot + journal replay: (state, valid length of the journal to append after, problems). A snapshot that
-    cannot be read is kept aside and reported once; a file of a newer bgsession is refused and left untouched."""
-    problems: list[str] = []
-    snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, _JOURNAL_NAME)
-    state = _SessionState()
-    raw = _read_if_exists(snap_path)
-    if raw is not None:
-        try:
-            snap = json.loads(raw)
-            if not isinstance(snap, dict) or snap.get("t") != "snapshot":
+#: How every snapshot bgsession writes begins: a file that does not is not read into memory at all.
+_SNAPSHOT_START = re.compile(rb'\A\s*\{\s*"v"\s*:\s*\d+\s*,\s*"t"\s*:\s*"snapshot"')
+
+
+def _read_snapshot(path: str, readonly: bool) -> _SessionState | None:
+    """The state ``snapshot.json`` holds (None: there is none). One that cannot be read raises JournalError; unless
+    *readonly*, it is first moved aside (so the next open recovers from the journal)."""
+    try:
+        with open(path, "rb") as f:
+            if not _SNAPSHOT_START.match(f.read(64)):
                 raise ValueError("not a bgsession snapshot")
-            _check_version(snap, snap_path)
-            state = _SessionState.from_snapshot(snap)
-        except (ValueError, KeyError, TypeError) as err:
-            aside = _aside_name(snap_path)
-            os.replace(snap_path, aside)
-            raise JournalError(f"the snapshot {snap_path} is corrupt ({err}); it was kept aside as {aside}. Opening "
-                               "the session again recovers what the journal holds; partial files stay in tmp/.",
-                               snap_path) from err
-    records, valid = _read_journal_lines(_read_if_exists(journal_path) or b"", journal_path, problems)
-    if records:
-        header = records[0]
+            f.seek(0)
+            snap = json.loads(f.read())
+        if not isinstance(snap, dict) or snap.get("t") != "snapshot":
+            raise ValueError("not a bgsession snapshot")
+        _check_version(snap, path)
+        return _SessionState.from_snapshot(snap)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise JournalError(f"cannot read {path}: {err.strerror or err}", path) from err
+    except (ValueError, KeyError, TypeError) as err:
+        if readonly:
+            raise JournalError(f"the snapshot {path} is corrupt ({err})", path) from err
+        aside = _aside_name(path)
+        os.replace(path, aside)
+        raise JournalError(f"the snapshot {path} is corrupt ({err}); it was kept aside as {aside}. Opening "
+                           "the session again recovers what the journal holds; partial files stay in tmp/.",
+                           path) from err
+
+
+def _load_state(directory: str, readonly: bool = False) -> tuple[_SessionState, int, list[str]]:
+    """Snapshot + journal replay, streamed: (state, valid length of the journal to append after, problems). A snapshot
+    that cannot be read is kept aside (unless *readonly*) and reported once; a file of a newer bgsession is refused and
+    left untouched."""
+    snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, _JOURNAL_NAME)
+    snapshot = _read_snapshot(snap_path, readonly)
+    state = snapshot or _SessionState()
+    problems, state.problems = state.problems, []
+    reader = _JournalReader(journal_path)
+    records = reader.records()
+    header = next(records, None)
+    if header is not None:
         _check_version(header, journal_path)
-        gen = int(header.get("generation", 0)) if header.get("t") == "header" else 0
-        if gen < state.generation:
-            records, valid = [], 0  # already folded into the snapshot (crash during compaction)
-        elif gen > state.generation and raw is not None:
-            problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
-        state.generation = max(state.generation, gen)
-    state.replay(records)
-    state.replayed = len(records)
-    state.next_id = max(state.next_id, state.reserved)  # a task lost before its record leaves a gap
-    problems.extend(state.problems)
+        generation = header.get("generation", 0) if header.get("t") == "header" else 0
+        gen = generation if _is_count(generation) else 0
+        if gen >= state.generation:
+            if gen > state.generation and snapshot is not None:
+                problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
+            state.generation = gen
+            state.replay(itertools.chain([header], records))
+    valid = reader.valid if header is None or state.replayed else 0  # 0: folded into the snapshot already
+    problems.extend(reader.problems + state.problems)
     state.problems = []
+    state.next_id = max(state.next_id, state.reserved)  # a task lost before its record leaves a gap
     return state, valid, problems
 
 
@@ -1987,7 +2824,7 @@ class Journal:
         self.directory = os.path.abspath(os.fspath(directory))
 
     def state(self) -> _SessionState:
-        state, _, problems = _load_state(self.directory)
+        state, _, problems = _load_state(self.directory, readonly=True)
         state.problems = problems
         return state
 
@@ -1999,6 +2836,8 @@ class Journal:
         d = self.directory
         if not os.path.isdir(d):
             return [f"{d}: no such session directory"]
+        if not _is_session_dir(d):
+            return [f"{d}: not a bgsession session directory (no {_MARKER_NAME}, no journal)"]
         try:
             state = self.state()
         except JournalError as err:
@@ -2009,6 +2848,8 @@ class Journal:
             paths = [(d, _DIR_MODE)] + [(os.path.join(root, name), mode) for root, dirs, files in os.walk(d)
                                         for names, mode in ((dirs, _DIR_MODE), (files, _FILE_MODE)) for name in names]
             for path, want in paths:
+                if path.endswith(".handed"):
+                    continue  # a handed marker is a link to the delivered file: the app's mode is its business
                 with contextlib.suppress(FileNotFoundError):
                     st = os.lstat(path)
                     if not stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) != want:
@@ -2021,9 +2862,9 @@ class Journal:
                 referenced.add(t.resume_file)
             if t.phase is Phase.DELIVERING:
                 if t.file:
-                    # (a missing finished file whose finish event is not acknowledged is not a problem:
-                    # the hook moved it and died before the ack; recovery acknowledges it)
-                    referenced.add(t.file)
+                    # (a missing finished file whose finish event is not acknowledged is not a problem: the hook
+                    # moved it and died before the ack, or it vanished; recovery acknowledges or reports it)
+                    referenced.update((t.file, _handed_name(t.file)))
                 referenced.add(t.partial_name)
             else:
                 referenced.update((t.partial_name, t.done_name))  # .done: recovery takes it back
@@ -2033,7 +2874,7 @@ class Journal:
                                     f"but tmp/{t.partial_name} has {size}")
         if os.path.isdir(tmp):
             for name in sorted(os.listdir(tmp)):
-                if name not in referenced and not name.startswith("resume-"):
+                if name not in referenced and not _RESUME_NAME_RE.match(name):
                     problems.append(f"tmp/{name}: temp file that no live task refers to")
         return problems
 
@@ -2051,24 +2892,25 @@ def recovered_offset(file_size: int | None, durable_offset: int, record_boot: st
 
 
 def _parse_resume_data(data: bytes) -> tuple[dict[str, Any] | None, str]:
-    """Validate resume data: version, fields, and the partial file it refers to."""
-    if not data.startswith(_RESUME_MAGIC):
+    """Validate resume data (pure): version and fields. The partial file it names is only ever looked for inside the
+    session's tmp/, by a name bgsession gives such files (the engine checks it is there): crafted resume data cannot
+    hand any other file of the user to the session, nor to the finish hook."""
+    magic = next((m for m in _RESUME_MAGICS if data.startswith(m)), None)
+    if magic is None:
         return None, "resume data is not bgsession resume data (or of an unknown version)"
     try:
-        body = json.loads(data[len(_RESUME_MAGIC):])
+        body = json.loads(data[len(magic):])
+        _check_fields({k: body.get(k) for k in ("request", "validator", "total", "response")}, ("request",))
         request = Request._from_record(body["request"])
-        path, size = str(body["file"]), int(body["size"])
+        name, size = os.path.basename(str(body["file"])), body["size"]
+        if not _RESUME_NAME_RE.match(name) or not _is_count(size):
+            raise ValueError(f"it names no partial file of a session ({body['file']!r}, {size!r} bytes)")
         validator = body["validator"]
         if not isinstance(validator, dict) or not (validator.get("etag") or validator.get("last_modified")):
             raise ValueError("no validator")
     except (ValueError, KeyError, TypeError, BGSessionError) as err:
         return None, f"resume data is malformed ({err})"
-    actual = _size(path)
-    if actual is None:
-        return None, f"resume data is stale: its partial file {path} no longer exists"
-    if actual < size:
-        return None, f"resume data is stale: its partial file {path} has {actual} bytes, not {size}"
-    return {"request": request._to_record(), "file": path, "fields": {
+    return {"request": request._to_record(), "file": name, "fields": {
         "validator": validator, "total": body.get("total"), "durable_offset": size, "boot": None,
         "response": body.get("response")}}, ""
 
@@ -2089,9 +2931,8 @@ class _Store:
             self.tmp, self.tmp_sync = tempfile.mkdtemp(prefix="bgsession-"), _GroupSync(lambda: None)
             self.state, self.writer = _SessionState(), _MemoryWriter()
             return
-        _ensure_private_dir(directory)
+        _claim_session_dir(directory, identifier)
         self.tmp = os.path.join(directory, _TMP_DIR)
-        _ensure_private_dir(self.tmp)
         self.tmp_sync = _GroupSync(lambda: _fsync_dir(self.tmp))
         _acquire_lock(directory, _LOCK_NAME, identifier)
         try:
@@ -2108,21 +2949,37 @@ class _Store:
         for problem in problems:
             log.warning("session %s: %s", self.identifier, problem)
         journal = os.path.join(directory, _JOURNAL_NAME)
-        if any("unreadable line" in p for p in problems):
-            # compaction below rewrites the journal: keep the damaged one for a post-mortem
-            aside = _aside_name(journal)
-            shutil.copyfile(journal, aside)
-            os.chmod(aside, _FILE_MODE)
-            log.warning("session %s: damaged journal kept as %s", self.identifier, aside)
+        if problems:
+            # keep the damaged files as they were for a post-mortem, then fold what could be read into new
+            # ones at once: the next open is clean, and the kept files are never appended to or cut
+            for path in (journal, os.path.join(directory, _SNAPSHOT_NAME)):
+                self._keep_aside(path)
+            valid = self._fold()
         self.writer = _JournalWriter(journal, valid)
         if valid == 0:
             self.writer.append({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
         with self.lock:
             self._recover()
         self.writer.flush()
-        if self.state.replayed > 1 or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME)):
+        if not problems and (self.state.replayed > 1 or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME))):
             self.compact()  # fold the journal in (nothing to fold: keep the snapshot as it is)
         self.make_reserve()
+
+    def _keep_aside(self, path: str) -> None:
+        """Keep a damaged file as ``<name>.corrupt-<time>``: a hard link (no copy of a file that may be huge), or a
+        copy where the file system has no links."""
+        if not os.path.exists(path):
+            return
+        aside = _aside_name(path)
+        try:
+            os.link(path, aside)
+        except OSError:
+            try:
+                shutil.copyfile(path, aside)
+                os.chmod(aside, _FILE_MODE)
+            except OSError as err:
+                raise JournalError(f"cannot keep the damaged {path} aside: {err.strerror or err}", path) from err
+        log.warning("session %s: damaged %s kept as %s", self.identifier, os.path.basename(path), aside)
 
     # -- records ------------------------------------------------------------------------
     def record(self, task: _TaskRecord | None, record_type: str, /, **fields: Any) -> int:
@@ -2141,6 +2998,8 @@ class _Store:
                 self.delivered_at[task.id] = time.monotonic()
             elif task.phase is Phase.ACKNOWLEDGED:
                 self.delivered_at.pop(task.id, None)
+                if self.directory is None:
+                    del self.state.tasks[task.id]  # in memory there is no compaction to forget it: forget it now
         return int(self.writer.append(rec))
 
     def wait(self, ticket: int) -> None:
@@ -2185,18 +3044,28 @@ class _Store:
             return 0
         return self.record(task, "describe", description=description)
 
-    def consume_missing_finish(self, task: _TaskRecord) -> None:
-        """An owed finish event whose file is gone was handled: the finish hook moved the file and
-        the app died before its acknowledgement was durable. Acknowledge it instead of posting it
-        again (at recovery, and at attach for a daemon that outlived that app)."""
-        if task.file and "finish" in task.events() and not os.path.exists(self.path(task.file)):
+    def settle_missing_finish(self, task: _TaskRecord) -> None:
+        """An owed finish event whose file is gone (at recovery, and at attach for a daemon that outlived its app):
+        with its handed marker, the finish hook took the file and the app died before its acknowledgement was durable:
+        acknowledge it instead of posting it again. Without, it vanished before any hook saw it (a temp-file cleaner):
+        record that, and the complete event reports FILE_DOES_NOT_EXIST -- never a silent success."""
+        if not (task.file and "finish" in task.events()) or os.path.exists(self.path(task.file)):
+            return
+        if os.path.exists(self.path(_handed_name(task.file))):
             log.info("task %s: finished file was consumed by the finish hook; acknowledging", task.id)
             self.record(task, "ack", event="finish")
+            return
+        log.warning("task %s: its finished file tmp/%s vanished before it was delivered", task.id, task.file)
+        error = TransferError(ErrorCode.FILE_DOES_NOT_EXIST, f"the finished download (tmp/{task.file}) vanished "
+                              "from the session directory before it was delivered (removed by a temp-file "
+                              "cleaner?); download it again", url=task.request["url"])
+        self.record(task, "vanished", error=error._to_record())
 
     def release_files(self, task: _TaskRecord, event: str) -> None:
         """After the acknowledgement of *event* is durable: remove what the task no longer needs."""
         if task.file:
             _unlink_quietly(self.path(task.file))
+            _unlink_quietly(self.path(_handed_name(task.file)))
         if event == "complete":
             _unlink_quietly(self.path(task.partial_name))
 
@@ -2231,15 +3100,31 @@ class _Store:
         size = _size(path)
         if size is None:
             return None
-        body = {"url": task.request["url"], "request": task.request, "file": path, "size": size,
+        body = {"url": task.request["url"], "request": task.request, "file": task.resume_file, "size": size,
                 "validator": task.validator, "total": task.total, "response": task.response,
                 "identifier": self.identifier}
         return _RESUME_MAGIC + json.dumps(body, sort_keys=True).encode("utf-8")
 
-    def adopt_partial(self, task: _TaskRecord, path: str) -> bool:
-        """Take the partial file that resume data refers to as *task*'s own."""
+    def resume_fields(self, resume: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The fields a new task takes from parsed resume data (see _parse_resume_data): what the partial file
+        holds, or the ``problem`` that fails the task at resume() -- bad data, or a partial file that is not (or no
+        longer whole) in this session's tmp/."""
+        if not resume:
+            return {}
+        if resume.get("invalid"):
+            return {"problem": resume["invalid"]}
+        name, size = resume["file"], resume["fields"]["durable_offset"]
+        actual = _size(self.path(name))
+        if actual is None:
+            return {"problem": f"resume data is stale: its partial file {name} is not in this session any more"}
+        if actual < size:
+            return {"problem": f"resume data is stale: its partial file {name} has {actual} bytes, not {size}"}
+        return dict(resume["fields"])
+
+    def adopt_partial(self, task: _TaskRecord, name: str) -> bool:
+        """Take the partial file (in tmp/) that resume data refers to as *task*'s own."""
         try:
-            _vfs.replace(path, self.path(task.partial_name))
+            _vfs.replace(self.path(name), self.path(task.partial_name))
             self.tmp_sync.sync()
         except OSError as err:
             log.warning("task %s: resume file unusable (%s); it will start from zero", task.id, err)
@@ -2261,7 +3146,7 @@ class _Store:
             elif task.phase in (Phase.QUEUED, Phase.SCHEDULED, Phase.SUSPENDED) and task.kind == "download":
                 self.offsets[task.id] = self._recover_partial(task)
             elif task.phase is Phase.DELIVERING:
-                self.consume_missing_finish(task)
+                self.settle_missing_finish(task)
                 self.delivered_at[task.id] = time.monotonic()
         self._clean_tmp()
 
@@ -2282,18 +3167,20 @@ class _Store:
         return keep
 
     def _clean_tmp(self) -> None:
+        """Remove what bgsession left in tmp/ and no task needs: only names it gives files (anything else there is
+        not its to delete)."""
         live = {t.id for t in self.state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED}
         keep_names = {t.resume_file for t in self.state.tasks.values() if t.resume_file}
         now = time.time()
         for name in os.listdir(self.tmp):
             path = self.path(name)
-            if name.startswith("resume-"):
+            if _RESUME_NAME_RE.match(name):
                 with contextlib.suppress(OSError):
                     if name not in keep_names and now - os.path.getmtime(path) > RESUME_FILE_TTL:
                         _vfs.unlink(path)
                 continue
-            stem = name.split(".", 1)[0]
-            if stem.isdigit() and int(stem) not in live:
+            ours = _TMP_NAME_RE.match(name)
+            if ours and int(ours.group(1)) not in live:
                 with contextlib.suppress(OSError):
                     _vfs.unlink(path)  # left behind by a kill after its acknowledgement
 
@@ -2304,13 +3191,19 @@ class _Store:
             return
         with self.lock:
             self.writer.flush()
-            self.state.generation += 1
-            for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
-                del self.state.tasks[tid]
-            _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
-            header = _dumps({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
-            _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
-            self.writer.reopen(len(header))
+            self.writer.reopen(self._fold())
+
+    def _fold(self) -> int:
+        """Write the state as a new snapshot (generation + 1), then a fresh journal (new files, renamed over the
+        old ones); returns the journal's length."""
+        assert self.directory is not None
+        self.state.generation += 1
+        for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
+            del self.state.tasks[tid]
+        _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
+        header = _dumps({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
+        _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
+        return len(header)
 
     def maybe_compact(self) -> None:
         """Compact once the journal holds DEFAULT_COMPACT_RECORDS records (called without ``lock``)."""
@@ -2387,9 +3280,95 @@ LIMIT_CHUNK_SECONDS = 0.05
 #: limit applies after at most this.
 LIMIT_SLICE_SECONDS = 0.1
 
+#: The ``done`` of a task no attempt runs for: set, shared (an Event per task costs ~0.5 KiB).
+_SETTLED = threading.Event()
+_SETTLED.set()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's socket as its response reads it (the socket's own raw reader, which keeps the socket open while
+    the response needs it), each read armed first by the connection (see _BoundedHTTP.arm)."""
+
+    def __init__(self, conn: _BoundedHTTP, sock: socket.socket) -> None:
+        super().__init__()
+        self._conn, self._sock, self._raw = conn, sock, sock.makefile("rb", buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._conn.arm(self._sock)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _BoundedResponse(http.client.HTTPResponse):
+    """An HTTPResponse that reads through a _DeadlineReader (http.client only asks its socket for makefile())."""
+
+    class _Socket:
+        def __init__(self, conn: _BoundedHTTP, sock: socket.socket) -> None:
+            self._conn, self._sock = conn, sock
+
+        def makefile(self, mode: str) -> io.BufferedReader:
+            return io.BufferedReader(_DeadlineReader(self._conn, self._sock))
+
+    def __init__(self, conn: _BoundedHTTP, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cast(socket.socket, self._Socket(conn, sock)), *args, **kwargs)
+
+
+class _BoundedHTTP(http.client.HTTPConnection):
+    """An http.client connection whose every socket wait -- connect, each send, each read of the response head and
+    body -- ends by ``deadline`` (a time.monotonic()), as well as after ``timeout`` seconds without a byte. A server
+    that drips one byte a second resets a socket timeout forever; it cannot move the deadline, which the transfer
+    sets per phase (see _HTTP.send). The response reads through a _DeadlineReader, which re-arms the socket before
+    each read."""
+
+    deadline = math.inf
+    deadline_reason = "timeout_for_resource exceeded"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.response_class = functools.partial(_BoundedResponse, self)  # type: ignore[assignment]
+
+    def set_deadline(self, deadline: float, reason: str) -> None:
+        self.deadline, self.deadline_reason = deadline, reason
+
+    def arm(self, sock: socket.socket) -> None:
+        """Before a socket wait: its timeout is ``timeout``, or what is left of the phase once that is less than half
+        of it. (A wait may so end up to half a ``timeout`` late, never later; a phase bounded by ``timeout`` itself
+        ends on time. And a socket is re-armed -- a system call -- only near a deadline, not at every read.)"""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed(self.deadline_reason)
+        wanted = left if left < self.timeout / 2 else self.timeout  # type: ignore[operator]
+        if sock.gettimeout() != wanted:
+            sock.settimeout(wanted)
+
+    def connect(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed(self.deadline_reason)
+        timeout, self.timeout = self.timeout, min(self.timeout, left)  # type: ignore[type-var]
+        try:
+            super().connect()
+        finally:
+            self.timeout = timeout
+
+    def send(self, data: Any) -> None:
+        if self.sock is not None:
+            self.arm(self.sock)
+        super().send(data)
+
+
 _Origin = tuple[str, str, int]
-_Held = dict[_Origin, http.client.HTTPConnection]  # an attempt's connections, by origin
+_PoolKey = tuple[str, str, int, Union[_Proxy, None], int]  # an origin, the proxy, the configuration generation
+_Held = dict[_PoolKey, _BoundedHTTP]  # an attempt's connections, by origin and proxy
 _Answer = tuple[AuthChallengeDisposition, Union[Credential, None]]  # a challenge hook's answer
+_Renewal = tuple[DelayedRequestDisposition, Union[Request, None]]  # a delayed-request hook's answer
 
 
 class _AttemptEnded(Exception):
@@ -2483,22 +3462,32 @@ class _Control:
 
 class _Live:
     """A task's state in this process, never persisted: transfer fields (offset, retry policy,
-    secrets, auth, progress) and engine fields (timer, worker, delivery)."""
+    secrets, the request the app renewed, auth, progress, connectivity) and engine fields (timer,
+    worker, delivery)."""
 
     __slots__ = (
         "auth_header", "auth_origin", "control", "done", "due", "events_ready", "expected", "expected_send",
-        "failures", "limit", "offset", "progress_at", "progress_pending", "rate", "rate_at", "rate_bytes",
-        "rerequest", "retry", "secret_headers", "sent", "worker",
+        "failures", "last_error", "limit", "needs_renewal", "next_retry", "offset", "progress_at", "progress_pending",
+        "proxy_auth", "rate", "rate_at", "rate_bytes", "renewed", "rerequest", "retry", "secret_headers", "sent",
+        "url_credentials", "waiting", "worker",
     )
 
-    def __init__(self, retry: Retry, offset: int = 0, expected: int = -1, limit: int | None = None) -> None:
+    def __init__(self, retry: Retry, offset: int = 0, expected: int = -1, limit: int | None = None,
+                 needs_renewal: bool = False) -> None:
         self.offset, self.expected, self.retry = offset, expected, retry
         self.limit = _RateLimit(limit)  # the task's own bandwidth limit
         self.sent, self.expected_send = 0, -1
         self.secret_headers: tuple[tuple[str, str], ...] = ()
-        self.auth_header: str | Callable[[str, str], str] | None = None
+        self.url_credentials: dict[_Origin, Credential] = {}  # a URL's user:password@, by origin (memory only)
+        self.renewed: Request | None = None  # the app's new request (task_will_begin_delayed_request), secrets too
+        self.needs_renewal = needs_renewal  # ask the app first: secret headers lost, or a delayed task begins
+        self.auth_header: str | Callable[[str, str], str] | None = None  # (method, request target) -> value
         self.auth_origin: _Origin | None = None
-        self.failures: dict[tuple[str, int, str | None, str], int] = {}
+        self.proxy_auth: str | Callable[[str, str], str] | None = None  # Proxy-Authorization from a 407's answer
+        self.failures: dict[tuple[str, int, str | None, str, bool], int] = {}
+        self.waiting = 0  # attempts in a row that found no connectivity (0: not waiting)
+        self.last_error: TransferError | None = None  # why the last attempt failed, until a response is accepted
+        self.next_retry: float | None = None  # wall-clock time of the next attempt
         self.rerequest = False  # the last range answer was unusable: ask for the whole entity
         self.progress_at, self.progress_pending = 0.0, 0
         self.rate, self.rate_at, self.rate_bytes = 0.0, 0.0, 0  # bytes per second, smoothed (status)
@@ -2507,30 +3496,126 @@ class _Live:
         self.control: _Control | None = None
         self.worker = False  # an attempt runs (or is settling)
         self.events_ready = True  # False while the outcome's record is not yet durable
-        self.done = threading.Event()  # the current attempt settled
+        self.done = _SETTLED  # the current attempt settled (a fresh Event per attempt)
+
+    def take_plan(self, plan: _RetryPlan, outcome: _Interrupted, url: str, now: float) -> bool:
+        """After an interrupted attempt: the retry policy in force, why it failed, when it tries next. True: a
+        waiting period for connectivity begins (the app is told once)."""
+        begins = plan.waiting > 0 and self.waiting == 0
+        self.retry, self.waiting = plan.retry, plan.waiting
+        self.last_error = TransferError(outcome.code, outcome.message, url=url)
+        self.next_retry = now + (plan.delay or 0.0)
+        return begins
+
+    def timed_out(self) -> TransferError:
+        """The error of a task whose timeout_for_resource ran out while it waited to try again."""
+        why = f" (last attempt: {self.last_error.message})" if self.last_error is not None else ""
+        return TransferError(ErrorCode.TIMED_OUT, f"timeout_for_resource exceeded{why}")
+
+
+class _TunnelRefused(Exception):
+    """A proxy answered CONNECT with something else than 200 (a 407, a 502 ...): *response*, already read."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        super().__init__(f"CONNECT refused: {response.status} {response.reason}")
+        self.response = response
+
+
+class _PinMismatch(Exception):
+    """The server's certificate is not one of ``TLS.pinned_certificates_sha256``."""
+
+
+def _tls_context(config: Configuration) -> ssl.SSLContext:
+    """The SSLContext of a configuration: its ``ssl_context`` (in-process), or one made from its :class:`TLS`
+    (what the daemon does too), or the system's defaults. Errors are InvalidArgumentError."""
+    if config.ssl_context is not None:
+        return config.ssl_context
+    tls = config.tls or TLS()
+    try:
+        ctx = ssl.create_default_context(cafile=tls.cafile, capath=tls.capath)
+        if tls.certfile is not None:
+            ctx.load_cert_chain(tls.certfile, tls.keyfile, password=tls.key_password)
+        if tls.minimum_version is not None:
+            ctx.minimum_version = ssl.TLSVersion[_TLS_VERSIONS[tls.minimum_version]]
+    except (OSError, ValueError) as err:  # ssl.SSLError is an OSError (a wrong key password among them)
+        raise _invalid(f"cannot load the TLS settings (certificate, key or CA files): {err}") from err
+    return ctx
+
+
+class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
+    """_BoundedHTTP over TLS: straight to the server, or through an HTTP proxy's CONNECT tunnel (whose refusal, a 407
+    included, raises _TunnelRefused with the proxy's response), checking certificate pins after the handshake.
+    ``sock`` is set once the TCP connection stands, so that a failure can tell "not reached" (offline) from what came
+    after. (The handshake and the tunnel's answer are bounded per byte by ``timeout``, not by the deadline.)"""
+
+    def __init__(self, host: str, port: int, *, timeout: float, context: ssl.SSLContext, pins: Sequence[str],
+                 proxy: _Proxy | None) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.tls, self.pins, self.proxy = context, frozenset(pins), proxy
+        self.proxy_authorization: str | None = None  # set before each request: memory only
+
+    def connect(self) -> None:
+        if self.proxy is None:
+            super().connect()
+        else:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _DeadlinePassed(self.deadline_reason)
+            timeout = min(self.timeout, left)  # type: ignore[type-var]
+            self.sock = raw = socket.create_connection((self.proxy.host, self.proxy.port), timeout)
+            raw.settimeout(self.timeout)
+            self._open_tunnel(raw)
+            self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
+        if self.pins:
+            der = self.sock.getpeercert(binary_form=True) or b""
+            digest = hashlib.sha256(der).hexdigest()
+            if digest not in self.pins:
+                raise _PinMismatch(f"the certificate of {self.host} (SHA-256 {digest}) is not one of "
+                                   "TLS.pinned_certificates_sha256")
+
+    def _open_tunnel(self, raw: socket.socket) -> None:
+        authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if self.proxy_authorization:
+            lines.append(f"Proxy-Authorization: {self.proxy_authorization}")
+        raw.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        response = http.client.HTTPResponse(raw, method="CONNECT")
+        response.begin()
+        if response.status != 200:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if response.length is not None and response.length <= _DISCARD_LIMIT:
+                    response.read()
+            response.close()
+            raise _TunnelRefused(response)
+        response.close()  # (the socket stays open: it carries the tunnel)
 
 
 class _ConnectionPool:
-    """Keep-alive connections by origin, shared by the workers: an attempt holds the ones it uses
-    (*held*) and gives them back when it ends. Its own lock, never the engine's. The connections
+    """Keep-alive connections by origin and proxy, shared by the workers: an attempt holds the ones it
+    uses (*held*) and gives them back when it ends. Its own lock, never the engine's. The connections
     open at once, held and idle, stay within ``max_concurrent_transfers``: an idle one is closed
-    (the oldest first) before a new one is opened beyond it."""
+    (the oldest first) before a new one is opened beyond it. A new configuration (TLS, proxies)
+    retires every connection made under the old one."""
 
     def __init__(self, config: Configuration) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._idle: dict[_Origin, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: dict[_PoolKey, list[tuple[float, _BoundedHTTP]]] = {}
         self._idle_count = 0
         self._held = 0  # connections in attempts' *held* (closed ones too, until released)
         self._ssl: ssl.SSLContext | None = None  # created once: loading the CA store is slow
+        self._generation = 0  # of the configuration; part of every key
 
     def configure(self, config: Configuration) -> None:
-        self.config, self._ssl = config, None
+        with self._lock:
+            self.config, self._ssl = config, None
+            self._generation += 1
+        self.close()
 
-    def get(self, url: str, held: _Held, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection for *url*'s origin: the attempt's own, an idle one, or a new one.
+    def get(self, url: str, proxy: _Proxy | None, held: _Held, fresh: bool) -> tuple[_BoundedHTTP, bool]:
+        """A connection for *url*'s origin through *proxy*: the attempt's own, an idle one, or a new one.
         Returns it and whether it was used before (a dead keep-alive may need a retry)."""
-        key = _origin(url)
+        key: _PoolKey = (*_origin(url), proxy, self._generation)
         conn = held.get(key)
         if conn is not None and not fresh:
             return conn, conn.sock is not None
@@ -2550,7 +3635,8 @@ class _ConnectionPool:
             del held[key]
             with self._lock:
                 idle = self._idle.setdefault(key, [])
-                keep = ok and conn.sock is not None and len(idle) < self.config.max_connections_per_host
+                keep = ok and conn.sock is not None and key[4] == self._generation and \
+                    len(idle) < self.config.max_connections_per_host
                 if keep:
                     idle.append((time.monotonic(), conn))
                     self._idle_count += 1
@@ -2560,7 +3646,7 @@ class _ConnectionPool:
                 with self._lock:
                     self._held -= 1
 
-    def _take(self, key: _Origin) -> http.client.HTTPConnection | None:
+    def _take(self, key: _PoolKey) -> _BoundedHTTP | None:
         now = time.monotonic()
         with self._lock:
             idle = self._idle.get(key, [])
@@ -2572,19 +3658,22 @@ class _ConnectionPool:
                 conn.close()
         return None
 
-    def _new(self, key: _Origin) -> http.client.HTTPConnection:
+    def _new(self, key: _PoolKey) -> _BoundedHTTP:
         with self._lock:  # room for one more: close idle connections, the oldest first
             while self._idle_count and self._idle_count + self._held > self.config.max_concurrent_transfers:
                 oldest = min((idle for idle in self._idle.values() if idle), key=lambda idle: idle[0][0])
                 oldest.pop(0)[1].close()
                 self._idle_count -= 1
-        scheme, host, port = key
+        scheme, host, port, proxy, _ = key
         timeout = self.config.timeout_for_request
         if scheme == "https":
             if self._ssl is None:
-                self._ssl = self.config.ssl_context or ssl.create_default_context()
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
-        return http.client.HTTPConnection(host, port, timeout=timeout)
+                self._ssl = _tls_context(self.config)
+            pins = self.config.tls.pinned_certificates_sha256 if self.config.tls else ()
+            return _HTTPSConnection(host, port, timeout=timeout, context=self._ssl, pins=pins, proxy=proxy)
+        if proxy is not None:  # absolute-form requests to the proxy
+            return _BoundedHTTP(proxy.host, proxy.port, timeout=timeout)
+        return _BoundedHTTP(host, port, timeout=timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -2601,37 +3690,52 @@ class _TransferHost(Protocol):
     def record_offset(self, task: _TaskRecord, offset: int) -> None: ...
     def post(self, event: ProgressEvent) -> None: ...
     def ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge) -> _Answer: ...
+    def renew(self, task: _TaskRecord, control: _Control, request: Request) -> _Renewal: ...
     def resource_expired(self, task: _TaskRecord) -> bool: ...
+    def resource_left(self, task: _TaskRecord) -> float: ...
 
 
 class _Authenticator:
-    """Answers 401s: the session's credentials (memory only, by protection space) first, then the
-    app's challenge hook through the host; then sets the Authorization of the retried request."""
+    """Answers 401s and proxies' 407s: the session's credentials (memory only, by protection space)
+    first, then the app's challenge hook through the host; then sets the Authorization (or
+    Proxy-Authorization) of the retried request. A proxy URL's own credential is sent from the
+    first request on (Basic), as curl does."""
 
     def __init__(self, host: _TransferHost) -> None:
         self._host = host
         self._lock = threading.Lock()
-        self._credentials: dict[tuple[str, int, str | None, str], Credential] = {}
+        self._credentials: dict[tuple[str, int, str | None, str, bool], Credential] = {}
 
-    def respond(self, task: _TaskRecord, control: _Control, url: str,
-                offers: Sequence[tuple[str, Mapping[str, str]]], headers: Headers) -> bool:
-        """True: retry the request with credentials; False: the 401 is the response."""
+    def proxy_authorization(self, task: _TaskRecord, proxy: _Proxy, method: str, target: str) -> str | None:
+        """The Proxy-Authorization of a request through *proxy* (*target*: as the proxy sees it)."""
+        auth: str | Callable[[str, str], str] | None = task.live.proxy_auth
+        if auth is None and proxy.credential is not None:
+            return _basic_authorization(proxy.credential)
+        return auth(method, target) if callable(auth) else auth
+
+    def respond(self, task: _TaskRecord, control: _Control, url: str, offers: Sequence[tuple[str, Mapping[str, str]]],
+                headers: Headers, proxy: _Proxy | None = None) -> bool:
+        """True: retry the request with credentials; False: the 401 (407 with *proxy*) stands."""
         live = task.live
-        origin = _origin(url)
+        scheme_of_url, host, port = _origin(url) if proxy is None else ("http", proxy.host, proxy.port)
         for scheme, params in offers:
             realm = params.get("realm")
-            key = (origin[1], origin[2], realm, scheme)
+            key = (host, port, realm, scheme, proxy is not None)
             failures = live.failures.get(key, 0)
             if scheme == "digest" and params.get("stale", "").lower() == "true" and failures > 0:
                 failures -= 1  # a stale nonce is not a wrong password
             if failures >= _MAX_AUTH_FAILURES:
                 return False
-            with self._lock:
-                cred = self._credentials.get(key) if failures == 0 else None
+            with self._lock:  # a proxy URL's credential is the one stored for its proxy
+                stored = self._credentials.get(key) or (proxy.credential if proxy is not None else None)
+                cred = stored if failures == 0 else None
+            if cred is None and failures == 0 and proxy is None:
+                cred = live.url_credentials.get(_origin(url))  # the URL's user:password@
             if cred is None:
-                space = ProtectionSpace(origin[1], origin[2], realm, scheme, origin[0])
-                disposition, cred = self._host.ask(task, control, AuthChallenge(space, failures,
-                                                                                Response(url, 401, headers)))
+                space = ProtectionSpace(host, port, realm, scheme, scheme_of_url, is_proxy=proxy is not None)
+                status, proposed = (407, proxy.credential) if proxy is not None else (401, None)
+                disposition, cred = self._host.ask(task, control, AuthChallenge(
+                    space, failures, Response(url, status, headers), proposed))
                 if disposition is AuthChallengeDisposition.CANCEL_AUTHENTICATION_CHALLENGE:
                     raise _fail(ErrorCode.USER_CANCELLED_AUTHENTICATION,
                                 "authentication challenge cancelled by the app", url)
@@ -2645,8 +3749,11 @@ class _Authenticator:
                     if cred.persistence is CredentialPersistence.FOR_SESSION:
                         self._credentials[key] = cred
             live.failures[key] = failures + 1
-            live.auth_origin = origin
-            live.auth_header = self._header(scheme, cred, params)
+            if proxy is not None:
+                live.proxy_auth = self._header(scheme, cred, params)
+            else:
+                live.auth_origin = _origin(url)
+                live.auth_header = self._header(scheme, cred, params)
             return True
         return False
 
@@ -2656,16 +3763,15 @@ class _Authenticator:
             return _basic_authorization(cred)
         counter, chosen = itertools.count(1), dict(params)
 
-        def digest(method: str, url: str) -> str:
-            parts = urllib.parse.urlsplit(url)
-            uri = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            return _digest_authorization(cred, chosen, method, uri, next(counter))
+        def digest(method: str, target: str) -> str:
+            return _digest_authorization(cred, chosen, method, target, next(counter))
         return digest
 
 
 class _HTTP:
-    """The request/response half of an attempt: headers, sending on a pooled connection, and the
-    response sequence that :func:`next_step` decides (redirects, challenges, retryable statuses)."""
+    """The request/response half of an attempt: headers, sending on a pooled connection (through a
+    proxy when one applies), and the response sequence that :func:`next_step` decides (redirects,
+    challenges, renewals, retryable statuses)."""
 
     def __init__(self, config: Configuration, host: _TransferHost, connections: _ConnectionPool) -> None:
         self.config, self.host, self.connections = config, host, connections
@@ -2674,57 +3780,128 @@ class _HTTP:
     def exchange(self, task: _TaskRecord, control: _Control, held: _Held, ex: _Exchange,
                  extra: Mapping[str, str] | None = None,
                  body: Callable[[http.client.HTTPConnection], None] | None = None
-                 ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection, _Exchange, RangePlan | None]:
+                 ) -> tuple[http.client.HTTPResponse, _BoundedHTTP, _Exchange, RangePlan | None]:
         """Send until next_step() accepts a response; returns it, its connection, where the
-        exchange ended (its URL) and, for downloads, the range plan."""
+        exchange ended (its URL) and, for downloads, the range plan. Every phase ends by the
+        task's timeout_for_resource (see send)."""
+        live = task.live
+        deadline = time.monotonic() + self.host.resource_left(task)
         while True:
+            proxy = proxy_for(ex.url, self.config.proxies)
             headers = self.headers(task, ex.url, ex.method, {**ex.request_headers(), **(extra or {})})
-            resp, conn = self.send(control, ex.url, ex.method, held, headers, body)
+            resp, conn = self.send(task, control, ex.url, ex.method, held, headers, body, proxy, deadline)
+            live.waiting = 0  # a response: connectivity is back (a later loss starts a new waiting period)
             hdrs = Headers(resp.getheaders())
             step = next_step(ex, resp.status, hdrs)
             if isinstance(step, _Authenticate):
-                if self.auth.respond(task, control, ex.url, step.offers, hdrs):
-                    self.drain(resp, conn)
+                asker = proxy if step.proxy else None
+                if (asker is not None or not step.proxy) and self.auth.respond(task, control, ex.url, step.offers,
+                                                                               hdrs, asker):
+                    self.drain(resp, conn, deadline)
                     continue
                 step = next_step(dataclasses.replace(ex, auth_declined=True), resp.status, hdrs)
+            if isinstance(step, _Renew):
+                if self.renew(task, control, f"HTTP {step.status} from {ex.url}") and live.renewed is not None:
+                    self.drain(resp, conn)
+                    ex = dataclasses.replace(ex, url=live.renewed.url, renewals=ex.renewals + 1)
+                    continue
+                step = next_step(dataclasses.replace(ex, auth_declined=True, renew_declined=True), resp.status, hdrs)
             if isinstance(step, _Accept):
+                live.last_error = None
                 return resp, conn, ex, step.plan
-            self.drain(resp, conn)
+            self.drain(resp, conn, deadline)
             if isinstance(step, _FollowRedirect):
+                if step.credential is not None:  # the Location's user:password@, for its origin, in memory
+                    task.live.url_credentials[_origin(step.url)] = step.credential
                 self.host.record(task, "redirect", url=step.url)
                 ex = dataclasses.replace(ex, url=step.url, redirects=ex.redirects + 1)
             elif isinstance(step, _AskAgain):
                 log.info("task %s: %s; asking for the whole entity", task.id, step.reason)
-                task.live.rerequest = True
+                live.rerequest = True
                 ex = dataclasses.replace(ex, rerequests=ex.rerequests + 1, rerequest=True)
-            else:  # _Failed or _Interrupted (never _Authenticate: the 401 was declined above)
+            else:  # _Failed or _Interrupted (never _Authenticate or _Renew: they were declined above)
                 raise _AttemptEnded(cast(_Outcome, step))
 
-    def headers(self, task: _TaskRecord, url: str, method: str, extra: Mapping[str, str]) -> dict[str, str]:
-        """The configuration's headers, the request's, its secrets (same origin only), the
-        credential of a challenge (the origin that asked only), then *extra*."""
+    def request_in_force(self, task: _TaskRecord) -> Request:
+        """The request this task's attempts send: the app's renewed one, else the journaled one with
+        the secret headers this process holds for it."""
+        live: _Live = task.live
+        if live.renewed is not None:
+            return live.renewed
+        rec = task.request
+        headers = {**dict(rec.get("headers") or []), **dict(live.secret_headers)}
+        return Request(rec["url"], rec.get("method", "GET"), headers, rec.get("sha256"))
+
+    def renew(self, task: _TaskRecord, control: _Control, why: str) -> bool:
+        """Ask the app (task_will_begin_delayed_request, through the host: an app is waited for, or
+        relaunched) whether to send the request in force, a new one, or to cancel. True: a new
+        request is in force (``live.renewed``); its URL and headers replace the old ones in memory."""
         live = task.live
+        live.needs_renewal = False
+        disposition, new = self.host.renew(task, control, self.request_in_force(task))
+        if disposition is DelayedRequestDisposition.CANCEL:
+            raise _fail(ErrorCode.CANCELLED, f"cancelled by task_will_begin_delayed_request ({why})", task.current_url)
+        if disposition is not DelayedRequestDisposition.USE_NEW_REQUEST or new is None:
+            return False
+        if (new.method == "GET") != (task.kind == "download"):
+            log.warning("task %s: task_will_begin_delayed_request gave a %s request to a %s task; ignored", task.id,
+                        new.method, task.kind)
+            return False
+        live.renewed, live.secret_headers = new, new._secret_headers()
+        return True
+
+    def headers(self, task: _TaskRecord, url: str, method: str, extra: Mapping[str, str]) -> dict[str, str]:
+        """The configuration's headers and the request's; the secret ones of both only to the
+        origin of the request (a redirect elsewhere drops them); the credential of a challenge
+        (the origin that asked only); then *extra*."""
+        live = task.live
+        renewed = live.renewed
+        public = renewed._to_record()["headers"] if renewed is not None else task.request.get("headers", [])
+        config = self.config.headers.pairs()
         headers = {"User-Agent": f"bgsession/{__version__} Python/{sys.version.split()[0]}",
-                   **dict(self.config.headers.pairs()), **dict(task.request.get("headers", []))}
-        if _origin(url) == _origin(task.request["url"]):
+                   **{k: v for k, v in config if k.lower() not in _SECRET_HEADERS}, **dict(public)}
+        if _origin(url) == _origin(renewed.url if renewed is not None else task.request["url"]):
+            headers.update((k, v) for k, v in config if k.lower() in _SECRET_HEADERS)
             headers.update(live.secret_headers)
         auth = live.auth_header
         if auth is not None and live.auth_origin == _origin(url):
-            headers["Authorization"] = auth(method, url) if callable(auth) else auth
+            headers["Authorization"] = auth(method, _request_target(url)) if callable(auth) else auth
         headers.update(extra)
         return headers
 
-    def send(self, control: _Control, url: str, method: str, held: _Held, headers: Mapping[str, str],
-             body: Callable[[http.client.HTTPConnection], None] | None = None
-             ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
-        """Send one request; a reused keep-alive connection that turns out dead is replaced once."""
+    def _bound(self, conn: _BoundedHTTP, deadline: float, phase: str | None = None) -> None:
+        """The deadline of the next phase on *conn*: the resource's, or (a *phase* named) timeout_for_request for
+        the whole of it, if that ends first."""
+        limit = time.monotonic() + self.config.timeout_for_request
+        if phase is None or deadline <= limit:
+            conn.set_deadline(deadline, "timeout_for_resource exceeded")
+        else:
+            conn.set_deadline(limit, f"{phase} did not arrive whole within timeout_for_request")
+
+    def send(self, task: _TaskRecord, control: _Control, url: str, method: str, held: _Held,
+             headers: Mapping[str, str], body: Callable[[http.client.HTTPConnection], None] | None = None,
+             proxy: _Proxy | None = None, deadline: float = math.inf) -> tuple[http.client.HTTPResponse, _BoundedHTTP]:
+        """Send one request (through *proxy*: http in absolute form, https in a CONNECT tunnel); a reused keep-alive
+        connection that turns out dead is replaced once. Connecting and sending end by *deadline* (the resource's),
+        the response head within timeout_for_request as well; the body is left bounded by *deadline*."""
         parts = urllib.parse.urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target, tunnel_auth = _request_target(url), None
+        if proxy is not None and parts.scheme.lower() == "http":
+            target = _absolute_target(url)
+            auth = self.auth.proxy_authorization(task, proxy, method, target)
+            headers = {**headers, "Proxy-Authorization": auth} if auth else headers
+        elif proxy is not None:
+            tunnel_auth = self.auth.proxy_authorization(task, proxy, "CONNECT", _authority(url))
         for attempt in (0, 1):
             control.check()
-            c, reused = self.connections.get(url, held, attempt == 1)
+            c, reused = self.connections.get(url, proxy, held, attempt == 1)
             control.conn = c
             try:
+                self._bound(c, deadline)
+                if c.sock is None:
+                    refused = self._connect(c, control, url, proxy, tunnel_auth)
+                    if refused is not None:
+                        return refused, c
                 c.putrequest(method, target, skip_accept_encoding=True)
                 for k, v in headers.items():
                     c.putheader(k, v)
@@ -2734,7 +3911,10 @@ class _HTTP:
                 control.check()
                 if body is not None:
                     body(c)
-                return c.getresponse(), c
+                self._bound(c, deadline, "the response head")
+                resp = c.getresponse()
+                self._bound(c, deadline)
+                return resp, c
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     ConnectionAbortedError, http.client.ImproperConnectionState) as err:
                 c.close()
@@ -2752,9 +3932,39 @@ class _HTTP:
                 raise _AttemptEnded(_Interrupted(*Retry.classify(err))) from err
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def drain(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
-        """Read and discard a small body so the connection can be reused; close it otherwise."""
+    def _connect(self, c: _BoundedHTTP, control: _Control, url: str, proxy: _Proxy | None,
+                 tunnel_auth: str | None) -> http.client.HTTPResponse | None:
+        """Open *c*. Returns None, or a proxy's 407 to CONNECT (to answer like any 407). Not reaching
+        the server or the proxy at all is an offline _Interrupted (the task waits for connectivity);
+        a failure after that (TLS, a reset) is raised for send() to classify."""
+        if isinstance(c, _HTTPSConnection):
+            c.proxy_authorization = tunnel_auth
+        try:
+            c.connect()
+        except _TunnelRefused as refused:
+            c.close()
+            status, reason = refused.response.status, refused.response.reason
+            if status == 407:
+                return refused.response
+            message = f"{proxy} refused the tunnel to {_authority(url)}: {status} {reason}"
+            if self.config.retry.is_retryable_status(status):
+                raise _AttemptEnded(_Interrupted(ErrorCode.BAD_SERVER_RESPONSE, message)) from None
+            raise _fail(ErrorCode.CANNOT_CONNECT_TO_HOST, message, url) from None
+        except _PinMismatch as err:
+            c.close()
+            raise _fail(ErrorCode.SERVER_CERTIFICATE_UNTRUSTED, str(err), url) from None
+        except OSError as err:
+            if c.sock is not None:
+                raise  # reached: what failed came after (a TLS handshake, a reset)
+            c.close()
+            control.check()
+            raise _AttemptEnded(connect_failure(err, str(proxy) if proxy else _authority(url))) from err
+        return None
+
+    def drain(self, resp: http.client.HTTPResponse, conn: _BoundedHTTP, deadline: float = math.inf) -> None:
+        """Read and discard a small body (within timeout_for_request, whatever its pace) so the connection can be
+        reused; close it otherwise."""
+        self._bound(conn, deadline, "a discarded body (redirect, error page)")
         with contextlib.suppress(OSError, http.client.HTTPException):
             if resp.length is not None and resp.length <= _DISCARD_LIMIT:
                 resp.read()
@@ -2780,6 +3990,8 @@ class _Transfer:
         live = task.live
         start, fd = live.offset, -1
         try:
+            if live.needs_renewal:
+                self.http.renew(task, control, "it begins after a delay, or without the secret headers it had")
             if task.kind == "upload":
                 return self._upload(task, control, held)
             fd = self._open_partial(task)
@@ -2795,12 +4007,16 @@ class _Transfer:
                 return dataclasses.replace(outcome, progressed=task.kind == "download" and live.offset > start)
             return outcome
         except OSError as err:
-            if task.kind == "download":
+            if task.kind == "download" and err.errno not in EXHAUSTED_ERRNOS:
                 raise  # an I/O error on the partial file: the worker reports it
-            return _Interrupted(*Retry.classify(err))
+            return _Interrupted(*Retry.classify(err))  # (out of descriptors: retried, like a lost connection)
         finally:
             if fd >= 0:
                 _vfs.close(fd)
+
+    def _secret(self, task: _TaskRecord) -> tuple[str, ...]:
+        """The header names marked secret for *task* (the configuration's and its request's)."""
+        return (*self.http.config.secret_headers, *task.request.get("secret_headers", ()))
 
     # -- downloads ---------------------------------------------------------------------------
     def _open_partial(self, task: _TaskRecord) -> int:
@@ -2811,11 +4027,13 @@ class _Transfer:
                 _vfs.replace(done, part)  # finished just as it was suspended: the file is whole
             return _open_private(part, os.O_RDWR | os.O_CREAT)
         except OSError as err:
+            if err.errno in EXHAUSTED_ERRNOS:
+                raise
             raise _fail(ErrorCode.CANNOT_CREATE_FILE, f"cannot create {part}: {err}", task.current_url) from err
 
     def _download(self, task: _TaskRecord, control: _Control, held: _Held, buf: bytearray, fd: int) -> _Finished:
         live = task.live
-        ex = _Exchange("download", "GET", task.request["url"], live.retry)
+        ex = _Exchange("download", "GET", self.http.request_in_force(task).url, live.retry)
         size = live.offset
         while True:
             control.check()
@@ -2826,22 +4044,25 @@ class _Transfer:
             response = Response(ex.url, resp.status, Headers(resp.getheaders()))
             if plan.action == "complete":
                 self.http.drain(resp, conn)
-                return self._finalize(task, fd, _entity_response(task.response or response._to_record()))
+                return self._finalize(task, fd, _entity_response(task.response or
+                                                                 response._to_record(self._secret(task))))
             if self._write_body(task, control, resp, fd, buf, response, plan, size):
-                return self._finalize(task, fd, _entity_response(response._to_record()))
-            size = live.offset  # a shorter range than asked: ask for the rest
+                return self._finalize(task, fd, _entity_response(response._to_record(self._secret(task))))
+            conn.close()  # the body ended early: that connection is done
+            size = live.offset  # a shorter range than asked, which advanced the file: ask for the rest
 
     def _write_body(self, task: _TaskRecord, control: _Control, resp: http.client.HTTPResponse, fd: int,
                     buf: bytearray, response: Response, plan: RangePlan, size: int) -> bool:
         """Write an accepted response's body at ``plan.start``. True: the entity is complete;
-        False: the server sent less and a Range request may fetch the rest."""
+        False: the server sent less, and a Range request may fetch the rest (after_body decides)."""
         live = task.live
+        held_before = live.offset
         had_data = size > plan.start or live.offset > plan.start
         if had_data:
             _vfs.truncate(fd, plan.start)
         validator = resume_validator(response.headers) if plan.resumable else None
-        ticket = self.host.record(task, "response", response=response._to_record(), start=plan.start,
-                                  total=plan.total, validator=validator, boot=_BOOT_ID)
+        ticket = self.host.record(task, "response", response=response._to_record(self._secret(task)),
+                                  start=plan.start, total=plan.total, validator=validator, boot=_BOOT_ID)
         if had_data and plan.start == 0:
             self.store.wait(ticket)  # a restart is durable before its first byte
         live.offset, live.rerequest = plan.start, False
@@ -2849,15 +4070,12 @@ class _Transfer:
         if plan.reason:
             log.info("task %s: restarting from zero: %s", task.id, plan.reason)
         self._stream(task, control, resp, fd, buf)
-        if plan.total is not None and live.offset < plan.total:
-            if task.validator is None:
-                raise _AttemptEnded(_Interrupted(ErrorCode.NETWORK_CONNECTION_LOST,
-                                                 f"body ended at {live.offset} of {plan.total} bytes"))
-            return False
-        if plan.total is not None and live.offset > plan.total:
-            raise _fail(ErrorCode.BAD_SERVER_RESPONSE, f"server sent {live.offset} bytes of a "
-                        f"{plan.total}-byte entity", response.url, keep_partial=False)
-        return True
+        end = after_body(held_before, live.offset, plan.total, task.validator is not None)
+        if isinstance(end, (_Interrupted, _Failed)):
+            if isinstance(end, _Failed):
+                end.error.url = response.url
+            raise _AttemptEnded(end)
+        return isinstance(end, _Complete)
 
     def _stream(self, task: _TaskRecord, control: _Control, resp: http.client.HTTPResponse, fd: int,
                 buf: bytearray) -> None:
@@ -2872,7 +4090,10 @@ class _Transfer:
                 data = read(allowed)
                 self._give_back(task, allowed - len(data))
                 if not data:
-                    resp.read()  # marks the response done, so the keep-alive connection can be reused
+                    if resp.length:  # closed before the announced end: never resp.read() that rest (http.client
+                        resp.close()  # would allocate it whole: a MemoryError for tens of GB); the caller resumes
+                    else:
+                        resp.read()  # marks the response done, so the keep-alive connection can be reused
                     break
             except (OSError, http.client.HTTPException) as err:
                 control.check()
@@ -2972,6 +4193,8 @@ class _Transfer:
             _vfs.replace(self.store.path(task.partial_name), self.store.path(task.done_name))
             self.store.tmp_sync.sync()
         except OSError as err:
+            if err.errno in EXHAUSTED_ERRNOS:
+                raise  # retried (attempt)
             raise _fail(ErrorCode.CANNOT_WRITE_TO_FILE, f"cannot finish the file: {err}", task.current_url) from err
         return _Finished(task.done_name, response)
 
@@ -3006,7 +4229,8 @@ class _Transfer:
         if (st.st_size, st.st_mtime_ns) != (info.get("size"), info.get("mtime_ns")):
             raise _fail(ErrorCode.SOURCE_FILE_CHANGED, f"upload source {path} changed since resume() (size/mtime); "
                         "refusing to upload a mix of two versions", task.request["url"])
-        ex = _Exchange("upload", task.request.get("method", "PUT"), task.request["url"], task.live.retry)
+        request = self.http.request_in_force(task)
+        ex = _Exchange("upload", request.method, request.url, task.live.retry)
         resp, _, ex, _ = self.http.exchange(task, control, held, ex, {"Content-Length": str(st.st_size)},
                                             lambda conn: self._send_file(task, control, conn, path, st))
         name = f"{task.id}.body"  # the server's response body (UploadTask.response_data), until acknowledged
@@ -3018,7 +4242,7 @@ class _Transfer:
         finally:
             _vfs.close(fd)
         self.store.tmp_sync.sync()
-        return _Finished(name, Response(ex.url, resp.status, Headers(resp.getheaders()))._to_record())
+        return _Finished(name, Response(ex.url, resp.status, Headers(resp.getheaders()))._to_record(self._secret(task)))
 
     def _send_file(self, task: _TaskRecord, control: _Control, conn: http.client.HTTPConnection, path: str,
                    st: os.stat_result) -> None:
@@ -3242,6 +4466,7 @@ class _Planner:
             return
         if task.phase is Phase.SCHEDULED:
             self.store.record(task, "due")
+            task.live.needs_renewal = True  # a delayed task begins: task_will_begin_delayed_request, as on iOS
         self.scheduler.enqueue(task.id, _origin(task.request["url"]), task.priority)
 
     def set_priority(self, task: _TaskRecord, priority: Any) -> int:
@@ -3284,6 +4509,15 @@ class ChallengeEvent:
     reply: Callable[[_Answer], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class DelayedRequestEvent:
+    """A task is about to send *request* again after a restart without its secrets, or after a 401/403: the app's
+    ``task_will_begin_delayed_request`` answers through ``reply(disposition, new_request)``."""
+    task_id: int
+    request: Request
+    reply: Callable[[_Renewal], None]
+
+
 class _SinkGone(Exception):
     """The attached app went away while it was being asked something; wait for the next one."""
 
@@ -3318,6 +4552,23 @@ class _Sink(Protocol):
 
     def post(self, event: Any) -> None: ...
     def challenge(self, task_id: int, challenge: AuthChallenge, control: _Control | None) -> _Answer: ...
+    def renew(self, task_id: int, request: Request, control: _Control | None) -> _Renewal: ...
+
+
+def _checked_renewal(answer: Any) -> _Renewal:
+    """A delayed-request hook's return value, or CONTINUE_LOADING if it is not a valid answer (None: quietly)."""
+    disposition, request = answer if isinstance(answer, (tuple, list)) and len(answer) == 2 else (None, None)
+    if isinstance(request, str):
+        with contextlib.suppress(BGSessionError):
+            request = Request(request)
+    new = request if isinstance(request, Request) else None
+    if isinstance(disposition, DelayedRequestDisposition) and (
+            disposition is not DelayedRequestDisposition.USE_NEW_REQUEST or new is not None):
+        return disposition, new if disposition is DelayedRequestDisposition.USE_NEW_REQUEST else None
+    if answer is not None:
+        log.warning("task_will_begin_delayed_request returned %r, not (disposition, request); continuing with the "
+                    "request as it is", answer)
+    return DelayedRequestDisposition.CONTINUE_LOADING, None
 
 
 def _checked_answer(answer: Any) -> _Answer:
@@ -3331,7 +4582,7 @@ def _checked_answer(answer: Any) -> _Answer:
     return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
 
 
-def _task_info(task: _TaskRecord, store: _Store) -> TaskInfo:
+def _task_info(task: _TaskRecord, store: _Store | None) -> TaskInfo:
     """A task's record and live state as the value that crosses boundaries."""
     live = task.live
     return TaskInfo(
@@ -3341,26 +4592,31 @@ def _task_info(task: _TaskRecord, store: _Store) -> TaskInfo:
         expected=live.expected if live and live.expected >= 0 else (-1 if task.total is None else task.total),
         sent=live.sent if live else 0, expected_send=live.expected_send if live else -1,
         rate=round(live.rate, 1) if live and task.phase is Phase.TRANSFERRING else 0.0, events=tuple(task.events()),
-        body_path=(store.path(task.file) if task.kind == "upload" and task.file and task.phase is Phase.DELIVERING
-                   else None), priority=task.priority, begin=task.begin, limit=task.limit)
+        body_path=(store.path(task.file) if store is not None and task.kind == "upload" and task.file
+                   and task.phase is Phase.DELIVERING else None), priority=task.priority, begin=task.begin,
+        limit=task.limit, waiting=bool(live and live.waiting and task.phase in _ACTIVE_PHASES),
+        last_error=live.last_error._to_record() if live and live.last_error and task.phase in _ACTIVE_PHASES else None,
+        next_retry=live.next_retry if live and task.phase is Phase.WAITING_RETRY else None)
 
 
 class _Outbox:
     """The engine's side of the attached app: one app at a time, the events it is owed, the
-    BacklogEnd that follows the events waiting at attach, and challenges waiting for an app.
-    Called with the engine's lock held, except :meth:`post` and :meth:`ask`."""
+    BacklogEnd that follows the events waiting at attach, and questions (challenges, delayed
+    requests) waiting for an app. Called with the engine's lock held, except :meth:`post`,
+    :meth:`ask` and :meth:`renew`."""
 
     def __init__(self, store: _Store, changed: threading.Condition) -> None:
         self.store, self.lock, self.changed = store, store.lock, changed
         self.sink: _Sink | None = None
         self.closed = False
-        self.waiting_challenges = 0  # workers blocked until an app answers a challenge
+        self.waiting_challenges = 0  # workers blocked until an app answers a challenge or a delayed request
+        self.renews: bool | None = None  # the last app implements task_will_begin_delayed_request (None: unknown)
         self._backlog_waiting: set[int] | None = None  # see begin_backlog()
 
-    def bind(self, sink: _Sink) -> None:
+    def bind(self, sink: _Sink, renews: bool) -> None:
         if self.sink is not None:
             raise TransferError(ErrorCode.BACKGROUND_SESSION_IN_USE, "another app is attached to this session")
-        self.sink = sink
+        self.sink, self.renews = sink, renews
 
     def begin_backlog(self, had_events: bool, waiting: set[int]) -> None:
         """After the waiting events were posted: BacklogEnd now, or once every task in *waiting*
@@ -3407,8 +4663,22 @@ class _Outbox:
 
     def ask(self, task_id: int, control: _Control, challenge: AuthChallenge) -> _Answer:
         """Ask the attached app (waiting for one to attach) to answer a challenge."""
+        return _checked_answer(self._ask(control, lambda sink: sink.challenge(task_id, challenge, control)))
+
+    def renew(self, task_id: int, control: _Control, request: Request) -> _Renewal:
+        """Ask the attached app (waiting for one to attach) whether to send *request*, a new one, or to cancel. An
+        app known not to implement task_will_begin_delayed_request is not waited for: the request goes as it is."""
+        answer = self._ask(control, lambda sink: sink.renew(task_id, request, control), skip=lambda: not self.renews)
+        return (DelayedRequestDisposition.CONTINUE_LOADING, None) if answer is None else _checked_renewal(answer)
+
+    def _ask(self, control: _Control, question: Callable[[_Sink], Any],
+             skip: Callable[[], bool] = lambda: False) -> Any:
+        """Put *question* to the attached app, waiting for one to attach (the daemon relaunches the app while
+        ``waiting_challenges``); if the app goes away meanwhile, to the next one. None: *skip* said not to ask."""
         while True:
             with self.lock:
+                if self.renews is not None and skip():
+                    return None
                 self.waiting_challenges += 1
                 try:
                     while self.sink is None:
@@ -3419,8 +4689,10 @@ class _Outbox:
                 finally:
                     self.waiting_challenges -= 1
                 sink = self.sink
+                if skip():
+                    return None
             try:
-                return _checked_answer(sink.challenge(task_id, challenge, control))
+                return question(sink)
             except _SinkGone:
                 with self.lock:
                     if self.sink is sink:
@@ -3440,231 +4712,25 @@ class _EngineStatus:
     acks: int  # acknowledgements recorded since the engine started
 
 
-class _Engine:
-    """A session's engine: owns the tasks (the store), runs them (the scheduler's workers run the transfer's
-    attempts) and reports to the attached app (the outbox): the in-process _Backend; the daemon serves it over a
-    socket. *durable_create*: ``new_task`` returns once the task's record is on disk (the daemon: its app may outlive
-    it), not only its reserved identifier."""
+class _Runner:
+    """The engine's running of tasks, its base class: the scheduler's transfer threads take queued tasks (``_work``),
+    run one attempt at a time on the transfer, and settle each outcome into one journaled transition (``_settle``:
+    finished, failed, retried later or waiting for connectivity); timers bring tasks back (``_due``). It is also the
+    transfer's host (``_TransferHost``): records, progress, questions for the app, deadlines. _Engine, below, adds
+    the app's operations; both share its lock, store, scheduler, planner and outbox."""
 
-    def __init__(self, config: Configuration, *, clock: _Clock | None = None,
-                 buffer_size: int = DEFAULT_BUFFER_SIZE, durable_create: bool = False) -> None:
-        self.config, self.clock, self.buffer_size = config, clock or _Clock(), buffer_size
-        self.durable_create = durable_create
-        self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
-        self.closed = False
-        self.store = _Store(config.directory, config.identifier, self.lock)
-        self.outbox = _Outbox(self.store, self.changed)
-        self.connections = _ConnectionPool(config)
-        self.transfer = _Transfer(config, self.store, self, self.connections)
-        self.scheduler = _Scheduler(self.lock, self.clock, config, self._work, self._due)
-        self.planner = _Planner(self.store, self.scheduler, self.clock, self.transfer.session_limit)
-        with self.lock:
-            self.planner.configure(config)
-            for task in self.store.state.tasks.values():
-                task.live = _Live(config.retry, self.store.offsets.get(task.id, 0),
-                                  task.total if task.total is not None else -1, task.limit)
-                if task.phase in (Phase.QUEUED, Phase.SCHEDULED):
-                    self.planner.queue(task)
-
-    # -- the app<->engine interface ---------------------------------------------------------
-    def new_task(self, kind: str, request: Request, description: str | None, upload_path: str | None = None,
-                 resume: Mapping[str, Any] | None = None) -> TaskInfo:
-        """A new suspended task, with its info (resume: parsed resume data, see _parse_resume_data)."""
-        if description is not None and not isinstance(description, str):
-            raise _invalid("task description must be a str or None")
-        upload = None
-        if upload_path is not None:
-            st = os.stat(upload_path)
-            upload = {"path": upload_path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        with self.lock:
-            self._check_open()
-            tid, reserve_ticket = self.store.new_id(reserve=not self.durable_create)
-            fields: dict[str, Any] = {"kind": kind, "request": request._to_record(), "description": description,
-                                      "created": self.clock.time(), "upload": upload, **request._task_options()}
-            if resume and resume.get("invalid"):
-                fields["problem"] = resume["invalid"]
-            elif resume:
-                fields.update(resume.get("fields", {}))
-            ticket = self.store.record(None, "task", id=tid, **fields)
-            task = self.store.state.tasks[tid]
-            task.live = _Live(self.config.retry)
-            task.live.secret_headers = request._secret_headers()
-            if upload:
-                task.live.expected_send = upload["size"]
-            if resume and resume.get("file") and self.store.adopt_partial(task, resume["file"]):
-                task.live.offset = int(resume["fields"].get("durable_offset", 0))
-                task.live.expected = task.total if task.total is not None else -1
-        self.store.wait(ticket if self.durable_create else reserve_ticket)
-        return self.task_info(tid)
-
-    def resume(self, ids: Sequence[int]) -> None:
-        """Resume tasks; durable (one shared fsync) when it returns."""
-        ticket, failed = 0, []
-        with self.lock:
-            self._check_open()
-            for tid in ids:
-                t, failing = self._resume_locked(self._task(tid))
-                ticket = max(ticket, t)
-                if failing is not None:
-                    failed.append(failing)
-            self.changed.notify_all()
-        self.store.wait(ticket)  # the highest ticket: every resume and fail record is durable
-        if failed:
-            with self.lock:
-                for task in failed:
-                    self.outbox.post_task_events(task)
-
-    def suspend(self, tid: int) -> None:
-        with self.lock:
-            self._check_open()
-            task = self._task(tid)
-            if task.phase not in _ACTIVE_PHASES:
-                return
-            ticket = self.store.record(task, "suspend")
-            if task.live.control is not None:
-                task.live.control.stop("suspend")
-            self.outbox.backlog_step(task.id)
-            self.changed.notify_all()
-        self.store.wait(ticket)
-
-    def cancel(self, tid: int, produce_resume_data: bool = False) -> bytes | None:
-        """Cancel a task; with *produce_resume_data*, the resume data of its partial file (or None)."""
-        with self.lock:
-            self._check_open()
-            task = self._task(tid)
-            if task.phase in (Phase.DELIVERING, Phase.ACKNOWLEDGED):
-                return None
-            running, ticket = task.phase in (Phase.TRANSFERRING, Phase.CANCELING), 0
-            if task.phase is Phase.TRANSFERRING:
-                self.store.record(task, "cancel", resume_data=produce_resume_data)
-                if task.live.control is not None:
-                    task.live.control.stop("cancel")
-            elif not running:
-                resume_file = self.store.keep_for_resume(task, task.live.offset) if produce_resume_data else None
-                err = TransferError(ErrorCode.CANCELLED, "cancelled", url=task.request["url"])
-                ticket = self.store.record(task, "cancel", resume_data=produce_resume_data, error=err._to_record(),
-                                           resume_file=resume_file)
-            done = task.live.done
-        if running:
-            done.wait()  # the worker settles the cancel (and keeps the partial file if asked)
-        else:
-            self.store.wait(ticket)
-        with self.lock:
-            if not running:
-                self.outbox.post_task_events(task)
-                self.changed.notify_all()
-            return self.store.resume_data(task) if produce_resume_data else None
-
-    def describe(self, tid: int, description: str | None) -> None:
-        if description is not None and not isinstance(description, str):
-            raise _invalid("task description must be a str or None")
-        self._change(tid, lambda task: self.store.describe(task, description))
-
-    def set_priority(self, tid: int, priority: float) -> None:
-        """Change a task's priority: it orders the queue from now on; a running transfer goes on."""
-        self._change(tid, lambda task: self.planner.set_priority(task, priority))
-
-    def set_begin_date(self, tid: int, at: float | None) -> None:
-        """Change a task's earliest begin date (POSIX time; None: none) before it begins."""
-        self._change(tid, lambda task: self.planner.set_begin(task, at))
-
-    def set_limit(self, tid: int | None, rate: int | None) -> None:
-        """Change a task's bandwidth limit, or the session's (*tid* None): bytes per second, None for none."""
-        self._change(tid, lambda task: self.planner.set_limit(task, rate))
-
-    def session_limit(self) -> int | None:
-        """The session's bandwidth limit in force (bytes per second; None: none)."""
-        return self.planner.session_limit.rate
-
-    def ack(self, tid: int, event: str) -> None:
-        """The app's hook for *event* returned: journal that, then remove what it no longer needs."""
-        with self.lock:
-            task = self.store.state.tasks.get(tid)
-            if task is None or event not in task.events():
-                return
-            ticket = self.store.record(task, "ack", event=event)
-        self.store.wait(ticket)
-        self.store.release_files(task, event)
-        with self.lock:
-            self.changed.notify_all()
-        self.store.maybe_compact()
-
-    def task_info(self, tid: int) -> TaskInfo:
-        with self.lock:
-            return _task_info(self._task(tid), self.store)
-
-    def tasks(self) -> list[TaskInfo]:
-        """Every task not yet acknowledged."""
-        with self.lock:
-            return [_task_info(t, self.store) for t in self.store.state.tasks.values()
-                    if t.phase is not Phase.ACKNOWLEDGED]
-
-    def outstanding(self, exclude: Iterable[int] = ()) -> int:
-        """Tasks not yet completed and delivered, leaving out *exclude* (cheap: no info built)."""
-        skip = set(exclude)
-        with self.lock:
-            return sum(1 for t in self.store.state.tasks.values()
-                       if t.phase is not Phase.ACKNOWLEDGED and t.id not in skip)
-
-    def attach(self, sink: _Sink, wait_for_active: bool = False) -> None:
-        """Attach the app: post every event that waited, then BacklogEnd. *wait_for_active* (in-process host,
-        background launch): the transfers this launch resumed belong to the backlog too, so BacklogEnd (and
-        did_finish_events) waits until they end or are suspended."""
-        with self.lock:
-            self._check_open()
-            self.outbox.bind(sink)
-            backlog = [t for t in self.store.state.backlog() if t.live.events_ready]
-            for task in backlog:
-                self.store.consume_missing_finish(task)
-                self.outbox.post_task_events(task)
-            waiting = {t.id for t in self.store.state.tasks.values() if t.phase in (  # (not a scheduled one)
-                Phase.QUEUED, Phase.TRANSFERRING, Phase.WAITING_RETRY, Phase.CANCELING)} if wait_for_active else set()
-            self.outbox.begin_backlog(bool(backlog), waiting)
-            self.changed.notify_all()
-
-    def detach(self, sink: _Sink) -> None:
-        with self.lock:
-            if self.outbox.unbind(sink):
-                self.changed.notify_all()
-
-    def close(self) -> None:
-        """Stop transfers (they resume at the next open), join every thread, flush the journal,
-        release the session lock."""
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = self.outbox.closed = True
-            for task in self.store.state.tasks.values():
-                if task.live is not None and task.live.control is not None:
-                    task.live.control.stop("close")
-            self.changed.notify_all()
-        self.scheduler.close()
-        self.connections.close()
-        self.store.close()
-
-    # -- for the host ----------------------------------------------------------------------------
-    def status(self) -> _EngineStatus:
-        with self.lock:
-            phases = collections.Counter(t.phase for t in self.store.state.tasks.values())
-            backlog = self.store.state.backlog()
-            oldest = min((self.store.delivered_at.get(t.id, 0.0) for t in backlog), default=None)
-            return _EngineStatus(
-                sum(phases[p] for p in _ACTIVE_PHASES) - phases[Phase.SCHEDULED], phases[Phase.SCHEDULED],
-                phases[Phase.CANCELING], len(backlog), 0.0 if oldest is None else time.monotonic() - oldest,
-                self.outbox.sink is not None, self.outbox.waiting_challenges, self.store.acks)
-
-    def configure(self, config: Configuration) -> None:
-        """Take a newer configuration of the same session (the daemon: each app brings its own)."""
-        if config.identifier != self.config.identifier:
-            raise InvalidArgumentError(f"a configuration of session {config.identifier!r}, "
-                                       f"not {self.config.identifier!r}")
-        with self.lock:
-            self.config = config
-            self.scheduler.configure(config)
-            self.planner.configure(config)
-        self.connections.configure(config)
-        self.transfer.http.config = config
+    config: Configuration
+    clock: _Clock
+    buffer_size: int
+    lock: threading.RLock
+    changed: threading.Condition
+    closed: bool
+    store: _Store
+    outbox: _Outbox
+    connections: _ConnectionPool
+    transfer: _Transfer
+    scheduler: _Scheduler
+    planner: _Planner
 
     # -- for the transfer (_TransferHost) ---------------------------------------------------------
     def record(self, task: _TaskRecord, record_type: str, /, **fields: Any) -> int:
@@ -3682,8 +4748,14 @@ class _Engine:
     def ask(self, task: _TaskRecord, control: _Control, challenge: AuthChallenge) -> _Answer:
         return self.outbox.ask(task.id, control, challenge)
 
+    def renew(self, task: _TaskRecord, control: _Control, request: Request) -> _Renewal:
+        return self.outbox.renew(task.id, control, request)
+
     def resource_expired(self, task: _TaskRecord) -> bool:
         return task.resource_expired(self.clock.time(), self.config.timeout_for_resource)
+
+    def resource_left(self, task: _TaskRecord) -> float:
+        return task.resource_left(self.clock.time(), self.config.timeout_for_resource)
 
     # -- running tasks ------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -3757,18 +4829,21 @@ class _Engine:
         return None  # stopped by close: the attempt recorded how far it got
 
     def _retry_later(self, task: _TaskRecord, outcome: _Interrupted) -> int | None:
-        live = task.live
-        decision = live.retry.after_failure(progressed=outcome.progressed, retry_after=outcome.retry_after,
-                                            now=self.clock.time())
-        if decision is None or self.resource_expired(task):
-            why = "retries exhausted" if decision is None else "timeout_for_resource exceeded"
-            code = outcome.code if decision is None else ErrorCode.TIMED_OUT
+        """Settle an interrupted attempt as plan_retry() says: a timer (a waiting period may begin), or the end."""
+        live, config = task.live, self.config
+        plan = plan_retry(live.retry, outcome, live.waiting, waits_for_connectivity=config.waits_for_connectivity,
+                          fails_on_unknown_host=config.fails_on_unknown_host, now=self.clock.time())
+        if plan.delay is None or self.resource_expired(task):
+            why = plan.why if plan.delay is None else "timeout_for_resource exceeded"
+            code = outcome.code if plan.delay is None else ErrorCode.TIMED_OUT
             return self.store.fail(task, TransferError(code, f"{outcome.message} ({why})", url=task.current_url),
                                    "finish", offset=live.offset)
-        live.retry, delay = decision
-        log.debug("task %s: %s; retry %s in %.2fs", task.id, outcome.message, live.retry.attempts, delay)
-        self.store.record(task, "backoff", delay=round(delay, 3), code=int(outcome.code))
-        live.due = self.scheduler.push_timer(task.id, delay)
+        begins_waiting = live.take_plan(plan, outcome, task.current_url, self.clock.time())
+        log.debug("task %s: %s; again in %.2fs (waiting: %s)", task.id, outcome.message, plan.delay, plan.waiting)
+        self.store.record(task, "backoff", delay=round(plan.delay, 3), code=int(outcome.code))
+        live.due = self.scheduler.push_timer(task.id, plan.delay)
+        if begins_waiting:
+            self.outbox.post(WaitingEvent(task.id, _task_info(task, self.store)))
         return None
 
     def _due(self, tid: int, due: float) -> None:
@@ -3779,7 +4854,7 @@ class _Engine:
         if task.phase is Phase.SCHEDULED:
             self.planner.queue(task)  # its date came (or the wall clock says not yet: it waits on)
         elif self.resource_expired(task):
-            self._fail_now(task, TransferError(ErrorCode.TIMED_OUT, "timeout_for_resource exceeded"))
+            self._fail_now(task, task.live.timed_out())
         else:
             self.store.record(task, "due")
             self.planner.queue(task)
@@ -3791,12 +4866,257 @@ class _Engine:
             task.live.done.set()
             self.changed.notify_all()
 
+    def _fail_now(self, task: _TaskRecord, error: TransferError) -> None:
+        """Fail a task that no attempt runs for (rare paths: waits for the journal under the lock)."""
+        error.url = error.url or task.request["url"]
+        self.store.wait(self.store.fail(task, error, "fail", offset=task.live.offset))
+        self.outbox.post_task_events(task)
+        self.changed.notify_all()
+
+
+class _Engine(_Runner):
+    """A session's engine: owns the tasks (the store), runs them (its base, _Runner: the scheduler's workers run the
+    transfer's attempts) and reports to the attached app (the outbox): the in-process _Backend; the daemon serves it
+    over a socket. *durable_create*: ``new_task`` returns once the task's record is on disk (the daemon: its app may
+    outlive it), not only its reserved identifier."""
+
+    def __init__(self, config: Configuration, *, clock: _Clock | None = None,
+                 buffer_size: int = DEFAULT_BUFFER_SIZE, durable_create: bool = False) -> None:
+        self.config, self.clock, self.buffer_size = config, clock or _Clock(), buffer_size
+        self.durable_create = durable_create
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.closed = False
+        self.store = _Store(config.directory, config.identifier, self.lock)
+        self.outbox = _Outbox(self.store, self.changed)
+        self.connections = _ConnectionPool(config)
+        self.transfer = _Transfer(config, self.store, self, self.connections)
+        self.scheduler = _Scheduler(self.lock, self.clock, config, self._work, self._due)
+        self.planner = _Planner(self.store, self.scheduler, self.clock, self.transfer.session_limit)
+        try:
+            with self.lock:
+                self.planner.configure(config)
+                for task in self.store.state.tasks.values():
+                    task.live = _Live(config.retry, self.store.offsets.get(task.id, 0),
+                                      task.total if task.total is not None else -1, task.limit, bool(task.secrets))
+                    if task.phase in (Phase.QUEUED, Phase.SCHEDULED):
+                        self.planner.queue(task)
+        except BaseException:
+            self.close()  # releases the session lock: a failed open never keeps the identifier
+            raise
+
+    # -- the app<->engine interface ---------------------------------------------------------
+    def new_task(self, kind: str, request: Request, description: str | None, upload_path: str | None = None,
+                 resume: Mapping[str, Any] | None = None) -> TaskInfo:
+        """A new suspended task, with its info (resume: parsed resume data, see _parse_resume_data). Its secrets
+        (secret headers, the URL's userinfo) stay in this process's memory."""
+        _check_description(description)
+        upload = None
+        if upload_path is not None:
+            st = os.stat(upload_path)
+            upload = {"path": upload_path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        with self.lock:
+            self._check_open()
+            tid, reserve_ticket = self.store.new_id(reserve=not self.durable_create)
+            fields: dict[str, Any] = {"kind": kind, "request": request._to_record(self.config.secret_headers),
+                                      "description": description, "created": self.clock.time(), "upload": upload,
+                                      **request._task_options(), **_secret_names(request)}
+            fields.update(self.store.resume_fields(resume))
+            ticket = self.store.record(None, "task", id=tid, **fields)
+            task = self.store.state.tasks[tid]
+            task.live = _Live(self.config.retry)
+            task.live.secret_headers = request._secret_headers(self.config.secret_headers)
+            credential = request._credential()
+            if credential is not None:
+                task.live.url_credentials[_origin(request.url)] = credential
+            if upload:
+                task.live.expected_send = upload["size"]
+            if resume and not task.problem and self.store.adopt_partial(task, resume["file"]):
+                task.live.offset = int(resume["fields"].get("durable_offset", 0))
+                task.live.expected = task.total if task.total is not None else -1
+        self.store.wait(ticket if self.durable_create else reserve_ticket)
+        return self.task_info(tid)
+
+    def resume(self, ids: Sequence[int]) -> None:
+        """Resume tasks; durable (one shared fsync) when it returns."""
+        ticket, failed = 0, []
+        with self.lock:
+            self._check_open()
+            for tid in ids:
+                t, failing = self._resume_locked(self._task(tid))
+                ticket = max(ticket, t)
+                if failing is not None:
+                    failed.append(failing)
+            self.changed.notify_all()
+        self.store.wait(ticket)  # the highest ticket: every resume and fail record is durable
+        if failed:
+            with self.lock:
+                for task in failed:
+                    self.outbox.post_task_events(task)
+
+    def suspend(self, tid: int) -> None:
+        with self.lock:
+            self._check_open()
+            task = self._task(tid)
+            if task.phase not in _ACTIVE_PHASES:
+                return
+            ticket = self.store.record(task, "suspend")
+            if task.live.control is not None:
+                task.live.control.stop("suspend")
+            self.outbox.backlog_step(task.id)
+            self.changed.notify_all()
+        self.store.wait(ticket)
+
+    def cancel(self, tid: int, produce_resume_data: bool = False) -> bytes | None:
+        """Cancel a task; with *produce_resume_data*, the resume data of its partial file (or None)."""
+        with self.lock:
+            self._check_open()
+            task = self._task(tid)
+            if task.phase in (Phase.DELIVERING, Phase.ACKNOWLEDGED):
+                return None
+            running, ticket = task.phase in (Phase.TRANSFERRING, Phase.CANCELING), 0
+            if task.phase is Phase.TRANSFERRING:
+                self.store.record(task, "cancel", resume_data=produce_resume_data)
+                if task.live.control is not None:
+                    task.live.control.stop("cancel")
+            elif not running:
+                resume_file = self.store.keep_for_resume(task, task.live.offset) if produce_resume_data else None
+                err = TransferError(ErrorCode.CANCELLED, "cancelled", url=task.request["url"])
+                ticket = self.store.record(task, "cancel", resume_data=produce_resume_data, error=err._to_record(),
+                                           resume_file=resume_file)
+            done = task.live.done
+        if running:
+            done.wait()  # the worker settles the cancel (and keeps the partial file if asked)
+        else:
+            self.store.wait(ticket)
+        with self.lock:
+            if not running:
+                self.outbox.post_task_events(task)
+                self.changed.notify_all()
+            return self.store.resume_data(task) if produce_resume_data else None
+
+    def describe(self, tid: int, description: str | None) -> None:
+        _check_description(description)
+        self._change(tid, lambda task: self.store.describe(task, description))
+
+    def set_priority(self, tid: int, priority: float) -> None:
+        """Change a task's priority: it orders the queue from now on; a running transfer goes on."""
+        self._change(tid, lambda task: self.planner.set_priority(task, priority))
+
+    def set_begin_date(self, tid: int, at: float | None) -> None:
+        """Change a task's earliest begin date (POSIX time; None: none) before it begins."""
+        self._change(tid, lambda task: self.planner.set_begin(task, at))
+
+    def set_limit(self, tid: int | None, rate: int | None) -> None:
+        """Change a task's bandwidth limit, or the session's (*tid* None): bytes per second, None for none."""
+        self._change(tid, lambda task: self.planner.set_limit(task, rate))
+
+    def session_limit(self) -> int | None:
+        """The session's bandwidth limit in force (bytes per second; None: none)."""
+        return self.planner.session_limit.rate
+
+    def ack(self, tid: int, event: str) -> None:
+        """The app's hook for *event* returned: journal that, then remove what it no longer needs."""
+        with self.lock:
+            task = self.store.state.tasks.get(tid)
+            if task is None or event not in task.events():
+                return
+            ticket = self.store.record(task, "ack", event=event)
+        self.store.wait(ticket)
+        self.store.release_files(task, event)
+        with self.lock:
+            self.changed.notify_all()
+        self.store.maybe_compact()
+
+    def task_info(self, tid: int) -> TaskInfo:
+        with self.lock:
+            task = self.store.state.tasks.get(tid)
+            if task is None:
+                raise InvalidArgumentError(f"no task {tid} in this session (ended and forgotten, or never made)")
+            return _task_info(task, self.store)
+
+    def tasks(self) -> list[TaskInfo]:
+        """Every task not yet acknowledged."""
+        with self.lock:
+            return [_task_info(t, self.store) for t in self.store.state.tasks.values()
+                    if t.phase is not Phase.ACKNOWLEDGED]
+
+    def outstanding(self, exclude: Iterable[int] = ()) -> int:
+        """Tasks not yet completed and delivered, leaving out *exclude* (cheap: no info built)."""
+        skip = set(exclude)
+        with self.lock:
+            return sum(1 for t in self.store.state.tasks.values()
+                       if t.phase is not Phase.ACKNOWLEDGED and t.id not in skip)
+
+    def attach(self, sink: _Sink, wait_for_active: bool = False, renews_requests: bool = False) -> None:
+        """Attach the app: post every event that waited, then BacklogEnd. *wait_for_active* (in-process host,
+        background launch): the transfers this launch resumed belong to the backlog too, so BacklogEnd (and
+        did_finish_events) waits until they end or are suspended. *renews_requests*: the app answers renewals."""
+        with self.lock:
+            self._check_open()
+            self.outbox.bind(sink, renews_requests)
+            backlog = [t for t in self.store.state.backlog() if t.live.events_ready]
+            for task in backlog:
+                self.store.settle_missing_finish(task)
+                self.outbox.post_task_events(task)
+            waiting = {t.id for t in self.store.state.tasks.values() if t.phase in (  # (not a scheduled one)
+                Phase.QUEUED, Phase.TRANSFERRING, Phase.WAITING_RETRY, Phase.CANCELING)} if wait_for_active else set()
+            self.outbox.begin_backlog(bool(backlog), waiting)
+            self.changed.notify_all()
+
+    def detach(self, sink: _Sink) -> None:
+        with self.lock:
+            if self.outbox.unbind(sink):
+                self.changed.notify_all()
+
+    def close(self) -> None:
+        """Stop transfers (they resume at the next open), join every thread, flush the journal,
+        release the session lock."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = self.outbox.closed = True
+            for task in self.store.state.tasks.values():
+                if task.live is not None and task.live.control is not None:
+                    task.live.control.stop("close")
+            self.changed.notify_all()
+        self.scheduler.close()
+        self.connections.close()
+        self.store.close()
+
+    # -- for the host ----------------------------------------------------------------------------
+    def status(self) -> _EngineStatus:
+        with self.lock:
+            phases = collections.Counter(t.phase for t in self.store.state.tasks.values())
+            backlog = self.store.state.backlog()
+            oldest = min((self.store.delivered_at.get(t.id, 0.0) for t in backlog), default=None)
+            return _EngineStatus(
+                sum(phases[p] for p in _ACTIVE_PHASES) - phases[Phase.SCHEDULED], phases[Phase.SCHEDULED],
+                phases[Phase.CANCELING], len(backlog), 0.0 if oldest is None else time.monotonic() - oldest,
+                self.outbox.sink is not None, self.outbox.waiting_challenges, self.store.acks)
+
+    def configure(self, config: Configuration) -> None:
+        """Take a newer configuration of the same session (the daemon: each app brings its own)."""
+        if config.identifier != self.config.identifier:
+            raise InvalidArgumentError(f"a configuration of session {config.identifier!r}, "
+                                       f"not {self.config.identifier!r}")
+        with self.lock:
+            self.config = config
+            self.scheduler.configure(config)
+            self.planner.configure(config)
+        self.connections.configure(config)
+        self.transfer.http.config = config
+
     # -- helpers (under the lock) ----------------------------------------------------------------
     def _task(self, tid: int) -> _TaskRecord:
-        try:
-            return self.store.state.tasks[tid]
-        except KeyError:
-            raise InvalidArgumentError(f"no task {tid} in this session") from None
+        """The task *tid*; one that ended and was forgotten (compacted away) comes back as a finished record, so that
+        resume(), suspend() and cancel() of a completed task do nothing, as on iOS."""
+        task = self.store.state.tasks.get(tid)
+        if task is not None:
+            return task
+        if isinstance(tid, int) and 0 < tid < self.store.state.next_id:
+            return _TaskRecord({"id": tid, "request": {"url": ""}, "phase": Phase.ACKNOWLEDGED.value})
+        raise InvalidArgumentError(f"no task {tid} in this session")
 
     def _check_open(self) -> None:
         if self.closed:
@@ -3827,13 +5147,6 @@ class _Engine:
         self.planner.queue(task)
         return ticket, None
 
-    def _fail_now(self, task: _TaskRecord, error: TransferError) -> None:
-        """Fail a task that no attempt runs for (rare paths: waits for the journal under the lock)."""
-        error.url = error.url or task.request["url"]
-        self.store.wait(self.store.fail(task, error, "fail", offset=task.live.offset))
-        self.outbox.post_task_events(task)
-        self.changed.notify_all()
-
 
 # ============================================================================
 # 9. Interface: the app<->engine protocol, declared once
@@ -3863,7 +5176,7 @@ class _Backend(Protocol):
     def task_info(self, tid: int) -> TaskInfo: ...
     def tasks(self) -> list[TaskInfo]: ...
     def outstanding(self, exclude: Iterable[int] = ()) -> int: ...
-    def attach(self, sink: _Sink, wait_for_active: bool = False) -> None: ...
+    def attach(self, sink: _Sink, wait_for_active: bool = False, renews_requests: bool = False) -> None: ...
     def detach(self, sink: _Sink) -> None: ...
     def close(self) -> None: ...
 
@@ -3876,16 +5189,17 @@ class _Codec:
 
 
 def _request_to_wire(request: Request) -> dict[str, Any]:
-    # secret headers travel over the 0700 socket into the daemon's memory, never to a disk
-    return {**request._to_record(), "secret": [list(p) for p in request._secret_headers()],
+    # secret headers and the URL's userinfo travel over the 0700 socket into the daemon's memory, never to a disk
+    return {**request._to_record(), "url": request.url, "secret": [list(p) for p in request._secret_headers()],
             "priority": request.priority, "begin": _begin_timestamp(request.earliest_begin_date)}
 
 
 def _request_from_wire(wire: Mapping[str, Any]) -> Request:
     headers = dict(wire.get("headers") or [])
     headers.update(dict(wire.get("secret") or []))
-    return Request(wire["url"], wire.get("method", "GET"), headers, wire.get("sha256"), wire.get("priority"),
-                   wire.get("begin"))
+    return Request(wire["url"], wire.get("method", "GET"), headers, wire.get("sha256"),
+                   priority=wire.get("priority"), earliest_begin_date=wire.get("begin"),
+                   secret_headers=tuple(wire.get("secret_headers") or ()))
 
 
 _PLAIN = _Codec(lambda value: value, lambda value: value)
@@ -3932,7 +5246,7 @@ _OPERATIONS: dict[str, _Operation] = {op.name: op for op in (
     _Operation("task_info", (("tid", _PLAIN),), _INFO),
     _Operation("tasks", (), _INFOS),
     _Operation("outstanding", (("exclude", _IDS),)),
-    _Operation("attach", (("wait_for_active", _PLAIN),), binds_sink=True),
+    _Operation("attach", (("wait_for_active", _PLAIN), ("renews_requests", _PLAIN)), binds_sink=True),
     _Operation("detach", (), resend=False, binds_sink=True),
 )}
 
@@ -4015,6 +5329,24 @@ class SessionDelegate:
     def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
         """The task ended. *error* is None for any HTTP response (check ``task.response.status``)."""
 
+    def task_is_waiting_for_connectivity(self, session: Session, task: Task) -> None:
+        """No response arrives for *task* (no network, the server or proxy unreachable): it waits and tries again
+        (``Configuration.waits_for_connectivity``). Once per waiting period, to the app attached when it begins."""
+
+    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
+                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
+        """*task* is about to begin after its earliest begin date (as on iOS), or to send *request* again without the
+        secret headers it was created with (they lived in the memory of a process that ended), or the server
+        answered 401 (no challenge answered) or 403. Return
+        (CONTINUE_LOADING, None), (USE_NEW_REQUEST, new_request) -- a new URL and fresh headers, e.g. a presigned URL
+        that expired or a rotated token; the resume stays validated by If-Range -- or (CANCEL, None). Asked only if
+        the delegate overrides it; a relaunch brings the app for it when none is attached."""
+        return DelayedRequestDisposition.CONTINUE_LOADING, None
+
+    def _renews_requests(self) -> bool:
+        """Whether the engine should ask task_will_begin_delayed_request (this delegate overrides it)."""
+        return type(self).task_will_begin_delayed_request is not SessionDelegate.task_will_begin_delayed_request
+
     def did_finish_events_for_background_session(self, session: Session) -> None:
         """Every event that waited for the app was delivered: call the saved completion handler here."""
 
@@ -4089,6 +5421,22 @@ class Task:
     @property
     def count_of_bytes_expected_to_send(self) -> int:
         return self._info().expected_send
+
+    @property
+    def is_waiting_for_connectivity(self) -> bool:
+        """True while no response arrives and the task waits to try again (its state stays RUNNING, as on iOS)."""
+        return self._info().waiting
+
+    @property
+    def last_attempt_error(self) -> TransferError | None:
+        """Why the last attempt failed while the task goes on (waiting for connectivity, or before a retry)."""
+        rec = self._info().last_error
+        return TransferError._from_record(rec) if rec else None
+
+    @property
+    def next_attempt_at(self) -> float | None:
+        """When the next attempt starts (``time.time()`` seconds), while the task waits for one."""
+        return self._info().next_retry
 
     @property
     def priority(self) -> float:
@@ -4212,6 +5560,21 @@ class _Delivery:
         self.post(ChallengeEvent(task_id, challenge, waiter.set))
         return cast(_Answer, waiter.wait(control, lambda: self.stopping))
 
+    def renew(self, task_id: int, request: Request, control: _Control | None = None) -> _Renewal:
+        """Ask task_will_begin_delayed_request (on the delegate thread) and wait for its answer."""
+        waiter = _Waiter()
+        self.post(DelayedRequestEvent(task_id, request, waiter.set))
+        return cast(_Renewal, waiter.wait(control, lambda: self.stopping))
+
+    def renews_requests(self) -> bool:
+        """The delegate implements task_will_begin_delayed_request (told to the engine at attach)."""
+        delegate = self.session.delegate
+        if delegate is None:
+            return False
+        if isinstance(delegate, SessionDelegate):
+            return delegate._renews_requests()
+        return callable(getattr(delegate, "task_will_begin_delayed_request", None))
+
     # -- the thread --------------------------------------------------------------------------------
     def stop(self) -> None:
         with self.cond:
@@ -4282,6 +5645,13 @@ class _Delivery:
             task = session._task_object(event.task_id)
             ok, value = self._hook("task_did_receive_challenge", session, task, event.challenge)
             event.reply(_checked_answer(value) if ok else (AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None))
+        elif isinstance(event, DelayedRequestEvent):
+            task = session._task_object(event.task_id)
+            ok, value = self._hook("task_will_begin_delayed_request", session, task, event.request)
+            event.reply(_checked_renewal(value if ok else None))
+        elif isinstance(event, WaitingEvent):
+            self._hook("task_is_waiting_for_connectivity", session, session._task_object(event.task_id, event.info,
+                                                                                         final=False))
         elif isinstance(event, _Call):
             event.fn()
 
@@ -4292,6 +5662,11 @@ class _Delivery:
         session = self.session
         task = session._task_object(event.task_id, event.info)
         if isinstance(event, FinishedEvent):
+            if not self._hand(event.location):
+                log.warning("task %s: its finished file %s vanished before delivery; it is reported when the session "
+                            "is next opened", event.task_id, event.location)
+                self.held.add(event.task_id)
+                return
             ok, _ = self._hook("download_task_did_finish_downloading", session, task, event.location)
             kind = "finish"
         else:
@@ -4307,6 +5682,29 @@ class _Delivery:
             for k in ("finish", "complete"):
                 self.returned.discard((event.task_id, k))
                 self.queued.discard((event.task_id, k))
+            session._forget(event.task_id)
+
+    @staticmethod
+    def _hand(location: str) -> bool:
+        """Before the finish hook gets *location*: mark it handed (see _handed_name), so that the file gone later means
+        the hook took it; False if the file is gone already (the engine reports it at the next attach). The marker is
+        a hard link to the file: one system call on this serial thread, which also proves the file is there (an empty
+        file where the file system has no hard links)."""
+        marker = _handed_name(location)
+        try:
+            _vfs.link(location, marker)
+            return True
+        except FileExistsError:
+            return os.path.exists(location)  # handed before (a redelivery)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE))
+        except OSError as err:  # then a hook that moves the file and dies before its ack reads as a vanished file
+            log.warning("cannot mark %s as handed to the finish hook: %s", location, err)
+        return os.path.exists(location)
 
 
 class Session:
@@ -4321,6 +5719,13 @@ class Session:
                  _deferred: bool = False, _clock: _Clock | None = None) -> None:
         if not isinstance(configuration, Configuration):
             raise _invalid(f"configuration must be a bgsession.Configuration, not {type(configuration).__name__}")
+        if configuration.ssl_context is not None and configuration.is_background and configuration.host == "daemon":
+            raise _invalid("an ssl.SSLContext cannot reach the daemon whole (Python cannot read a client certificate "
+                           "or other settings back out of it), and bgsession never weakens TLS silently: give "
+                           "Configuration(tls=bgsession.TLS(cafile=..., certfile=..., minimum_version=...)) instead, "
+                           "or use host='inprocess'")
+        if configuration.tls is not None:
+            _tls_context(configuration)  # a missing file or a wrong key password: a clear error now, not per task
         self.configuration = configuration
         self.delegate = delegate
         self._objects: dict[int, Task] = {}
@@ -4342,7 +5747,8 @@ class Session:
         if background:
             _notify_backlog(self.identifier, "delivering")
         self._delivery.thread.start()
-        self._backend.attach(self._delivery, wait_for_active=background)
+        self._backend.attach(self._delivery, wait_for_active=background,
+                             renews_requests=self._delivery.renews_requests())
 
     # -- tasks ----------------------------------------------------------------------
     @property
@@ -4370,6 +5776,12 @@ class Session:
             with self._objects_lock:
                 obj = self._objects.setdefault(tid, obj)
         return obj
+
+    def _forget(self, tid: int) -> None:
+        """The task completed and its events were delivered: the session no longer holds its Task object (the
+        app may: it keeps its last state)."""
+        with self._objects_lock:
+            self._objects.pop(tid, None)
 
     def _new_task_object(self, kind: str, request: Request, description: str | None, **extra: Any) -> Task:
         info = self._backend.new_task(kind, request, description, **extra)
@@ -4622,6 +6034,18 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         """fn(session, error)."""
         self._set("invalid", fn)
 
+    def set_task_is_waiting_for_connectivity(self, fn: Callable[..., None] | None) -> None:
+        """fn(session, task): no response arrives; the task waits for connectivity (once per waiting period)."""
+        self._set("waiting", fn)
+
+    def set_task_will_begin_delayed_request(self, fn: Callable[..., Any] | None) -> None:
+        """fn(session, task, request) -> (DelayedRequestDisposition, new request or None). Set it in ``__init__``:
+        the engine asks only an app whose manager had it when the session started delivering."""
+        self._set("renew", fn)
+
+    def _renews_requests(self) -> bool:
+        return self._blocks.get("renew") is not None
+
     def _set(self, name: str, fn: Callable[..., Any] | None) -> None:
         if fn is not None and not callable(fn):
             raise _invalid(f"expected a callable or None, not {type(fn).__name__}")
@@ -4718,6 +6142,14 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
     def did_become_invalid(self, session: Session, error: BaseException | None) -> None:
         self._block("invalid", session, error)
 
+    def task_is_waiting_for_connectivity(self, session: Session, task: Task) -> None:
+        self._block("waiting", session, task)
+
+    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
+                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
+        answer = self._block("renew", session, task, request)
+        return (DelayedRequestDisposition.CONTINUE_LOADING, None) if answer is None else answer
+
 
 # ============================================================================
 # 11. Wire: frames and codecs of the daemon socket
@@ -4731,17 +6163,33 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
 _MAX_FRAME = 64 << 20
 
 
+def _proxy_to_wire(proxy: _Proxy | None) -> dict[str, Any] | None:
+    if proxy is None:
+        return None
+    cred = proxy.credential  # over stdin or the 0700 socket into the daemon's memory, never to a disk
+    return {"host": proxy.host, "port": proxy.port, "user": cred and cred.user, "password": cred and cred.password}
+
+
+def _proxy_from_wire(wire: Mapping[str, Any] | None) -> _Proxy | None:
+    if not wire:
+        return None
+    cred = Credential(wire["user"], wire["password"] or "") if wire.get("user") is not None else None
+    return _Proxy(wire["host"], int(wire["port"]), cred)
+
+
 def _config_to_wire(config: Configuration) -> dict[str, Any]:
-    """A configuration as plain data, as the daemon receives it (on stdin, then in every hello)."""
+    """A configuration as plain data, as the daemon receives it (on stdin, then in every hello): its proxies as the
+    app resolved them, its TLS whole (a key password too: memory to memory). An ``ssl_context`` never travels:
+    Session() refuses it with the daemon host."""
     wire = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     retry = {**dataclasses.asdict(config.retry), "status_forcelist": sorted(config.retry.status_forcelist)}
     del retry["attempts"]
-    ctx = config.ssl_context
-    cas = [base64.b64encode(der).decode("ascii") for der in ctx.get_ca_certs(binary_form=True)] if ctx else []
+    proxies = config.proxies
     wire.update(retry=retry, headers=[list(p) for p in config.headers.pairs()],
                 relaunch_command=list(config.relaunch_command) if config.relaunch_command else None,
-                ssl_context=ctx and {"verify_mode": int(ctx.verify_mode), "check_hostname": ctx.check_hostname,
-                                     "cadata": cas})
+                ssl_context=None, tls=config.tls and dataclasses.asdict(config.tls),
+                proxies=proxies and {"http": _proxy_to_wire(proxies.http), "https": _proxy_to_wire(proxies.https),
+                                     "no": list(proxies.no_proxy)})
     return wire
 
 
@@ -4749,15 +6197,14 @@ def _config_from_wire(wire: Mapping[str, Any]) -> Configuration:
     values = {f.name: wire[f.name] for f in dataclasses.fields(Configuration) if f.name in wire}
     retry = dict(wire.get("retry") or {})
     retry["status_forcelist"] = frozenset(retry.get("status_forcelist", DEFAULT_RETRY_STATUSES))
-    ctx, tls = None, wire.get("ssl_context")
-    if tls:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = bool(tls["check_hostname"])
-        ctx.verify_mode = ssl.VerifyMode(tls["verify_mode"])
-        for der in tls.get("cadata", []):
-            ctx.load_verify_locations(cadata=base64.b64decode(der))
-    values.update(retry=Retry(**retry), headers=Headers(tuple(p) for p in wire.get("headers", [])), ssl_context=ctx,
-                  relaunch_command=tuple(wire["relaunch_command"]) if wire.get("relaunch_command") else None)
+    proxies, tls = wire.get("proxies"), wire.get("tls")
+    values.update(retry=Retry(**retry), headers=Headers(tuple(p) for p in wire.get("headers", [])), ssl_context=None,
+                  relaunch_command=tuple(wire["relaunch_command"]) if wire.get("relaunch_command") else None,
+                  tls=TLS(**{**tls, "pinned_certificates_sha256": tuple(tls["pinned_certificates_sha256"])})
+                  if tls else None,
+                  proxies=_Proxies(_proxy_from_wire(proxies.get("http")), _proxy_from_wire(proxies.get("https")),
+                                   tuple(proxies.get("no", ()))) if proxies else None,
+                  secret_headers=_check_secret_names(wire.get("secret_headers"), "secret_headers"))
     return Configuration(**values)
 
 
@@ -4773,6 +6220,8 @@ def _event_to_wire(event: Any) -> dict[str, Any]:
                 "resume_data": err and _BYTES.encode(err.resume_data), "info": event.info and event.info.to_wire()}
     if isinstance(event, BacklogEnd):
         return {"ev": "backlog_end", "had_events": event.had_events}
+    if isinstance(event, WaitingEvent):
+        return {"ev": "waiting", "id": event.task_id, "info": event.info and event.info.to_wire()}
     raise TypeError(f"cannot send {event!r}")
 
 
@@ -4791,6 +6240,8 @@ def _event_from_wire(msg: Mapping[str, Any]) -> Any:
         return CompletedEvent(msg["id"], err, info)
     if ev == "backlog_end":
         return BacklogEnd(bool(msg["had_events"]))
+    if ev == "waiting":
+        return WaitingEvent(msg["id"], info)
     raise ValueError(f"unknown event {ev!r}")
 
 
@@ -4820,6 +6271,19 @@ def _answer_from_wire(msg: Mapping[str, Any]) -> _Answer:
     except (KeyError, ValueError, TypeError, InvalidArgumentError):
         return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
     return disposition, cred
+
+
+def _renewal_to_wire(answer: _Renewal) -> dict[str, Any]:
+    disposition, request = answer  # a new request's secret headers go into the daemon's memory only
+    return {"disposition": disposition.value, "request": _request_to_wire(request) if request is not None else None}
+
+
+def _renewal_from_wire(msg: Mapping[str, Any]) -> _Renewal:
+    try:
+        request = _request_from_wire(msg["request"]) if msg.get("request") else None
+        return _checked_renewal((DelayedRequestDisposition(msg["disposition"]), request))
+    except (KeyError, ValueError, TypeError, BGSessionError):
+        return DelayedRequestDisposition.CONTINUE_LOADING, None
 
 
 def _error_to_wire(err: BaseException) -> dict[str, Any]:
@@ -4933,6 +6397,11 @@ DEFAULT_RELAUNCH_BACKOFF = 1.0
 RELAUNCH_BACKOFF_MAX = 600.0
 #: At most this many relaunches an hour.
 RELAUNCH_MAX_PER_HOUR = 20
+#: Relaunches in a row that acknowledge nothing before the daemon stops relaunching (a delivery that cannot succeed
+#: must end, not loop): the events wait in the journal for the app's next start, and the daemon exits when idle.
+RELAUNCH_MAX_FAILURES = 8
+#: daemon.log is rotated past this size (the previous one kept as daemon.log.1): at most about twice this on disk.
+DAEMON_LOG_MAX_BYTES = 1 << 20
 
 
 def _process_start_token(pid: int) -> str | None:
@@ -4992,11 +6461,12 @@ def _peer_uid(sock: socket.socket) -> int | None:
 
 
 class _RemoteSink:
-    """The attached app, seen from the daemon's engine: events and challenges go over its connection."""
+    """The attached app, seen from the daemon's engine: events and questions (challenges, delayed
+    requests) go over its connection; each answer comes back with the question's ``cid``."""
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn
-        self._waiters: dict[int, _Waiter] = {}
+        self._waiters: dict[int, tuple[_Waiter, Callable[[Mapping[str, Any]], Any]]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -5005,26 +6475,36 @@ class _RemoteSink:
             self.conn.send(_event_to_wire(event))
 
     def challenge(self, task_id: int, challenge: AuthChallenge, control: _Control | None = None) -> _Answer:
+        return cast(_Answer, self._ask(control, _answer_from_wire, lambda cid: {
+            "ev": "challenge", "cid": cid, "id": task_id, "challenge": _challenge_to_wire(challenge)}))
+
+    def renew(self, task_id: int, request: Request, control: _Control | None = None) -> _Renewal:
+        return cast(_Renewal, self._ask(control, _renewal_from_wire, lambda cid: {
+            "ev": "delayed_request", "cid": cid, "id": task_id, "request": _request_to_wire(request)}))
+
+    def _ask(self, control: _Control | None, decode: Callable[[Mapping[str, Any]], Any],
+             question: Callable[[int], Mapping[str, Any]]) -> Any:
         waiter = _Waiter()
         with self._lock:
             cid = next(self._ids)
-            self._waiters[cid] = waiter
+            self._waiters[cid] = (waiter, decode)
         try:
-            self.conn.send({"ev": "challenge", "cid": cid, "id": task_id, "challenge": _challenge_to_wire(challenge)})
-            return cast(_Answer, waiter.wait(control, lambda: self.conn.closed))
+            self.conn.send(question(cid))
+            return waiter.wait(control, lambda: self.conn.closed)
         finally:
             with self._lock:
                 self._waiters.pop(cid, None)
 
     def answer(self, cid: int, msg: Mapping[str, Any]) -> None:
         with self._lock:
-            waiter = self._waiters.get(cid)
-        if waiter is not None:
-            waiter.set(_answer_from_wire(msg))
+            entry = self._waiters.get(cid)
+        if entry is not None:
+            waiter, decode = entry
+            waiter.set(decode(msg))
 
     def gone(self) -> None:
         with self._lock:
-            waiters = list(self._waiters.values())
+            waiters = [waiter for waiter, _ in self._waiters.values()]
         for waiter in waiters:
             waiter.set(None)  # the worker treats it as gone
 
@@ -5041,8 +6521,14 @@ class _Relauncher:
         self._next_at = 0.0
         self._times: collections.deque[float] = collections.deque()
 
+    @property
+    def gave_up(self) -> bool:
+        return self._failures >= RELAUNCH_MAX_FAILURES
+
     def tick(self) -> None:
         self._reap()
+        if self._failures and self.child is None and self.engine.status().acks != self._child_acks:
+            self._failures = 0  # an app (started by the user) acknowledged events: relaunching works again
         self._maybe_launch()
 
     def _backoff(self) -> float:
@@ -5056,8 +6542,13 @@ class _Relauncher:
         if status.acks == self._child_acks and not status.attached:
             self._failures += 1
             self._next_at = time.monotonic() + self._backoff()
-            log.warning("relaunched app (pid %s) exited with %s without acknowledging any event; next relaunch "
-                        "in %.1fs", child.pid, child.returncode, self._backoff())
+            if self.gave_up:
+                log.error("relaunched app (pid %s) exited with %s without acknowledging any event, %d times in a "
+                          "row: no more relaunches; the events wait in the journal for the app's next start",
+                          child.pid, child.returncode, self._failures)
+            else:
+                log.warning("relaunched app (pid %s) exited with %s without acknowledging any event; next "
+                            "relaunch in %.1fs", child.pid, child.returncode, self._backoff())
         else:
             self._failures = 0
         self.child = None
@@ -5088,7 +6579,7 @@ class _Relauncher:
         config = self.engine.config
         cmd = config.relaunch_command
         now = time.monotonic()
-        if not cmd or self.child is not None or now < self._next_at:
+        if not cmd or self.child is not None or now < self._next_at or self.gave_up:
             return
         # an app opening the session (holding app.lock) gets the events: no second app. Asked
         # last: the state answers "no" from memory on most ticks, without touching the lock file
@@ -5150,7 +6641,10 @@ class _DaemonServer:
                     if self.stop.is_set():
                         break
                     log.warning("accept failed: %s", err)
+                    if err.errno in EXHAUSTED_ERRNOS:
+                        self.stop.wait(0.25)  # out of descriptors: a pause, not a busy loop
                 self.relauncher.tick()
+                self._rotate_log()
                 if self._idle_expired():
                     log.info("idle for %.1fs with nothing to do: exiting", self.engine.config.daemon_idle_timeout)
                     break
@@ -5175,13 +6669,34 @@ class _DaemonServer:
             thread.join(30.0)
         log.info("daemon exited")
 
+    def _rotate_log(self) -> None:
+        """Keep daemon.log (this process's stdout and stderr, which relaunched apps inherit) under
+        DAEMON_LOG_MAX_BYTES: past it, it becomes daemon.log.1 (replacing the previous one) and a new one starts."""
+        path = os.path.join(self.directory, _DAEMON_LOG)
+        try:
+            st = os.fstat(2)
+            if st.st_size <= DAEMON_LOG_MAX_BYTES or not os.path.samestat(st, os.stat(path)):
+                return  # small, or stderr is not the session's log (a daemon run by hand)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.replace(path, path + ".1")
+            fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        except OSError as err:
+            log.warning("cannot rotate %s: %s", path, err)
+            return
+        log.info("daemon.log rotated; the previous one is daemon.log.1")
+
     def _busy(self) -> bool:
         """Work only this daemon can do: transfers, tasks waiting for their earliest begin date (nobody else would start
         them), a challenge waiting for an answer, and events waiting for an app -- the last only with a
-        relaunch_command. Without one it cannot bring an app: the events wait in the journal for the daemon the next
-        attach starts (an idle daemon must not live on for an app that may never come back)."""
+        relaunch_command it has not given up on. Without one it cannot bring an app: the events wait in the journal
+        for the daemon the next attach starts (an idle daemon must not live on for an app that may never come
+        back)."""
         status = self.engine.status()
-        relaunches = bool(self.engine.config.relaunch_command)
+        relaunches = bool(self.engine.config.relaunch_command) and not self.relauncher.gave_up
         return bool(status.running or status.scheduled or status.canceling or status.waiting_challenges
                     or (status.backlog and relaunches))
 
@@ -5218,7 +6733,8 @@ class _DaemonServer:
                     break
                 if msg is None:
                     break
-                if msg.get("op") == "challenge_reply":
+                op = msg.get("op")
+                if op == "challenge_reply" or op == "delayed_request_reply":
                     if sink is not None:
                         sink.answer(int(msg["cid"]), msg)
                     continue
@@ -5400,26 +6916,37 @@ def _daemon_command(config: Configuration, service: bool = False) -> list[str]:
 
 
 def _try_connect(directory: str) -> socket.socket | None:
+    """A connection to the daemon serving *directory*, or None. The daemon's uid is checked as it checks ours: a
+    socket another user made (a planted one) never gets a request, which may carry secrets."""
     path, dir_fd = _socket_address(directory)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        return sock
     except OSError:
         sock.close()
         return None
     finally:
         if dir_fd is not None:
             os.close(dir_fd)
+    uid = _peer_uid(sock)
+    if uid is not None and uid != os.getuid():
+        sock.close()
+        raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED, f"the process serving "
+                            f"{os.path.join(directory, _SOCKET_NAME)} runs as uid {uid}, not as this user (uid "
+                            f"{os.getuid()}): refusing to talk to it")
+    return sock
 
 
-def _connect_daemon(config: Configuration) -> socket.socket:
-    """Connect to the session's daemon, starting one if none runs (idempotent under a lock)."""
+def _connect_daemon(config: Configuration, start: bool = True) -> socket.socket:
+    """Connect to the session's daemon, starting one if none runs (idempotent under a lock); *start* False: only
+    to one that runs (else TransferError BACKGROUND_SESSION_WAS_DISCONNECTED)."""
     assert config.directory is not None
     directory = config.directory
     sock = _try_connect(directory)
     if sock is not None:
         return sock
+    if not start:
+        raise TransferError(ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED, f"no bgsession daemon serves {directory}")
     start_fd = _open_private(os.path.join(directory, _START_LOCK_NAME), os.O_RDWR | os.O_CREAT)
     try:
         if fcntl is not None:
@@ -5543,7 +7070,7 @@ class LoginService:
         cannot be reached, as in a container, is reported, not raised: the unit is in place for the next login)."""
         directory = self.configuration.directory
         assert directory is not None
-        _ensure_private_dir(directory)
+        _claim_session_dir(directory, self.configuration.identifier)
         _atomic_write(os.path.join(directory, _SERVICE_CONFIG), _dumps(_config_at_rest(self.configuration)))
         _makedirs(os.path.dirname(self.path), 0o755)
         _atomic_write(self.path, self.text().encode("utf-8"))
@@ -5610,14 +7137,17 @@ class _DaemonClient:
     travel over daemon.sock; attach and detach also bind the sink here. Its reader thread routes replies and events
     and reconnects (restarting the daemon) if it goes away."""
 
-    def __init__(self, config: Configuration, observer: bool = False) -> None:
-        """*observer*: a client that never attaches (CLI status/enqueue): it takes no app lock."""
+    def __init__(self, config: Configuration, observer: bool = False, start: bool = True) -> None:
+        """*observer*: a client that never attaches (CLI status/enqueue): it takes no app lock. *start* False: only a
+        daemon that runs already is asked, and nothing on disk is created or changed (read-only commands)."""
         assert config.directory is not None
-        self.config, self.directory, self.observer = config, config.directory, observer
-        _ensure_private_dir(self.directory)
+        self.config, self.directory, self.observer, self.start = config, config.directory, observer, start
+        if start:
+            _claim_session_dir(self.directory, config.identifier)
         if not observer:
             _acquire_lock(self.directory, _APP_LOCK_NAME, config.identifier)
         self._sink: _Sink | None = None
+        self._renews = False  # the attached app implements task_will_begin_delayed_request
         self._pending: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -5638,13 +7168,13 @@ class _DaemonClient:
         op = _OPERATIONS[name]
         return op.result.decode(self._call(name, op.resend, **op.encode_args(values)))
 
-    def attach(self, sink: _Sink, wait_for_active: bool = False) -> None:
+    def attach(self, sink: _Sink, wait_for_active: bool = False, renews_requests: bool = False) -> None:
         """Bind *sink* here; the daemon attaches this connection (its transfers run on regardless)."""
         if self.observer:
             raise BGSessionError("an observer client cannot attach")
-        self._sink = sink
+        self._sink, self._renews = sink, renews_requests
         try:
-            self._invoke("attach", {})
+            self._invoke("attach", {"renews_requests": renews_requests})
         except BaseException:
             self._sink = None
             raise
@@ -5672,12 +7202,12 @@ class _DaemonClient:
 
     # -- connection ---------------------------------------------------------------------
     def _connect(self) -> None:
-        sock = _connect_daemon(self.config)
+        sock = _connect_daemon(self.config, self.start)
         conn = _Connection(sock, "bgsession-client")
         try:
             self._call_on(conn, "hello", version=JOURNAL_VERSION, config=_config_to_wire(self.config), pid=os.getpid())
             if self._sink is not None:
-                self._call_on(conn, "attach")
+                self._call_on(conn, "attach", renews_requests=self._renews)
         except BaseException:
             conn.close()
             raise
@@ -5741,18 +7271,22 @@ class _DaemonClient:
         ev = msg.get("ev")
         if sink is None or ev is None:
             return
+        cid = msg.get("cid")
         if ev == "challenge":
-            cid = msg["cid"]
             sink.post(ChallengeEvent(int(msg["id"]), _challenge_from_wire(msg["challenge"]),
-                                     lambda answer: self._reply_challenge(cid, answer)))
+                                     lambda answer: self._reply(cid, "challenge_reply", _answer_to_wire(answer))))
+        elif ev == "delayed_request":
+            sink.post(DelayedRequestEvent(int(msg["id"]), _request_from_wire(msg["request"]),
+                                          lambda answer: self._reply(cid, "delayed_request_reply",
+                                                                     _renewal_to_wire(answer))))
         else:
             sink.post(_event_from_wire(msg))
 
-    def _reply_challenge(self, cid: Any, answer: _Answer) -> None:
+    def _reply(self, cid: Any, op: str, answer: Mapping[str, Any]) -> None:
         conn = self._conn
         if conn is not None:
             with contextlib.suppress(_SinkGone):  # the daemon asks the next app
-                conn.send({"op": "challenge_reply", "cid": cid, **_answer_to_wire(answer)})
+                conn.send({"op": op, "cid": cid, **answer})
 
     def _read_loop(self) -> None:
         while not self._closed:
@@ -6139,7 +7673,7 @@ class _History:
 
 def _update_settings(directory: str, changes: Mapping[str, Any]) -> None:
     settings = {**_cli_settings(directory), **changes}
-    _ensure_private_dir(directory)
+    _claim_session_dir(directory, None)
     _atomic_write(os.path.join(directory, _CLI_SETTINGS), _dumps({k: v for k, v in settings.items() if v is not None}))
 
 
@@ -6153,11 +7687,20 @@ def _cli_meta(info: TaskInfo) -> dict[str, Any]:
 
 
 def _cli_state(info: TaskInfo) -> str:
-    return _CLI_STATES.get(info.phase, info.state.name.lower())
+    return "waiting" if info.waiting else _CLI_STATES.get(info.phase, info.state.name.lower())
+
+
+def _last_error_text(info: TaskInfo) -> str | None:
+    """Why a task that goes on is not moving: its last attempt's error, and when it tries next."""
+    if not info.last_error:
+        return None
+    retry_in = f"; next try in {max(0, round(info.next_retry - time.time()))} s" if info.next_retry else ""
+    return f"{info.last_error.get('message', '')}{retry_in}"
 
 
 def _task_notes(info: TaskInfo) -> list[str]:
-    """A task's scheduling options, for `status`: its date (until it starts), priority and limit if set."""
+    """A task's notes for `status`: its date (until it starts), priority and limit if set, and while it waits to try
+    again, why (the last attempt's error) and when."""
     notes = []
     if info.begin is not None and info.phase in (Phase.SUSPENDED, Phase.QUEUED, Phase.SCHEDULED):
         notes.append(f"not before {datetime.datetime.fromtimestamp(info.begin):%Y-%m-%d %H:%M:%S}")
@@ -6165,6 +7708,9 @@ def _task_notes(info: TaskInfo) -> list[str]:
         notes.append(f"priority {info.priority:g}")
     if info.limit is not None:
         notes.append(f"limit {_human(info.limit)}/s")
+    error = _last_error_text(info)  # why it waits: the last attempt's error, and when the next one starts
+    if error:
+        notes.append(error)
     return notes
 
 
@@ -6196,22 +7742,39 @@ def _outcome_line(entry: Mapping[str, Any], width: int = 200) -> str:
 class _CliApp(SessionDelegate):
     """The CLI's delegate (`bgsession deliver`, relaunched by the daemon): moves each finished file into the
     directory chosen at enqueue time, never over another file (name.1, name.2 ... as wget does), and writes every
-    outcome into the history before its hook returns."""
+    outcome into the history before its hook returns. A task that lost its secret headers (they lived in the
+    memory of a daemon that stopped) is cancelled rather than sent without them: its partial data is kept, and
+    ``bgsession resume ID`` with the headers (or -u) continues it."""
 
     def __init__(self, out: Any, tty: bool) -> None:
         self.out, self.tty, self.lock = out, tty, threading.Lock()
         self.results: dict[int, str | None] = {}  # task id -> None (ok) or a reason
+        self.notes: dict[int, str] = {}  # task id -> why this process cancelled it
 
     def _say(self, text: str) -> None:
         with self.lock:
             print(text, file=self.out, flush=True)
 
+    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
+                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
+        """A task asks before it sends again: with every header it was given, it goes on; one that lost a secret
+        header (it lived in the memory of a daemon that stopped) is cancelled with its partial data kept, rather
+        than sent without it (`resume ID` with the header continues it). A 401/403 to a request that had them
+        stands."""
+        names = _cli_meta(task._info()).get("headers") or []
+        missing = [name for name in names if name not in request.headers]
+        if not missing:
+            return DelayedRequestDisposition.CONTINUE_LOADING, None
+        self.notes[task.identifier] = (f"its {', '.join(missing)} header lived in the memory of a daemon that "
+                                       f"stopped: `bgsession resume {task.identifier}` with it continues")
+        return DelayedRequestDisposition.CANCEL, None
+
     def _record(self, session: Session, task: Task, **outcome: Any) -> None:
         directory = session.configuration.directory
         assert directory is not None
-        info = task._info()
-        entry = {"id": task.identifier, "url": task.original_request.url, "dir": _cli_meta(info).get("dir"),
-                 "ended": time.time(), **outcome}
+        meta = _cli_meta(task._info())
+        entry = {"id": task.identifier, "url": task.original_request.url, "dir": meta.get("dir"),
+                 "name": meta.get("name"), "ended": time.time(), **outcome}
         _History(directory).add(entry)
         self.results[task.identifier] = None if outcome["state"] == "saved" else str(outcome.get("error"))
         if not self.tty:
@@ -6226,21 +7789,33 @@ class _CliApp(SessionDelegate):
                          exit=_outcome_exit(status, ErrorCode.BAD_SERVER_RESPONSE))
             return
         dest_dir = meta.get("dir") or os.getcwd()
-        name = sanitize_filename(meta.get("name") or response.suggested_filename)
+        name = sanitize_filename(meta.get("name") or response.suggested_filename)  # fits in 255 bytes with a .N
         target = os.path.join(dest_dir, name)
         n = 0
         while os.path.exists(target):  # never clobber: name.1, name.2 ... (as wget does)
             n += 1
             target = os.path.join(dest_dir, f"{name}.{n}")
         size = os.path.getsize(location)
-        _move_file(location, target)
+        try:
+            _move_file(location, target)
+        except TransferError as err:
+            cause = err.__cause__
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise  # may succeed later: the file stays in the session for the next delivery
+            # cannot succeed (a name or directory the destination refuses): report it and let the file go,
+            # rather than have the daemon relaunch this delivery again and again
+            self._record(session, task, state="failed", status=response.status, exit=EXIT_FILE,
+                         error=f"cannot deliver to {dest_dir}: {err.message}")
+            return
         self._record(session, task, state="saved", status=response.status, saved_as=target, bytes=size, exit=0)
 
     def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
         if error is None:
             return  # (the finish hook recorded it)
         cancelled = error.code is ErrorCode.CANCELLED
-        self._record(session, task, state="cancelled" if cancelled else "failed", error=str(error),
+        note = self.notes.pop(task.identifier, None)
+        self._record(session, task, state="cancelled" if cancelled else "failed",
+                     error=f"cancelled: {note}" if note else str(error),
                      code=int(error.code), exit=_outcome_exit(None, error.code),
                      resume_data=base64.b64encode(error.resume_data).decode("ascii") if error.resume_data else None)
 
@@ -6248,16 +7823,6 @@ class _CliApp(SessionDelegate):
 def _cli_observer(args: argparse.Namespace) -> _Backend:
     """A client of the session's daemon that never attaches (enqueue, status, wait, task operations)."""
     return cast(_Backend, _DaemonClient(_cli_config(args), observer=True))
-
-
-def _last_error_text(info: TaskInfo) -> str | None:
-    """Why a task that goes on is not moving: its last error and next retry (when the engine reports them)."""
-    error = getattr(info, "last_error", None)
-    if not error:
-        return None
-    retry_at = getattr(info, "next_retry", None)
-    when = f"; next try at {datetime.datetime.fromtimestamp(retry_at):%H:%M:%S}" if retry_at else ""
-    return f"{error.get('message')}{when}"
 
 
 # -- watching: wait and download --wait ------------------------------------------------------------------------
@@ -6399,7 +7964,8 @@ def _enqueue(client: _Backend, requests: list[tuple[Request, _Order]], rate: int
     queued: list[tuple[TaskInfo, _Order]] = []
     try:
         for req, order in requests:
-            meta = {"dir": order.directory, **({"name": order.name} if order.name else {})}
+            meta = {"dir": order.directory, **({"name": order.name} if order.name else {}),  # header names only:
+                    **({"headers": sorted({k for k, _ in order.headers})} if order.headers else {})}  # values: memory
             desc = _CLI_PREFIX + json.dumps(meta, separators=(",", ":"))
             queued.append((client.new_task("download", req, desc, None, resume), order))
             if rate is not None:
@@ -6478,7 +8044,8 @@ def _status_json(infos: list[TaskInfo], outcomes: list[dict[str, Any]]) -> list[
     active = [{"id": i.id, "state": _cli_state(i), "url": i.request["url"], "received": i.received,
                "expected": i.expected, "sent": i.sent, "rate": i.rate, "destination": _cli_meta(i).get("dir"),
                "description": i.description, "error": i.error["message"] if i.error else None,
-               "last_error": _last_error_text(i), "priority": i.priority,
+               "waiting": i.waiting, "last_error": i.last_error["message"] if i.last_error else None,
+               "next_retry": i.next_retry, "priority": i.priority,
                "not_before": None if i.begin is None else datetime.datetime.fromtimestamp(
                    i.begin, datetime.timezone.utc).isoformat(), "limit": i.limit} for i in infos]
     ended = [{"id": e["id"], "state": e.get("state"), "url": e.get("url"), "destination": e.get("dir"),
@@ -6487,16 +8054,32 @@ def _status_json(infos: list[TaskInfo], outcomes: list[dict[str, Any]]) -> list[
     return sorted(ended + active, key=lambda e: int(e["id"]))
 
 
+def _read_only_tasks(config: Configuration) -> tuple[list[TaskInfo], int | None]:
+    """The session's tasks and bandwidth limit without changing anything: from its daemon if one serves (live bytes
+    and rates), else from the journal as it is (no daemon started, no recovery, nothing written)."""
+    assert config.directory is not None
+    if not _is_session_dir(config.directory):
+        raise _CliError(f"{config.directory} is not a bgsession session directory")
+    try:
+        client = cast(_Backend, _DaemonClient(config, observer=True, start=False))
+    except TransferError as err:
+        if err.code is not ErrorCode.BACKGROUND_SESSION_WAS_DISCONNECTED or "no bgsession daemon" not in err.message:
+            raise
+        state = Journal(config.directory).state()
+        limit = state.session_limit[0] if state.session_limit else None
+        return [_task_info(t, None) for t in state.tasks.values() if t.phase is not Phase.ACKNOWLEDGED], limit
+    try:
+        return client.tasks(), client.session_limit()
+    finally:
+        client.close()
+
+
 def _cmd_status(args: argparse.Namespace, out: Any) -> int:
     directory = _cli_directory(args)
     infos: list[TaskInfo] = []
     session_limit = None
-    if os.path.isdir(directory):
-        client = _cli_observer(args)
-        try:
-            infos, session_limit = client.tasks(), client.session_limit()
-        finally:
-            client.close()
+    if os.path.lexists(directory):
+        infos, session_limit = _read_only_tasks(_cli_config(args))
     live = {i.id for i in infos}
     outcomes = [e for e in _History(directory).entries() if int(e["id"]) not in live]
     if args.json:
@@ -6518,14 +8101,12 @@ def _cmd_status(args: argparse.Namespace, out: Any) -> int:
         print(f"{'id':>5} {'state':<10} {'done':>6} {'received':>10}   {'of':>10} {'rate':>12} eta      url", file=out)
     for info in infos:
         print(_task_line(info, 200), file=out)
-        error = _last_error_text(info)
-        if error:
-            print(f"{'':>5} last error: {error}", file=out)
     return EXIT_OK
 
 
 def _download_again(args: argparse.Namespace, client: _Backend, ended: Mapping[str, Any], out: Any) -> int:
-    order = _Order(ended["url"], ended.get("dir") or os.getcwd())
+    order = _Order(ended["url"], ended.get("dir") or os.getcwd(), name=ended.get("name"))
+    order.headers = [_parse_header(h) for h in args.header]
     credential = _credential_header(args, order.url)
     if credential is not None:
         order.headers.append(credential)

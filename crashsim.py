@@ -3,14 +3,14 @@
 A killed process leaves the page cache intact, so no SIGKILL test can tell a missing or misplaced fsync. This
 module can. :class:`Recorder` takes bgsession's place as its file-system table (``bgsession._vfs``): it performs
 every operation for real on a live directory tree and logs it -- creates, writes (with their offset), truncates,
-fsyncs of files and of directories, renames, unlinks, mkdirs -- together with the workload's own marks ("resume()
+fsyncs of files and of directories, renames, links, unlinks, mkdirs -- together with the workload's own marks ("resume()
 of task 3 returned"). From the log, :func:`states` builds the states a disk may hold after a power loss at any
 point, under three models:
 
 (a) ``synced``: what was fsynced and nothing else -- a file's data as of its last fsync, a directory's entries as
     of its last fsync;
 (b) ``torn``: (a) plus any prefix of each file's unsynced writes, the last one torn at a 512-byte boundary;
-(c) ``entries``: (a) plus each directory operation (create, rename, unlink, mkdir) that no fsync of its directory
+(c) ``entries``: (a) plus each directory operation (create, rename, link, unlink, mkdir) that no fsync of its directory
     followed, kept or lost independently of the others and of file data -- a renamed file may appear without its
     unsynced content. A rename is one operation, of its destination's directory (journaling file systems commit
     both of its entries together); it is durable once that directory is fsynced.
@@ -39,8 +39,8 @@ SECTOR = 512
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    """One logged operation. *kind*: mkdir, create, write, truncate, sync (a file's data), dirsync, rename, unlink,
-    mark. Paths are relative to the recorder's root; *ino* names a file's content across renames."""
+    """One logged operation. *kind*: mkdir, create, write, truncate, sync (a file's data), dirsync, rename, link,
+    unlink, mark. Paths are relative to the recorder's root; *ino* names a file's content across renames."""
 
     kind: str
     path: str = ""
@@ -169,6 +169,16 @@ class Recorder:
                 self._inos[rd] = self._inos.pop(rs)
             self._add(Op("rename", path=rs, dst=rd))
 
+    def link(self, src: str, dst: str) -> None:
+        with self._lock:
+            self.real.link(src, dst)
+            rs, rd = self._rel(src), self._rel(dst)
+            if rs is None or rd is None:
+                return
+            if rs in self._inos:
+                self._inos[rd] = self._inos[rs]
+            self._add(Op("link", path=rs, dst=rd))
+
     def unlink(self, path: str) -> None:
         with self._lock:
             self.real.unlink(path)
@@ -247,8 +257,8 @@ class Timeline:
                 self.syncs.setdefault(op.ino, []).append(i)
             elif op.kind in ("create", "mkdir", "unlink"):
                 self.entry_ops.setdefault(_parent(op.path), []).append(i)
-            elif op.kind == "rename":  # one metadata operation: durable once its destination directory is synced
-                self.entry_ops.setdefault(_parent(op.dst), []).append(i)
+            elif op.kind in ("rename", "link"):  # one metadata operation: durable once its destination's directory
+                self.entry_ops.setdefault(_parent(op.dst), []).append(i)  # is synced
             elif op.kind == "dirsync":
                 self.dirsyncs.setdefault(op.path, []).append(i)
             elif op.kind == "mark":
@@ -298,7 +308,8 @@ class Timeline:
 
     def _entry_durable(self, i: int, k: int) -> bool:
         op = self.log[i]
-        return self._last_before(self.dirsyncs.get(_parent(op.dst if op.kind == "rename" else op.path), []), k) > i
+        directory = _parent(op.dst if op.kind in ("rename", "link") else op.path)
+        return self._last_before(self.dirsyncs.get(directory, []), k) > i
 
     def state(self, k: int, keep_entries: Callable[[int], bool] = lambda i: False,
               prefix: Mapping[int, tuple[int, int | None]] | None = None) -> State:
@@ -308,7 +319,7 @@ class Timeline:
         dirs = {""}
         for i in range(k):
             op = self.log[i]
-            if op.kind not in ("create", "mkdir", "unlink", "rename"):
+            if op.kind not in ("create", "mkdir", "unlink", "rename", "link"):
                 continue
             if not self._entry_durable(i, k) and not keep_entries(i):
                 continue
@@ -320,6 +331,8 @@ class Timeline:
                 names.pop(op.path, None)
             elif op.kind == "rename" and op.path in names:
                 names[op.dst] = names.pop(op.path)
+            elif op.kind == "link" and op.path in names:
+                names[op.dst] = names[op.path]
         files = {}
         for path, ino in names.items():
             if not all(_ancestors_in(path, dirs)):

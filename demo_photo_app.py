@@ -17,6 +17,9 @@ answers, as this file shows them:
 * In a background launch, save the completion handler in
   ``handle_events_for_background_url_session`` and call it from the
   did-finish-events block — exactly once.
+* A shared photo's link expires (a presigned URL answering 403) in the middle of
+  its download: the delayed-request block asks the messaging service for a fresh
+  link, and the download goes on from where it was (``Range`` + ``If-Range``).
 
 ``python demo_photo_app.py`` runs the whole story by itself: a fake photo server,
 the app launched as a real process, killed with SIGKILL in the middle of a
@@ -255,6 +258,7 @@ class BackgroundSessionManager(bgsession.SessionManager):
         self._configure_task_completion()
         self._configure_background_session_finished()
         self._configure_authentication()
+        self._configure_expired_links()
 
     # -- the session-level blocks ------------------------------------------------------------
     def _configure_download_finished(self) -> None:
@@ -322,6 +326,22 @@ class BackgroundSessionManager(bgsession.SessionManager):
 
         self.set_task_did_receive_authentication_challenge(challenge)
 
+    def _configure_expired_links(self) -> None:
+        inbox_path = self.settings.inbox_path
+
+        def renew(session: bgsession.Session, task: bgsession.Task, request: bgsession.Request
+                  ) -> tuple[bgsession.DelayedRequestDisposition, bgsession.Request | None]:
+            """A 403 (or a restart without secrets): ask the messaging service (the inbox) for the message's link
+            now; a fresh one replaces the expired one, and the download goes on from where it was."""
+            message_id = _message_id(task)
+            fresh = {item["id"]: item["url"] for item in _read_inbox(inbox_path)}.get(message_id or "")
+            if fresh is None or fresh == request.url:
+                return bgsession.DelayedRequestDisposition.CONTINUE_LOADING, None
+            _say(f"{_photo_name(task)}: the link expired; the messaging service gave a fresh one")
+            return bgsession.DelayedRequestDisposition.USE_NEW_REQUEST, bgsession.Request(fresh)
+
+        self.set_task_will_begin_delayed_request(renew)
+
     # -- helpers ---------------------------------------------------------------------------------
     def save_completion_handler(self, handler: appdelegate.CompletionHandler) -> None:
         with self._handler_lock:
@@ -355,6 +375,16 @@ def _name_from_url(url: str) -> str:
 
 def _photo_name(task: bgsession.Task) -> str:
     return _name_from_url(task.original_request.url)
+
+
+def _read_inbox(path: str) -> list[dict[str, str]]:
+    """The messages the messaging service delivered: [{"id", "url"}] (its links may be refreshed)."""
+    try:
+        with open(path, "rb") as f:
+            inbox = json.load(f)
+    except FileNotFoundError:
+        return []
+    return list(inbox)
 
 
 def _load_account(path: str) -> tuple[str, str] | None:
@@ -414,13 +444,8 @@ class PhotoApp(appdelegate.AppDelegate):
         task (its creation never reached the journal) gets a new one.
         """
         store = manager.store
-        try:
-            with open(manager.settings.inbox_path, "rb") as f:
-                inbox = json.load(f)
-        except FileNotFoundError:
-            inbox = []
         known = {m.id: m for m in store.messages()}
-        for item in inbox:
+        for item in _read_inbox(manager.settings.inbox_path):
             message = known.get(item["id"]) or PhotoMessage(item["id"], item["url"])
             if message.state != DOWNLOADING or message.id in tasks:
                 continue
@@ -524,8 +549,10 @@ def story(host: str, workdir: str | None, seed: int) -> int:
                f"throttled to {_human(STORY_THROTTLE)}/s"),
         _Photo("4", "/photos/private.jpg", 200 * 1024 + rng.randrange(1024), "needs a password (Basic auth)"),
         _Photo("5", "/photos/missing.jpg", None, "404 Not Found"),
+        _Photo("6", "/photos/shared.jpg", 768 * 1024 + rng.randrange(1024), "a link that expires mid-download"),
     ]
-    slow = photos[2]
+    slow, shared = photos[2], photos[5]
+    signer = fake_server.SignedURLs()
     server = fake_server.FakeServer()
     server.start()
     controller: fake_server.AppController | None = None
@@ -536,14 +563,24 @@ def story(host: str, workdir: str | None, seed: int) -> int:
             if photo.size is None:
                 server.add_status(photo.path, 404, b"<h1>404 Not Found</h1>\n")
             else:
-                server.add_blob(photo.path, size=photo.size, seed=seed * 100 + i,
-                                auth=fake_server.BasicAuth("alice", "wonderland", realm="photos")
-                                if "password" in photo.note else None,
+                auth = fake_server.BasicAuth("alice", "wonderland", realm="photos") if "password" in photo.note else (
+                    signer if photo is shared else None)
+                cut = [fake_server.Fault(cut_after=(photo.size or 0) // 3)] if photo is shared else None
+                server.add_blob(photo.path, size=photo.size, seed=seed * 100 + i, auth=auth, faults=cut,
                                 default_fault=fake_server.Fault(throttle=STORY_THROTTLE) if photo is slow else None)
             size = _human(photo.size) if photo.size is not None else ""
             print(f"     {photo.path.rsplit('/', 1)[-1]:<13} {size:>9}  {photo.note}".rstrip())
         _atomic_write_json(settings.account_path, {"user": "alice", "password": "wonderland"})
-        _atomic_write_json(settings.inbox_path, [{"id": p.id, "url": server.url(p.path)} for p in photos])
+        links = {p.id: signer.sign(server.url(p.path)) if p is shared else server.url(p.path) for p in photos}
+        _atomic_write_json(settings.inbox_path, [{"id": p.id, "url": links[p.id]} for p in photos])
+
+        def expire_link(path: str, served: int) -> None:
+            """The shared photo's link expires a third of the way in (and its response is cut there); the
+            messaging service has a fresh one."""
+            signer.expire()
+            links[shared.id] = signer.sign(server.url(shared.path))
+            _atomic_write_json(settings.inbox_path, [{"id": p.id, "url": links[p.id]} for p in photos])
+        server.on_bytes(shared.path, (shared.size or 0) // 3, expire_link)
 
         # -- 2. normal launch, killed mid-download ------------------------------------------------
         assert slow.size is not None
@@ -582,7 +619,7 @@ def story(host: str, workdir: str | None, seed: int) -> int:
 
         # -- results ----------------------------------------------------------------------------------
         print(f"{step}. Results")
-        return _report(settings, photos, server, slow, seed, hold.served or kill_at)
+        return _report(settings, photos, server, (slow, shared), seed, hold.served or kill_at)
     finally:
         if controller is not None:
             controller.close()
@@ -607,11 +644,11 @@ def _wait_for_background_launch(settings: AppSettings, timeout: float) -> bool:
     return False
 
 
-def _report(settings: AppSettings, photos: Sequence[_Photo], server: Any, slow: _Photo, seed: int,
+def _report(settings: AppSettings, photos: Sequence[_Photo], server: Any, watched: tuple[_Photo, _Photo], seed: int,
             killed_at: int) -> int:
     import fake_server
 
-    ok = True
+    ok, (slow, shared) = True, watched
     messages = {m.id: m for m in PhotoStore(settings.store_path).messages()}
     for i, photo in enumerate(photos):
         message = messages.get(photo.id)
@@ -659,6 +696,13 @@ def _report(settings: AppSettings, photos: Sequence[_Photo], server: Any, slow: 
         print(f"     mountain.jpg: the server had sent {killed_at:,} bytes when the app died; the relaunch")
         print(f"       resumed with 'Range: bytes={start}-' ({max(0, killed_at - start):,} bytes were still in flight)")
         ok = ok and start > 0
+
+    answers = [(r.status, r.range_header) for r in server.requests(shared.path)]
+    renewed = any(status == 403 for status, _ in answers) and any(
+        status == 206 and ranged for status, ranged in answers[1:])
+    print(f"     shared.jpg: the link expired at {_human((shared.size or 0) // 3)} (403); renewed through "
+          f"task_will_begin_delayed_request, resumed with Range  {'ok' if renewed else 'FAIL'}")
+    ok = ok and renewed
 
     problems = bgsession.Journal(settings.session_directory).check()
     print(f"     journal check: {'clean' if not problems else problems}")

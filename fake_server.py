@@ -3,9 +3,14 @@
 ``FakeServer`` is a threaded standard-library HTTP/1.1 server (keep-alive, daemon
 threads, ``127.0.0.1`` on a free port by default) that serves deterministic blobs
 with strong validators and exact ``Range``/``If-Range``/``416`` semantics, accepts
-uploads, answers Basic and Digest challenges, redirects, and misbehaves on demand:
-a *fault matrix* (``Fault``) chosen per route and per request cuts, resets,
-stalls, throttles, lies about ranges and totals, or answers with an error status.
+uploads, answers Basic, Digest and Bearer challenges and presigned URLs that expire
+(``SignedURLs``: a 403), redirects, and misbehaves on demand: a *fault matrix*
+(``Fault``) chosen per route and per request cuts, resets, stalls, throttles, drips
+its head, lies about ranges, totals and lengths, ignores ``If-Range``, or answers
+with an error status.  Made with ``proxy=True`` it is also a forward proxy:
+absolute-form requests are forwarded, ``CONNECT`` opens a tunnel, ``proxy_auth``
+asks for credentials with a 407, ``map_host`` resolves names no DNS knows, and
+``stop()`` cuts what it relays (a proxy that dies).
 
 It also *observes*: body bytes served per path, every request (with the port it came
 to and when), TCP connections accepted, the most connections and requests there were
@@ -20,7 +25,7 @@ pid and start token (``ProcessRef``), never hitting a recycled pid.
 Sections, each using only what is above it: blobs and entities; faults and the
 response plan (pure: request headers + entity + fault -> status, headers, body
 span); authentication; observation (request records, holds, the traffic counters,
-byte boundaries, stalls); the HTTP handler (I/O); routes and the route table; the
+byte boundaries, stalls); the forward proxy's state; the HTTP handler (I/O); routes and the route table; the
 server (its lifecycle in ``_Listener``, ``FakeServer`` a facade over the parts);
 processes and ``AppController``; the command line.
 
@@ -53,6 +58,7 @@ import dataclasses
 import email.utils
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
 import os
@@ -70,6 +76,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,7 +91,9 @@ __all__ = [
     "FAULT_STAGES",
     "AppController",
     "AppProcess",
+    "Auth",
     "BasicAuth",
+    "BearerAuth",
     "DigestAuth",
     "FakeServer",
     "Fault",
@@ -92,6 +101,7 @@ __all__ = [
     "ProcessRef",
     "RequestRecord",
     "Route",
+    "SignedURLs",
     "blob_bytes",
     "process_start_token",
 ]
@@ -277,16 +287,32 @@ class Fault:
     #: Stages: pre-response.
     #: Wait this many seconds before answering (after the request was read).
     delay: float | None = None
+    #: Stages: planning, body sending.
+    #: Send the status line and headers one byte every this many seconds (a slowloris server).
+    drip: float | None = None
+    #: Stages: planning.
+    #: Serve the Range even when If-Range does not match (a cache that ignores If-Range: another entity's bytes).
+    ignore_if_range: bool = False
+    #: Stages: planning.
+    #: Announce this Content-Length whatever the body; send at most that many bytes, then close.
+    claim_length: int | None = None
+    #: Stages: planning.
+    #: A 206 ends at this byte (inclusive) whatever was asked (with ``early_206``: one that ends before the offset).
+    range_end: int | None = None
+    #: Stages: planning.
+    #: A 206 keeps its Content-Range but announces Content-Length 0 and sends no body.
+    empty_206: bool = False
 
 
     def __post_init__(self) -> None:
-        for name in ("cut_after", "stall_after", "early_206", "short_body", "huge_header"):
+        for name in ("cut_after", "stall_after", "early_206", "short_body", "huge_header", "claim_length",
+                     "range_end"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"Fault.{name} must be >= 0, not {value}")
         if self.throttle is not None and self.throttle <= 0:
             raise ValueError(f"Fault.throttle must be > 0 bytes per second, not {self.throttle}")
-        for name in ("stall_seconds", "delay"):
+        for name in ("stall_seconds", "delay", "drip"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"Fault.{name} must be >= 0, not {value}")
@@ -305,7 +331,7 @@ class Fault:
             default = f.default
             if isinstance(default, bool):
                 kwargs[f.name] = _parse_bool(raw)
-            elif f.name in ("stall_seconds", "delay"):
+            elif f.name in ("stall_seconds", "delay", "drip"):
                 kwargs[f.name] = float(raw)
             elif f.name == "retry_after":
                 kwargs[f.name] = raw
@@ -346,6 +372,7 @@ class _Plan:
     stall_seconds: float | None = None
     throttle: int | None = None
     watched: bool = False
+    drip: float | None = None
 
     @property
     def body_length(self) -> int:
@@ -439,7 +466,7 @@ def _plan_response(method: str, request_headers: _HeaderLookup, entity: _Entity,
     requested = None if fault.ignore_range else _parse_range(_get(request_headers, "range"))
     if requested is not None:
         if_range = _get(request_headers, "if-range")
-        if if_range is not None and not _if_range_matches(if_range, entity):
+        if if_range is not None and not _if_range_matches(if_range, entity) and not fault.ignore_if_range:
             requested = None
     if requested is None:
         plan = _Plan(status=200, headers=tuple(headers), span=(0, size), send=size, watched=True)
@@ -453,6 +480,8 @@ def _plan_response(method: str, request_headers: _HeaderLookup, entity: _Entity,
     first, last = resolved
     if fault.early_206:
         first = max(0, first - fault.early_206)
+    if fault.range_end is not None:
+        last = max(first, min(last, fault.range_end))
     total = size + 1000 if fault.wrong_total else size
     if fault.malformed_range:
         content_range = "bytes garbage-%d/unknown" % first
@@ -461,6 +490,8 @@ def _plan_response(method: str, request_headers: _HeaderLookup, entity: _Entity,
     headers.append(("Content-Range", content_range))
     plan = _Plan(status=206, headers=tuple(headers), span=(first, last + 1),
                  send=last + 1 - first, watched=True)
+    if fault.empty_206:
+        plan = dataclasses.replace(plan, span=(first, first), send=0)
     return _apply_common(plan, method, fault)
 
 
@@ -485,13 +516,16 @@ def _apply_common(plan: _Plan, method: str, fault: Fault) -> _Plan:
     if fault.cut_after is not None:
         send = min(send, fault.cut_after)
         abort = "reset" if fault.reset else "close"
+    if fault.claim_length is not None:
+        send = min(send, fault.claim_length)
+        abort = abort or "close"
     if fault.chunked:
         headers.append(("Transfer-Encoding", "chunked"))
     else:
-        headers.append(("Content-Length", str(length)))
+        headers.append(("Content-Length", str(length if fault.claim_length is None else fault.claim_length)))
     return dataclasses.replace(
         plan, headers=tuple(headers), send=send, abort=abort, chunked=fault.chunked,
-        stall_after=fault.stall_after, stall_seconds=fault.stall_seconds, throttle=fault.throttle)
+        stall_after=fault.stall_after, stall_seconds=fault.stall_seconds, throttle=fault.throttle, drip=fault.drip)
 
 
 def _get(headers: _HeaderLookup, name: str) -> str | None:
@@ -626,6 +660,67 @@ class DigestAuth:
         if nonce == self.nonce:
             return True
         return "stale" if nonce in self._stale else False
+
+
+class BearerAuth:
+    """A bearer token (RFC 6750): ``Authorization: Bearer <token>``, else a 401 with
+    ``WWW-Authenticate: Bearer``.  Set ``token`` to rotate it: the old one is refused from then on."""
+
+    scheme = "Bearer"
+
+    def __init__(self, token: str, realm: str = "fake") -> None:
+        self.token = token
+        self.realm = realm
+
+    def challenge(self) -> str:
+        """The WWW-Authenticate value sent with a 401."""
+        return 'Bearer realm="%s"' % self.realm
+
+    def check(self, method: str, target: str, authorization: str | None) -> bool | str:
+        """True when ``authorization`` carries the current token."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token.encode())
+
+
+class SignedURLs:
+    """Presigned URLs, as object stores issue them: a request passes when its query carries a
+    signature issued here (``?sig=…``) that has not expired; anything else gets a 403, the way S3
+    answers an expired presigned URL.  ``sign(url)`` issues one; ``expire()`` ends them all."""
+
+    scheme = None
+    #: The status of a request whose signature is missing, unknown or expired.
+    failure_status = 403
+
+    def __init__(self, param: str = "sig") -> None:
+        self.param = param
+        self._lock = threading.Lock()
+        self._valid: set[str] = set()
+
+    def sign(self, url: str) -> str:
+        """``url`` with a new valid signature in its query."""
+        token = secrets.token_hex(8)
+        with self._lock:
+            self._valid.add(token)
+        return "%s%s%s=%s" % (url, "&" if "?" in url else "?", self.param, token)
+
+    def expire(self) -> None:
+        """Every signature issued so far stops working (new ones from ``sign`` work)."""
+        with self._lock:
+            self._valid.clear()
+
+    def challenge(self) -> str | None:
+        """No WWW-Authenticate: a 403 is not a challenge."""
+        return None
+
+    def check(self, method: str, target: str, authorization: str | None) -> bool | str:
+        """True when the request target's query carries a valid signature."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+        with self._lock:
+            return any(sig in self._valid for sig in query.get(self.param, []))
+
+
+#: What a route's ``auth`` may be: credentials checked on every request to it.
+Auth = typing.Union[BasicAuth, DigestAuth, BearerAuth, SignedURLs]
 
 
 def _parse_auth_params(text: str) -> dict[str, str]:
@@ -960,6 +1055,50 @@ class _Meter:
 
 
 # ---------------------------------------------------------------------------
+# The forward proxy (a FakeServer made with proxy=True)
+# ---------------------------------------------------------------------------
+
+#: Headers a proxy does not pass on (hop-by-hop, and the proxy's own credentials).
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                         "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
+#: Seconds the proxy waits to connect to an upstream server.
+PROXY_CONNECT_TIMEOUT = 10.0
+
+
+class _ProxyState:
+    """Proxy mode: the credentials the proxy asks for (``auth``: a 407 without them), host names it
+    resolves itself (``hosts``: name -> address, so that a test can use names no DNS knows), and the
+    upstream sockets it holds, which ``cut()`` shuts down when the server stops (a proxy that dies)."""
+
+    def __init__(self) -> None:
+        self.auth: BasicAuth | None = None
+        self.hosts: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._upstreams: set[socket.socket] = set()
+
+    def connect(self, host: str, port: int) -> socket.socket:
+        """A connection to ``host:port`` (``hosts`` first, then the system's resolver)."""
+        with self._lock:
+            address = self.hosts.get(host.lower(), host)
+        sock = socket.create_connection((address, port), PROXY_CONNECT_TIMEOUT)
+        with self._lock:
+            self._upstreams.add(sock)
+        return sock
+
+    def release(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._upstreams.discard(sock)
+        sock.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            upstreams = list(self._upstreams)
+        for sock in upstreams:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+# ---------------------------------------------------------------------------
 # The HTTP handler (I/O)
 # ---------------------------------------------------------------------------
 
@@ -1044,6 +1183,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         parts = self.server.parts
+        if parts.proxy is not None and not self.path.startswith("/"):
+            self._proxy_forward()  # an absolute-form target: this server is the client's proxy
+            return
         split = urllib.parse.urlsplit(self.path)
         path = split.path or "/"
         record = parts.traffic.begin_record(self.command, path, split.query, self.headers.items(),
@@ -1073,11 +1215,123 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
+    # -- proxy mode -------------------------------------------------------
+
+    def do_CONNECT(self) -> None:
+        """Open a tunnel to ``host:port`` and relay bytes both ways until either side closes."""
+        parts = self.server.parts
+        record = parts.traffic.begin_record("CONNECT", self.path, "", self.headers.items(), self.client_address[1],
+                                            self.request)
+        if parts.proxy is None:
+            self.send_plan(record, _plan_fixed(405, b"not a proxy\n"))
+            return
+        if not self._proxy_authorized(record):
+            return
+        host, _, port = self.path.rpartition(":")
+        try:
+            upstream = parts.proxy.connect(host.strip("[]"), int(port))
+        except (OSError, ValueError):
+            self.send_plan(record, _plan_fixed(502, b"cannot connect upstream\n"))
+            return
+        try:
+            record.status = 200
+            self.send_response_only(200, "Connection established")
+            self.end_headers()
+            self.close_connection = True
+            self._relay(record, upstream)
+        finally:
+            parts.proxy.release(upstream)
+
+    def _relay(self, record: RequestRecord, upstream: socket.socket) -> None:
+        client, stopping = self.connection, self.server.parts.stopping
+        while not stopping.is_set():
+            readable, _, _ = select.select([client, upstream], [], [], 0.2)
+            for sock in readable:
+                try:
+                    data = sock.recv(CHUNK_SIZE)
+                    if not data:
+                        return
+                    (upstream if sock is client else client).sendall(data)
+                except OSError:
+                    return
+                if sock is upstream:
+                    record.bytes_sent += len(data)
+
+    def _proxy_forward(self) -> None:
+        """Forward an absolute-form request upstream and relay the response (its body as it comes;
+        an upstream that stops early cuts the client's connection too)."""
+        parts = self.server.parts
+        assert parts.proxy is not None
+        split = urllib.parse.urlsplit(self.path)
+        record = parts.traffic.begin_record(self.command, "%s://%s%s" % (split.scheme, split.netloc, split.path or "/"),
+                                            split.query, self.headers.items(), self.client_address[1], self.request)
+        if not self._proxy_authorized(record):
+            return
+        try:
+            sock = parts.proxy.connect(split.hostname or "", split.port or 80)
+        except OSError:
+            self.drain_request_body()
+            self.send_plan(record, _plan_fixed(502, b"cannot connect upstream\n"))
+            return
+        upstream = http.client.HTTPConnection(split.hostname or "", split.port or 80)
+        upstream.sock = sock
+        try:
+            upstream.putrequest(self.command, (split.path or "/") + ("?" + split.query if split.query else ""),
+                                skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    upstream.putheader(name, value)
+            upstream.endheaders()
+            reader = self._body_reader()
+            for piece in iter(lambda: reader.read(CHUNK_SIZE), b""):
+                upstream.send(piece)
+            self._relay_response(record, upstream.getresponse())
+        except (OSError, http.client.HTTPException):
+            if record.status is None:
+                self.send_plan(record, _plan_fixed(502, b"upstream failed\n"))
+            else:
+                self._abort("close")
+        finally:
+            upstream.close()
+            parts.proxy.release(sock)
+
+    def _relay_response(self, record: RequestRecord, resp: http.client.HTTPResponse) -> None:
+        record.status = resp.status
+        self.send_response_only(resp.status, resp.reason)
+        for name, value in resp.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        if resp.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        elif resp.length is None and self.command != "HEAD":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        for data in iter(lambda: resp.read1(CHUNK_SIZE), b""):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if resp.chunked else data)
+            record.bytes_sent += len(data)
+        if resp.length:  # the upstream stopped early: so does this response
+            self._abort("close")
+        if resp.chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _proxy_authorized(self, record: RequestRecord) -> bool:
+        proxy = self.server.parts.proxy
+        assert proxy is not None
+        auth = proxy.auth
+        if auth is None or auth.check(self.command, self.path, self.headers.get("Proxy-Authorization")) is True:
+            return True
+        headers = [("Proxy-Authenticate", auth.challenge())]
+        if self.command != "CONNECT" and not self._drain_if_small():
+            headers.append(("Connection", "close"))
+        self.send_plan(record, _plan_fixed(407, b"proxy authentication required\n", headers))
+        return False
+
     # -- responses --------------------------------------------------------
 
     def serve_entity(self, record: RequestRecord, entity: _Entity, fault: Fault | None,
-                     auth: BasicAuth | DigestAuth | None) -> None:
-        """GET/HEAD of a blob: pre-response faults, auth, then the planned response."""
+                     auth: Auth | None, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """GET/HEAD of a blob: pre-response faults, auth, then the planned response (with *headers* added)."""
         fault = fault or NO_FAULT
         record.fault = fault if fault != NO_FAULT else None
         self.drain_request_body()
@@ -1087,10 +1341,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault.status is None and auth is not None and not self._authorized(record, auth):
             return
-        self.send_plan(record, _plan_response(self.command, self.headers, entity, fault), entity)
+        plan = _plan_response(self.command, self.headers, entity, fault)
+        self.send_plan(record, dataclasses.replace(plan, headers=plan.headers + tuple(headers)), entity)
 
     def receive_upload(self, record: RequestRecord, fault: Fault | None,
-                       auth: BasicAuth | DigestAuth | None) -> bytes | None:
+                       auth: Auth | None) -> bytes | None:
         """PUT/POST body, read under the fault; None if a response was already sent or the connection cut."""
         fault = fault or NO_FAULT
         record.fault = fault if fault != NO_FAULT else None
@@ -1113,19 +1368,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if self.server.parts.stopping.wait(fault.delay):
                 self._abort("close")
 
-    def _authorized(self, record: RequestRecord, auth: BasicAuth | DigestAuth, draining: bool = False) -> bool:
+    def _authorized(self, record: RequestRecord, auth: Auth, draining: bool = False) -> bool:
         verdict = auth.check(self.command, self.path, self.headers.get("Authorization"))
         if verdict is True:
             return True
         if isinstance(auth, DigestAuth):
-            challenge = auth.challenge(stale=verdict == "stale")
+            challenge: str | None = auth.challenge(stale=verdict == "stale")
         else:
             challenge = auth.challenge()
-        headers = [("WWW-Authenticate", challenge)]
+        headers = [("WWW-Authenticate", challenge)] if challenge else []
         if draining and not self._drain_if_small():
             headers.append(("Connection", "close"))
-        plan = _plan_fixed(401, b"authentication required\n", headers)
-        self.send_plan(record, plan)
+        status = getattr(auth, "failure_status", 401)
+        body = b"authentication required\n" if status == 401 else b"request has expired\n"
+        self.send_plan(record, _plan_fixed(status, body, headers))
         return False
 
     def send_plan(self, record: RequestRecord, plan: _Plan, entity: _Entity | None = None) -> None:
@@ -1140,7 +1396,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(plan.status)
         for name, value in plan.headers:
             self.send_header(name, value)
-        self.end_headers()
+        if plan.drip is not None:
+            self._drip_head(plan.drip)
+        else:
+            self.end_headers()
         if self.command == "HEAD":
             return
         if plan.span is not None:
@@ -1154,6 +1413,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._abort(plan.abort)
         if plan.chunked:
             self.wfile.write(b"0\r\n\r\n")
+
+    def _drip_head(self, seconds: float) -> None:
+        """Send the buffered status line and headers one byte every *seconds* (ends early if the server stops)."""
+        buffered: list[bytes] = getattr(self, "_headers_buffer", [])  # what send_header() collected
+        head = b"".join(buffered) + b"\r\n"
+        buffered.clear()
+        for i in range(len(head)):
+            self.wfile.write(head[i:i + 1])
+            if self.server.parts.stopping.wait(seconds):
+                self._abort("close")
 
     def _meter(self, path: str, received: bool, watched: bool) -> _Meter:
         """Count this body's bytes on ``path``; stop at its boundaries if ``watched`` and the route's
@@ -1297,7 +1566,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _BaseRoute:
     path = ""
-    auth: BasicAuth | DigestAuth | None = None
+    auth: Auth | None = None
     #: Whether the route's watches count bytes received (uploads) rather than served.
     watches_received = False
 
@@ -1334,11 +1603,13 @@ class Route(_BaseRoute):
     def __init__(self, path: str, data: bytes, *, etag: bool = True, last_modified: bool = True,
                  weak_etag: bool = False, content_type: str = "application/octet-stream",
                  faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None,
-                 auth: BasicAuth | DigestAuth | None = None, modified: int = DEFAULT_LAST_MODIFIED) -> None:
+                 auth: Auth | None = None, modified: int = DEFAULT_LAST_MODIFIED,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(faults, default_fault)
         self.path = path
         self.auth = auth
         self.content_type = content_type
+        self.headers = dict(headers or {})  # sent with every response (Set-Cookie, ...)
         self._validators = (etag, weak_etag, last_modified)
         self._entity = self._build(data, modified)
 
@@ -1374,7 +1645,8 @@ class Route(_BaseRoute):
 
     def serve(self, handler: _Handler, record: RequestRecord, query_fault: Fault | None) -> None:
         fault = self.next_fault()
-        handler.serve_entity(record, self._entity, fault if fault is not None else query_fault, self.auth)
+        handler.serve_entity(record, self._entity, fault if fault is not None else query_fault, self.auth,
+                             self.headers.items())
 
 
 class _FileRoute(_BaseRoute):
@@ -1419,16 +1691,22 @@ class _QueryBlobRoute(_BaseRoute):
 
 
 class _RedirectRoute(_BaseRoute):
-    def __init__(self, path: str, location: str, status: int) -> None:
-        super().__init__()
+    def __init__(self, path: str, location: str, status: int, body: bytes | None = None,
+                 faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None) -> None:
+        super().__init__(faults, default_fault)
         self.path = path
         self.location = location
         self.status = status
+        self.body = body
 
     def serve(self, handler: _Handler, record: RequestRecord, query_fault: Fault | None) -> None:
+        fault = self.next_fault()
         handler.drain_request_body()
-        body = b"redirect to %s\n" % self.location.encode("utf-8", "replace")
-        handler.send_plan(record, _plan_fixed(self.status, body, [("Location", self.location)]))
+        body = self.body if self.body is not None else b"redirect to %s\n" % self.location.encode("utf-8", "replace")
+        # a non-ASCII Location goes out as UTF-8 bytes, as servers send it (http.server would encode Latin-1)
+        location = self.location.encode("utf-8").decode("latin-1")
+        plan = _plan_fixed(self.status, body, [("Location", location)])
+        handler.send_plan(record, _apply_common(plan, handler.command, fault or query_fault or NO_FAULT))
 
 
 class _StatusRoute(_BaseRoute):
@@ -1449,7 +1727,7 @@ class _StatusRoute(_BaseRoute):
 class _UploadRoute(_BaseRoute):
     watches_received = True
 
-    def __init__(self, path: str, status: int, auth: BasicAuth | DigestAuth | None,
+    def __init__(self, path: str, status: int, auth: Auth | None,
                  faults: Sequence[Fault | None] | None, default_fault: Fault | None) -> None:
         super().__init__(faults, default_fault)
         self.path = path
@@ -1561,6 +1839,7 @@ class _Parts:
     stopping: threading.Event
     verbose: bool
     tls: ssl.SSLContext | None
+    proxy: _ProxyState | None = None
 
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
@@ -1750,13 +2029,16 @@ class FakeServer:
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",
-                 port: int = 0, *, verbose: bool = False, tls: ssl.SSLContext | None = None) -> None:
-        """``tls``: a server-side SSLContext (with its certificate loaded) to serve HTTPS."""
+                 port: int = 0, *, verbose: bool = False, tls: ssl.SSLContext | None = None,
+                 proxy: bool = False) -> None:
+        """``tls``: a server-side SSLContext (with its certificate loaded) to serve HTTPS.  ``proxy``:
+        also be a forward HTTP proxy: absolute-form requests are forwarded, ``CONNECT`` opens a
+        tunnel (see ``proxy_auth``, ``map_host``); requests for its own paths are served as always."""
         stopping = threading.Event()
         self._parts = _Parts(
             routes=_RouteTable(os.path.realpath(os.fspath(root)) if root is not None else None),
             traffic=_Traffic(), boundaries=_Boundaries(), stalls=_Stalls(stopping), stopping=stopping,
-            verbose=verbose, tls=tls)
+            verbose=verbose, tls=tls, proxy=_ProxyState() if proxy else None)
         self._listener = _Listener(self._parts, host, port)
 
     @property
@@ -1799,6 +2081,37 @@ class FakeServer:
     def _wake_handlers(self) -> None:
         self._parts.stalls.release()
         self._parts.boundaries.release_holds()
+        if self._parts.proxy is not None:
+            self._parts.proxy.cut()
+
+    # -- proxy mode -------------------------------------------------------
+
+    @property
+    def proxy_auth(self) -> BasicAuth | None:
+        """Proxy mode: the credentials the proxy requires (a 407 with ``Proxy-Authenticate`` without them)."""
+        return self._proxy_state().auth
+
+    @proxy_auth.setter
+    def proxy_auth(self, auth: BasicAuth | None) -> None:
+        self._proxy_state().auth = auth
+
+    def map_host(self, name: str, address: str = "127.0.0.1") -> None:
+        """Proxy mode: resolve ``name`` to ``address`` (a name no DNS knows works through this proxy only)."""
+        self._proxy_state().hosts[name.lower()] = address
+
+    def proxy_url(self, user: str | None = None, password: str | None = None) -> str:
+        """Proxy mode: this proxy's URL for a client, with credentials if given."""
+        self._proxy_state()
+        credentials = ""
+        if user is not None:
+            credentials = urllib.parse.quote(user, safe="") + (
+                ":" + urllib.parse.quote(password, safe="") if password is not None else "") + "@"
+        return "http://%s%s:%d" % (credentials, self.host, self.port)
+
+    def _proxy_state(self) -> _ProxyState:
+        if self._parts.proxy is None:
+            raise RuntimeError("not a proxy: make the server with FakeServer(proxy=True)")
+        return self._parts.proxy
 
     def __enter__(self) -> FakeServer:
         if not self._listener.running:
@@ -1849,20 +2162,25 @@ class FakeServer:
     def add_blob(self, path: str, data: bytes | None = None, *, size: int | None = None, seed: int = 0,
                  etag: bool = True, last_modified: bool = True, weak_etag: bool = False,
                  content_type: str = "application/octet-stream", faults: Sequence[Fault | None] | None = None,
-                 default_fault: Fault | None = None, auth: BasicAuth | DigestAuth | None = None) -> Route:
-        """Serve ``data`` (or ``blob_bytes(size, seed)``) at ``path``; returns the Route."""
+                 default_fault: Fault | None = None, auth: Auth | None = None,
+                 headers: Mapping[str, str] | None = None) -> Route:
+        """Serve ``data`` (or ``blob_bytes(size, seed)``) at ``path``; returns the Route. *headers* are added to
+        every response of the route (``Set-Cookie``, ...)."""
         if (data is None) == (size is None):
             raise ValueError("give exactly one of data and size")
         body = data if data is not None else blob_bytes(size or 0, seed)
         route = Route(_check_path(path), body, etag=etag, last_modified=last_modified, weak_etag=weak_etag,
-                      content_type=content_type, faults=faults, default_fault=default_fault, auth=auth)
+                      content_type=content_type, faults=faults, default_fault=default_fault, auth=auth,
+                      headers=headers)
         return self.add_route(route)
 
-    def add_redirect(self, path: str, location: str, status: int = 302) -> _BaseRoute:
-        """Answer every request to ``path`` with ``status`` and ``Location: location`` (sent as given)."""
-        return self.add_route(_RedirectRoute(_check_path(path), location, status))
+    def add_redirect(self, path: str, location: str, status: int = 302, *, body: bytes | None = None,
+                     faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None) -> _BaseRoute:
+        """Answer every request to ``path`` with ``status`` and ``Location: location`` (sent as given, non-ASCII as
+        UTF-8), with *body* (default: a short line) under the route's faults (``throttle`` drips it)."""
+        return self.add_route(_RedirectRoute(_check_path(path), location, status, body, faults, default_fault))
 
-    def add_upload(self, path: str, *, status: int = 201, auth: BasicAuth | DigestAuth | None = None,
+    def add_upload(self, path: str, *, status: int = 201, auth: Auth | None = None,
                    faults: Sequence[Fault | None] | None = None, default_fault: Fault | None = None) -> _BaseRoute:
         """Accept PUT/POST bodies at ``path`` (Content-Length or chunked) and answer JSON size/sha256."""
         return self.add_route(_UploadRoute(_check_path(path), status, auth, faults, default_fault))
@@ -2393,6 +2711,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for any free port (default 8000)")
     parser.add_argument("--root", help="directory served under /files/")
     parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
+    parser.add_argument("--proxy", action="store_true",
+                        help="also be a forward HTTP proxy (absolute-form requests and CONNECT tunnels)")
     args = parser.parse_args(argv)
     if args.root is not None and not os.path.isdir(args.root):
         parser.error(f"--root {args.root!r} is not a directory")
@@ -2404,7 +2724,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    server = FakeServer(root=args.root, host=args.host, port=args.port, verbose=not args.quiet)
+    server = FakeServer(root=args.root, host=args.host, port=args.port, verbose=not args.quiet, proxy=args.proxy)
     try:
         server.start()
     except OSError as err:

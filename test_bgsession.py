@@ -470,13 +470,13 @@ def test_retries_exhausted_hand_through_the_last_response(server, inproc):
 
 
 def test_unreachable_host_fails_with_cannot_connect(inproc):
-    """A refused connection is retried, then fails with CANNOT_CONNECT_TO_HOST and no file."""
+    """Without waits_for_connectivity, a refused connection is retried, then fails with CANNOT_CONNECT_TO_HOST."""
     import socket
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     rec = Recorder()
-    s = inproc.open(rec, retry=bg.Retry(total=2, backoff_factor=0.001))
+    s = inproc.open(rec, retry=bg.Retry(total=2, backoff_factor=0.001), waits_for_connectivity=False)
     task = download(s, f"http://127.0.0.1:{port}/x")
     assert s.wait(LONG)
     assert rec.errors[task.identifier].code is bg.ErrorCode.CANNOT_CONNECT_TO_HOST

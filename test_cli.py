@@ -108,6 +108,57 @@ def test_status_lists_tasks_and_cancel_and_resume_act_on_them(server, cli):
     assert not (cli.out / "slow2.bin").exists()
 
 
+def test_status_shows_a_task_waiting_for_connectivity_with_its_last_error(cli):
+    """A server that cannot be reached: `status` shows the task waiting, with the last error and the next try."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cli.run("download", "-d", str(cli.out), f"http://127.0.0.1:{port}/later.bin", check=True)
+    wait_until(lambda: cli.status()[0]["waiting"], what="the task to wait for connectivity")
+    (task,) = cli.status()
+    assert task["state"] == "waiting" and "connection refused" in task["last_error"] and task["next_retry"]
+    text = cli.run("status", check=True).stdout
+    assert "waiting" in text and "connection refused" in text and "next try in" in text
+    cli.run("cancel", "1", check=True)
+    wait_until(lambda: [t["state"] for t in cli.status()] == ["cancelled"], what="the cancel's outcome")
+
+
+def test_a_secret_header_lost_with_its_daemon_is_never_sent_without_and_resume_continues(server, cli):
+    """`download --wait -H "Authorization: ..."`: the daemon that held the token in memory is SIGKILLed; the task
+    asks before its next request, nobody can give the value back, so it is cancelled (exit 1, a line saying why)
+    with its partial data kept; `resume 1 -H ...` continues it from there (a Range request). No request ever went
+    without the token, and the file is byte-exact."""
+    data = fs.blob_bytes(2 * MiB, seed=64)
+    server.add_blob("/private.bin", data, auth=fs.BearerAuth("cli-token-51"))
+    hold = server.hold_at("/private.bin", 300_000)
+    proc = subprocess.Popen([sys.executable, "-W", "error", BGSESSION, "download", "--state-dir", cli.state, "--wait",
+                             "-d", str(cli.out), "-H", "Authorization: Bearer cli-token-51",
+                             server.url("/private.bin")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hold.wait(LONG)
+        daemon = read_pid_file(cli.state)
+        assert daemon is not None and daemon.kill()
+        hold.release()
+        out, err = proc.communicate(timeout=LONG)
+        assert proc.returncode == 1, out + err
+    finally:
+        hold.release()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()  # (communicate() may not have run: a failed assertion)
+        proc.stderr.close()
+    assert "1 cancelled  cancelled: its Authorization header lived in the memory of a daemon that stopped" in out
+    again = cli.run("resume", "1", "-H", "Authorization: Bearer cli-token-51", check=True)
+    assert again.stdout.strip() == "resume 1: again as 2 (from its partial data)"
+    assert cli.run("wait").returncode == 0
+    assert sha((cli.out / "private.bin").read_bytes()) == sha(data)
+    requests = server.requests("/private.bin")
+    assert {r.header("authorization") for r in requests} == {"Bearer cli-token-51"}
+    assert requests[-1].header("range") is not None and requests[-1].header("range") != "bytes=0-"
+
+
 @pytest.mark.parametrize("args, code, words", [
     (["download", "ftp://example.com/x"], 2, "unsupported"),
     (["download", "http://exa mple.com/x"], 2, "control characters"),
@@ -124,6 +175,7 @@ def test_status_lists_tasks_and_cancel_and_resume_act_on_them(server, cli):
     (["download", "--tries", "many", "http://127.0.0.1:9/x"], 2, "whole number"),
     (["download", "--timeout", "-1", "http://127.0.0.1:9/x"], 2, "--timeout"),
     (["download", "--header", "NoColon", "http://127.0.0.1:9/x"], 2, "bad header"),
+    (["download", "-H", "no colon", "http://127.0.0.1:9/x"], 2, "Name: value"),
     (["resume", "9"], 2, "no task 9"),
     (["download", "--priority", "2", "http://127.0.0.1:9/x"], 2, "priority"),
     (["download", "--not-before", "someday", "http://127.0.0.1:9/x"], 2, "bad time"),

@@ -119,7 +119,7 @@ def config(root: str, host: str = "inprocess") -> bg.Configuration:
 def recording(root: str, skip: tuple[str, str] | None = None) -> Iterator[crashsim.Recorder]:
     """bgsession's file operations below *root* recorded; each acknowledgement marked once it is durable."""
     recorder = crashsim.Recorder(root, bg._FileSystem(), skip, owners=[function for (_, function), _ in FSYNCS])
-    real_vfs, real_ack, real_offset = bg._vfs, bg._Engine.ack, bg._Engine.record_offset
+    real_vfs, real_ack, real_offset = bg._vfs, bg._Engine.ack, bg._Runner.record_offset
 
     def ack(engine: bg._Engine, tid: int, event: str) -> None:
         recorder.mark(f"acking {event} {tid}")  # from here on a compaction may fold it (and the task) away
@@ -132,18 +132,18 @@ def recording(root: str, skip: tuple[str, str] | None = None) -> Iterator[crashs
         # schedule, the one where an offset record reaches the disk before the data it covers could.
         real_offset(engine, task, offset)
         engine.store.writer.flush()
-    bg._vfs, bg._Engine.ack, bg._Engine.record_offset = recorder, ack, record_offset  # type: ignore[assignment, method-assign]
+    bg._vfs, bg._Engine.ack, bg._Runner.record_offset = recorder, ack, record_offset  # type: ignore[assignment, method-assign]
     try:
         yield recorder
     finally:
-        bg._vfs, bg._Engine.ack, bg._Engine.record_offset = real_vfs, real_ack, real_offset  # type: ignore[method-assign]
+        bg._vfs, bg._Engine.ack, bg._Runner.record_offset = real_vfs, real_ack, real_offset  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
 def daemon_in_thread(root: str) -> Iterator[None]:
     """The daemon host's engine, served from a thread of this process so that the recorder sees its operations."""
     cfg = config(root, "daemon")
-    bg._ensure_private_dir(cfg.directory)
+    bg._claim_session_dir(cfg.directory, cfg.identifier)
     server = bg._DaemonServer(cfg.directory, cfg)
     thread = threading.Thread(target=server.serve, name="crash-daemon")
     thread.start()
@@ -359,6 +359,8 @@ def open_after_power_loss(cfg: bg.Configuration, app: bg.SessionDelegate) -> tup
             return bg.Session(cfg, app), reported
         except bg.JournalError as err:
             reported.append(str(err))
+        except bg.InvalidArgumentError as err:  # (the directory is not recognised as the session's any more)
+            return None, [*reported, str(err)]
     return None, reported
 
 
@@ -559,7 +561,10 @@ FSYNCS = [
     (("sync", "_upload"), upload),  # an upload's response body, before its finish record
     (("dirsync", "_upload"), upload),  # ... and its name
     (("dirsync", "_move_file"), tiny),  # the app's file, moved before its finish is acknowledged
-    (("dirsync", "_makedirs"), tiny),  # a directory bgsession creates (the session's, the app's)
+    (("dirsync", "_makedirs"), tiny),  # a directory bgsession creates for the app (Documents/)
+    (("dirsync", "_make_private_dirs"), tiny),  # the session's directory (and its private parents)
+    # (_claim_session_dir's fsync after making tmp/ is not in the table: the journal's creation fsyncs the session
+    # directory again before anything goes into tmp/, so no state tells it missing)
 ]
 
 

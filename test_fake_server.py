@@ -803,6 +803,31 @@ def test_basic_auth_rejects_then_accepts(srv):
     assert fetch(srv, "/a", {"Authorization": "Basic " + good})[2] == b"secret"
 
 
+def test_bearer_auth_accepts_the_current_token_only(srv):
+    """Bearer: no token or an old one gets a 401 with a Bearer challenge; the current token gets the body."""
+    auth = fs.BearerAuth("t1")
+    srv.add_blob("/b", b"bearer!", auth=auth)
+    status, headers, _ = fetch(srv, "/b")
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert fetch(srv, "/b", {"Authorization": "Bearer t1"})[2] == b"bearer!"
+    auth.token = "t2"
+    assert fetch(srv, "/b", {"Authorization": "Bearer t1"})[0] == 401
+    assert fetch(srv, "/b", {"Authorization": "Bearer t2"})[2] == b"bearer!"
+
+
+def test_signed_urls_answer_403_once_expired(srv):
+    """A presigned URL works until its signatures expire (then 403, no challenge); a new signature works."""
+    signer = fs.SignedURLs()
+    srv.add_blob("/s", b"signed!", auth=signer)
+    first = signer.sign("/s")
+    assert fetch(srv, first)[2] == b"signed!"
+    assert fetch(srv, "/s")[0] == 403
+    signer.expire()
+    status, headers, _ = fetch(srv, first)
+    assert status == 403 and "www-authenticate" not in headers
+    assert fetch(srv, signer.sign("/s"))[2] == b"signed!"
+
+
 @pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
 def test_digest_auth_accepts_correct_response(srv, algorithm):
     """Digest: the response computed from the challenge is accepted."""
@@ -1462,3 +1487,92 @@ def test_stop_joins_every_thread_the_server_started(srv, raw):
         assert [t.name for t in threading.enumerate() if t.name.startswith("fake_server-")] == []
     finally:
         idle.close()
+
+
+# --- proxy mode ----------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy():
+    with fs.FakeServer(proxy=True) as server:
+        yield server
+
+
+def test_proxy_forwards_absolute_form_requests(srv, proxy):
+    """An absolute-form GET is forwarded upstream (Range included) and answered with the upstream's response."""
+    data = fs.blob_bytes(200_000, seed=3)
+    srv.add_blob("/p", data)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.proxy_url()}))
+    with opener.open(srv.url("/p"), timeout=SHORT) as resp:
+        assert resp.read() == data
+    req = urllib.request.Request(srv.url("/p"), headers={"Range": "bytes=100000-"})
+    with opener.open(req, timeout=SHORT) as resp:
+        assert resp.status == 206 and resp.read() == data[100_000:]
+    forwarded = proxy.requests()
+    assert [r.path for r in forwarded] == [srv.url("/p")] * 2 and forwarded[1].header("range") == "bytes=100000-"
+    assert [r.header("range") for r in srv.requests("/p")] == [None, "bytes=100000-"]
+
+
+def test_proxy_forwards_uploads(srv, proxy):
+    """A PUT through the proxy reaches the upstream whole."""
+    srv.add_upload("/up")
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=SHORT)
+    try:
+        conn.request("PUT", srv.url("/up"), body=b"x" * 70_000)
+        assert conn.getresponse().status == 201
+    finally:
+        conn.close()
+    assert srv.uploads("/up") == [b"x" * 70_000]
+
+
+def test_proxy_asks_for_credentials_with_407(srv, proxy):
+    """With proxy_auth, a request without Proxy-Authorization gets a 407 with a Basic Proxy-Authenticate."""
+    srv.add_blob("/p", b"ok")
+    proxy.proxy_auth = fs.BasicAuth("pa", "pw", realm="proxy")
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=SHORT)
+    try:
+        conn.request("GET", srv.url("/p"))
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 407 and resp.getheader("Proxy-Authenticate").startswith('Basic realm="proxy"')
+        import base64
+        token = base64.b64encode(b"pa:pw").decode()
+        conn.request("GET", srv.url("/p"), headers={"Proxy-Authorization": "Basic " + token})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"ok")
+    finally:
+        conn.close()
+    assert "proxy-authorization" not in srv.requests("/p")[0].headers  # the proxy's own credential stays there
+
+
+def test_proxy_connect_tunnels_to_a_mapped_name(srv, proxy):
+    """CONNECT opens a tunnel; a name mapped by map_host (unknown to DNS) reaches the upstream through it."""
+    srv.add_blob("/t", b"tunnelled")
+    proxy.map_host("photos.invalid")
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=SHORT)
+    conn.set_tunnel("photos.invalid", srv.port)
+    try:
+        conn.request("GET", "/t")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"tunnelled")
+    finally:
+        conn.close()
+    assert [r.method for r in proxy.requests()] == ["CONNECT"]
+    assert proxy.requests()[0].path == f"photos.invalid:{srv.port}"
+
+
+def test_proxy_stop_cuts_the_transfers_it_relays(srv, proxy):
+    """A proxy that stops cuts the client's response mid-body (the upstream is held mid-transfer)."""
+    srv.add_blob("/big", size=1_000_000)
+    hold = srv.hold_at("/big", 300_000)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=SHORT)
+    try:
+        conn.request("GET", srv.url("/big"))
+        resp = conn.getresponse()
+        assert hold.wait(SHORT)
+        proxy.stop()
+        with pytest.raises((http.client.IncompleteRead, OSError)):
+            resp.read()
+    finally:
+        conn.close()
+        hold.release()

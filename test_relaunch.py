@@ -173,7 +173,7 @@ def test_demo_story_passes(tmp_path: Any, host: str) -> None:
             stop_daemon(str(tmp_path / "app" / "session"))
     out = done.stdout.decode("utf-8", "replace")
     assert done.returncode == 0, out
-    assert "All checks passed." in out and "exit status -9" in out and out.count("SHA-256 ok") == 4, out
+    assert "All checks passed." in out and "exit status -9" in out and out.count("SHA-256 ok") == 5, out
 
 
 # ============================================================================

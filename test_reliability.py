@@ -53,12 +53,24 @@ def test_tls_is_verified_by_default(tls_server, sessions):
     assert task.identifier not in rec.files
 
 
-def test_tls_with_a_trusting_ssl_context_downloads(tls_server, sessions, certificate):
-    """An ssl.SSLContext that trusts the certificate (the daemon rebuilds it from its CA list) downloads."""
+def test_tls_with_a_trusting_ssl_context_downloads_in_process(tls_server, inproc, certificate):
+    """An ssl.SSLContext that trusts the certificate downloads in-process (the daemon host refuses one: it cannot
+    receive it whole; test_networks.py)."""
     data = fs.blob_bytes(300_000, seed=81)
     tls_server.add_blob("/secret.bin", data)
     rec = Recorder()
-    s = sessions.open(rec, ssl_context=ssl.create_default_context(cafile=certificate[0]))
+    s = inproc.open(rec, ssl_context=ssl.create_default_context(cafile=certificate[0]))
+    task = download(s, tls_server.url("/secret.bin"))
+    assert s.wait(LONG)
+    assert sha(rec.files[task.identifier]) == sha(data)
+
+
+def test_tls_with_a_trusting_tls_value_downloads(tls_server, sessions, certificate):
+    """TLS(cafile=...) that trusts the certificate downloads, on both hosts."""
+    data = fs.blob_bytes(300_000, seed=82)
+    tls_server.add_blob("/secret.bin", data)
+    rec = Recorder()
+    s = sessions.open(rec, tls=bg.TLS(cafile=certificate[0]))
     task = download(s, tls_server.url("/secret.bin"))
     assert s.wait(LONG)
     assert sha(rec.files[task.identifier]) == sha(data)

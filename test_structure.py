@@ -182,7 +182,8 @@ def test_operations_round_trip_their_wire_form():
 
 def test_architecture_lists_every_event_and_socket_request():
     """ARCHITECTURE.md's events and the socket's own requests are the ones the code sends and serves."""
-    events = [bg.ProgressEvent(1, 1, 1, 1), bg.FinishedEvent(1, "x"), bg.CompletedEvent(1, None), bg.BacklogEnd(True)]
+    events = [bg.ProgressEvent(1, 1, 1, 1), bg.FinishedEvent(1, "x"), bg.CompletedEvent(1, None), bg.BacklogEnd(True),
+              bg.WaitingEvent(1)]
     in_code = {bg._event_to_wire(e)["ev"] for e in events} | set(re.findall(r'"ev": "(\w+)", "cid"', SOURCE))
     assert {_ticked(row[0])[0] for row in _table("### Events")} == in_code
     served = set(re.findall(r'(?:op|msg.get\("op"\)) == "(\w+)"', inspect.getsource(bg._DaemonServer)))

@@ -280,13 +280,14 @@ def test_cancel_producing_resume_data_then_resume_from_it(server, sessions):
 
 
 def test_failed_download_carries_resume_data(server, sessions):
-    """A download that fails after partial data offers TransferError.resume_data, which completes it later."""
+    """A download that fails after partial data (a session that does not wait for connectivity, the server gone)
+    offers TransferError.resume_data, which completes it later."""
     data = fs.blob_bytes(1 * MiB, seed=37)
     server.add_blob("/f.bin", data, faults=[fs.Fault(cut_after=400_000)])
     server.on_bytes("/f.bin", 400_000, lambda path, served: threading.Thread(target=server.stop).start())
     rec = Recorder()
     rec.expect = 2
-    s = sessions.open(rec, retry=bg.Retry(total=1, backoff_factor=0.01))
+    s = sessions.open(rec, retry=bg.Retry(total=1, backoff_factor=0.01), waits_for_connectivity=False)
     task = download(s, server.url("/f.bin"))
     assert s.wait(LONG)
     err = rec.errors[task.identifier]
@@ -323,7 +324,8 @@ def test_stale_resume_data_fails_the_task_through_complete(server, sessions):
     wait_until(received(task, 1 * MiB), what="1 MiB on disk")
     resume_data = task.cancel_producing_resume_data()
     hold.release()
-    os.unlink(json.loads(resume_data.split(b"\n", 1)[1])["file"])
+    name = json.loads(resume_data.split(b"\n", 1)[1])["file"]  # a name inside the session's tmp/
+    os.unlink(os.path.join(s.configuration.directory, "tmp", name))
     new = s.download_task_with_resume_data(resume_data)
     new.resume()
     assert s.wait(LONG)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import threading
 import time
 from typing import Any
@@ -22,12 +25,14 @@ import fake_server as fs
 __all__ = [
     "HERE",
     "LONG",
+    "PROXY_VARIABLES",
     "SHORT",
     "FakeClock",
     "Ledger",
     "MiB",
     "Recorder",
     "Sessions",
+    "TinyProxy",
     "daemons",
     "download",
     "file_sha",
@@ -39,6 +44,7 @@ __all__ = [
     "sessions",
     "sha",
     "stop_daemon",
+    "tinyproxy",
     "wait_until",
 ]
 
@@ -49,6 +55,13 @@ LONG = 60.0
 MiB = 1 << 20
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: Proxy variables (any case). The tests talk to loopback only: a proxy set on the machine (CI behind a
+#: corporate proxy) must not catch their requests, so they are removed here, for the tests and their children;
+#: a test that wants one sets it (monkeypatch.setenv).
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+for _name in [n for n in os.environ if n.lower() in PROXY_VARIABLES]:
+    del os.environ[_name]
 
 
 def sha(data: bytes) -> str:
@@ -267,3 +280,67 @@ def wait_until(predicate, timeout: float = LONG, what: str = "condition") -> Non
 def received(task, n: int):
     """Predicate: *task* has written at least *n* bytes to its partial file."""
     return lambda: task.count_of_bytes_received >= n
+
+
+class TinyProxy:
+    """A real HTTP proxy (tinyproxy from the distribution) on 127.0.0.1, configured in a temp dir:
+    absolute-form requests and CONNECT to any port, optionally Basic credentials."""
+
+    def __init__(self, directory, auth: tuple[str, str] | None = None) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.conf = os.path.join(str(directory), "tinyproxy.conf")
+        self.log = os.path.join(str(directory), "tinyproxy.log")
+        lines = [f"Port {self.port}", "Listen 127.0.0.1", "Timeout 60", "Allow 127.0.0.1", "MaxClients 64",
+                 "LogLevel Connect", f"LogFile \"{self.log}\""]
+        if auth is not None:
+            lines.append("BasicAuth %s %s" % auth)
+        with open(self.conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, user: str | None = None, password: str | None = None) -> str:
+        credentials = f"{user}:{password}@" if user is not None else ""
+        return f"http://{credentials}127.0.0.1:{self.port}"
+
+    def requests(self) -> list[str]:
+        """The request lines tinyproxy logged ("GET http://host:port/path HTTP/1.1", "CONNECT host:port ...")."""
+        try:
+            with open(self.log, encoding="utf-8", errors="replace") as f:
+                return [line.split("): ", 1)[1].strip() for line in f if "Request (file descriptor" in line]
+        except FileNotFoundError:
+            return []
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", self.conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def accepting() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, "tinyproxy exited at start"
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_until(accepting, SHORT, "tinyproxy to accept connections")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(SHORT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def tinyproxy(tmp_path):
+    """A running tinyproxy (skipped where the distribution's tinyproxy is not installed; .ci/run installs it)."""
+    if shutil.which("tinyproxy") is None:
+        pytest.skip("needs tinyproxy (apt-get install tinyproxy-bin)")
+    proxy = TinyProxy(tmp_path)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
