@@ -43,7 +43,9 @@ plays the system, relaunched it because that session has events waiting).
    hook will find it;
 4. releases delivery: the waiting events arrive, then
    ``did_finish_events_for_background_session``, which calls the saved handler;
-5. returns 0 once the handler has been called and no background task is open.
+5. returns 0 once the handler has been called, the hook that called it has
+   returned (work done there after the call is not cut short), and no
+   background task is open.
 
 So the saved handler is always in place before the hook that calls it can run
 (the race AFNetworking users hit). If the handler is not called within
@@ -79,6 +81,14 @@ Exit codes returned by ``main``:
 * :data:`EXIT_BACKGROUND_TIME_EXPIRED` (4) — a background task was still open
   after its expiration handler ran (iOS would kill the app).
 
+**asyncio.** Any lifecycle method may be ``async def``. ``main`` then runs an
+asyncio event loop on a thread of its own (``app.event_loop``) and runs each
+async method there, waiting for it (the main thread keeps signals and the
+lifecycle); an async ``run`` is a task on that loop. A session created in an
+async ``did_finish_launching`` is created on that loop, so its ``async def``
+hooks run there. After ``will_terminate`` the loop's remaining tasks are
+cancelled and it is closed.
+
 An exception raised by ``did_finish_launching`` or ``handle_events…`` is not
 caught: the process crashes with its traceback, as an iOS app would. ``main``
 returns normally otherwise, so threads the app started should be daemon threads
@@ -99,7 +109,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Callable
 
 import bgsession
@@ -160,13 +170,14 @@ class CompletionHandler:
     call raises :class:`RuntimeError` and does nothing else.
     """
 
-    __slots__ = ("_called", "_identifier", "_lock", "_on_call")
+    __slots__ = ("_called", "_hook", "_identifier", "_lock", "_on_call")
 
     def __init__(self, identifier: str, on_call: Callable[[], None] | None = None) -> None:
         self._identifier = identifier
         self._on_call = on_call
         self._lock = threading.Lock()
         self._called = False
+        self._hook: Any = None  # the bgsession hook that called it, if one did
 
     @property
     def identifier(self) -> str:
@@ -177,12 +188,21 @@ class CompletionHandler:
     def called(self) -> bool:
         return self._called
 
+    @property
+    def done(self) -> bool:
+        """Called, and the hook that called it (``did_finish_events_for_background_session``, say) has returned: the
+        work the hook does after the call is part of handling the events, so the process waits for it too."""
+        return self._called and (self._hook is None or self._hook.returned)
+
     def __call__(self) -> None:
         with self._lock:
             if self._called:
                 raise RuntimeError(f"the completion handler for background session {self._identifier!r} was "
                                    "already called; call it exactly once")
             self._called = True
+            self._hook = bgsession._running_hook()  # also inside an async def hook: a context variable
+        if self._hook is not None and self._on_call is not None:
+            self._hook.on_return(self._on_call)  # wake main once more when the hook has returned
         if self._on_call is not None:
             self._on_call()
 
@@ -221,6 +241,7 @@ class Application:
         self._tasks: dict[int, _BackgroundTask] = {}
         self._last_task_id = INVALID_BACKGROUND_TASK
         self._deadline: float | None = None  # time.monotonic() at which the background time runs out
+        self._event_loop: Any = None  # set by main when the delegate has async def methods
         self._expired = False
         self._signals: list[int] = []  # appended by signal handlers, read by the lifecycle loop
         self._wake_r, self._wake_w = socket.socketpair()
@@ -236,6 +257,12 @@ class Application:
     def argv(self) -> list[str]:
         """The command line given to :func:`main` (``sys.argv`` by default)."""
         return list(self._argv)
+
+    @property
+    def event_loop(self) -> Any:
+        """The app's asyncio event loop (its own thread) when the delegate has ``async def`` lifecycle methods,
+        else None. Sessions created in an async ``did_finish_launching`` run their async hooks on it."""
+        return self._event_loop
 
     @property
     def is_background_launch(self) -> bool:
@@ -348,9 +375,11 @@ class Application:
 
 
 class AppDelegate:
-    """Override the methods your app needs (``UIApplicationDelegate``). ``main`` creates it with no arguments."""
+    """Override the methods your app needs (``UIApplicationDelegate``). ``main`` creates it with no arguments.
 
-    def did_finish_launching(self, app: Application, launch_options: Mapping[str, Any]) -> None:
+    Any of them may be ``async def``: they then run on the app's event loop (``app.event_loop``), one at a time."""
+
+    def did_finish_launching(self, app: Application, launch_options: Mapping[str, Any]) -> Awaitable[None] | None:
         """Every launch: re-create your background sessions (with their session-level hooks) here.
 
         ``launch_options`` is empty for a normal launch and ``{"url_session": identifier}``
@@ -358,17 +387,17 @@ class AppDelegate:
         """
 
     def handle_events_for_background_url_session(self, app: Application, identifier: str,
-                                                 completion_handler: CompletionHandler) -> None:
+                                                 completion_handler: CompletionHandler) -> Awaitable[None] | None:
         """Background launch: save *completion_handler*; call it from ``did_finish_events_for_background_session``."""
         raise NotImplementedError(
             f"{type(self).__name__} was launched for the events of background session {identifier!r} but does "
             "not implement handle_events_for_background_url_session(app, identifier, completion_handler): save "
             "the handler there and call it from the session's did_finish_events_for_background_session hook")
 
-    def run(self, app: Application) -> None:
+    def run(self, app: Application) -> Awaitable[None] | None:
         """The foreground work of a normal launch (its own thread). Returning ends the app. Default: return."""
 
-    def will_terminate(self, app: Application) -> None:
+    def will_terminate(self, app: Application) -> Awaitable[None] | None:
         """The process is about to exit (not after SIGKILL, nor when a handler timeout kills it)."""
 
 
@@ -432,6 +461,59 @@ class _Signals:
         signal.set_wakeup_fd(self.previous_fd)
 
 
+#: The delegate methods main calls; any of them may be ``async def``.
+_LIFECYCLE = ("did_finish_launching", "handle_events_for_background_url_session", "run", "will_terminate")
+
+
+class _EventLoop:
+    """The app's asyncio event loop, on a thread of its own ("appdelegate-loop"), for a delegate with ``async def``
+    lifecycle methods: main (on the main thread, which keeps signals and the lifecycle) runs each of them there and
+    waits for it. Sessions created in an async ``did_finish_launching`` are created on this loop, so their async
+    hooks run on it. Closed (pending tasks cancelled) after ``will_terminate``."""
+
+    def __init__(self) -> None:
+        import asyncio  # here: a synchronous app never loads asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name="appdelegate-loop", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import asyncio
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coroutine: Any) -> Any:
+        """Run *coroutine* on the loop; returns its concurrent.futures.Future."""
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self) -> None:
+        import asyncio
+
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.loop.shutdown_asyncgens()
+
+        with contextlib.suppress(Exception):  # the app is ending; its tasks' errors are its own
+            self.submit(cancel_the_rest()).result(DEFAULT_BACKGROUND_TIME)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(DEFAULT_BACKGROUND_TIME)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+def _is_async(fn: Any) -> bool:
+    import inspect  # here: most apps never need it
+    return inspect.iscoroutinefunction(fn)
+
+
+def _has_async_lifecycle(delegate: AppDelegate) -> bool:
+    return any(_is_async(getattr(delegate, name, None)) for name in _LIFECYCLE)
+
+
 class _Launch:
     """One process launch, driven from the main thread."""
 
@@ -441,20 +523,45 @@ class _Launch:
         self.handler_timeout = handler_timeout
         self.run_done = False
         self.run_raised = False
+        self.events: _EventLoop | None = _EventLoop() if _has_async_lifecycle(delegate) else None
+        app._event_loop = self.events.loop if self.events is not None else None
+
+    def _call(self, name: str, *args: Any) -> None:
+        """Call a lifecycle method; an ``async def`` one runs on the app's event loop while main waits."""
+        result = getattr(self.delegate, name)(self.app, *args)
+        if self.events is not None and hasattr(result, "__await__"):
+            self.events.submit(result).result()
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
 
     # -- normal launch ---------------------------------------------------------------------
     def foreground(self) -> int:
         app = self.app
-        self.delegate.did_finish_launching(app, {})
+        self._call("did_finish_launching", {})
         if not app._signals:  # a signal during launching: terminate without running
-            runner = threading.Thread(target=self._run_delegate, name="appdelegate-run", daemon=True)
-            runner.start()
+            if self.events is not None and _is_async(self.delegate.run):
+                self.events.submit(self.delegate.run(app)).add_done_callback(self._run_ended)
+            else:
+                runner = threading.Thread(target=self._run_delegate, name="appdelegate-run", daemon=True)
+                runner.start()
         while not self.run_done and not app._signals:
             app._wait(None)
         code = self.terminate()
         if self.run_raised and code == 0:
             code = EXIT_RUN_RAISED
         return code
+
+    def _run_ended(self, future: Any) -> None:  # (on the loop's thread)
+        """An async run() ended (on the loop): as _run_delegate's end."""
+        if not future.cancelled() and future.exception() is not None:
+            self.run_raised = True
+            err = future.exception()
+            sys.stderr.write("appdelegate: run() raised:\n")
+            traceback.print_exception(type(err), err, err.__traceback__)
+        self.run_done = True
+        self.app._wake()
 
     def _run_delegate(self) -> None:
         try:
@@ -492,8 +599,8 @@ class _Launch:
         bgsession._backlog_listeners.append(on_backlog)
         bgsession._delivery_gate.clear()
         try:
-            self.delegate.did_finish_launching(app, {LAUNCH_OPTIONS_URL_SESSION: identifier})
-            self.delegate.handle_events_for_background_url_session(app, identifier, handler)
+            self._call("did_finish_launching", {LAUNCH_OPTIONS_URL_SESSION: identifier})
+            self._call("handle_events_for_background_url_session", identifier, handler)
         finally:
             bgsession._delivery_gate.set()
         released_deadline = time.monotonic() + self.handler_timeout
@@ -509,9 +616,18 @@ class _Launch:
             if app._signals:
                 return self.terminate()
             open_tasks = app._open_tasks()
-            if handler.called and not open_tasks:
+            if handler.done and not open_tasks:
                 break
             waits = []
+            if handler.called and not handler.done:  # the hook that called it still works: background time
+                left = app._seconds_to_deadline()
+                if left <= 0:
+                    sys.stderr.write(f"appdelegate: background launch for session {identifier!r}: the hook that "
+                                     "called the completion handler had not returned when the background time "
+                                     f"expired; exiting (limit: {BACKGROUND_TIME_ENV})\n")
+                    sys.stderr.flush()
+                    return EXIT_BACKGROUND_TIME_EXPIRED
+                waits.append(left)
             if not handler.called and not backlog["delivering"]:
                 deadline = backlog["deadline"] if backlog["deadline"] is not None else released_deadline
                 left = deadline - time.monotonic()
@@ -555,7 +671,7 @@ class _Launch:
 
     def _will_terminate(self) -> None:
         try:
-            self.delegate.will_terminate(self.app)
+            self._call("will_terminate")
         except Exception:  # noqa: BLE001 - a user hook's failure is reported, never fatal
             sys.stderr.write("appdelegate: will_terminate() raised:\n")
             traceback.print_exc()
@@ -587,5 +703,6 @@ def main(delegate_class: type[AppDelegate], *, argv: Sequence[str] | None = None
                 return launch.background()
             return launch.foreground()
     finally:
+        launch.close()
         _shared = previous
         app._close()

@@ -35,7 +35,8 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
                       limits), the outbox (the attached app), and the engine that owns the tasks.
  9. Interface      -- the app<->engine protocol, declared once: a Protocol and one table
                       of operations that every host uses.
-10. Session        -- ``SessionDelegate``, ``Task``, ``Session``, ``SessionManager``.
+10. Session        -- ``move_to``, ``multipart_body``; ``SessionDelegate``, ``Task``, ``Session``,
+                      ``SessionManager``; async def hooks on the session's event loop.
 11. Wire           -- JSON-lines frames and the codecs of the daemon socket.
 12. Daemon         -- the daemon host: server, relauncher, client, start-up.
 13. CLI            -- ``python -m bgsession`` / the ``bgsession`` command."""
@@ -46,11 +47,13 @@ import argparse
 import base64
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import email.utils
 import enum
 import errno
+import filecmp
 import functools
 import hashlib
 import heapq
@@ -60,6 +63,7 @@ import itertools
 import json
 import logging
 import math
+import mimetypes
 import os
 import random
 import re
@@ -74,8 +78,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable, Protocol, Union, cast
+from collections.abc import Awaitable, Generator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Protocol, TypeVar, Union, cast
 
 # Platform differences are detected once, here.
 try:  # POSIX advisory locks
@@ -94,7 +98,7 @@ __all__ = [
     "CredentialPersistence", "DelayedRequestDisposition", "DownloadTask", "ErrorCode", "InvalidArgumentError",
     "Journal", "JournalError", "LoginService", "ProtectionSpace", "Request", "Response", "Retry", "Session",
     "SessionDelegate", "SessionInvalidatedError", "SessionManager", "Task", "TaskState", "TransferError", "UploadTask",
-    "default_directory", "sanitize_filename",
+    "default_directory", "move_to", "multipart_body", "sanitize_filename",
 ]
 
 log = logging.getLogger("bgsession")
@@ -1337,6 +1341,16 @@ def _check_identifier(identifier: Any) -> str:
     return identifier
 
 
+def _state_base() -> str:
+    """The per-user state directory of this platform (see :func:`default_directory`)."""
+    if sys.platform == "win32":
+        return os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
+    if sys.platform == "darwin":
+        return os.path.join(os.path.expanduser("~"), "Library", "Application Support")
+    base = os.environ.get("XDG_STATE_HOME") or ""
+    return base if os.path.isabs(base) else os.path.join(os.path.expanduser("~"), ".local", "state")
+
+
 def default_directory(identifier: str) -> str:
     """The per-user state directory for a session identifier.
 
@@ -1344,15 +1358,34 @@ def default_directory(identifier: str) -> str:
     macOS: ``~/Library/Application Support/bgsession/<identifier>``;
     Windows: ``%LOCALAPPDATA%\\bgsession\\<identifier>``."""
     _check_identifier(identifier)
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
-    elif sys.platform == "darwin":
-        base = os.path.join(os.path.expanduser("~"), "Library", "Application Support")
+    return os.path.join(_state_base(), "bgsession", identifier)
+
+
+_PYTHON_NAME_RE = re.compile(r"\Apython[0-9.]*\Z")
+
+
+def _check_relaunch_command(command: Any) -> None:
+    """An argv whose program exists now: a relaunch that cannot start is refused here, where the mistake is made,
+    not found later in daemon.log. A bare name is looked up on PATH; a path is taken from the current directory
+    (the relaunch runs there too). A ``python3`` found on PATH that is not this interpreter is warned about: from
+    an unactivated virtual environment it is the wrong one, and the relaunched app cannot import its packages."""
+    if isinstance(command, (str, bytes)) or not isinstance(command, Sequence) or not command or \
+            not all(isinstance(a, str) for a in command):
+        raise _invalid("relaunch_command must be a non-empty list of str (an argv, never a shell line), "
+                       f"not {command!r}; for this program: [sys.executable, os.path.abspath(__file__)]")
+    program = command[0]
+    if os.sep in program or (os.altsep and os.altsep in program):
+        found = program if os.path.isfile(program) and os.access(program, os.X_OK) else None
     else:
-        base = os.environ.get("XDG_STATE_HOME") or ""
-        if not os.path.isabs(base):
-            base = os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "bgsession", identifier)
+        found = shutil.which(program)
+    if found is None:
+        raise _invalid(f"relaunch_command program {program!r} does not exist or is not executable"
+                       f"{'' if os.sep in program else ' (not found on PATH)'}; use an absolute path, such as "
+                       "sys.executable for a Python app")
+    if _PYTHON_NAME_RE.match(os.path.basename(program)) and os.path.realpath(found) != \
+            os.path.realpath(sys.executable):
+        log.warning("relaunch_command runs %r (%s), not this interpreter (%s): a relaunched app may not find its "
+                    "packages; use sys.executable", program, found, sys.executable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1416,7 +1449,9 @@ class Configuration:
 
         *host*: ``"daemon"`` (the default on POSIX: transfers run in a detached daemon and go
         on while the app is dead) or ``"inprocess"`` (the default on Windows: transfers run in
-        the app and resume when it re-creates the session)."""
+        the app and resume when it re-creates the session). *relaunch_command*: the argv the daemon
+        runs (in the current directory) to relaunch the app for its events, such as
+        ``[sys.executable, os.path.abspath(__file__)]``; a program that does not exist is refused here."""
         _check_identifier(identifier)
         if host is None:
             host = "daemon" if fcntl is not None and hasattr(socket, "AF_UNIX") else "inprocess"
@@ -1429,9 +1464,8 @@ class Configuration:
             raise _invalid(f"host must be 'daemon' or 'inprocess', not {host!r}")
         if host == "daemon" and fcntl is None:
             raise _invalid("the daemon host needs POSIX (fcntl, Unix sockets); use host='inprocess' on Windows")
-        if relaunch_command is not None and (isinstance(relaunch_command, (str, bytes)) or not relaunch_command
-                                             or not all(isinstance(a, str) for a in relaunch_command)):
-            raise _invalid("relaunch_command must be a non-empty list of str (an argv, never a shell line)")
+        if relaunch_command is not None:
+            _check_relaunch_command(relaunch_command)
         common = cls.default(max_connections_per_host=max_connections_per_host, timeout_for_request=timeout_for_request,
                              timeout_for_resource=timeout_for_resource, retry=retry, headers=headers,
                              ssl_context=ssl_context, max_concurrent_transfers=max_concurrent_transfers,
@@ -3062,12 +3096,15 @@ class _Store:
         self.record(task, "vanished", error=error._to_record())
 
     def release_files(self, task: _TaskRecord, event: str) -> None:
-        """After the acknowledgement of *event* is durable: remove what the task no longer needs."""
+        """After the acknowledgement of *event* is durable: remove what the task no longer needs (an upload's own
+        body file too: see ``multipart_body``)."""
         if task.file:
             _unlink_quietly(self.path(task.file))
             _unlink_quietly(self.path(_handed_name(task.file)))
         if event == "complete":
             _unlink_quietly(self.path(task.partial_name))
+            if task.upload and task.upload.get("remove") and task.upload.get("path"):
+                _unlink_quietly(task.upload["path"])
 
     # -- resume data -------------------------------------------------------------------------
     def keep_for_resume(self, task: _TaskRecord, size: int) -> str | None:
@@ -4907,14 +4944,17 @@ class _Engine(_Runner):
 
     # -- the app<->engine interface ---------------------------------------------------------
     def new_task(self, kind: str, request: Request, description: str | None, upload_path: str | None = None,
-                 resume: Mapping[str, Any] | None = None) -> TaskInfo:
-        """A new suspended task, with its info (resume: parsed resume data, see _parse_resume_data). Its secrets
-        (secret headers, the URL's userinfo) stay in this process's memory."""
+                 resume: Mapping[str, Any] | None = None, remove_upload: bool = False) -> TaskInfo:
+        """A new suspended task, with its info (resume: parsed resume data, see _parse_resume_data; remove_upload:
+        the upload's file is the task's own, removed once its completion is acknowledged). Its secrets (secret
+        headers, the URL's userinfo) stay in this process's memory."""
         _check_description(description)
         upload = None
         if upload_path is not None:
             st = os.stat(upload_path)
             upload = {"path": upload_path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if remove_upload:
+                upload["remove"] = True
         with self.lock:
             self._check_open()
             tid, reserve_ticket = self.store.new_id(reserve=not self.durable_create)
@@ -5163,7 +5203,7 @@ class _Backend(Protocol):
     """The operations an app asks of its session's engine (each a row of _OPERATIONS, but close)."""
 
     def new_task(self, kind: str, request: Request, description: str | None, upload_path: str | None = None,
-                 resume: Mapping[str, Any] | None = None) -> TaskInfo: ...
+                 resume: Mapping[str, Any] | None = None, remove_upload: bool = False) -> TaskInfo: ...
     def resume(self, ids: Sequence[int]) -> None: ...
     def suspend(self, tid: int) -> None: ...
     def cancel(self, tid: int, produce_resume_data: bool = False) -> bytes | None: ...
@@ -5233,7 +5273,7 @@ class _Operation:
 #: The app<->engine interface: every operation, its arguments, result and wire form.
 _OPERATIONS: dict[str, _Operation] = {op.name: op for op in (
     _Operation("new_task", (("kind", _PLAIN), ("request", _REQUEST), ("description", _PLAIN), ("upload_path", _PLAIN),
-                            ("resume", _PLAIN)), _INFO, resend=False),
+                            ("resume", _PLAIN), ("remove_upload", _PLAIN)), _INFO, resend=False),
     _Operation("resume", (("ids", _IDS),)),
     _Operation("suspend", (("tid", _PLAIN),)),
     _Operation("cancel", (("tid", _PLAIN), ("produce_resume_data", _PLAIN)), _BYTES),
@@ -5277,6 +5317,218 @@ def _open_backend(config: Configuration, clock: _Clock | None = None) -> _Backen
 # 10. Session: SessionDelegate, Task, Session, SessionManager
 # ============================================================================
 
+# -- files handed out of and into tasks: move_to (a finished download), multipart_body (an upload's body) --------
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def _check_path(value: Any, what: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _invalid(f"{what} must be a path (str or os.PathLike), not {value!r}")
+    return os.fspath(value)
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.isfile(b) and filecmp.cmp(a, b, shallow=False)
+    return False
+
+
+class _NameTaken(FileExistsError):
+    """move_to's destination exists with other bytes."""
+
+
+def _place(src: str, dest: str, replace: bool) -> bool:
+    """Give *dest* *src*'s file, whole or not at all; False: *dest* held those very bytes already. On one file system
+    a rename (*src* goes); across file systems a copy next to *dest*, fsynced, then renamed (*src* stays: the caller
+    removes it once the new name is durable). Without *replace*, an existing name is checked first: the standard
+    library has no rename that refuses to replace, so a file another process creates under that name in between is
+    replaced."""
+    if not replace and os.path.lexists(dest):
+        if _same_bytes(src, dest):
+            return False
+        raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes; pass exist_ok=True to replace it, or choose "
+                         "another name", dest)
+    try:
+        _vfs.replace(src, dest)
+        return True
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.bgsession-{os.urandom(6).hex()}")
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            _fsync(f.fileno())
+        _vfs.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the original error is what matters
+            _vfs.unlink(tmp)
+        raise
+    return True
+
+
+def move_to(location: str | os.PathLike[str], directory_or_path: str | os.PathLike[str], *, exist_ok: bool = False,
+            name: str | None = None) -> str:
+    """Move a finished download (a finish hook's *location*) to where the app keeps it; returns its new path.
+
+    *directory_or_path*: an existing directory, or a path ending with a separator, receives the file as *name*
+    (sanitised; default: the location's own name, ``<id>.done`` for a download, so pass
+    ``name=task.response.suggested_filename``); any other path is the file's new name. Missing directories are
+    created. It works across file systems (copied, fsynced, then renamed into place) and the file is whole or absent
+    at its new name, never partial. The moved file gets the mode a file this process creates would have (0666 minus
+    the umask), not the session's private 0600.
+
+    When the name exists: holding the very same bytes, it is taken as this file (an earlier launch moved it and was
+    killed before the acknowledgement): the location is removed and the path returned. With other bytes:
+    FileExistsError, unless *exist_ok*, which replaces it atomically. Any other failure raises TransferError
+    CANNOT_MOVE_FILE. On failure the location stays, so a finish hook that lets the error propagate gets the event
+    again at the next launch."""
+    src, target = _check_path(location, "location"), _check_path(directory_or_path, "directory_or_path")
+    into = target.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)) or os.path.isdir(target)
+    if name is not None and (not into or not isinstance(name, str)):
+        raise _invalid(f"name= ({name!r}) is a file name for when directory_or_path is a directory; "
+                       f"{target!r} is not one")
+    dest = os.path.abspath(os.path.join(target, sanitize_filename(name or os.path.basename(src))) if into else target)
+    parent = os.path.dirname(dest)
+    try:
+        if not os.path.isfile(src):
+            raise FileNotFoundError(errno.ENOENT, "no such file", src)
+        _makedirs(parent, 0o777)  # (the umask applies, as to any directory the app creates)
+        placed = _place(src, dest, exist_ok)
+        _fsync_dir(parent)  # the new name is durable before the location goes and the finish is acknowledged
+        if os.path.lexists(src):  # copied from another file system, or the same bytes were there
+            _vfs.unlink(src)
+        if placed:
+            os.chmod(dest, 0o666 & ~_umask())
+    except _NameTaken:
+        raise
+    except OSError as err:
+        raise TransferError(ErrorCode.CANNOT_MOVE_FILE, f"cannot move {src} to {dest}: {err.strerror or err}; the file "
+                            "stays in the session and is delivered again at the next launch") from err
+    return dest
+
+
+#: Bodies multipart_body() wrote in this process that no upload task owns yet.
+_unclaimed_bodies: set[str] = set()
+_unclaimed_lock = threading.Lock()
+#: Bytes read from a file part per write.
+_MULTIPART_BLOCK = 256 << 10
+
+
+def _form_name(value: str) -> bytes:
+    """A quoted name of a Content-Disposition, as browsers send it (RFC 7578 4.2: UTF-8, quote and newlines
+    percent-encoded; never the RFC 5987 ``filename*`` form)."""
+    return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A").encode("utf-8")
+
+
+def _multipart_parts(fields: Any, files: Any) -> list[tuple[bytes, str | None, str | bytes]]:
+    """The parts, checked before anything is written: (headers, path of a file part or None, text or path)."""
+    def pairs(value: Any, what: str) -> list[Any]:
+        if value is None:
+            return []
+        if isinstance(value, Mapping):
+            return list(value.items())
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise _invalid(f"{what} must be a mapping or (name, ...) tuples, not {type(value).__name__}")
+        return [tuple(item) for item in value]
+    parts: list[tuple[bytes, str | None, str | bytes]] = []
+    for item in pairs(fields, "fields"):
+        if len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], (str, bytes)):
+            raise _invalid(f"a field is a (name, value) pair of str, not {item!r}")
+        parts.append((b'Content-Disposition: form-data; name="' + _form_name(item[0]) + b'"\r\n', None, item[1]))
+    for item in pairs(files, "files"):
+        if not 2 <= len(item) <= 4 or not isinstance(item[1], (str, os.PathLike)):
+            raise _invalid(f"a file is (name, path[, filename[, content_type]]), not {item!r}")
+        name, path, filename, ctype = (*item, None, None)[:4]
+        path = os.path.abspath(os.fspath(path))
+        if not isinstance(name, str) or not os.path.isfile(path):
+            raise _invalid(f"file part {name!r}: {path} is not a readable regular file")
+        filename = os.path.basename(path) if filename is None else filename
+        if not isinstance(filename, str) or not (ctype is None or (isinstance(ctype, str) and ctype.isprintable())):
+            raise _invalid(f"file part {name!r}: filename and content_type must be str, not {filename!r}, {ctype!r}")
+        ctype = ctype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        head = (b'Content-Disposition: form-data; name="' + _form_name(name) + b'"; filename="' + _form_name(filename)
+                + b'"\r\nContent-Type: ' + ctype.encode("ascii", "replace") + b"\r\n")
+        parts.append((head, path, path))
+    return parts
+
+
+def _write_multipart(fd: int, parts: list[tuple[bytes, str | None, str | bytes]], boundary: bytes) -> bool:
+    """Stream the body into *fd*; False if the boundary occurs in a part (the caller picks another)."""
+    delimiter = b"--" + boundary
+    for head, path, value in parts:
+        _write_all(fd, delimiter + b"\r\n" + head + b"\r\n")
+        if path is None:
+            data = value.encode("utf-8") if isinstance(value, str) else value
+            if delimiter in data:
+                return False
+            _write_all(fd, data)
+        else:
+            tail = b""  # the end of the previous block: a delimiter may straddle two
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(_MULTIPART_BLOCK), b""):
+                    if delimiter in tail + block:
+                        return False
+                    _write_all(fd, block)
+                    tail = block[-len(delimiter) + 1:]
+        _write_all(fd, b"\r\n")
+    _write_all(fd, delimiter + b"--\r\n")
+    return True
+
+
+def multipart_body(fields: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+                   files: Mapping[str, str | os.PathLike[str]] | Iterable[tuple[Any, ...]] | None,
+                   directory: str | os.PathLike[str] | None = None) -> tuple[str, str]:
+    """Write a ``multipart/form-data`` body (RFC 7578) into a new file for ``upload_task(request, from_file=path)``:
+    AFNetworking's ``requestWithMultipartFormRequest:writingStreamContentsToFile:``, because a background upload
+    comes from a file. Returns ``(path, content_type)``; send *content_type* (it carries the boundary) as the
+    request's ``Content-Type``.
+
+    *fields*: text fields, a mapping or ``(name, value)`` pairs, in order. *files*: a mapping of field name to path,
+    or ``(name, path[, filename[, content_type]])`` tuples (filename: the path's base name; content type: guessed
+    from it, else ``application/octet-stream``). Names may be any Unicode (sent as UTF-8, as browsers do); files may
+    hold any bytes: they are streamed in 256 KiB blocks, never whole in memory, and a boundary that occurs in them is
+    replaced. The body is fsynced before this returns.
+
+    The file is the upload's own: an upload task made from it removes it once its completion is acknowledged
+    (until then it is needed: the upload may be retried, or resumed after a relaunch). *directory*: where it is
+    written (created 0700; default: ``bgsession-multipart`` in bgsession's per-user state directory, which outlives
+    a reboot, as the task does)."""
+    parts = _multipart_parts(fields, files)
+    if directory is None:
+        directory = os.path.join(_state_base(), "bgsession-multipart")
+    directory = os.path.abspath(_check_path(directory, "directory"))
+    _make_private_dirs(directory)
+    for _ in range(8):
+        boundary = b"bgsession-" + os.urandom(16).hex().encode("ascii")
+        fd, tmp = tempfile.mkstemp(prefix="body-", suffix=".part", dir=directory)
+        try:
+            written = _write_multipart(fd, parts, boundary)
+            if written:
+                _fsync(fd)
+        finally:
+            os.close(fd)
+        if not written:
+            os.unlink(tmp)
+            continue
+        path = tmp[: -len(".part")] + ".multipart"
+        _vfs.replace(tmp, path)
+        _fsync_dir(directory)
+        with _unclaimed_lock:
+            _unclaimed_bodies.add(path)
+        return path, f"multipart/form-data; boundary={boundary.decode('ascii')}"
+    raise BGSessionError("no boundary absent from the parts was found (8 random ones occurred in the data)")
+
+
+# -- delivery: the gate, the running hook, the event loop ------------------------------------------------------
+
 #: Set unless an app-lifecycle shim holds every session's hook delivery: appdelegate.main clears it during a
 #: background launch until ``handle_events_for_background_url_session`` has returned.
 _delivery_gate = threading.Event()
@@ -5303,33 +5555,223 @@ def _notify_backlog(identifier: str | None, state: str) -> None:
             log.exception("backlog listener failed")
 
 
+class _HookCall:
+    """One call of a hook, until it returns. appdelegate asks for the one running (:func:`_running_hook`) when the
+    completion handler is called, so that the process exits only after the hook that called it has returned."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._returned = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    @property
+    def returned(self) -> bool:
+        return self._returned
+
+    def on_return(self, callback: Callable[[], None]) -> None:
+        """Run *callback* (on the delegate thread) once the hook has returned; at once if it has."""
+        with self._lock:
+            if not self._returned:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def finish(self) -> None:
+        with self._lock:
+            self._returned, callbacks, self._callbacks = True, self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("hook-return callback failed")
+
+
+#: The hook running in this context: set on the delegate thread around each hook, and in the task that runs an
+#: ``async def`` hook on the event loop (a context variable follows the coroutine, a thread-local would not).
+_current_hook: contextvars.ContextVar[_HookCall | None] = contextvars.ContextVar("bgsession_hook", default=None)
+
+
+def _running_hook() -> _HookCall | None:
+    """The hook (or SessionManager block) running in the caller's context, or None outside any hook."""
+    return _current_hook.get()
+
+
+def _running_loop() -> Any:
+    """The asyncio event loop running in this thread, or None. (Without asyncio imported, none can run: the daemon
+    and plain apps never import it.)"""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _HookAbandoned(Exception):
+    """An async hook did not return: the session closed, or its event loop did, while it ran."""
+
+
+def _resolve(future: Any, value: Any = None, error: BaseException | None = None) -> None:
+    """Complete an asyncio future unless its awaiter gave up (on the future's loop)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class _AsyncBridge:
+    """A session's asyncio side. ``loop`` is the event loop the session was created on (None: created outside one):
+    ``async def`` hooks run there, one at a time, because the delegate thread waits for each coroutine before it
+    acknowledges the event and takes the next one. The futures of ``wait_async`` and ``await task`` wait here; the
+    delegate thread resolves them. Nothing blocking runs on the loop: journal, socket and file work stay on the
+    delegate thread."""
+
+    #: Seconds between the delegate thread's checks that an async hook's session or loop is still there.
+    POLL = 0.25
+
+    def __init__(self) -> None:
+        self.loop = _running_loop()
+        self._lock = threading.Lock()
+        self._waiters: list[Any] = []  # futures of wait_async
+        self._completions: dict[int, list[Any]] = {}  # task id -> futures of `await task`
+        self.closed = False
+
+    def run(self, awaitable: Awaitable[Any], call: _HookCall | None, stopping: Callable[[], bool]) -> Any:
+        """Run an async hook's awaitable on the loop and return its value; the calling (delegate) thread waits."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            getattr(awaitable, "close", lambda: None)()  # never awaited: no "coroutine was never awaited" warning
+            raise SessionInvalidatedError("an async def hook needs a Session created inside a running asyncio "
+                                          "event loop, which must still exist")
+        import asyncio
+        import concurrent.futures
+
+        async def in_hook_context() -> Any:
+            _current_hook.set(call)  # this task's own context
+            return await awaitable
+
+        future = asyncio.run_coroutine_threadsafe(in_hook_context(), loop)
+        while not future.done():
+            concurrent.futures.wait([future], self.POLL)
+            if not future.done() and (stopping() or loop.is_closed()):
+                future.cancel()
+                raise _HookAbandoned("the session or its event loop closed while an async hook ran")
+        if future.cancelled():
+            raise _HookAbandoned("the async hook was cancelled")
+        return future.result()
+
+    # -- futures the delegate thread resolves -------------------------------------------------
+    def _future(self) -> Any:
+        import asyncio
+        return asyncio.get_running_loop().create_future()
+
+    @staticmethod
+    def _settle(future: Any, value: Any = None, error: BaseException | None = None) -> None:
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nobody awaits it any more
+            future.get_loop().call_soon_threadsafe(_resolve, future, value, error)
+
+    def waiter(self) -> Any:
+        """A future that ``settle_waiters`` resolves (``wait_async``)."""
+        future = self._future()
+        with self._lock:
+            if self.closed:
+                _resolve(future, True)
+            else:
+                self._waiters.append(future)
+        return future
+
+    def discard(self, future: Any) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._waiters.remove(future)
+
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
+
+    def settle_waiters(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            self._settle(future, True)
+
+    def completion(self, task: Task) -> Any:
+        """A future of *task*'s completion in this process: the error ``task_did_complete`` was given."""
+        future = self._future()
+        with self._lock:
+            if task._outcome is not None:
+                _resolve(future, *task._outcome)
+            elif self.closed:
+                _resolve(future, error=SessionInvalidatedError("the session closed before the task completed"))
+            else:
+                self._completions.setdefault(task.identifier, []).append(future)
+        return future
+
+    def complete(self, task: Task, error: TransferError | None, raised: BaseException | None = None) -> None:
+        """*task*'s completion was delivered with *error*; or its hooks failed (*raised*: what ``await`` raises)."""
+        with self._lock:
+            task._outcome = (error, raised)
+            futures = self._completions.pop(task.identifier, [])
+        for future in futures:
+            self._settle(future, error, raised)
+
+    def close(self) -> None:
+        """The session ended: ``wait_async`` returns True; ``await task`` of an unfinished task raises."""
+        with self._lock:
+            self.closed = True
+            pending = [f for futures in self._completions.values() for f in futures]
+            self._completions.clear()
+        self.settle_waiters()
+        for future in pending:
+            self._settle(future, error=SessionInvalidatedError("the session closed before the task completed"))
+
+
+def _is_async_def(fn: Any) -> bool:
+    import inspect  # here: the daemon never needs it
+    return inspect.iscoroutinefunction(fn)
+
+
+def _async_hooks(delegate: Any, names: Iterable[str]) -> list[str]:
+    """The names of *delegate*'s hooks that are ``async def``."""
+    return [name for name in names if _is_async_def(getattr(delegate, name, None))]
+
+
 class SessionDelegate:
     """Session-level hooks, Apple style: override the ones you need.
 
     They run serially on the session's delegate thread, never concurrently, and only after the Session (or
     SessionManager, subclass ``__init__`` included) is fully constructed. Register them again every time the app
-    re-creates the session: that is what makes them survive a relaunch."""
+    re-creates the session: that is what makes them survive a relaunch.
 
-    def download_task_did_finish_downloading(self, session: Session, task: DownloadTask, location: str) -> None:
-        """The file is complete at *location*; move or open it before returning (it is deleted after)."""
+    A hook may be ``async def`` when the Session is created inside a running asyncio event loop: it then runs on
+    that loop, still one at a time and in order, and its event is acknowledged after the coroutine returns. A hook
+    that raises (or whose coroutine does) is logged; its event is not acknowledged, the task gets no further event
+    in this process, and it is delivered again the next time the session is created."""
+
+    def download_task_did_finish_downloading(self, session: Session, task: DownloadTask, location: str
+                                             ) -> Awaitable[None] | None:
+        """The file is complete at *location*; move it (:func:`move_to`) or read it before returning (it is
+        deleted after)."""
 
     def download_task_did_write_data(self, session: Session, task: DownloadTask, bytes_written: int,
-                                     total_bytes_written: int, total_bytes_expected: int) -> None:
+                                     total_bytes_written: int, total_bytes_expected: int) -> Awaitable[None] | None:
         """Progress (throttled); *total_bytes_expected* is -1 when unknown."""
 
     def task_did_send_body_data(self, session: Session, task: Task, bytes_sent: int,
-                                total_bytes_sent: int, total_bytes_expected: int) -> None:
+                                total_bytes_sent: int, total_bytes_expected: int) -> Awaitable[None] | None:
         """Upload progress (throttled)."""
 
     def task_did_receive_challenge(self, session: Session, task: Task, challenge: AuthChallenge
-                                   ) -> tuple[AuthChallengeDisposition, Credential | None]:
+                                   ) -> _Answer | Awaitable[_Answer]:
         """A 401: return (disposition, credential). Default: use the session's stored credential, if any."""
         return AuthChallengeDisposition.PERFORM_DEFAULT_HANDLING, None
 
-    def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
+    def task_did_complete(self, session: Session, task: Task, error: TransferError | None
+                          ) -> Awaitable[None] | None:
         """The task ended. *error* is None for any HTTP response (check ``task.response.status``)."""
 
-    def task_is_waiting_for_connectivity(self, session: Session, task: Task) -> None:
+    def task_is_waiting_for_connectivity(self, session: Session, task: Task) -> Awaitable[None] | None:
         """No response arrives for *task* (no network, the server or proxy unreachable): it waits and tries again
         (``Configuration.waits_for_connectivity``). Once per waiting period, to the app attached when it begins."""
 
@@ -5347,11 +5789,15 @@ class SessionDelegate:
         """Whether the engine should ask task_will_begin_delayed_request (this delegate overrides it)."""
         return type(self).task_will_begin_delayed_request is not SessionDelegate.task_will_begin_delayed_request
 
-    def did_finish_events_for_background_session(self, session: Session) -> None:
+    def did_finish_events_for_background_session(self, session: Session) -> Awaitable[None] | None:
         """Every event that waited for the app was delivered: call the saved completion handler here."""
 
-    def did_become_invalid(self, session: Session, error: BaseException | None) -> None:
+    def did_become_invalid(self, session: Session, error: BaseException | None) -> Awaitable[None] | None:
         """The session was invalidated; its identifier may be used again."""
+
+
+#: The hooks of SessionDelegate, by name.
+_HOOK_NAMES = tuple(name for name in vars(SessionDelegate) if not name.startswith("_"))
 
 
 class Task:
@@ -5360,6 +5806,8 @@ class Task:
     def __init__(self, session: Session, identifier: int, info: TaskInfo) -> None:
         self._session, self._identifier, self._cache = session, identifier, info
         self._frozen = False  # finished: the state that came with its events is final
+        #: (error, None) once task_did_complete was delivered here; (None, exception) if its hooks failed
+        self._outcome: tuple[TransferError | None, BaseException | None] | None = None
 
     def _info(self) -> TaskInfo:
         if self._frozen:
@@ -5483,6 +5931,14 @@ class Task:
     def cancel(self) -> None:
         """End the task; ``task_did_complete`` gets a TransferError with code CANCELLED."""
         self._session._backend.cancel(self._identifier, False)
+
+    def __await__(self) -> Generator[Any, None, TransferError | None]:
+        """``error = await task``: waits until ``task_did_complete`` has been delivered for this task in this
+        process and gives the error it was given (None: a response, whatever its status). Like a task-level block,
+        the awaiting lives in this process only: after a relaunch the session-level hooks deliver the completion.
+        Raises SessionInvalidatedError if the session closes first."""
+        return cast("Generator[Any, None, TransferError | None]",
+                    self._session._async.completion(self).__await__())
 
     def __repr__(self) -> str:
         info = self._cache
@@ -5618,16 +6074,30 @@ class _Delivery:
             self.session._after_event()
 
     def _hook(self, name: str, *args: Any) -> tuple[bool, Any]:
+        """Run a hook (an ``async def`` one on the session's loop, waiting for it): (returned, its value). The
+        hook is the running one (:func:`_running_hook`) until it returns."""
         delegate = self.session.delegate
         fn = getattr(delegate, name, None) if delegate is not None else None
         if fn is None:
             return True, None
+        call = _HookCall()
+        token = _current_hook.set(call)
         try:
-            return True, fn(*args)
+            value = fn(*args)
+            if isinstance(value, Awaitable):
+                value = self.session._async.run(value, call, lambda: self.stopping)
+            return True, value
+        except _HookAbandoned as err:
+            log.info("session hook %s did not return (%s); its event is delivered again at the next launch", name,
+                     err)
+            return False, None
         except Exception:
             log.exception("session hook %s raised; its event is not acknowledged and will be delivered "
                           "again when the session is next created", name)
             return False, None
+        finally:
+            _current_hook.reset(token)
+            call.finish()
 
     def _dispatch(self, event: Any) -> None:
         session = self.session
@@ -5674,6 +6144,8 @@ class _Delivery:
             kind = "complete"
         if not ok:
             self.held.add(event.task_id)
+            session._async.complete(task, None, BGSessionError(  # `await task` learns it too
+                f"a hook of task {event.task_id} raised; its events are delivered again at the next launch"))
             return
         self.returned.add((event.task_id, kind))
         session._backend.ack(event.task_id, kind)
@@ -5682,6 +6154,7 @@ class _Delivery:
             for k in ("finish", "complete"):
                 self.returned.discard((event.task_id, k))
                 self.queued.discard((event.task_id, k))
+            session._async.complete(task, cast(CompletedEvent, event).error)  # `error = await task`
             session._forget(event.task_id)
 
     @staticmethod
@@ -5728,6 +6201,11 @@ class Session:
             _tls_context(configuration)  # a missing file or a wrong key password: a clear error now, not per task
         self.configuration = configuration
         self.delegate = delegate
+        self._async = _AsyncBridge()  # the event loop this session was created on, if any
+        async_hooks = _async_hooks(delegate, _HOOK_NAMES) if delegate is not None and self._async.loop is None else []
+        if async_hooks:
+            raise _invalid(f"{type(delegate).__name__} has async def hooks ({', '.join(async_hooks)}): create the "
+                           "Session inside a running asyncio event loop, where they run")
         self._objects: dict[int, Task] = {}
         self._objects_lock = threading.Lock()
         self._invalidating: str | None = None
@@ -5800,7 +6278,8 @@ class Session:
         """An upload of a file's contents (PUT by default; POST if the Request says so).
 
         Background uploads come from a file only, as on iOS (which aborts on data uploads in background sessions): a
-        file can be read again after a relaunch; bytes in this process's memory cannot."""
+        file can be read again after a relaunch; bytes in this process's memory cannot. A body written by
+        :func:`multipart_body` becomes the task's own: it is removed once the task's completion is acknowledged."""
         self._check_usable()
         if kwargs:
             raise _invalid(f"upload_task got unexpected arguments {sorted(kwargs)}; background uploads "
@@ -5818,7 +6297,17 @@ class Session:
         req = _coerce_request(request)
         if req.method == "GET":
             req = dataclasses.replace(req, method="PUT", headers=dict(req.headers.pairs()))
-        return cast(UploadTask, self._new_task_object("upload", req, description, upload_path=path))
+        with _unclaimed_lock:  # a body multipart_body() made is the task's own: removed after its completion
+            owned = path in _unclaimed_bodies
+            _unclaimed_bodies.discard(path)
+        try:
+            return cast(UploadTask, self._new_task_object("upload", req, description, upload_path=path,
+                                                          remove_upload=owned))
+        except BaseException:
+            if owned:
+                with _unclaimed_lock:
+                    _unclaimed_bodies.add(path)
+            raise
 
     def download_task_with_resume_data(self, resume_data: bytes, *, description: str | None = None) -> DownloadTask:
         """Continue a cancelled or failed download. Bad or stale data fails the task via ``task_did_complete``."""
@@ -5862,8 +6351,17 @@ class Session:
         return self._backend.outstanding(delivery.held) == 0 and delivery.idle()
 
     def _after_event(self) -> None:
+        """On the delegate thread, after each event: finish an invalidation, resolve ``wait_async``."""
         if self._invalidating and not self._invalid and self._settled():
             self._become_invalid()
+        if self._async.has_waiters():
+            try:
+                settled = self._invalid or self._settled()
+            except BGSessionError as err:  # the daemon is out of reach: the next event asks again
+                log.info("wait_async: cannot tell whether the session settled: %s", err)
+                settled = False
+            if settled:
+                self._async.settle_waiters()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every task has completed and its events were delivered. False on timeout.
@@ -5885,6 +6383,24 @@ class Session:
             with delivery.cond:
                 if delivery.generation == generation:
                     delivery.cond.wait(0.5 if remaining is None else min(0.5, remaining))
+
+    async def wait_async(self, timeout: float | None = None) -> bool:
+        """``wait()`` for asyncio: ``await session.wait_async(timeout)`` returns True once every task has completed
+        and its events were delivered, False on timeout, without blocking the event loop (the delegate thread
+        checks after every event and resolves the wait). Not from inside a hook: hooks are what it waits for
+        (nor ``await task`` in a hook of that task)."""
+        import asyncio
+        if self._invalid:
+            return True
+        future = self._async.waiter()
+        self._delivery.post(_Call(lambda: None))  # the delegate thread checks once now, then after every event
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._async.discard(future)
+        return True
 
     def finish_tasks_and_invalidate(self) -> None:
         """No new tasks; running ones finish and are delivered; then ``did_become_invalid``."""
@@ -5908,6 +6424,7 @@ class Session:
         self._backend.detach(self._delivery)
         self._backend.close()  # first: when the hook runs, the identifier is free again
         self._delivery._hook("did_become_invalid", self, None)
+        self._async.close()
         with self._delivery.cond:
             self._delivery.stopping = True
             self._delivery.cond.notify_all()
@@ -5920,6 +6437,7 @@ class Session:
             self._invalid = True
             self._backend.detach(self._delivery)
             self._backend.close()
+        self._async.close()
 
     def __enter__(self) -> Session:
         return self
@@ -5940,38 +6458,11 @@ class _TaskBlocks:
     file_path: str | None = None
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would race other threads)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022
-
-
-def _move_file(src: str, dest: str) -> None:
-    """Move a finished download to *dest* (replacing it), durably; the source stays until the ack. The moved file
-    gets the mode a file this process creates would have (0666 minus the umask), not the session's 0600."""
-    parent = os.path.dirname(os.path.abspath(dest)) or "."
-    mode = 0o666 & ~_umask()
-    try:
-        _makedirs(parent, 0o777)
-        try:
-            _vfs.replace(src, dest)
-            os.chmod(dest, mode)
-        except OSError as err:
-            if err.errno != errno.EXDEV:
-                raise
-            tmp = f"{dest}.bgsession-{os.getpid()}"
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                _fsync(f.fileno())
-            os.chmod(tmp, mode)
-            _vfs.replace(tmp, dest)
-        _fsync_dir(parent)
-    except OSError as err:
-        raise TransferError(ErrorCode.CANNOT_MOVE_FILE, f"cannot move the download to {dest}: {err.strerror or err}; "
-                            "the file stays in the session and is delivered again at the next launch") from err
+_T = TypeVar("_T")
+#: What a hook or block returns: its value, or (``async def``) an awaitable of it.
+_MaybeAwaitable = Union[_T, Awaitable[_T]]
+#: Where a finish block puts the file: a path, a directory, or None (no file).
+_Destination = Union[str, "os.PathLike[str]", None]
 
 
 class _ManagerMeta(type):
@@ -6005,32 +6496,37 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         self._task_blocks_lock = threading.Lock()
         self.session = Session(configuration or Configuration.default(), delegate=self, _deferred=True)
 
-    # -- block setters (AFURLSessionManager names) ----------------------------------------
-    def set_download_task_did_finish_downloading(self, fn: Callable[..., str | None] | None) -> None:
-        """fn(session, task, location) -> destination path or None."""
+    # -- block setters (AFURLSessionManager names), typed with each hook's signature ----------
+    def set_download_task_did_finish_downloading(
+            self, fn: Callable[[Session, DownloadTask, str], _MaybeAwaitable[_Destination]] | None) -> None:
+        """fn(session, task, location) -> where the file goes (moved there with :func:`move_to`, replacing a file
+        of that name; a directory: the file keeps the response's suggested name), or None: no file."""
         self._set("finish", fn)
 
-    def set_task_did_complete(self, fn: Callable[..., None] | None) -> None:
+    def set_task_did_complete(self, fn: Callable[[Session, Task, TransferError | None], object] | None) -> None:
         """fn(session, task, error)."""
         self._set("complete", fn)
 
-    def set_did_finish_events_for_background_session(self, fn: Callable[..., None] | None) -> None:
+    def set_did_finish_events_for_background_session(self, fn: Callable[[Session], object] | None) -> None:
         """fn(session): call the completion handler saved by handle_events_for_background_url_session."""
         self._set("events", fn)
 
-    def set_download_task_did_write_data(self, fn: Callable[..., None] | None) -> None:
+    def set_download_task_did_write_data(self, fn: Callable[[Session, DownloadTask, int, int, int], object] | None
+                                         ) -> None:
         """fn(session, task, bytes_written, total_bytes_written, total_bytes_expected)."""
         self._set("write", fn)
 
-    def set_task_did_send_body_data(self, fn: Callable[..., None] | None) -> None:
+    def set_task_did_send_body_data(self, fn: Callable[[Session, Task, int, int, int], object] | None) -> None:
         """fn(session, task, bytes_sent, total_bytes_sent, total_bytes_expected)."""
         self._set("send", fn)
 
-    def set_task_did_receive_authentication_challenge(self, fn: Callable[..., Any] | None) -> None:
+    def set_task_did_receive_authentication_challenge(
+            self, fn: Callable[[Session, Task, AuthChallenge], _MaybeAwaitable[_Answer]] | None) -> None:
         """fn(session, task, challenge) -> (AuthChallengeDisposition, Credential | None)."""
         self._set("challenge", fn)
 
-    def set_session_did_become_invalid(self, fn: Callable[..., None] | None) -> None:
+    def set_session_did_become_invalid(self, fn: Callable[[Session, BaseException | None], object] | None
+                                       ) -> None:
         """fn(session, error)."""
         self._set("invalid", fn)
 
@@ -6049,11 +6545,21 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
     def _set(self, name: str, fn: Callable[..., Any] | None) -> None:
         if fn is not None and not callable(fn):
             raise _invalid(f"expected a callable or None, not {type(fn).__name__}")
+        if fn is not None and self.session._async.loop is None and _is_async_def(fn):
+            raise _invalid(f"an async def block ({getattr(fn, '__name__', fn)!r}) needs the SessionManager created "
+                           "inside a running asyncio event loop, where it runs")
         self._blocks[name] = fn
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call a block; an ``async def`` one runs on the session's event loop while this (delegate) thread waits."""
+        value = fn(*args)
+        if isinstance(value, Awaitable):
+            value = self.session._async.run(value, _running_hook(), lambda: self.session._delivery.stopping)
+        return value
 
     def _block(self, name: str, *args: Any) -> Any:
         fn = self._blocks.get(name)
-        return None if fn is None else fn(*args)
+        return None if fn is None else self._call(fn, *args)
 
     # -- tasks ----------------------------------------------------------------------
     def _remember(self, task: Task, progress: Any, destination: Any, completion_handler: Any) -> None:
@@ -6068,9 +6574,10 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         with self._task_blocks_lock:
             self._task_blocks[task.identifier] = _TaskBlocks(progress, destination, completion_handler)
 
-    def download_task(self, request: str | Request, progress: Callable[[int, int], None] | None = None,
-                      destination: Callable[[str, Response | None], str | None] | None = None,
-                      completion_handler: Callable[..., None] | None = None, *,
+    def download_task(self, request: str | Request, progress: Callable[[int, int], object] | None = None,
+                      destination: Callable[[str, Response | None], _MaybeAwaitable[_Destination]] | None = None,
+                      completion_handler: Callable[[Response | None, str | None,
+                                                    TransferError | None], object] | None = None, *,
                       description: str | None = None) -> DownloadTask:
         """A suspended download task; optional task-level blocks (in memory only):
         progress(total_bytes_written, total_bytes_expected), destination(location, response) -> path,
@@ -6079,8 +6586,10 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         self._remember(task, progress, destination, completion_handler)
         return task
 
-    def upload_task(self, request: str | Request, from_file: Any, progress: Callable[[int, int], None] | None = None,
-                    completion_handler: Callable[..., None] | None = None, *,
+    def upload_task(self, request: str | Request, from_file: str | os.PathLike[str],
+                    progress: Callable[[int, int], object] | None = None,
+                    completion_handler: Callable[[Response | None, bytes | None,
+                                                  TransferError | None], object] | None = None, *,
                     description: str | None = None) -> UploadTask:
         """A suspended upload task; completion_handler(response, response_data, error)."""
         task = self.session.upload_task(request, from_file, description=description)
@@ -6096,7 +6605,7 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         blocks = self._blocks_for(task)
         dest: Any = None
         if blocks is not None and blocks.destination is not None:
-            dest = blocks.destination(location, task.response)
+            dest = self._call(blocks.destination, location, task.response)
         elif self._blocks.get("finish") is not None:
             dest = self._block("finish", session, task, location)
         else:
@@ -6104,8 +6613,10 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
                         "(set the session-level blocks in your SessionManager subclass's __init__, so that they "
                         "exist before the first event)", task.identifier)
         if dest is not None:
-            dest = os.fspath(dest)
-            _move_file(location, dest)
+            response = task.response
+            into_directory = os.path.isdir(dest) or os.fspath(dest).endswith(os.sep)
+            dest = move_to(location, dest, exist_ok=True,
+                           name=response.suggested_filename if response is not None and into_directory else None)
             if blocks is not None:
                 blocks.file_path = dest
 
@@ -6113,14 +6624,14 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
                                      total_bytes_written: int, total_bytes_expected: int) -> None:
         blocks = self._blocks_for(task)
         if blocks is not None and blocks.progress is not None:
-            blocks.progress(total_bytes_written, total_bytes_expected)
+            self._call(blocks.progress, total_bytes_written, total_bytes_expected)
         self._block("write", session, task, bytes_written, total_bytes_written, total_bytes_expected)
 
     def task_did_send_body_data(self, session: Session, task: Task, bytes_sent: int,
                                 total_bytes_sent: int, total_bytes_expected: int) -> None:
         blocks = self._blocks_for(task)
         if blocks is not None and blocks.progress is not None:
-            blocks.progress(total_bytes_sent, total_bytes_expected)
+            self._call(blocks.progress, total_bytes_sent, total_bytes_expected)
         self._block("send", session, task, bytes_sent, total_bytes_sent, total_bytes_expected)
 
     def task_did_receive_challenge(self, session: Session, task: Task, challenge: AuthChallenge
@@ -6134,7 +6645,7 @@ class SessionManager(SessionDelegate, metaclass=_ManagerMeta):
         self._block("complete", session, task, error)
         if blocks is not None and blocks.completion_handler is not None:
             data = task.response_data if isinstance(task, UploadTask) else blocks.file_path
-            blocks.completion_handler(task.response, data, error)
+            self._call(blocks.completion_handler, task.response, data, error)
 
     def did_finish_events_for_background_session(self, session: Session) -> None:
         self._block("events", session)
@@ -6539,6 +7050,7 @@ class _Relauncher:
         if child is None or child.poll() is None:
             return
         status = self.engine.status()
+        log.info("relaunched app (pid %s) exited with %s", child.pid, child.returncode)  # (the test kit reads this)
         if status.acks == self._child_acks and not status.attached:
             self._failures += 1
             self._next_at = time.monotonic() + self._backoff()
@@ -7731,7 +8243,9 @@ def _task_line(info: TaskInfo, width: int = 100) -> str:
 
 def _outcome_line(entry: Mapping[str, Any], width: int = 200) -> str:
     """One outcome as `status` and `wait` show it: saved (as what), or why it failed."""
-    if entry.get("state") == "saved":  # (the name first: a narrow terminal cuts the directory, not the name)
+    if entry.get("state") == "saved" and not entry.get("saved_as"):
+        text = f"{entry['id']:>5} saved      ({entry.get('note')})  {entry.get('url')}"
+    elif entry.get("state") == "saved":  # (the name first: a narrow terminal cuts the directory, not the name)
         directory, name = os.path.split(str(entry.get("saved_as")))
         text = f"{entry['id']:>5} saved      {name} ({_human(entry.get('bytes') or 0)}) in {directory}"
     else:
@@ -7790,14 +8304,15 @@ class _CliApp(SessionDelegate):
             return
         dest_dir = meta.get("dir") or os.getcwd()
         name = sanitize_filename(meta.get("name") or response.suggested_filename)  # fits in 255 bytes with a .N
-        target = os.path.join(dest_dir, name)
-        n = 0
-        while os.path.exists(target):  # never clobber: name.1, name.2 ... (as wget does)
-            n += 1
-            target = os.path.join(dest_dir, f"{name}.{n}")
         size = os.path.getsize(location)
+        n, target = 0, None
         try:
-            _move_file(location, target)
+            while target is None:  # never over another file: name.1, name.2 ... (as wget does), even one with
+                candidate = os.path.join(dest_dir, f"{name}.{n}" if n else name)  # the same bytes (another task's)
+                n += 1
+                if not os.path.lexists(candidate):
+                    with contextlib.suppress(FileExistsError):
+                        target = move_to(location, candidate)
         except TransferError as err:
             cause = err.__cause__
             if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -7810,8 +8325,12 @@ class _CliApp(SessionDelegate):
         self._record(session, task, state="saved", status=response.status, saved_as=target, bytes=size, exit=0)
 
     def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
-        if error is None:
-            return  # (the finish hook recorded it)
+        if error is None:  # the finish hook recorded it -- unless a kill came between its move and its line
+            directory = session.configuration.directory or ""
+            if all(int(e["id"]) != task.identifier for e in _History(directory).entries()):
+                self._record(session, task, state="saved", saved_as=None, bytes=None, exit=0,
+                             note="moved by a delivery that was interrupted before it wrote its line")
+            return
         cancelled = error.code is ErrorCode.CANCELLED
         note = self.notes.pop(task.identifier, None)
         self._record(session, task, state="cancelled" if cancelled else "failed",

@@ -27,7 +27,7 @@ response plan (pure: request headers + entity + fault -> status, headers, body
 span); authentication; observation (request records, holds, the traffic counters,
 byte boundaries, stalls); the forward proxy's state; the HTTP handler (I/O); routes and the route table; the
 server (its lifecycle in ``_Listener``, ``FakeServer`` a facade over the parts);
-processes and ``AppController``; the command line.
+processes and ``AppController``; the test kit; the command line.
 
 Typical use::
 
@@ -43,6 +43,12 @@ Typical use::
         ctl.kill_when(srv, "/photo.jpg", 300_000)        # SIGKILL + reap at that byte
         ctl.launch(); assert ctl.wait(20) == -signal.SIGKILL
         ctl.launch(background=True)                      # BGSESSION_BACKGROUND_EVENTS=com.example
+
+**The test kit for an app** (README, "Testing your app"): ``FakeServer`` and ``Fault``, ``AppController``
+(launch, SIGKILL at a byte offset, ``wait_relaunch()`` for the daemon's background relaunch, ``stop_daemon()``),
+``app_sandbox()`` (an app with its own home and working directory), ``Ledger`` (an app's fsynced record of its
+hooks), and two pytest fixtures, ``bg_server`` and ``bg_app``, defined when pytest imports this module
+(``pytest_plugins = ["fake_server"]``).
 
 Standard library only; Python 3.9+.  Run ``python fake_server.py --help`` for the
 command line (``/files/`` from a directory, ``/blob/<size>?faults…``).
@@ -78,7 +84,7 @@ import time
 import traceback
 import typing
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol, TypeVar
 
@@ -98,10 +104,12 @@ __all__ = [
     "FakeServer",
     "Fault",
     "Hold",
+    "Ledger",
     "ProcessRef",
     "RequestRecord",
     "Route",
     "SignedURLs",
+    "app_sandbox",
     "blob_bytes",
     "process_start_token",
 ]
@@ -2452,12 +2460,15 @@ class AppProcess:
     """
 
     def __init__(self, ref: ProcessRef, background: bool,
-                 popen: subprocess.Popen[bytes] | None = None) -> None:
+                 popen: subprocess.Popen[bytes] | None = None,
+                 exit_status: Callable[[], int | None] | None = None) -> None:
         self.ref = ref
         self.background = background
         self.popen = popen
         self.killed = False
         self.killed_at: tuple[str, int] | None = None
+        #: For an adopted process: its exit status as its parent recorded it (bgsession's daemon.log), or None.
+        self.exit_status = exit_status
 
     @property
     def pid(self) -> int:
@@ -2470,6 +2481,8 @@ class AppProcess:
     def running(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
+        if self.exit_status is not None and self.exit_status() is not None:
+            return False  # its parent reaped it: the pid may belong to another process by now
         return self.ref.alive()
 
     @property
@@ -2480,7 +2493,7 @@ class AppProcess:
             return self.popen.poll()
         if self.killed and _SIGKILL is not None:
             return -_SIGKILL
-        return None
+        return self.exit_status() if self.exit_status is not None else None
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait until it has exited and return ``returncode``; TimeoutError after ``timeout`` seconds."""
@@ -2489,8 +2502,13 @@ class AppProcess:
                 return self.popen.wait(timeout)
             except subprocess.TimeoutExpired as err:
                 raise TimeoutError(f"app pid {self.pid} still running after {timeout} s") from err
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self.ref.wait_exit(timeout):
             raise TimeoutError(f"app pid {self.pid} still running after {timeout} s")
+        while self.exit_status is not None and self.returncode is None:  # its parent logs the status when it reaps
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no exit status of app pid {self.pid} within {timeout} s")
+            time.sleep(PROCESS_POLL_INTERVAL)  # written to a log file: nothing to wait on
         return self.returncode
 
     def kill(self) -> bool:
@@ -2530,11 +2548,16 @@ class AppController:
     else started -- ``discover()`` finds the children of bgsession's daemon, which relaunches
     the app -- so that ``kill_all()``, ``kill_when()`` and ``close()`` reach them too.  Every
     process is named by pid and start token: a recycled pid is never killed.
+
+    With ``session_directory`` (the app's bgsession session directory) it also follows the
+    daemon: ``wait_relaunch()`` returns the next app the daemon relaunched (from the daemon's
+    log, which records each relaunch and its exit status), and ``stop_daemon()`` ends it.
     """
 
     def __init__(self, argv: Sequence[str], *, env: Mapping[str, str | None] | None = None,
                  cwd: str | os.PathLike[str] | None = None, identifier: str | None = None,
-                 output: str | os.PathLike[str] | None = None) -> None:
+                 output: str | os.PathLike[str] | None = None,
+                 session_directory: str | os.PathLike[str] | None = None) -> None:
         if not argv:
             raise ValueError("argv must not be empty")
         self.argv = list(argv)
@@ -2542,8 +2565,10 @@ class AppController:
         self.cwd = cwd
         self.identifier = identifier
         self.output = output
+        self.session_directory = None if session_directory is None else os.fspath(session_directory)
         self._lock = threading.Lock()
         self._apps: list[AppProcess] = []
+        self._relaunches_seen = 0
 
     @property
     def process(self) -> subprocess.Popen | None:  # type: ignore[type-arg]
@@ -2684,6 +2709,73 @@ class AppController:
         except subprocess.TimeoutExpired as err:
             raise TimeoutError(f"app pid {process.pid} still running after {timeout} s") from err
 
+    def path(self, *parts: str) -> str:
+        """A path in the app's working directory (where a relaunch by the daemon runs too)."""
+        return os.path.join(os.fspath(self.cwd or os.getcwd()), *parts)
+
+    def read_output(self) -> str:
+        """What the launched apps wrote to ``output`` (the daemon's relaunches write to its daemon.log)."""
+        if self.output is None:
+            raise RuntimeError("no output file was given")
+        try:
+            with open(self.output, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    # -- following bgsession's daemon (session_directory) -------------------------------------
+
+    def _daemon_log(self) -> str:
+        if self.session_directory is None:
+            raise RuntimeError("AppController(session_directory=...) is needed to follow the daemon")
+        try:
+            with open(os.path.join(self.session_directory, "daemon.log"), "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def _relaunch_status(self, pid: int) -> int | None:
+        m = re.search(rf"relaunched app \(pid {pid}\) exited with (-?\d+)", self._daemon_log())
+        return int(m.group(1)) if m else None
+
+    def relaunches(self) -> list[AppProcess]:
+        """The apps bgsession's daemon relaunched so far (adopted, oldest first), from its daemon.log."""
+        found = []
+        for pid in map(int, re.findall(r"relaunched the app for background events: pid (\d+)", self._daemon_log())):
+            app = self.adopt(pid, token=None if self._relaunch_status(pid) is not None else process_start_token(pid))
+            if app.exit_status is None:
+                app.exit_status = lambda pid=pid: self._relaunch_status(pid)
+            found.append(app)
+        return found
+
+    def wait_relaunch(self, timeout: float | None = None) -> AppProcess:
+        """Wait for the daemon's next relaunch of the app (after those this method returned before); its
+        ``wait()`` gives the exit status the daemon recorded. TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = self.relaunches()
+            if len(found) > self._relaunches_seen:
+                self._relaunches_seen += 1
+                return found[self._relaunches_seen - 1]
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"the daemon did not relaunch the app within {timeout} s")
+            time.sleep(PROCESS_POLL_INTERVAL)  # the daemon tells only its log: nothing to wait on
+
+    def stop_daemon(self, timeout: float = DEFAULT_KILL_TIMEOUT) -> bool:
+        """SIGTERM the session's daemon (named by daemon.pid with its start token) and wait for it to exit, SIGKILL
+        after ``timeout``; True if one ran. It stops its transfers; they resume when a session starts it again."""
+        if self.session_directory is None:
+            return False
+        try:
+            with open(os.path.join(self.session_directory, "daemon.pid"), encoding="ascii") as f:
+                parts = f.read().split()
+            daemon = ProcessRef(int(parts[0]), parts[1] if len(parts) > 1 and parts[1] != "-" else None)
+        except (OSError, ValueError, IndexError):
+            return False
+        if daemon.send(signal.SIGTERM) and not daemon.wait_exit(timeout):
+            daemon.kill()
+        return True
+
     def close(self) -> None:
         """SIGKILL every known app process still running, and reap those launched."""
         for app in self.apps:
@@ -2694,6 +2786,93 @@ class AppController:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------
+# The test kit for an app: a ledger, pytest fixtures
+# ---------------------------------------------------------------------------
+
+class Ledger:
+    """An app's own record of what its hooks did, for crash tests: append-only JSON lines, each fsynced before
+    ``append`` returns, so it survives a SIGKILL of the writer (and a power loss). Every line carries ``stamp``
+    (which process wrote it, say). ``read`` returns complete lines only: a killed writer may leave half a line."""
+
+    def __init__(self, path: str | os.PathLike[str], **stamp: Any) -> None:
+        self.path = os.fspath(path)
+        self.stamp = stamp
+        self._lock = threading.Lock()
+
+    def append(self, **record: Any) -> None:
+        line = json.dumps({**record, **self.stamp}, sort_keys=True).encode("utf-8") + b"\n"
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                return [json.loads(line) for line in f if line.endswith(b"\n")]
+        except FileNotFoundError:
+            return []
+
+
+def app_sandbox(root: str | os.PathLike[str], argv: Sequence[str], identifier: str,
+                env: Mapping[str, str | None] | None = None) -> AppController:
+    """An AppController for a bgsession app in a sandbox under ``root``: its own home (``HOME``,
+    ``XDG_STATE_HOME``: the default session directory lands in the sandbox), working directory ``root/app``,
+    output ``root/app.log``, and ``session_directory`` set so that it follows the daemon. Close it with
+    ``close()`` and ``stop_daemon()`` (the ``bg_app`` fixture does both)."""
+    root = os.path.abspath(os.fspath(root))
+    home, cwd = os.path.join(root, "home"), os.path.join(root, "app")
+    os.makedirs(cwd, exist_ok=True)
+    state = os.path.join(home, ".local", "state")
+    sandbox = {"HOME": home, "XDG_STATE_HOME": state, **(env or {})}
+    if sys.platform == "darwin":
+        session_directory = os.path.join(home, "Library", "Application Support", "bgsession", identifier)
+    else:
+        session_directory = os.path.join(str(sandbox["XDG_STATE_HOME"]), "bgsession", identifier)
+    return AppController(argv, env=sandbox, cwd=cwd, identifier=identifier, output=os.path.join(root, "app.log"),
+                         session_directory=session_directory)
+
+
+#: pytest, when it is the one importing this module (the module itself imports nothing outside the standard
+#: library): then the kit's fixtures below exist. Use them with ``pytest_plugins = ["fake_server"]``.
+_pytest: Any = sys.modules.get("pytest")
+
+if _pytest is not None:
+    _fixture: Callable[[Callable[..., Any]], Callable[..., Any]] = _pytest.fixture
+
+    @_fixture
+    def bg_server() -> Iterator[FakeServer]:
+        """A started FakeServer on 127.0.0.1 (add routes and faults to it), stopped after the test."""
+        with FakeServer() as server:
+            yield server
+
+    @_fixture
+    def bg_app(tmp_path: Any) -> Iterator[Callable[..., AppController]]:
+        """``bg_app(argv, identifier=...)``: an AppController for your app in a sandbox under the test's
+        tmp_path (see :func:`app_sandbox`). After the test every app process it knows is killed and the session's
+        daemon stopped."""
+        made: list[AppController] = []
+
+        def make(argv: Sequence[str], identifier: str, env: Mapping[str, str | None] | None = None
+                 ) -> AppController:
+            controller = app_sandbox(tmp_path / f"sandbox{len(made)}", argv, identifier, env)
+            made.append(controller)
+            return controller
+
+        try:
+            yield make
+        finally:
+            for controller in made:
+                with contextlib.suppress(RuntimeError):
+                    controller.relaunches()  # adopt what the daemon launched, so that close() reaches it
+                controller.close()
+                controller.stop_daemon()
 
 
 # ---------------------------------------------------------------------------

@@ -372,6 +372,38 @@ def test_delivery_held_until_handle_events_returned(spawn: Callable[..., Child],
     ]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scenario", ["after", "after_async"])
+def test_process_exits_only_after_the_hook_that_called_the_handler_returned(spawn: Callable[..., Child],
+                                                                           scenario: str) -> None:
+    """The did-finish-events hook calls the handler, then goes on working: the process waits for the hook to
+    return (a plain hook, and an async def one on the app's event loop) before it terminates."""
+    child = spawn(scenario, background=True)
+    child.expect("handler called")
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.proc.wait(NEGATIVE_WINDOW)  # the hook is still working: the process must not exit
+    child.send("go")
+    assert child.wait() == 0, child.stderr()
+    assert child.lines[-3:] == ["handler called", "hook returning", "will_terminate"]
+
+
+@pytest.mark.timeout(60)
+def test_async_lifecycle_methods_run_on_the_apps_event_loop(spawn: Callable[..., Child]) -> None:
+    """async def lifecycle methods run in order on app.event_loop (its own thread); so does the async run()."""
+    child = spawn("async_order")
+    assert child.wait() == 0, child.stderr()
+    assert child.lines == ["did_finish_launching on the app loop", "run on the app loop",
+                           "will_terminate on the app loop"]
+
+
+@pytest.mark.timeout(60)
+def test_async_run_raising_exits_1(spawn: Callable[..., Child]) -> None:
+    """An async run() that raises ends the app with exit code 1 and its traceback on stderr."""
+    child = spawn("async_raises")
+    assert child.wait() == appdelegate.EXIT_RUN_RAISED
+    assert "ZeroDivisionError" in child.stderr()
+
+
 # ============================================================================
 # The child scenarios (run as: python test_appdelegate.py SCENARIO TMPDIR [ARGS])
 # ============================================================================
@@ -533,9 +565,84 @@ class _Held(appdelegate.AppDelegate):
         _say("handler saved")
 
 
+class _After(_Base):
+    """A background launch whose did-finish-events hook calls the handler, then waits for "go" on stdin."""
+
+    handler: appdelegate.CompletionHandler | None = None
+
+    def hooks(self) -> bgsession.SessionDelegate:
+        delegate = self
+
+        class Hooks(bgsession.SessionDelegate):
+            def did_finish_events_for_background_session(self, session: bgsession.Session) -> None:
+                assert delegate.handler is not None
+                delegate.handler()
+                _say("handler called")
+                sys.stdin.readline()  # work after the call: the process must wait for it
+                _say("hook returning")
+        return Hooks()
+
+    def did_finish_launching(self, app: appdelegate.Application, launch_options: Mapping[str, Any]) -> None:
+        config = bgsession.Configuration.background(IDENTIFIER, directory=os.path.join(sys.argv[2], "after"),
+                                                    host="inprocess")
+        self.session = bgsession.Session(config, delegate=self.hooks())
+
+    def handle_events_for_background_url_session(self, app: appdelegate.Application, identifier: str,
+                                                 completion_handler: appdelegate.CompletionHandler) -> None:
+        self.handler = completion_handler
+
+
+class _AfterAsync(_After):
+    """As _After, with async def lifecycle methods and an async def hook on the app's event loop."""
+
+    def hooks(self) -> bgsession.SessionDelegate:
+        delegate = self
+
+        class Hooks(bgsession.SessionDelegate):
+            async def did_finish_events_for_background_session(self, session: bgsession.Session) -> None:
+                import asyncio
+                assert delegate.handler is not None
+                delegate.handler()
+                _say("handler called")
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+                _say("hook returning")
+        return Hooks()
+
+    async def did_finish_launching(self, app: appdelegate.Application,  # type: ignore[override]
+                                   launch_options: Mapping[str, Any]) -> None:
+        _After.did_finish_launching(self, app, launch_options)
+
+    async def will_terminate(self, app: appdelegate.Application) -> None:  # type: ignore[override]
+        _say("will_terminate")
+
+
+def _on_app_loop(app: appdelegate.Application) -> str:
+    import asyncio
+    loop = asyncio.get_running_loop()
+    ok = loop is app.event_loop and threading.current_thread().name == "appdelegate-loop"
+    return "on the app loop" if ok else f"NOT on the app loop ({threading.current_thread().name})"
+
+
+class _AsyncOrder(appdelegate.AppDelegate):
+    async def did_finish_launching(self, app: appdelegate.Application, launch_options: Mapping[str, Any]) -> None:
+        _say(f"did_finish_launching {_on_app_loop(app)}")
+
+    async def run(self, app: appdelegate.Application) -> None:
+        _say(f"run {_on_app_loop(app)}")
+
+    async def will_terminate(self, app: appdelegate.Application) -> None:
+        _say(f"will_terminate {_on_app_loop(app)}")
+
+
+class _AsyncRaises(_Base):
+    async def run(self, app: appdelegate.Application) -> None:
+        raise ZeroDivisionError("run() fails on purpose")
+
+
 _SCENARIOS: dict[str, type] = {
     "order": _Order, "twice": _Twice, "idle": _Idle, "silent": _Silent, "bgtask": _BackgroundTask,
-    "blocked": _Blocked, "raises": _Raises, "expire": _Expire, "stuck": _Stuck, "held": _Held,
+    "blocked": _Blocked, "raises": _Raises, "expire": _Expire, "stuck": _Stuck, "held": _Held, "after": _After,
+    "after_async": _AfterAsync, "async_order": _AsyncOrder, "async_raises": _AsyncRaises,
 }
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import venv
 
 import pytest
 
@@ -196,8 +195,9 @@ def test_bad_input_is_one_line_and_non_zero(cli, args, code, words):
 
 def test_scheduled_download_shows_in_status_and_waits_across_a_daemon_kill(server, cli):
     """`download --not-before` a few seconds ahead (with --priority, --limit-rate): status shows it scheduled with its
-    options; the daemon SIGKILLed, the next status recovers it, still scheduled; it does not start before its time;
-    then status shows it running, and the file is delivered."""
+    options; the daemon SIGKILLed, status (read-only: it reads the journal) still shows it scheduled, and the next
+    command that needs the daemon starts one that recovers it; it does not start before its time; then status shows
+    it running, and the file is delivered."""
     data = fs.blob_bytes(200_000, seed=62)
     server.add_blob("/later.bin", data)
     hold = server.hold_at("/later.bin", 0)
@@ -210,8 +210,10 @@ def test_scheduled_download_shows_in_status_and_waits_across_a_daemon_kill(serve
     assert datetime.datetime.fromisoformat(task["not_before"]).timestamp() == pytest.approx(begin, abs=1e-5)
     daemon = read_pid_file(cli.state)
     assert daemon is not None and daemon.kill()
-    text = cli.run("status", check=True).stdout  # a new daemon recovered it, still scheduled
+    text = cli.run("status", check=True).stdout  # from the journal: still scheduled
     assert "scheduled" in text and "not before" in text and "priority 0.8" in text and "limit 2.0 MiB/s" in text
+    cli.run("limit", "1", "2M", check=True)  # a command for the daemon: a new one starts and recovers the task
+    assert "scheduled" in cli.run("status", check=True).stdout
     assert hold.wait(LONG)
     (request,) = server.requests("/later.bin")
     assert request.time >= begin
@@ -354,31 +356,6 @@ def test_tty_progress_is_redrawn_in_place(server, cli):
     assert "1 saved      t.bin (3.0 MiB) in " in text  # the name it was saved as
     assert text.rstrip().splitlines()[-1].startswith("Downloaded: 1 file, 3.0 MiB in ")
     assert (cli.out / "t.bin").stat().st_size == 3 * MiB
-
-
-def test_pip_install_gives_a_working_command(tmp_path, server):
-    """`pip install .` into a fresh venv installs a `bgsession` command that runs."""
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(str(env_dir))
-    pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", HERE]
-    proc = subprocess.run(pip, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    exe = str(env_dir / "bin" / "bgsession")
-    help_text = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=LONG)
-    assert help_text.returncode == 0 and "download" in help_text.stdout
-    server.add_blob("/v.bin", size=1000)
-    state = str(tmp_path / "state")
-    try:
-        run = subprocess.run([exe, "download", "--state-dir", state, "--wait", "-d", str(tmp_path),
-                              server.url("/v.bin")], capture_output=True, text=True, timeout=LONG)
-        assert run.returncode == 0, run.stderr
-        assert (tmp_path / "v.bin").stat().st_size == 1000
-        imported = subprocess.run([str(env_dir / "bin" / "python"), "-c",
-                                   "import bgsession, appdelegate; print(bgsession.__version__)"],
-                                  capture_output=True, text=True, timeout=LONG)
-        assert imported.stdout.strip() == bg.__version__
-    finally:
-        stop_daemon(state)
 
 
 # -- issue 19: outcomes, wget's and aria2c's flags, identity ------------------------------------------------------

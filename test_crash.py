@@ -74,7 +74,7 @@ class App(bg.SessionDelegate):
         url = task.original_request.url
         if self.expected.get(url) != sha(data):
             self.problems.append(f"task {task.identifier}: the finish hook got {len(data)} bytes that are not {url}")
-        bg._move_file(location, os.path.join(self.root, "Documents", os.path.basename(url)))
+        bg.move_to(location, os.path.join(self.root, "Documents", os.path.basename(url)), exist_ok=True)
         with self.lock:
             self.calls.append(("finish", task.identifier))
 
@@ -560,7 +560,7 @@ FSYNCS = [
     (("dirsync", "keep_for_resume"), resume_data),  # ... and its rename
     (("sync", "_upload"), upload),  # an upload's response body, before its finish record
     (("dirsync", "_upload"), upload),  # ... and its name
-    (("dirsync", "_move_file"), tiny),  # the app's file, moved before its finish is acknowledged
+    (("dirsync", "move_to"), tiny),  # the app's file, moved before its finish is acknowledged
     (("dirsync", "_makedirs"), tiny),  # a directory bgsession creates for the app (Documents/)
     (("dirsync", "_make_private_dirs"), tiny),  # the session's directory (and its private parents)
     # (_claim_session_dir's fsync after making tmp/ is not in the table: the journal's creation fsyncs the session

@@ -348,11 +348,11 @@ MOVE_THEN_DIE = textwrap.dedent('''
     import bgsession
     url, session_dir, dest, ledger, mode = sys.argv[1:6]
     if mode == "first":
-        real_move = bgsession._move_file
-        def move_then_die(src, dst):
-            real_move(src, dst)
+        real_move = bgsession.move_to
+        def move_then_die(*args, **kwargs):
+            real_move(*args, **kwargs)
             os.kill(os.getpid(), signal.SIGKILL)  # after the move, before the acknowledgement
-        bgsession._move_file = move_then_die
+        bgsession.move_to = move_then_die
 
     def note(text):
         with open(ledger, "a") as f:

@@ -1,5 +1,5 @@
 """The server fault matrix, on both hosts: every fault ends in a byte-exact file or a clear
-TransferError, never a splice. ``python test_faults.py`` prints the README's table
+TransferError, never a splice. ``python test_faults.py`` prints the table of docs/reliability.md
 (requests and bytes each scenario cost, per host)."""
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def test_fault_ends_in_exact_file_or_clear_error(scenario, sessions):
 
 
 def main() -> int:
-    """Print the fault table (Markdown) for the README."""
+    """Print the fault table (Markdown) for docs/reliability.md."""
     rows: list[str] = ["| fault | outcome | requests (in-process / daemon) | bytes served for a 1 MiB file |",
                        "|---|---|---|---|"]
 

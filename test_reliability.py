@@ -171,7 +171,7 @@ def test_move_error_is_a_clear_transfer_error(tmp_path):
     src.write_bytes(b"x")
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(bg.TransferError) as info:
-        bg._move_file(str(src), str(tmp_path / "file" / "dest.jpg"))
+        bg.move_to(str(src), str(tmp_path / "file" / "dest.jpg"))
     assert info.value.code is bg.ErrorCode.CANNOT_MOVE_FILE
     assert "dest.jpg" in info.value.message and src.exists()
 

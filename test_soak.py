@@ -24,7 +24,7 @@ which plays the user, the system and a misbehaving server at once.
 Runs: ``pytest test_soak.py`` is the 2-minute variant (CI); ``pytest -m soak test_soak.py`` the
 30-minute one. ``BGSESSION_SOAK_SECONDS`` and ``BGSESSION_SOAK_SEED`` override the duration and the
 seed (printed, so a failure can be replayed). A passing run writes its counts to
-``bench/results/soak_30min.json`` (the README quotes it; committed) or ``soak_2min.json`` (git-ignored,
+``bench/results/soak_30min.json`` (docs/reliability.md quotes it; committed) or ``soak_2min.json`` (git-ignored,
 so the everyday test run leaves the tree clean).
 """
 

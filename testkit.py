@@ -7,7 +7,6 @@ Test modules do ``from testkit import *`` so that pytest sees the fixtures.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -77,32 +76,7 @@ def file_sha(path: str) -> str:
     return digest.hexdigest()
 
 
-class Ledger:
-    """An app's own record of what its hooks did: append-only JSON lines, each fsynced before
-    ``append`` returns, so it survives a SIGKILL of the writer. Every line carries *stamp* (which
-    process wrote it). ``read`` returns complete lines only (a killed writer may leave half a line)."""
-
-    def __init__(self, path: str, **stamp: Any) -> None:
-        self.path = path
-        self.stamp = stamp
-        self._lock = threading.Lock()
-
-    def append(self, **record: Any) -> None:
-        line = json.dumps({**record, **self.stamp}, sort_keys=True).encode("utf-8") + b"\n"
-        with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                return [json.loads(line) for line in f if line.endswith(b"\n")]
-        except FileNotFoundError:
-            return []
+Ledger = fs.Ledger  # the test kit's (fake_server.py): the app's own fsynced record of what its hooks did
 
 
 # ---------------------------------------------------------------------------
