@@ -7955,9 +7955,10 @@ def _cli_config(args: argparse.Namespace) -> Configuration:
     directory = _cli_directory(args)
     relaunch = _self_command("deliver", "--session", args.session, "--state-dir", directory)
     settings = _cli_settings(directory)
-    tries = settings.get("tries")
+    tries = settings.get("tries")  # (given: it bounds every attempt, a host that cannot be reached too, as wget's)
     return Configuration.background(
         args.session, directory=directory, host="daemon", relaunch_command=relaunch,
+        waits_for_connectivity=not tries,
         max_concurrent_transfers=settings.get("jobs", DEFAULT_MAX_CONCURRENT_TRANSFERS),
         timeout_for_request=settings.get("timeout", 60.0),
         retry=Retry() if tries is None else Retry(total=None if tries == 0 else tries - 1))
