@@ -96,8 +96,8 @@ __version__ = "0.4.0"
 __all__ = [
     "TLS", "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
     "CredentialPersistence", "DelayedRequestDisposition", "DownloadTask", "ErrorCode", "InvalidArgumentError",
-    "Journal", "JournalError", "ProtectionSpace", "Request", "Response", "Retry", "Session", "SessionDelegate",
-    "SessionInvalidatedError", "SessionManager", "Task", "TaskState", "TransferError", "UploadTask",
+    "Journal", "JournalError", "LoginService", "ProtectionSpace", "Request", "Response", "Retry", "Session",
+    "SessionDelegate", "SessionInvalidatedError", "SessionManager", "Task", "TaskState", "TransferError", "UploadTask",
     "default_directory", "move_to", "multipart_body", "sanitize_filename",
 ]
 
@@ -2315,6 +2315,15 @@ def _dumps(record: Mapping[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
 
 
+def _read_if_exists(path: str) -> bytes | None:
+    """A small file's bytes (the CLI's and the login service's own files), or None if there is none."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
 def _size(path: str) -> int | None:
     """The file's size, or None if it cannot be read."""
     try:
@@ -3213,12 +3222,14 @@ class _Store:
         elif segment is not None and task.segments and offset > task.segments[segment][2]:
             self.record(task, "progress", offset=offset, segment=segment, boot=_BOOT_ID)
 
-    def new_id(self) -> tuple[int, int]:
+    def new_id(self, reserve: bool = True) -> tuple[int, int]:
         """The next task identifier and the ticket of its durable reservation (0: none needed).
         Under ``lock``. Identifiers are never used twice, even when a kill loses a task before
-        its record reached the disk: they are reserved ID_RESERVE_BLOCK at a time."""
+        its record reached the disk: they are reserved ID_RESERVE_BLOCK at a time. Without *reserve*
+        (the caller hands the identifier out only once the task's record is on disk, as the daemon does)
+        nothing is reserved, and identifiers stay 1, 2, 3... across restarts."""
         tid, ticket = self.state.next_id, 0
-        if tid >= self._reserved_ids:
+        if reserve and tid >= self._reserved_ids:
             self._reserved_ids = tid + ID_RESERVE_BLOCK
             ticket = self.record(None, "reserve", upto=self._reserved_ids)
         return tid, ticket
@@ -5532,7 +5543,7 @@ class _Engine(_Runner):
                 upload["remove"] = True
         with self.lock:
             self._check_open()
-            tid, reserve_ticket = self.store.new_id()
+            tid, reserve_ticket = self.store.new_id(reserve=not self.durable_create)
             fields: dict[str, Any] = {"kind": kind, "request": request._to_record(self.config.secret_headers),
                                       "description": description, "created": self.clock.time(), "upload": upload,
                                       **request._task_options(), **_secret_names(request)}
@@ -7461,7 +7472,7 @@ class _Connection:
 # 12. Daemon: the daemon host
 # ============================================================================
 #
-# The engine runs in `bgsession.py daemon --directory DIR`, a detached interpreter started on
+# The engine runs in `bgsession.py daemon --session ID --directory DIR`, a detached interpreter started on
 # demand; apps talk to it over daemon.sock in the 0700 session directory. It keeps transferring
 # while no app is attached, relaunches the app when events wait, and exits when idle.
 
@@ -7470,6 +7481,8 @@ _PID_NAME = "daemon.pid"
 _DAEMON_LOG = "daemon.log"
 _APP_LOCK_NAME = "app.lock"
 _START_LOCK_NAME = "daemon.start"
+#: The daemon's process name (Linux comm: at most 15 characters).
+DAEMON_PROCESS_NAME = "bgsessiond"
 #: Seconds an app waits for a daemon it started to accept connections.
 DAEMON_START_TIMEOUT = 15.0
 #: Seconds a client keeps trying to reach a daemon that went away.
@@ -7865,16 +7878,77 @@ class _DaemonServer:
         return _serve_operation(self.engine, op, msg, sink), sink
 
 
-def _run_daemon(directory: str, config_fd: int | None = None) -> int:
-    """Entry of ``bgsession.py daemon --directory DIR``: read the configuration from stdin
-    (never from argv or disk: it may hold secrets), detach, serve until idle."""
-    directory = os.path.abspath(directory)
-    raw = sys.stdin.buffer.readline(_MAX_FRAME) if config_fd is None else os.read(config_fd, _MAX_FRAME)
+_SERVICE_CONFIG = "service.json"
+
+
+def _config_at_rest(config: Configuration) -> dict[str, Any]:
+    """What the login service keeps on disk of a configuration: everything but secrets (credential headers are
+    renewed through the app, which is relaunched for a challenge, never stored)."""
+    wire = _config_to_wire(config)
+    wire["headers"] = [[k, v] for k, v in config.headers.pairs() if k.lower() not in _SECRET_HEADERS]
+    return wire
+
+
+def _read_config_at_rest(directory: str) -> Configuration:
+    path = os.path.join(directory, _SERVICE_CONFIG)
+    raw = _read_if_exists(path)
+    if raw is None:
+        raise FileNotFoundError(errno.ENOENT, f"no {_SERVICE_CONFIG}: is the login service installed?", path)
+    return _config_from_wire(json.loads(raw))
+
+
+def _name_process() -> None:
+    """Give the daemon a name ``ps -e``, ``top`` and ``pgrep bgsessiond`` show (Linux; its command line already
+    names bgsession.py, ``daemon`` and the session)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+        f.write(DAEMON_PROCESS_NAME)
+
+
+def _serve_in_foreground(directory: str, config: Configuration) -> int:
+    """The login service's daemon: no fork (the service manager supervises it), log to stderr (the journal, or
+    daemon.log under launchd); a daemon that already serves the session makes this one exit at once."""
+    os.chdir(directory)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"bgsession-daemon[{os.getpid()}] %(levelname)s %(message)s")
     try:
-        config = _config_from_wire(json.loads(raw))
-    except (ValueError, KeyError, TypeError) as err:
-        print(f"bgsession daemon: bad configuration on stdin: {err}", file=sys.stderr)
+        server = _DaemonServer(directory, config)
+    except TransferError as err:
+        if err.code is not ErrorCode.BACKGROUND_SESSION_IN_USE:
+            raise
+        log.info("another daemon serves %s; nothing to do", directory)
+        return 0
+    except JournalError as err:
+        log.error("%s", err)
+        return 4
+    stop = server.stop
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return server.serve()
+
+
+def _run_daemon(directory: str, config_fd: int | None = None, service: bool = False) -> int:
+    """Entry of ``bgsession.py daemon --session ID --directory DIR``: read the configuration from stdin
+    (never from argv: it may hold secrets), detach, serve until idle. *service*: started by the login
+    service (``LoginService``): the configuration is the one it keeps at rest, without secrets, and
+    the daemon stays in the foreground, as systemd and launchd expect."""
+    directory = os.path.abspath(directory)
+    _name_process()
+    try:
+        if service:
+            config = _read_config_at_rest(directory)
+        else:
+            raw = sys.stdin.buffer.readline(_MAX_FRAME) if config_fd is None else os.read(config_fd, _MAX_FRAME)
+            config = _config_from_wire(json.loads(raw))
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        print(f"bgsession daemon: bad configuration {'in ' + directory if service else 'on stdin'}: {err}",
+              file=sys.stderr)
         return 2
+    if service:
+        return _serve_in_foreground(directory, config)
     ready_r, ready_w = os.pipe()
     if os.fork() > 0:
         # The starter waits for this parent, which exits once the daemon (reparented to init)
@@ -7919,15 +7993,24 @@ def _run_daemon(directory: str, config_fd: int | None = None) -> int:
 
 
 #: How a daemon loads this very file (wherever an app keeps it) as a module, from cached bytecode:
-#: run as a script it would be compiled at every start (~60 ms and ~12 MiB more peak memory).
-_DAEMON_BOOT = ("import importlib.util, sys\nspec = importlib.util.spec_from_file_location('bgsession', sys.argv[1])\n"
-                "module = importlib.util.module_from_spec(spec)\nsys.modules['bgsession'] = module\n"
-                "spec.loader.exec_module(module)\nsys.exit(module._main(sys.argv[2:]))\n")
+#: run as a script it would be compiled at every start (~60 ms and ~12 MiB more peak memory); run with
+#: ``-m`` its directory would come before the standard library on sys.path, where an app's own
+#: ``logging.py`` or ``http/`` would shadow it. One line, so that a service unit can hold it.
+_DAEMON_BOOT = ("import sys, importlib.util as u; s = u.spec_from_file_location('bgsession', sys.argv[1]); "
+                "m = u.module_from_spec(s); sys.modules['bgsession'] = m; s.loader.exec_module(m); "
+                "sys.exit(m._main(sys.argv[2:]))")
 
 
 def _self_command(*args: str) -> list[str]:
     """``bgsession.py <args>`` as a command line: this very file, through the cached-bytecode loader."""
     return [sys.executable, "-c", _DAEMON_BOOT, os.path.abspath(__file__), *args]
+
+
+def _daemon_command(config: Configuration, service: bool = False) -> list[str]:
+    """The daemon's command line; it names bgsession.py, the session and its directory, as ``ps`` shows them."""
+    assert config.directory is not None
+    return _self_command("daemon", "--session", config.identifier or "", "--directory", config.directory,
+                         *(["--service"] if service else []))
 
 
 def _try_connect(directory: str) -> socket.socket | None:
@@ -7972,7 +8055,7 @@ def _connect_daemon(config: Configuration, start: bool = True) -> socket.socket:
         log_fd = _open_private(os.path.join(directory, _DAEMON_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         env = {k: v for k, v in os.environ.items() if k != BACKGROUND_EVENTS_ENV}
         try:
-            proc = subprocess.Popen(_self_command("daemon", "--directory", directory), stdin=subprocess.PIPE,
+            proc = subprocess.Popen(_daemon_command(config), stdin=subprocess.PIPE,
                                     stdout=log_fd, stderr=log_fd, env=env, cwd=directory, start_new_session=True)
         finally:
             os.close(log_fd)
@@ -8002,6 +8085,145 @@ def _connect_daemon(config: Configuration, start: bool = True) -> socket.socket:
                             "not start" + (f": {tail}" if tail else f" (see {os.path.join(directory, _DAEMON_LOG)})"))
     finally:
         os.close(start_fd)
+
+
+def _systemd_escape(text: str) -> str:
+    """*text* where a unit file expands specifiers (%) and variables ($)."""
+    return text.replace("%", "%%").replace("$", "$$")
+
+
+def _systemd_quote(arg: str) -> str:
+    """One argument of a unit's ExecStart or path setting: double-quoted, C escapes, specifiers escaped."""
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + _systemd_escape(escaped) + '"'
+
+
+class LoginService:
+    """Starts a background session's daemon at login, so that unfinished transfers resume after a reboot or a
+    logout and the app is relaunched for their events with nothing else run: a systemd user unit on Linux, a
+    launchd agent on macOS (the BITS job that outlives a logout). The daemon starts as ``bgsession.py daemon
+    --service``: in the foreground, with the configuration kept at rest in the session directory
+    (``service.json``, 0600, no secrets; an app that attaches brings its full configuration, as always). On
+    Linux the user's units run at boot only with lingering enabled (``loginctl enable-linger``); otherwise at
+    login. *home* and *platform* default to this user's and this machine's (tests set them)."""
+
+    def __init__(self, configuration: Configuration, *, home: str | None = None,
+                 platform: str | None = None) -> None:
+        if configuration.host != "daemon" or not configuration.identifier or configuration.directory is None:
+            raise InvalidArgumentError("a login service starts a daemon: it needs a background configuration with "
+                                       "host='daemon'")
+        self.configuration = configuration
+        self.home = home or os.path.expanduser("~")
+        self.platform = platform or sys.platform
+        if not self.platform.startswith(("linux", "darwin")):
+            raise InvalidArgumentError(f"no login service on {self.platform}: systemd (Linux) and launchd (macOS) "
+                                       "are supported")
+        #: The unit's (or the agent's) name: ``bgsession-<identifier>.service`` or ``org.bgsession.<identifier>``
+        #: (an identifier is made of characters both allow).
+        self.name = (f"org.bgsession.{configuration.identifier}" if self.launchd
+                     else f"bgsession-{configuration.identifier}.service")
+
+    @property
+    def launchd(self) -> bool:
+        return self.platform == "darwin"
+
+    @property
+    def path(self) -> str:
+        """Where the unit (or the agent's property list) is written."""
+        if self.launchd:
+            return os.path.join(self.home, "Library", "LaunchAgents", self.name + ".plist")
+        config_home = os.environ.get("XDG_CONFIG_HOME") if self.home == os.path.expanduser("~") else None
+        return os.path.join(config_home or os.path.join(self.home, ".config"), "systemd", "user", self.name)
+
+    @property
+    def command(self) -> list[str]:
+        """The command the service manager runs (systemd's ExecStart, launchd's ProgramArguments)."""
+        return _daemon_command(self.configuration, service=True)
+
+    def text(self) -> str:
+        """The unit file (systemd) or property list (launchd) :meth:`install` writes."""
+        directory = self.configuration.directory
+        assert directory is not None
+        if self.launchd:
+            import plistlib  # (only here: an import every start would pay for)
+            return plistlib.dumps({
+                "Label": self.name, "ProgramArguments": self.command, "RunAtLoad": True,
+                "WorkingDirectory": directory, "ProcessType": "Background",
+                "StandardOutPath": os.path.join(directory, _DAEMON_LOG),
+                "StandardErrorPath": os.path.join(directory, _DAEMON_LOG)}).decode("utf-8")
+        return (f"# Written by bgsession {__version__} (`bgsession service install`): starts the daemon of\n"
+                f"# background session {self.configuration.identifier!r} at login; it resumes unfinished transfers\n"
+                "# and exits when idle. Remove with `bgsession service uninstall` (or LoginService(...).uninstall()).\n"
+                "[Unit]\n"
+                f"Description=bgsession daemon of session {_systemd_escape(self.configuration.identifier or '')}\n"
+                "\n[Service]\nType=simple\n"
+                f"WorkingDirectory={_systemd_escape(directory)}\n"  # (the rest of the line, unquoted)
+                f"ExecStart={' '.join(_systemd_quote(arg) for arg in self.command)}\n"
+                "Restart=on-failure\nRestartSec=30\n"
+                "\n[Install]\nWantedBy=default.target\n")
+
+    def install(self, enable: bool = True) -> list[str]:
+        """Write the configuration at rest and the unit (durably), and with *enable* ask the service manager to
+        start it at every login; returns what was done or could not be, one line each (a service manager that
+        cannot be reached, as in a container, is reported, not raised: the unit is in place for the next login)."""
+        directory = self.configuration.directory
+        assert directory is not None
+        _claim_session_dir(directory, self.configuration.identifier)
+        _atomic_write(os.path.join(directory, _SERVICE_CONFIG), _dumps(_config_at_rest(self.configuration)))
+        _makedirs(os.path.dirname(self.path), 0o755)
+        _atomic_write(self.path, self.text().encode("utf-8"))
+        done = [f"wrote {self.path}"]
+        if enable:
+            done.append(self._manage("enable"))
+        return done
+
+    def uninstall(self) -> list[str]:
+        """Disable and remove the unit and the configuration at rest; the session and its transfers stay."""
+        done = [self._manage("disable")] if os.path.exists(self.path) else []
+        for path in (self.path, os.path.join(self.configuration.directory or "", _SERVICE_CONFIG)):
+            with contextlib.suppress(FileNotFoundError):
+                _vfs.unlink(path)
+                done.append(f"removed {path}")
+        return done or [f"no login service for session {self.configuration.identifier!r}"]
+
+    def status(self) -> dict[str, Any]:
+        """``installed`` (the unit is there), ``current`` (and is what :meth:`text` writes today), ``enabled``
+        (the service manager's answer, or None if it cannot be asked), ``running`` (a daemon serves the session)."""
+        current = _read_if_exists(self.path)
+        directory = self.configuration.directory or ""
+        sock = _try_connect(directory) if os.path.isdir(directory) else None
+        if sock is not None:
+            sock.close()
+        enabled = None
+        if current is not None:
+            answer = self._run(["launchctl", "print", f"gui/{os.getuid()}/{self.name}"] if self.launchd
+                               else ["systemctl", "--user", "is-enabled", self.name])
+            enabled = None if answer is None else answer[0] == 0
+        return {"name": self.name, "path": self.path, "installed": current is not None,
+                "current": current == self.text().encode("utf-8"), "enabled": enabled, "running": sock is not None}
+
+    def _manage(self, action: str) -> str:
+        if self.launchd:
+            target = f"gui/{os.getuid()}"
+            argv = ["launchctl", "bootstrap" if action == "enable" else "bootout", target,
+                    self.path if action == "enable" else f"{target}/{self.name}"]
+        else:
+            argv = ["systemctl", "--user", action, self.name]
+            if action == "enable":
+                self._run(["systemctl", "--user", "daemon-reload"])
+        answer = self._run(argv)
+        if answer is not None and answer[0] == 0:
+            return f"{action}d {self.name}"
+        why = "not found" if answer is None else (answer[1].strip().splitlines() or [f"exit {answer[0]}"])[-1]
+        return f"could not {action} {self.name} ({' '.join(argv)}: {why}); run it in a login session"
+
+    @staticmethod
+    def _run(argv: list[str]) -> tuple[int, str] | None:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.returncode, done.stderr or done.stdout
 
 
 class _Disconnected(Exception):
@@ -8246,16 +8468,37 @@ _HOSTS["daemon"] = _daemon_host
 # 13. CLI
 # ============================================================================
 #
-# `python -m bgsession` (or the `bgsession` script) is a small background session app: `download`
-# enqueues into a daemon-hosted session and returns; the daemon relaunches `bgsession deliver`
-# when files are ready, which moves them into the directory named at enqueue time (kept in the
-# task's description). `--wait` and `wait` attach and show progress instead.
+# `python -m bgsession` (or the `bgsession` script) is a small background session app with wget's and aria2c's
+# flags: `download` enqueues into a daemon-hosted session and returns; the daemon transfers, and relaunches
+# `bgsession deliver` when files are ready, which moves them into the directory named at enqueue time (kept in the
+# task's description) and writes each outcome into the CLI's history. `wait` and `download --wait` watch as
+# observers (they never attach, so they never lock the delivery out) and print each outcome as it lands.
 
 #: Session identifier the CLI uses unless --session says otherwise.
 CLI_SESSION = "bgsession.cli"
-#: Exit codes of the command-line tool.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IN_USE, EXIT_JOURNAL, EXIT_UNREACHABLE = 0, 1, 2, 3, 4, 5
+#: Exit codes. What happened to the downloads uses wget's numbers (with wget's rule: of several failures, the
+#: lowest number above 1 wins); what went wrong with bgsession itself has its own, above wget's.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FILE, EXIT_NETWORK, EXIT_TLS, EXIT_AUTH, EXIT_PROTOCOL, EXIT_SERVER = range(9)
+EXIT_IN_USE, EXIT_JOURNAL, EXIT_UNREACHABLE = 9, 10, 11
+#: Outcomes the CLI keeps in its history (the oldest are forgotten first).
+CLI_HISTORY = 1000
+#: Seconds between the plain progress lines of `wait` when its output is not a terminal.
+CLI_PLAIN_PROGRESS_INTERVAL = 2.0
+#: The environment variable `-u USER` takes the password from (else it is asked for on a terminal).
+CLI_PASSWORD_ENV = "BGSESSION_HTTP_PASSWORD"
 _CLI_PREFIX = "bgsession-cli:"
+_CLI_SETTINGS = "cli.json"
+_CLI_HISTORY_NAME = "cli-history.jsonl"
+_CLI_EXIT_BY_CODE = {
+    **dict.fromkeys((ErrorCode.CANNOT_CREATE_FILE, ErrorCode.CANNOT_OPEN_FILE, ErrorCode.CANNOT_WRITE_TO_FILE,
+                     ErrorCode.CANNOT_REMOVE_FILE, ErrorCode.CANNOT_MOVE_FILE, ErrorCode.FILE_DOES_NOT_EXIST),
+                    EXIT_FILE),
+    **dict.fromkeys((ErrorCode.TIMED_OUT, ErrorCode.CANNOT_FIND_HOST, ErrorCode.CANNOT_CONNECT_TO_HOST,
+                     ErrorCode.NETWORK_CONNECTION_LOST), EXIT_NETWORK),
+    **dict.fromkeys((ErrorCode.SECURE_CONNECTION_FAILED, ErrorCode.SERVER_CERTIFICATE_UNTRUSTED), EXIT_TLS),
+    **dict.fromkeys((ErrorCode.USER_AUTHENTICATION_REQUIRED, ErrorCode.USER_CANCELLED_AUTHENTICATION), EXIT_AUTH),
+    **dict.fromkeys((ErrorCode.BAD_SERVER_RESPONSE, ErrorCode.HTTP_TOO_MANY_REDIRECTS, ErrorCode.CANNOT_RESUME),
+                    EXIT_PROTOCOL)}
 
 
 class _CliError(Exception):
@@ -8264,13 +8507,48 @@ class _CliError(Exception):
         self.code = code
 
 
+def _exit_code(outcomes: Iterable[Mapping[str, Any]]) -> int:
+    """wget's exit status for these outcomes: 0 if all were saved; else the lowest code above 1 among the
+    failures, or 1 (a failure wget has no number for: a cancel, a checksum mismatch)."""
+    codes = {int(o.get("exit", EXIT_FAILED)) for o in outcomes if o.get("state") != "saved"}
+    return min((c for c in codes if c > EXIT_FAILED), default=EXIT_FAILED if codes else EXIT_OK)
+
+
+def _outcome_exit(status: int | None, code: ErrorCode | None) -> int:
+    """wget's exit code for one failure: an HTTP status (401, 407: 6; other errors: 8; a response that is neither
+    a success nor an error: 7), else the transfer error's code."""
+    if status is not None:
+        return EXIT_AUTH if status in (401, 407) else EXIT_SERVER if status >= 400 else EXIT_PROTOCOL
+    return _CLI_EXIT_BY_CODE.get(code, EXIT_FAILED) if code is not None else EXIT_FAILED
+
+
+def _cli_directory(args: argparse.Namespace) -> str:
+    return os.path.abspath(args.state_dir) if args.state_dir else default_directory(args.session)
+
+
+def _cli_settings(directory: str) -> dict[str, Any]:
+    """The session-wide options the CLI keeps (-j, -x, --tries, --timeout): every CLI run brings the session its
+    configuration, so an option meant to last is read from here, not from one run's flags."""
+    raw = _read_if_exists(os.path.join(directory, _CLI_SETTINGS))
+    try:
+        settings = json.loads(raw) if raw else {}
+    except ValueError:
+        settings = {}
+    return settings if isinstance(settings, dict) else {}
+
+
 def _cli_config(args: argparse.Namespace) -> Configuration:
-    directory = os.path.abspath(args.state_dir) if args.state_dir else None
-    relaunch = _self_command("deliver", "--session", args.session)
-    if directory:
-        relaunch += ["--state-dir", directory]
-    return Configuration.background(args.session, directory=directory, host="daemon", relaunch_command=relaunch,
-                                    max_connections_per_task=getattr(args, "split", None) or 1)
+    directory = _cli_directory(args)
+    relaunch = _self_command("deliver", "--session", args.session, "--state-dir", directory)
+    settings = _cli_settings(directory)
+    tries = settings.get("tries")  # (given: it bounds every attempt, a host that cannot be reached too, as wget's)
+    return Configuration.background(
+        args.session, directory=directory, host="daemon", relaunch_command=relaunch,
+        waits_for_connectivity=not tries,
+        max_concurrent_transfers=settings.get("jobs", DEFAULT_MAX_CONCURRENT_TRANSFERS),
+        max_connections_per_task=settings.get("split", 1),
+        timeout_for_request=settings.get("timeout", 60.0),
+        retry=Retry() if tries is None else Retry(total=None if tries == 0 else tries - 1))
 
 
 def _human(n: float) -> str:
@@ -8290,7 +8568,8 @@ _RATE_RE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*\Z", re
 _RELATIVE_RE = re.compile(r"\A\+(\d+(?:\.\d+)?)\s*([smhd])\Z")
 _CLOCK_RE = re.compile(r"\A(\d{1,2}):(\d{2})(?::(\d{2}))?\Z")
 #: The finer states `status` shows (the others are the public TaskState's names).
-_CLI_STATES = {Phase.SCHEDULED: "scheduled", Phase.QUEUED: "queued", Phase.WAITING_RETRY: "retrying"}
+_CLI_STATES = {Phase.SCHEDULED: "scheduled", Phase.QUEUED: "queued", Phase.WAITING_RETRY: "retrying",
+               Phase.DELIVERING: "delivering"}
 
 
 def _parse_rate(text: str) -> int | None:
@@ -8309,6 +8588,16 @@ def _parse_number(text: str, what: str) -> float:
         return float(text)
     except ValueError:
         raise _CliError(f"{what} must be a number, not {text!r}") from None
+
+
+def _parse_count(text: str, what: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise _CliError(f"{what} must be a whole number, not {text!r}") from None
+    if not low <= value <= high:
+        raise _CliError(f"{what} must be within {low}..{high}, not {value}")
+    return value
 
 
 def _parse_when(text: str, now: float) -> float:
@@ -8333,6 +8622,161 @@ def _parse_when(text: str, now: float) -> float:
         raise _CliError(f"bad time {text!r} ({err}): use +30m, 22:00, 2026-12-01T22:00[+01:00] or @POSIXTIME") from None
 
 
+def _parse_checksum(text: str) -> str:
+    """aria2c's ``--checksum=sha-256=HEX`` (or a bare HEX): the expected SHA-256, lower case."""
+    algo, _, digest = text.rpartition("=")
+    if algo.lower() not in ("", "sha-256", "sha256") or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        raise _CliError(f"bad checksum {text!r}: sha-256=<64 hex digits> (SHA-256 is the one bgsession checks)")
+    return digest.lower()
+
+
+def _parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise _CliError(f"bad header {text!r}: 'Name: value'")
+    return name.strip(), value.strip()
+
+
+# -- what one URL asks for: -i files, credentials -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Order:
+    """One download as the command line (or a line of an -i file) asked for it."""
+    url: str
+    directory: str
+    name: str | None = None  # -O / -o / out=: the name to save as (else the server's or the URL's)
+    sha256: str | None = None
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def _read_input_file(path: str, directory: str) -> list[_Order]:
+    """URLs from an ``-i`` file (``-``: standard input), one per line, as wget reads them; lines indented under a
+    URL give its options as aria2c's input files do: ``out=NAME``, ``dir=DIR``, ``checksum=sha-256=HEX``,
+    ``header=Name: value``. Blank lines and ``#`` comments are skipped."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise _CliError(f"cannot read the input file {path}: {err}") from None
+    orders: list[_Order] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line[0].isspace():
+            orders.append(_Order(line.strip().split()[0], directory))
+            continue
+        key, sep, value = line.strip().partition("=")
+        if not orders or not sep or key not in ("out", "dir", "checksum", "header"):
+            raise _CliError(f"{path}, line {number}: expected a URL, or an indented out=, dir=, checksum= or "
+                            f"header= under one, not {line.strip()!r}")
+        order = orders[-1]
+        if key == "out":
+            order.name = value
+        elif key == "dir":
+            order.directory = os.path.abspath(value)
+        elif key == "checksum":
+            order.sha256 = _parse_checksum(value)
+        else:
+            order.headers.append(_parse_header(value))
+    return orders
+
+
+def _credential_header(args: argparse.Namespace, url: str) -> tuple[str, str] | None:
+    """``-u USER`` (password from $BGSESSION_HTTP_PASSWORD, --http-password or a prompt) or ``--netrc``: an
+    Authorization header. The session keeps it in memory only (never in its journal), sends it to the URL's
+    origin only, and loses it when its daemon stops: a transfer that then meets a 401 fails with exit 6, and
+    ``bgsession resume ID -u USER`` continues it."""
+    user, password = args.http_user, args.http_password
+    if user is None and (args.netrc or args.netrc_file):
+        import netrc  # (only here: most runs never read it)
+        try:
+            entry = netrc.netrc(args.netrc_file).authenticators(urllib.parse.urlsplit(url).hostname or "")
+        except (OSError, netrc.NetrcParseError) as err:
+            raise _CliError(f"cannot read the netrc file: {err}") from None
+        if entry is None:
+            return None
+        user, password = entry[0], entry[2] or ""
+    if user is None:
+        return None
+    if password is None:
+        password = os.environ.get(CLI_PASSWORD_ENV)
+    if password is None:
+        if not sys.stdin.isatty():
+            raise _CliError(f"-u {user}: no password (set ${CLI_PASSWORD_ENV}, or run on a terminal to be asked)")
+        import getpass
+        password = getpass.getpass(f"password for {user}: ")
+    return "Authorization", _basic_authorization(Credential(user, password))
+
+
+# -- the CLI's own files: settings and the history of outcomes ----------------------------------------------------
+
+
+class _History:
+    """The outcomes of the CLI's downloads (saved, failed, cancelled): ``cli-history.jsonl`` in the session
+    directory, one JSON line each. The delivering process appends a line and fsyncs it before its hook returns,
+    so an acknowledged event always has its line (an event delivered again writes it again: the last line of an
+    ID wins). At most CLI_HISTORY outcomes are kept; ``bgsession clear`` forgets them."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, _CLI_HISTORY_NAME)
+        self._lock_path = self.path + ".lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = _open_private(self._lock_path, os.O_RDWR | os.O_CREAT)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The outcomes, one per task, oldest first."""
+        raw = _read_if_exists(self.path) or b""
+        found: dict[int, dict[str, Any]] = {}
+        for line in raw.splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                entry = json.loads(line)
+                found.pop(int(entry["id"]), None)  # (a redelivered outcome moves to the end)
+                found[int(entry["id"])] = entry
+        return list(found.values())
+
+    def add(self, entry: Mapping[str, Any]) -> None:
+        with self._locked():
+            fd = _open_private(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            try:
+                _write_all(fd, _dumps(entry))
+                _fsync(fd)
+            finally:
+                _vfs.close(fd)
+            size = os.path.getsize(self.path)
+            if size > 4096 and size > 2 * CLI_HISTORY * 256:  # (~256 bytes a line) keep the newest
+                self._rewrite(self.entries()[-CLI_HISTORY:])
+
+    def forget(self, ids: Iterable[int] | None) -> int:
+        """Forget the outcomes of *ids* (None: all); how many were forgotten."""
+        with self._locked():
+            entries = self.entries()
+            keep = [] if ids is None else [e for e in entries if int(e["id"]) not in set(ids)]
+            if len(keep) != len(entries):
+                self._rewrite(keep)
+            return len(entries) - len(keep)
+
+    def _rewrite(self, entries: list[dict[str, Any]]) -> None:
+        _atomic_write(self.path, b"".join(_dumps(e) for e in entries))
+
+
+def _update_settings(directory: str, changes: Mapping[str, Any]) -> None:
+    settings = {**_cli_settings(directory), **changes}
+    _claim_session_dir(directory, None)
+    _atomic_write(os.path.join(directory, _CLI_SETTINGS), _dumps({k: v for k, v in settings.items() if v is not None}))
+
+
 def _cli_meta(info: TaskInfo) -> dict[str, Any]:
     desc = info.description or ""
     try:
@@ -8346,6 +8790,14 @@ def _cli_state(info: TaskInfo) -> str:
     return "waiting" if info.waiting else _CLI_STATES.get(info.phase, info.state.name.lower())
 
 
+def _last_error_text(info: TaskInfo) -> str | None:
+    """Why a task that goes on is not moving: its last attempt's error, and when it tries next."""
+    if not info.last_error:
+        return None
+    retry_in = f"; next try in {max(0, round(info.next_retry - time.time()))} s" if info.next_retry else ""
+    return f"{info.last_error.get('message', '')}{retry_in}"
+
+
 def _task_notes(info: TaskInfo) -> list[str]:
     """A task's notes for `status`: its date (until it starts), priority and limit if set, and while it waits to try
     again, why (the last attempt's error) and when."""
@@ -8356,9 +8808,9 @@ def _task_notes(info: TaskInfo) -> list[str]:
         notes.append(f"priority {info.priority:g}")
     if info.limit is not None:
         notes.append(f"limit {_human(info.limit)}/s")
-    if info.last_error:  # why it waits: the last attempt's error, and when the next one starts
-        retry_in = f"; next try in {max(0, round(info.next_retry - time.time()))} s" if info.next_retry else ""
-        notes.append(f"{info.last_error.get('message', '')}{retry_in}")
+    error = _last_error_text(info)  # why it waits: the last attempt's error, and when the next one starts
+    if error:
+        notes.append(error)
     return notes
 
 
@@ -8377,170 +8829,337 @@ def _task_line(info: TaskInfo, width: int = 100) -> str:
     return line[:width]
 
 
+def _outcome_line(entry: Mapping[str, Any], width: int = 200) -> str:
+    """One outcome as `status` and `wait` show it: saved (as what), or why it failed."""
+    if entry.get("state") == "saved" and not entry.get("saved_as"):
+        text = f"{entry['id']:>5} saved      ({entry.get('note')})  {entry.get('url')}"
+    elif entry.get("state") == "saved":  # (the name first: a narrow terminal cuts the directory, not the name)
+        directory, name = os.path.split(str(entry.get("saved_as")))
+        text = f"{entry['id']:>5} saved      {name} ({_human(entry.get('bytes') or 0)}) in {directory}"
+    else:
+        text = f"{entry['id']:>5} {entry.get('state', 'failed'):<10} {entry.get('error')}  {entry.get('url')}"
+    return text[:width]
+
+
 class _CliApp(SessionDelegate):
-    """The CLI's delegate: moves each finished file into the directory chosen at enqueue time, and
-    gives back the ``--header`` values a task lost (when this process enqueued it)."""
+    """The CLI's delegate (`bgsession deliver`, relaunched by the daemon): moves each finished file into the
+    directory chosen at enqueue time, never over another file (name.1, name.2 ... as wget does), and writes every
+    outcome into the history before its hook returns. A task that lost its secret headers (they lived in the
+    memory of a daemon that stopped) is cancelled rather than sent without them: its partial data is kept, and
+    ``bgsession resume ID`` with the headers (or -u) continues it."""
 
     def __init__(self, out: Any, tty: bool) -> None:
         self.out, self.tty, self.lock = out, tty, threading.Lock()
         self.results: dict[int, str | None] = {}  # task id -> None (ok) or a reason
-        self.headers: dict[int, dict[str, str]] = {}  # task id -> its --header values (this process's memory)
-
-    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
-                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
-        """A task lost its --header values (the daemon that held them stopped): this process gives them back if it
-        enqueued the task (``download --wait``); any other (``deliver``, relaunched) cannot know them and cancels
-        the task rather than send it without them. A 401/403 to a request that had them stands."""
-        names = _cli_meta(task._info()).get("headers") or []
-        if all(name in request.headers for name in names):
-            return DelayedRequestDisposition.CONTINUE_LOADING, None
-        given = self.headers.get(task.identifier)
-        if given is not None:
-            return DelayedRequestDisposition.USE_NEW_REQUEST, Request(request.url, headers={
-                **dict(request.headers.pairs()), **given})
-        self._say(f"cancelled {task.identifier} {request.url}: its {', '.join(names)} header lived in the memory of "
-                  "a daemon that stopped; run the download again")
-        return DelayedRequestDisposition.CANCEL, None
+        self.notes: dict[int, str] = {}  # task id -> why this process cancelled it
 
     def _say(self, text: str) -> None:
         with self.lock:
             print(text, file=self.out, flush=True)
 
+    def task_will_begin_delayed_request(self, session: Session, task: Task, request: Request
+                                        ) -> tuple[DelayedRequestDisposition, Request | None]:
+        """A task asks before it sends again: with every header it was given, it goes on; one that lost a secret
+        header (it lived in the memory of a daemon that stopped) is cancelled with its partial data kept, rather
+        than sent without it (`resume ID` with the header continues it). A 401/403 to a request that had them
+        stands."""
+        names = _cli_meta(task._info()).get("headers") or []
+        missing = [name for name in names if name not in request.headers]
+        if not missing:
+            return DelayedRequestDisposition.CONTINUE_LOADING, None
+        self.notes[task.identifier] = (f"its {', '.join(missing)} header lived in the memory of a daemon that "
+                                       f"stopped: `bgsession resume {task.identifier}` with it continues")
+        return DelayedRequestDisposition.CANCEL, None
+
+    def _record(self, session: Session, task: Task, **outcome: Any) -> None:
+        directory = session.configuration.directory
+        assert directory is not None
+        meta = _cli_meta(task._info())
+        entry = {"id": task.identifier, "url": task.original_request.url, "dir": meta.get("dir"),
+                 "name": meta.get("name"), "ended": time.time(), **outcome}
+        _History(directory).add(entry)
+        self.results[task.identifier] = None if outcome["state"] == "saved" else str(outcome.get("error"))
+        if not self.tty:
+            self._say(_outcome_line(entry))
+
     def download_task_did_finish_downloading(self, session: Session, task: DownloadTask, location: str) -> None:
         response = task.response
         meta = _cli_meta(task._info())
         if response is None or not 200 <= response.status < 300:
-            status = response.status if response else "no response"
-            self.results[task.identifier] = f"HTTP {status}"
+            status = response.status if response else None
+            self._record(session, task, state="failed", status=status, error=f"HTTP {status or 'no response'}",
+                         exit=_outcome_exit(status, ErrorCode.BAD_SERVER_RESPONSE))
             return
         dest_dir = meta.get("dir") or os.getcwd()
         name = sanitize_filename(meta.get("name") or response.suggested_filename)  # fits in 255 bytes with a .N
+        size = os.path.getsize(location)
         n, target = 0, None
         try:
-            while target is None:  # never clobber: name.1, name.2 ... (as wget does)
-                with contextlib.suppress(FileExistsError):
-                    target = move_to(location, os.path.join(dest_dir, f"{name}.{n}" if n else name))
+            while target is None:  # never over another file: name.1, name.2 ... (as wget does), even one with
+                candidate = os.path.join(dest_dir, f"{name}.{n}" if n else name)  # the same bytes (another task's)
                 n += 1
+                if not os.path.lexists(candidate):
+                    with contextlib.suppress(FileExistsError):
+                        target = move_to(location, candidate)
         except TransferError as err:
             cause = err.__cause__
             if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
                 raise  # may succeed later: the file stays in the session for the next delivery
             # cannot succeed (a name or directory the destination refuses): report it and let the file go,
             # rather than have the daemon relaunch this delivery again and again
-            self.results[task.identifier] = f"cannot deliver to {dest_dir}: {err.message}"
+            self._record(session, task, state="failed", status=response.status, exit=EXIT_FILE,
+                         error=f"cannot deliver to {dest_dir}: {err.message}")
             return
-        self.results[task.identifier] = None
-        if not self.tty:
-            self._say(f"done {task.identifier} {task.original_request.url} -> {target}")
+        self._record(session, task, state="saved", status=response.status, saved_as=target, bytes=size, exit=0)
 
     def task_did_complete(self, session: Session, task: Task, error: TransferError | None) -> None:
-        if error is not None:
-            self.results[task.identifier] = str(error)
-        reason = self.results.setdefault(task.identifier, None)
-        if reason is not None and not self.tty:
-            self._say(f"failed {task.identifier} {task.original_request.url}: {reason}")
-
-
-def _progress_loop(session: Session, app: _CliApp, out: Any, tty: bool) -> None:
-    """Wait for the session's tasks, drawing one line per task in place on a TTY."""
-    drawn = 0
-    finished_lines: dict[str, None] = {}  # ordered, and O(1) to test (thousands of tasks)
-    while True:
-        settled = session.wait(0.25)
-        if tty:
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            lines = [_task_line(i, width) for i in session._backend.tasks()]
-            for tid, reason in sorted(app.results.items()):
-                finished_lines.setdefault(f"{tid:>5} {'done' if reason is None else 'failed: ' + reason}")
-            frame = list(finished_lines) + lines
-            buf = ("\x1b[%dF" % drawn if drawn else "") + "".join("\x1b[2K" + line + "\n" for line in frame)
-            if drawn > len(frame):
-                buf += "\x1b[2K\n" * (drawn - len(frame)) + "\x1b[%dF" % (drawn - len(frame))
-            out.write(buf)
-            out.flush()
-            drawn = len(frame)
-        if settled:
+        if error is None:  # the finish hook recorded it -- unless a kill came between its move and its line
+            directory = session.configuration.directory or ""
+            if all(int(e["id"]) != task.identifier for e in _History(directory).entries()):
+                self._record(session, task, state="saved", saved_as=None, bytes=None, exit=0,
+                             note="moved by a delivery that was interrupted before it wrote its line")
             return
-
-
-def _cli_session(args: argparse.Namespace, app: SessionDelegate) -> Session:
-    try:
-        return Session(_cli_config(args), app)
-    except TransferError as err:
-        if err.code is ErrorCode.BACKGROUND_SESSION_IN_USE:
-            raise _CliError(f"session {args.session!r} is in use by another bgsession process "
-                            "(a `wait` or `download --wait`); let it finish or stop it", EXIT_IN_USE) from None
-        raise
+        cancelled = error.code is ErrorCode.CANCELLED
+        note = self.notes.pop(task.identifier, None)
+        self._record(session, task, state="cancelled" if cancelled else "failed",
+                     error=f"cancelled: {note}" if note else str(error),
+                     code=int(error.code), exit=_outcome_exit(None, error.code),
+                     resume_data=base64.b64encode(error.resume_data).decode("ascii") if error.resume_data else None)
 
 
 def _cli_observer(args: argparse.Namespace) -> _Backend:
-    """A client of the session's daemon that never attaches (enqueue, status, task operations)."""
+    """A client of the session's daemon that never attaches (enqueue, status, wait, task operations)."""
     return cast(_Backend, _DaemonClient(_cli_config(args), observer=True))
 
 
-def _cmd_wait(args: argparse.Namespace, out: Any, deliver: bool = False,
-              enqueue: Callable[[Session], None] | None = None) -> int:
-    """Attach, run *enqueue* (``download --wait``), then show progress until everything is delivered."""
-    tty = out.isatty() and not deliver
-    app = _CliApp(out, tty)
-    session = _cli_session(args, app)
+# -- watching: wait and download --wait ------------------------------------------------------------------------
+
+
+class _Watch:
+    """What `wait` and `download --wait` show. An observer of the daemon, never attached: the daemon's own
+    delivery (`bgsession deliver`) moves the files and writes the history, and neither locks the other out. Until
+    every task it watches has its outcome in the history: progress redrawn in place on a terminal, or plain lines
+    every CLI_PLAIN_PROGRESS_INTERVAL seconds otherwise (as wget's dot progress); each outcome as it lands; then
+    wget's closing summary line. *ids*: the tasks to watch (None: every task, including ones added meanwhile, and
+    the outcomes that landed after *since*, the previous `wait`, so that a failure is reported once)."""
+
+    def __init__(self, client: _Backend, history: _History, out: Any, *, ids: Iterable[int] | None,
+                 since: tuple[float, Iterable[int]] | None = None, quiet: bool = False, verbose: bool = False) -> None:
+        self.client, self.history, self.out = client, history, out
+        self.tty = out.isatty() and not quiet
+        self.ids, self.quiet, self.verbose = None if ids is None else set(ids), quiet, verbose
+        self.watched: set[int] = set(self.ids or ())
+        self.shown: dict[int, dict[str, Any]] = {}  # the outcomes printed, by task
+        self.drawn, self.last_plain, self.started = 0, 0.0, time.monotonic()
+        self.last_error: dict[int, str] = {}
+        if since is not None:  # (when, and the outcomes already reported of those that ended after it)
+            after, reported = since[0], set(since[1])
+            self.watched |= {int(e["id"]) for e in history.entries()
+                             if float(e.get("ended") or 0) > after and int(e["id"]) not in reported}
+        self.read_at = time.time()  # when the tasks and the history were last read
+
+    def run(self) -> int:
+        while True:
+            self.read_at = time.time()
+            infos = [i for i in self.client.tasks() if self.ids is None or i.id in self.ids]
+            live = {i.id for i in infos}
+            self.watched |= live
+            # read after the tasks: a task acknowledged meanwhile already has its line (written before the ack)
+            outcomes = {int(e["id"]): e for e in self.history.entries()}
+            fresh = []
+            for tid in sorted(self.watched - set(self.shown)):
+                entry = outcomes.get(tid)
+                if entry is None and tid not in live:  # ended, and its outcome forgotten (`clear`) before seen
+                    entry = {"id": tid, "state": "ended", "error": "(its outcome was forgotten)", "exit": EXIT_FAILED}
+                if entry is not None:
+                    self.shown[tid] = entry
+                    fresh.append(entry)
+            active = [i for i in infos if i.id not in self.shown]
+            self._draw(active, fresh)
+            if not active and self.watched <= set(self.shown):
+                break
+            time.sleep(0.2 if self.tty else 0.1)  # a display's refresh: nothing announces a daemon's progress
+        self._summary()
+        return _exit_code(self.shown.values())
+
+    def _draw(self, active: list[TaskInfo], fresh: list[dict[str, Any]]) -> None:
+        if self.quiet:
+            for entry in fresh:
+                if entry.get("state") != "saved":
+                    print(_outcome_line(entry), file=sys.stderr, flush=True)
+            return
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            frame = [_outcome_line(e, width) for e in self.shown.values()] + [_task_line(i, width) for i in active]
+            buf = ("\x1b[%dF" % self.drawn if self.drawn else "") + "".join("\x1b[2K" + ln + "\n" for ln in frame)
+            if self.drawn > len(frame):
+                buf += "\x1b[2K\n" * (self.drawn - len(frame)) + "\x1b[%dF" % (self.drawn - len(frame))
+            self.out.write(buf)
+            self.out.flush()
+            self.drawn = len(frame)
+            return
+        for entry in fresh:
+            print(_outcome_line(entry), file=self.out, flush=True)
+        now = time.monotonic()
+        for info in active:
+            error = _last_error_text(info)
+            if self.verbose and error and self.last_error.get(info.id) != error:
+                self.last_error[info.id] = error
+                print(f"{info.id:>5} {_cli_state(info)}: {error}", file=self.out, flush=True)
+        if active and now - self.last_plain >= CLI_PLAIN_PROGRESS_INTERVAL:
+            self.last_plain = now
+            for info in active:
+                print(_task_line(info, 200), file=self.out, flush=True)
+
+    def _summary(self) -> None:
+        """wget's closing line: ``Downloaded: 3 files, 12.0 MiB in 4.2s (2.9 MiB/s); 1 failed``."""
+        if not self.shown:
+            print("nothing to wait for", file=sys.stderr if self.quiet else self.out, flush=True)
+            return
+        saved = [e for e in self.shown.values() if e.get("state") == "saved"]
+        failed = len(self.shown) - len(saved)
+        size, took = sum(int(e.get("bytes") or 0) for e in saved), time.monotonic() - self.started
+        rate = f" ({_human(size / took)}/s)" if took >= 0.5 else ""  # (not for outcomes that were there already)
+        line = (f"Downloaded: {len(saved)} file{'s' * (len(saved) != 1)}, {_human(size)} in {took:.1f}s{rate}"
+                + (f"; {failed} failed" if failed else ""))
+        print(line, file=sys.stderr if self.quiet else self.out, flush=True)
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+
+
+def _orders(args: argparse.Namespace) -> list[_Order]:
+    """The downloads `download` (or a `resume` of a failed one) asks for, each checked before anything is queued."""
+    directory = os.path.abspath(args.dir or os.getcwd())
+    orders = [_Order(url, directory) for url in args.urls]
+    if args.input_file:
+        orders += _read_input_file(args.input_file, directory)
+    if not orders:
+        raise _CliError("no URL: give one or more, or -i FILE")
+    output = args.output_document or args.out
+    if output is not None:
+        if len(orders) != 1:
+            raise _CliError("-O/-o name one file: give a single URL (or out= under each URL of an -i file)")
+        if output == "-" or output.endswith(os.sep):
+            raise _CliError(f"-O/-o {output!r}: name a file (bgsession delivers into files, not to stdout)")
+        # wget's -O FILE is relative to the current directory, aria2c's -o NAME to -d
+        full = os.path.join(os.getcwd() if args.output_document else directory, output)
+        orders[0].directory, orders[0].name = os.path.split(os.path.abspath(full))
+    checksum = args.checksum or args.sha256
+    if checksum is not None:
+        if len(orders) != 1:
+            raise _CliError("--checksum/--sha256 apply to a single URL (or checksum= under each URL of an -i file)")
+        orders[0].sha256 = _parse_checksum(checksum)
+    for order in orders:
+        order.headers = [_parse_header(h) for h in args.header] + order.headers
+        credential = _credential_header(args, order.url)
+        if credential is not None:
+            order.headers.append(credential)
+        if order.name is not None and sanitize_filename(order.name) != order.name:
+            raise _CliError(f"cannot save as {order.name!r}: a file name without / or control characters")
+        try:
+            os.makedirs(order.directory, exist_ok=True)  # -d NEWDIR is made (and made again at delivery)
+        except OSError as err:
+            raise _CliError(f"cannot create the directory {order.directory}: {err.strerror or err}") from None
+        if not os.path.isdir(order.directory) or not os.access(order.directory, os.W_OK | os.X_OK):
+            raise _CliError(f"cannot write to {order.directory}")
+    return orders
+
+
+def _enqueue(client: _Backend, requests: list[tuple[Request, _Order]], rate: int | None,
+             resume: Mapping[str, Any] | None = None) -> list[tuple[TaskInfo, _Order]]:
+    queued: list[tuple[TaskInfo, _Order]] = []
     try:
-        if enqueue is not None:
-            enqueue(session)
-        _progress_loop(session, app, out, tty)
+        for req, order in requests:
+            meta = {"dir": order.directory, **({"name": order.name} if order.name else {}),  # header names only:
+                    **({"headers": sorted({k for k, _ in order.headers})} if order.headers else {})}  # values: memory
+            desc = _CLI_PREFIX + json.dumps(meta, separators=(",", ":"))
+            queued.append((client.new_task("download", req, desc, None, resume), order))
+            if rate is not None:
+                client.set_limit(queued[-1][0].id, rate)
+    finally:
+        client.resume([info.id for info, _ in queued])  # what was created runs, even if a later create failed
+    return queued
+
+
+def _cmd_download(args: argparse.Namespace, out: Any) -> int:
+    priority = None if args.priority is None else _parse_number(args.priority, "--priority")
+    begin = None if args.not_before is None else _parse_when(args.not_before, time.time())
+    rate = None if args.limit_rate is None else _parse_rate(args.limit_rate)
+    settings = {"jobs": None if args.jobs is None else _parse_count(args.jobs, "-j", 1, MAX_CONCURRENT_TRANSFERS),
+                "tries": None if args.tries is None else _parse_count(args.tries, "--tries", 0, 1000),
+                "timeout": None if args.timeout is None else _parse_number(args.timeout, "--timeout"),
+                "split": None if args.split is None else _parse_count(args.split, "-x", 1, MAX_CONNECTIONS_PER_TASK)}
+    if settings["timeout"] is not None:
+        _check_seconds("--timeout", settings["timeout"])
+    orders = _orders(args)
+    # bad URLs and options fail here, before any enqueue
+    requests = [(Request(o.url, headers=dict(o.headers), sha256=o.sha256, priority=priority,
+                         earliest_begin_date=begin), o) for o in orders]
+    if any(v is not None for v in settings.values()):
+        _update_settings(_cli_directory(args), {k: v for k, v in settings.items() if v is not None})
+    client = _cli_observer(args)
+    try:
+        queued = _enqueue(client, requests, rate)
+        if not args.wait:
+            if not args.quiet:
+                for info, order in queued:
+                    print(f"queued {info.id} {order.url} -> {order.directory}", file=out, flush=True)
+            return EXIT_OK
+        return _Watch(client, _History(_cli_directory(args)), out, ids=[i.id for i, _ in queued],
+                      quiet=args.quiet, verbose=args.verbose).run()
+    finally:
+        client.close()
+
+
+def _cmd_wait(args: argparse.Namespace, out: Any) -> int:
+    """Every task until it ends, and every outcome since the previous `wait`: a failure while nobody watched is
+    reported (and sets the exit code) once."""
+    directory = _cli_directory(args)
+    settings = _cli_settings(directory)
+    client = _cli_observer(args)
+    try:
+        watch = _Watch(client, _History(directory), out, ids=None, quiet=args.quiet, verbose=args.verbose,
+                       since=(float(settings.get("waited", 0.0)), settings.get("waited_ids", ())))
+        code = watch.run()
+    finally:
+        client.close()
+    # The next `wait` reports what ended after the history was read last -- from 2 s earlier (an outcome whose
+    # line was still being written then), leaving out those this one reported.
+    after = watch.read_at - 2.0
+    _update_settings(directory, {"waited": after, "waited_ids": sorted(
+        t for t, e in watch.shown.items() if float(e.get("ended") or 0) > after)})
+    return code
+
+
+def _cmd_deliver(args: argparse.Namespace, out: Any) -> int:
+    """The daemon's relaunch of the CLI: attach, receive every event that waited, write the outcomes, exit."""
+    app = _CliApp(out, tty=False)
+    try:
+        session = Session(_cli_config(args), app)
+    except TransferError as err:
+        if err.code is ErrorCode.BACKGROUND_SESSION_IN_USE:
+            raise _CliError(f"session {args.session!r} is being delivered by another process", EXIT_IN_USE) from None
+        raise
+    try:
+        session.wait()
     finally:
         session.close()
     return EXIT_FAILED if any(r is not None for r in app.results.values()) else EXIT_OK
 
 
-def _cli_header(text: str) -> tuple[str, str]:
-    """``--header "Name: value"`` -> (name, value)."""
-    name, colon, value = text.partition(":")
-    if not colon or not name.strip():
-        raise _CliError(f"--header {text!r}: expected 'Name: value'")
-    return name.strip(), value.strip()
-
-
-def _cmd_download(args: argparse.Namespace, out: Any) -> int:
-    dest = os.path.abspath(args.dir or os.getcwd())
-    if not os.path.isdir(dest):
-        raise _CliError(f"destination {dest} is not a directory")
-    if not os.access(dest, os.W_OK | os.X_OK):
-        raise _CliError(f"cannot write to {dest}")
-    if args.sha256 and len(args.urls) != 1:
-        raise _CliError("--sha256 applies to a single URL")
-    priority = None if args.priority is None else _parse_number(args.priority, "--priority")
-    begin = None if args.not_before is None else _parse_when(args.not_before, time.time())
-    rate = None if args.limit_rate is None else _parse_rate(args.limit_rate)
-    headers = dict(_cli_header(text) for text in args.header or [])
-    # bad URLs, headers and options fail here, before any enqueue
-    requests = [Request(url, headers=headers, sha256=args.sha256, priority=priority, earliest_begin_date=begin)
-                for url in args.urls]
-    meta = {"dir": dest, **({"headers": sorted(headers)} if headers else {})}  # header names only: values are
-    desc = _CLI_PREFIX + json.dumps(meta, separators=(",", ":"))  # in memory (the daemon's, this process's)
-
-    def enqueue(backend: _Backend, app: _CliApp | None = None) -> None:
-        queued: list[TaskInfo] = []
-        try:
-            for req in requests:
-                queued.append(backend.new_task("download", req, desc))
-                if rate is not None:
-                    backend.set_limit(queued[-1].id, rate)
-        finally:
-            if app is not None:
-                app.headers.update((info.id, headers) for info in queued)
-            backend.resume([info.id for info in queued])  # what was created runs, even if a later create failed
-            if not args.wait:
-                for info in queued:
-                    print(f"queued {info.id} {info.request['url']} -> {dest}", file=out, flush=True)
-    if args.wait:
-        return _cmd_wait(args, out, enqueue=lambda session: enqueue(session._backend, cast(_CliApp, session.delegate)))
-    client = _cli_observer(args)
-    try:
-        enqueue(client)  # one fsync and one round trip for all
-    finally:
-        client.close()
-    return EXIT_OK
+def _status_json(infos: list[TaskInfo], outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    active = [{"id": i.id, "state": _cli_state(i), "url": i.request["url"], "received": i.received,
+               "expected": i.expected, "sent": i.sent, "rate": i.rate, "destination": _cli_meta(i).get("dir"),
+               "description": i.description, "error": i.error["message"] if i.error else None,
+               "waiting": i.waiting, "last_error": i.last_error["message"] if i.last_error else None,
+               "next_retry": i.next_retry, "priority": i.priority,
+               "not_before": None if i.begin is None else datetime.datetime.fromtimestamp(
+                   i.begin, datetime.timezone.utc).isoformat(), "limit": i.limit} for i in infos]
+    ended = [{"id": e["id"], "state": e.get("state"), "url": e.get("url"), "destination": e.get("dir"),
+              "saved_as": e.get("saved_as"), "status": e.get("status"), "error": e.get("error"),
+              "bytes": e.get("bytes"), "exit": e.get("exit")} for e in outcomes]
+    return sorted(ended + active, key=lambda e: int(e["id"]))
 
 
 def _read_only_tasks(config: Configuration) -> tuple[list[TaskInfo], int | None]:
@@ -8564,39 +9183,62 @@ def _read_only_tasks(config: Configuration) -> tuple[list[TaskInfo], int | None]
 
 
 def _cmd_status(args: argparse.Namespace, out: Any) -> int:
-    config = _cli_config(args)
-    assert config.directory is not None
+    directory = _cli_directory(args)
     infos: list[TaskInfo] = []
     session_limit = None
-    if os.path.lexists(config.directory):
-        infos, session_limit = _read_only_tasks(config)
+    if os.path.lexists(directory):
+        infos, session_limit = _read_only_tasks(_cli_config(args))
+    live = {i.id for i in infos}
+    outcomes = [e for e in _History(directory).entries() if int(e["id"]) not in live]
     if args.json:
-        json.dump([{"id": i.id, "state": _cli_state(i), "url": i.request["url"],
-                    "received": i.received, "expected": i.expected, "sent": i.sent,
-                    "rate": i.rate, "destination": _cli_meta(i).get("dir"), "description": i.description,
-                    "error": i.error["message"] if i.error else None, "priority": i.priority,
-                    "not_before": None if i.begin is None else datetime.datetime.fromtimestamp(
-                        i.begin, datetime.timezone.utc).isoformat(), "limit": i.limit, "waiting": i.waiting,
-                    "last_error": i.last_error["message"] if i.last_error else None, "next_retry": i.next_retry}
-                   for i in infos], out, indent=1)
+        json.dump(_status_json(infos, outcomes), out, indent=1)
         out.write("\n")
         return EXIT_OK
     if session_limit is not None:
         print(f"session limit {_human(session_limit)}/s", file=out)
-    if not infos:
+    if not infos and not outcomes:
         print(f"no tasks in session {args.session!r}", file=out)
         return EXIT_OK
-    print(f"{'id':>5} {'state':<10} {'done':>6} {'received':>10}   {'of':>10} {'rate':>12} eta      url", file=out)
+    shown = outcomes if args.all else outcomes[-20:]
+    if len(shown) < len(outcomes):
+        print(f"({len(outcomes) - len(shown)} older outcomes: `status --all`; `bgsession clear` forgets them)",
+              file=out)
+    for entry in shown:
+        print(_outcome_line(entry), file=out)
+    if infos:
+        print(f"{'id':>5} {'state':<10} {'done':>6} {'received':>10}   {'of':>10} {'rate':>12} eta      url", file=out)
     for info in infos:
         print(_task_line(info, 200), file=out)
     return EXIT_OK
 
 
+def _download_again(args: argparse.Namespace, client: _Backend, ended: Mapping[str, Any], out: Any) -> int:
+    order = _Order(ended["url"], ended.get("dir") or os.getcwd(), name=ended.get("name"))
+    order.headers = [_parse_header(h) for h in args.header]
+    credential = _credential_header(args, order.url)
+    if credential is not None:
+        order.headers.append(credential)
+    resume = None
+    if ended.get("resume_data"):
+        resume, _ = _parse_resume_data(base64.b64decode(ended["resume_data"]))  # (None: expired, from the start)
+    ((info, _),) = _enqueue(client, [(Request(order.url, headers=dict(order.headers)), order)], None, resume)
+    _History(_cli_directory(args)).forget([int(ended["id"])])
+    print(f"resume {ended['id']}: again as {info.id}" + (" (from its partial data)" if resume else ""), file=out)
+    return EXIT_OK
+
+
 def _cmd_task_op(args: argparse.Namespace, out: Any) -> int:
+    """`cancel`, `suspend`, `resume` ID: on a task that runs; `resume` of a failed or cancelled one downloads it
+    again (from its resume data when the server allows it) as a new task."""
     client = _cli_observer(args)
     try:
         if args.id not in {i.id for i in client.tasks()}:
-            raise _CliError(f"no task {args.id} in session {args.session!r} (see `bgsession status`)")
+            ended = {int(e["id"]): e for e in _History(_cli_directory(args)).entries()}.get(args.id)
+            if ended is None:
+                raise _CliError(f"no task {args.id} in session {args.session!r} (see `bgsession status --all`)")
+            if args.command != "resume" or ended.get("state") == "saved":
+                raise _CliError(f"task {args.id} has ended ({_outcome_line(ended).split(None, 1)[1]})")
+            return _download_again(args, client, ended, out)
         act: dict[str, Callable[[], Any]] = {"cancel": lambda: client.cancel(args.id),
                                              "suspend": lambda: client.suspend(args.id),
                                              "resume": lambda: client.resume([args.id])}
@@ -8604,6 +9246,12 @@ def _cmd_task_op(args: argparse.Namespace, out: Any) -> int:
     finally:
         client.close()
     print(f"{args.command} {args.id}", file=out)
+    return EXIT_OK
+
+
+def _cmd_clear(args: argparse.Namespace, out: Any) -> int:
+    count = _History(_cli_directory(args)).forget(args.ids or None)
+    print(f"forgot {count} outcome{'s' * (count != 1)}", file=out)
     return EXIT_OK
 
 
@@ -8630,8 +9278,7 @@ def _cmd_option(args: argparse.Namespace, out: Any) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, out: Any) -> int:
-    directory = args.directory or _cli_config(args).directory
-    assert directory is not None
+    directory = args.directory or _cli_directory(args)
     if not os.path.isdir(directory):
         raise _CliError(f"{directory}: no such session directory")
     problems = Journal(directory).check()
@@ -8641,63 +9288,144 @@ def _cmd_check(args: argparse.Namespace, out: Any) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
+def _cmd_service(args: argparse.Namespace, out: Any) -> int:
+    """`service install|uninstall|status`: the login service that resumes the session's transfers after a reboot."""
+    service = LoginService(_cli_config(args))
+    if args.action == "status":
+        st = service.status()
+        enabled = {None: "unknown (no service manager reachable)", True: "yes", False: "no"}[st["enabled"]]
+        print(f"{st['name']}: {'installed' if st['installed'] else 'not installed'} ({st['path']})"
+              + ("" if st["current"] or not st["installed"] else "; written by another version: install again"),
+              f"enabled at login: {enabled}", f"daemon running: {'yes' if st['running'] else 'no'}", sep="\n", file=out)
+        return EXIT_OK if st["installed"] else EXIT_FAILED
+    lines = service.install(enable=not args.no_enable) if args.action == "install" else service.uninstall()
+    print("\n".join(lines), file=out)
+    if args.action == "install" and sys.platform.startswith("linux"):
+        print("(to start it at boot rather than at login: loginctl enable-linger)", file=out)
+    return EXIT_OK
+
+
+def _session_options(top: bool) -> argparse.ArgumentParser:
+    """--session and --state-dir, accepted before the command or after it (after: without defaults of their own,
+    so that they do not undo what was given before)."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--session", default=CLI_SESSION if top else argparse.SUPPRESS,
+                         help=f"session identifier (default {CLI_SESSION})")
+    options.add_argument("--state-dir", default=None if top else argparse.SUPPRESS,
+                         help="session directory (default: the per-user state directory)")
+    return options
+
+
+def _auth_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--header", "-H", action="append", default=[], metavar="'NAME: VALUE'",
+                         help="a request header (repeat for more)")
+    options.add_argument("-u", "--http-user", metavar="USER", help=f"HTTP user; the password comes from "
+                         f"${CLI_PASSWORD_ENV}, --http-password or a prompt, and is never stored")
+    options.add_argument("--http-password", metavar="PASS", help="(visible to other users in ps: prefer the "
+                         "environment variable)")
+    options.add_argument("--netrc", action="store_true", help="user and password for the URL's host from ~/.netrc")
+    options.add_argument("--netrc-file", metavar="FILE", help="... from this netrc file")
+    return options
+
+
+def _output_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
+    options.add_argument("-v", "--verbose", action="store_true", help="also print each retry's reason")
+    return options
+
+
+_EXIT_HELP = ("exit codes (wget's for the downloads): 0 all saved; 1 a failure wget has no number for (a cancel, a "
+              "checksum mismatch); 2 bad input; 3 file I/O error; 4 network failure; 5 TLS failure; 6 authentication "
+              "failure; 7 protocol error; 8 the server answered with an error (404...); 9 session in use; 10 "
+              "unreadable session state; 11 daemon unreachable")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bgsession", description="Downloads that survive the process that started "
-                                     "them: enqueue into a background session; a daemon transfers, resumes after "
-                                     "crashes, and delivers the files.", epilog="exit codes: 0 ok, 1 a task or check "
-                                     "failed, 2 bad input, 3 session in use, 4 unreadable session state, 5 daemon "
-                                     "unreachable")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--session", default=CLI_SESSION, help=f"session identifier (default {CLI_SESSION})")
-    common.add_argument("--state-dir", help="session directory (default: the per-user state directory)")
+    parser = argparse.ArgumentParser(
+        prog="bgsession", parents=[_session_options(top=True)], epilog=_EXIT_HELP,
+        description="Downloads that survive the process that started them, a logout, a reboot: enqueue into a "
+                    "background session; a daemon transfers, resumes after crashes, and delivers the files.")
+    common, auth, output = _session_options(top=False), _auth_options(), _output_options()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("download", parents=[common], help="enqueue downloads (returns at once unless --wait)")
-    p.add_argument("urls", nargs="+", metavar="URL")
-    p.add_argument("-d", "--dir", help="where finished files go (default: the current directory)")
-    p.add_argument("--wait", action="store_true", help="stay and show progress until done")
-    p.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the (single) file")
+    p = sub.add_parser("download", parents=[common, auth, output], epilog=_EXIT_HELP,
+                       help="enqueue downloads (returns at once unless --wait)")
+    p.add_argument("urls", nargs="*", metavar="URL")
+    p.add_argument("-d", "--dir", "-P", "--directory-prefix", dest="dir",
+                   help="where finished files go (default: the current directory; made if missing)")
+    p.add_argument("-O", "--output-document", metavar="FILE", help="save the (single) download as FILE")
+    p.add_argument("-o", "--out", metavar="NAME", help="save the (single) download as NAME in -d")
+    p.add_argument("-i", "--input-file", metavar="FILE", help="URLs from FILE (- for standard input), one a line; "
+                   "indented out=, dir=, checksum=, header= lines under a URL apply to it")
+    p.add_argument("--wait", action="store_true", help="stay, show progress and outcomes until done")
+    p.add_argument("--checksum", metavar="sha-256=HEX", help="expected SHA-256 of the (single) file")
+    p.add_argument("--sha256", metavar="HEX", help=argparse.SUPPRESS)  # (the 0.2 spelling)
     p.add_argument("--priority", metavar="P", help="0.0 (lowest) to 1.0 (highest), default 0.5")
     p.add_argument("--not-before", metavar="WHEN", help="start no earlier than WHEN: +30m, 22:00, "
                    "2026-12-01T22:00[+01:00], @POSIXTIME")
     p.add_argument("--limit-rate", metavar="RATE", help="bandwidth limit of each download: 512K, 2M ...")
-    p.add_argument("-H", "--header", action="append", metavar="'NAME: VALUE'",
-                   help="a request header (repeatable); Authorization and Cookie stay in memory, never on disk")
-    p.add_argument("-x", "--split", type=int, metavar="N", help="up to N connections per download (1-16; aria2c's "
-                   "-x/--split): a file whose server allows it is fetched in N segments at once")
-    p = sub.add_parser("status", parents=[common], help="list tasks with state, bytes, rate and ETA")
+    p.add_argument("-x", "--split", metavar="N", help=f"up to N connections per download "
+                   f"(1-{MAX_CONNECTIONS_PER_TASK}; aria2c's -x/--split): a file whose server allows it is fetched in "
+                   "N segments at once (kept)")
+    p.add_argument("-j", "--max-concurrent-downloads", dest="jobs", metavar="N",
+                   help=f"transfers at once in the session (default {DEFAULT_MAX_CONCURRENT_TRANSFERS}; kept)")
+    p.add_argument("-t", "--tries", metavar="N", help="attempts without progress before a download fails "
+                   "(0: no limit but the resource timeout; kept for the session)")
+    p.add_argument("-T", "--timeout", metavar="SECONDS", help="connect and read timeout (default 60; kept)")
+    p = sub.add_parser("status", parents=[common], help="list tasks: running ones with bytes, rate, ETA and last "
+                       "error; ended ones with their outcome")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("wait", parents=[common], help="attach, show progress and deliver files until all are done")
-    for name, text in (("cancel", "cancel a task"), ("suspend", "pause a task"), ("resume", "continue a task")):
-        p = sub.add_parser(name, parents=[common], help=text)
+    p.add_argument("-a", "--all", action="store_true", help="every outcome kept, not only the last 20")
+    sub.add_parser("wait", parents=[common, output], epilog=_EXIT_HELP,
+                   help="show progress and outcomes until every task has ended")
+    for name, text in (("cancel", "cancel a task"), ("suspend", "pause a task"),
+                       ("resume", "continue a task (a failed or cancelled one: download it again)")):
+        p = sub.add_parser(name, parents=[common, auth] if name == "resume" else [common], help=text)
         p.add_argument("id", type=int, metavar="ID")
+    p = sub.add_parser("clear", parents=[common], help="forget ended tasks' outcomes (all, or the IDs given)")
+    p.add_argument("ids", type=int, nargs="*", metavar="ID")
     p = sub.add_parser("limit", parents=[common], help="set the bandwidth limit of a task, or of the session")
     p.add_argument("id", type=int, nargs="?", metavar="ID", help="a task (default: the whole session)")
     p.add_argument("rate", metavar="RATE", help="bytes per second: 512K, 2M ...; 0 or none: no limit")
     p = sub.add_parser("priority", parents=[common], help="set a task's priority")
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("priority", metavar="P", help="0.0 (lowest) to 1.0 (highest)")
+    p = sub.add_parser("service", parents=[common], help="start the session's daemon at login (systemd, launchd), "
+                       "so that transfers resume after a reboot")
+    p.add_argument("action", choices=("install", "uninstall", "status"))
+    p.add_argument("--no-enable", action="store_true", help="write the unit, do not ask the service manager")
     p = sub.add_parser("check", parents=[common], help="check a session directory's journal")
     p.add_argument("directory", nargs="?", help="session directory (default: the CLI session's)")
-    p = sub.add_parser("deliver", parents=[common], help=argparse.SUPPRESS)
-    p = sub.add_parser("daemon", help=argparse.SUPPRESS)
+    return parser
+
+
+def _hidden_parser() -> argparse.ArgumentParser:
+    """The commands bgsession runs itself, kept out of --help: `deliver` (the daemon's relaunch of the CLI) and
+    `daemon` (the daemon)."""
+    parser = argparse.ArgumentParser(prog="bgsession", parents=[_session_options(top=True)])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("deliver", parents=[_session_options(top=False)])
+    p = sub.add_parser("daemon", parents=[_session_options(top=False)])  # (--session: shown by ps)
     p.add_argument("--directory", required=True)
+    p.add_argument("--service", action="store_true")
     return parser
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m bgsession`` and the ``bgsession`` script; returns the exit code."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = (_hidden_parser() if argv[:1] in (["deliver"], ["daemon"]) else _parser()).parse_args(argv)
     out = sys.stdout
     if args.command == "daemon":
-        return _run_daemon(args.directory)
+        return _run_daemon(args.directory, service=args.service)
     deliver = args.command == "deliver"  # (its log lines say what it moved)
     logging.basicConfig(level=logging.INFO if deliver else logging.WARNING,
                         format=f"bgsession{' deliver' if deliver else ''}: %(message)s")
     commands: dict[str, Callable[[argparse.Namespace, Any], int]] = {
         "download": _cmd_download, "status": _cmd_status, "wait": _cmd_wait, "check": _cmd_check,
-        "deliver": lambda a, o: _cmd_wait(a, o, deliver=True),
-        "cancel": _cmd_task_op, "suspend": _cmd_task_op, "resume": _cmd_task_op,
-        "limit": _cmd_option, "priority": _cmd_option}
+        "deliver": _cmd_deliver, "cancel": _cmd_task_op, "suspend": _cmd_task_op, "resume": _cmd_task_op,
+        "clear": _cmd_clear, "limit": _cmd_option, "priority": _cmd_option, "service": _cmd_service}
     try:
         return commands[args.command](args, out)
     except _CliError as err:
@@ -8722,4 +9450,3 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main())
-
