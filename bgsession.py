@@ -2138,6 +2138,15 @@ def _open_private(path: str, flags: int) -> int:
     return fd
 
 
+def _truncate_file(path: str, size: int) -> None:
+    """Cut (or extend) the file at *path* to *size* bytes (recovery: a partial file to what can be trusted)."""
+    fd = _open_private(path, os.O_RDWR)
+    try:
+        _vfs.truncate(fd, size)
+    finally:
+        _vfs.close(fd)
+
+
 def _fsync(fd: int) -> None:
     if sys.platform == "darwin" and fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):
         with contextlib.suppress(OSError):
@@ -3393,11 +3402,7 @@ class _Store:
         size = _size(part)
         keep = 0 if task.validator is None else recovered_offset(size, task.durable_offset, task.boot, _BOOT_ID)
         if size is not None and size != keep:
-            fd = _open_private(part, os.O_RDWR)
-            try:
-                _vfs.truncate(fd, keep)
-            finally:
-                _vfs.close(fd)
+            _truncate_file(part, keep)
         return keep
 
     def _recover_segments(self, task: _TaskRecord) -> int:
@@ -3409,11 +3414,7 @@ class _Store:
             size = _size(path)
             keep = min(recovered_offset(size, durable - start, task.boot, _BOOT_ID), end - start)
             if size is not None and size != keep:
-                fd = _open_private(path, os.O_RDWR)
-                try:
-                    _vfs.truncate(fd, keep)
-                finally:
-                    _vfs.close(fd)
+                _truncate_file(path, keep)
             held += keep
         return held
 
