@@ -5931,31 +5931,70 @@ class _NameTaken(FileExistsError):
     """move_to's destination exists with other bytes."""
 
 
+#: Errors of os.link that mean "this file system has no hard links", not "this name cannot be made".
+_NO_LINKS = frozenset({errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
 def _place(src: str, dest: str, replace: bool) -> bool:
-    """Give *dest* *src*'s file, whole or not at all; False: *dest* held those very bytes already. On one file system
-    a rename (*src* goes); across file systems a copy next to *dest*, fsynced, then renamed (*src* stays: the caller
-    removes it once the new name is durable). Without *replace*, an existing name is checked first: the standard
-    library has no rename that refuses to replace, so a file another process creates under that name in between is
-    replaced."""
-    if not replace and os.path.lexists(dest):
+    """Give *dest* *src*'s file, whole or not at all; False: *dest* held those very bytes already. Across file
+    systems the file is first copied next to *dest* and fsynced. Without *replace* the new name is a hard link, which
+    the kernel refuses to make over an existing name: a file another process creates under that name meanwhile is
+    never replaced (on a file system without hard links: checked first, then renamed, a window left open). *src*
+    stays: the caller removes it once the new name is durable."""
+    def copy_beside() -> str:
+        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.bgsession-{os.urandom(6).hex()}")
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                _fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):  # the original error is what matters
+                _vfs.unlink(tmp)
+            raise
+        return tmp
+
+    def taken() -> bool:
         if _same_bytes(src, dest):
             return False
         raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes; pass exist_ok=True to replace it, or choose "
                          "another name", dest)
+
+    if not replace:
+        try:
+            _vfs.link(src, dest)
+            return True
+        except FileExistsError:
+            return taken()
+        except OSError as err:
+            if err.errno not in _NO_LINKS | {errno.EXDEV}:
+                raise
+            cross = err.errno == errno.EXDEV
+        if cross:
+            tmp = copy_beside()
+            try:
+                _vfs.link(tmp, dest)
+                return True
+            except FileExistsError:
+                return taken()
+            except OSError as err:
+                if err.errno not in _NO_LINKS:
+                    raise
+            finally:
+                with contextlib.suppress(OSError):
+                    _vfs.unlink(tmp)
+        if os.path.lexists(dest):  # no hard links here: check, then rename
+            return taken()
     try:
         _vfs.replace(src, dest)
         return True
     except OSError as err:
         if err.errno != errno.EXDEV:
             raise
-    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.bgsession-{os.urandom(6).hex()}")
+    tmp = copy_beside()
     try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            _fsync(f.fileno())
         _vfs.replace(tmp, dest)
     except BaseException:
-        with contextlib.suppress(OSError):  # the original error is what matters
+        with contextlib.suppress(OSError):
             _vfs.unlink(tmp)
         raise
     return True
@@ -5990,7 +6029,7 @@ def move_to(location: str | os.PathLike[str], directory_or_path: str | os.PathLi
         _makedirs(parent, 0o777)  # (the umask applies, as to any directory the app creates)
         placed = _place(src, dest, exist_ok)
         _fsync_dir(parent)  # the new name is durable before the location goes and the finish is acknowledged
-        if os.path.lexists(src):  # copied from another file system, or the same bytes were there
+        if os.path.lexists(src):  # linked, copied from another file system, or the same bytes were there
             _vfs.unlink(src)
         if placed:
             os.chmod(dest, 0o666 & ~_umask())

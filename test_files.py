@@ -81,13 +81,14 @@ def test_move_to_works_across_file_systems(tmp_path, umask_027, how, monkeypatch
             f.write(AWKWARD)
     else:
         src = _location(tmp_path, AWKWARD)
-        real_replace = bg._vfs.replace
+        for op in ("replace", "link"):  # neither a rename nor a hard link can cross file systems
+            real = getattr(bg._vfs, op)
 
-        def cross_device(a, b):
-            if a == src:
-                raise OSError(errno.EXDEV, "Invalid cross-device link")
-            return real_replace(a, b)
-        monkeypatch.setattr(bg._vfs, "replace", cross_device)
+            def cross_device(a, b, real=real):
+                if a == src:
+                    raise OSError(errno.EXDEV, "Invalid cross-device link")
+                return real(a, b)
+            monkeypatch.setattr(bg._vfs, op, cross_device)
     try:
         dest = tmp_path / "Documents" / "cat.jpg"
         bg.move_to(src, str(dest))
@@ -113,6 +114,47 @@ def test_move_to_existing_name(tmp_path):
     assert os.path.exists(src) and dest.read_bytes() == b"another photo"
     bg.move_to(src, str(dest), exist_ok=True)
     assert dest.read_bytes() == b"photo bytes" and not os.path.exists(src)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["same file system", "across file systems"])
+def test_move_to_never_replaces_a_name_taken_at_the_last_moment(tmp_path, monkeypatch, cross):
+    """Another process creates the destination between move_to's start and its new name (here: just before the
+    link is made): its file is never replaced; FileExistsError, and the location stays."""
+    src = _location(tmp_path)
+    dest = tmp_path / "cat.jpg"
+    real_link, real_replace = bg._vfs.link, bg._vfs.replace
+
+    def racing_link(a, b):
+        if a == src and cross:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        if b == str(dest):
+            dest.write_bytes(b"the other process's photo")
+        return real_link(a, b)
+
+    def cross_device(a, b):
+        if a == src and cross:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(a, b)
+    monkeypatch.setattr(bg._vfs, "link", racing_link)
+    monkeypatch.setattr(bg._vfs, "replace", cross_device)
+    with pytest.raises(FileExistsError):
+        bg.move_to(src, str(dest))
+    assert dest.read_bytes() == b"the other process's photo" and os.path.exists(src)
+    assert sorted(os.listdir(tmp_path)) == ["cat.jpg", "session-tmp"]  # no temp file left beside it
+
+
+def test_move_to_works_where_hard_links_do_not(tmp_path, monkeypatch):
+    """On a file system without hard links (link: EPERM) the name is checked, then the file renamed."""
+    def no_links(a, b):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(bg._vfs, "link", no_links)
+    src, dest = _location(tmp_path, AWKWARD), tmp_path / "Documents" / "cat.jpg"
+    assert bg.move_to(src, str(dest)) == str(dest) and not os.path.exists(src)
+    assert sha(dest.read_bytes()) == sha(AWKWARD)
+    src = _location(tmp_path)
+    with pytest.raises(FileExistsError):
+        bg.move_to(src, str(dest))
+    assert os.path.exists(src)
 
 
 def test_move_to_failures_are_clear_and_keep_the_location(tmp_path):
