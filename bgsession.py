@@ -3372,7 +3372,7 @@ class _Store:
     def _recover(self) -> None:
         """Bring every task to rest, however the last process ended: transfers back to the queue,
         a cancel finished, partial files cut to what can be trusted, a finished file that a hook
-        already took acknowledged; files of no live task removed."""
+        already took acknowledged; files of no live task removed (an acknowledged upload's own body too)."""
         for task in list(self.state.tasks.values()):
             if task.phase is Phase.TRANSFERRING:
                 self.record(task, "requeue")
@@ -3385,6 +3385,8 @@ class _Store:
             elif task.phase is Phase.DELIVERING:
                 self.settle_missing_finish(task)
                 self.delivered_at[task.id] = time.monotonic()
+            elif task.phase is Phase.ACKNOWLEDGED:
+                self.release_files(task, "complete")  # killed after the last acknowledgement, before this ran
         self._clean_tmp()
 
     def _recover_partial(self, task: _TaskRecord) -> int:

@@ -298,6 +298,30 @@ def test_multipart_upload_reaches_the_server_and_its_body_file_is_removed(server
     assert photo.read_bytes() == AWKWARD
 
 
+def test_an_upload_body_left_by_a_kill_after_the_acknowledgement_is_removed_at_the_next_open(server, tmp_path,
+                                                                                           monkeypatch):
+    """The process ends after the completion's acknowledgement was durable but before the task's own body file was
+    removed (here: the removal never runs): the next open of the session removes it; the app's own file stays."""
+    server.add_upload("/form")
+    photo = tmp_path / "cat.jpg"
+    photo.write_bytes(AWKWARD)
+    body, content_type = bg.multipart_body({}, {"photo": str(photo)}, directory=str(tmp_path / "bodies"))
+    config = bg.Configuration.background("test.bodies", directory=str(tmp_path / "session"), host="inprocess")
+    with monkeypatch.context() as patch:
+        patch.setattr(bg._Store, "release_files", lambda self, task, event: None)
+        session = bg.Session(config, Recorder())
+        task = session.upload_task(bg.Request(server.url("/form"), method="POST",
+                                              headers={"Content-Type": content_type}), from_file=body)
+        own = session.upload_task(bg.Request(server.url("/form"), method="POST"), from_file=str(photo))
+        session.resume_all([task, own])
+        assert session.wait(LONG)
+        session.close()
+    assert os.path.exists(body)
+    bg.Session(config, Recorder()).close()
+    assert not os.path.exists(body) and photo.read_bytes() == AWKWARD
+    assert bg.Journal(config.directory).check() == []
+
+
 # ---------------------------------------------------------------------------
 # relaunch_command
 # ---------------------------------------------------------------------------
