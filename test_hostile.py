@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import socket
 import stat
@@ -474,8 +475,8 @@ def test_the_cli_delivers_a_file_whose_server_name_is_too_long(server, tmp_path)
         wait_until(lambda: os.listdir(out), what="the delivered file")
         (delivered,) = os.listdir(out)
         assert len(delivered.encode()) <= 255 and (out / delivered).read_bytes() == data
-        wait_until(lambda: json.loads(cli("status", "--json", "--state-dir", state).stdout) == [],
-                   what="the delivery to be acknowledged: nothing left to relaunch for")
+        wait_until(lambda: [t["state"] for t in json.loads(cli("status", "--json", "--state-dir", state).stdout)]
+                   == ["saved"], what="the delivery to be acknowledged: nothing left to relaunch for")
     finally:
         stop_daemon(state)
 
@@ -492,11 +493,11 @@ def test_the_cli_reports_a_delivery_that_cannot_succeed(server, tmp_path):
         out.rmdir()
         out.write_bytes(b"a file where the directory was")  # the destination cannot succeed any more
         hold.release()
-        wait_until(lambda: json.loads(cli("status", "--json", "--state-dir", state).stdout) == [],
-                   what="the failed delivery to be acknowledged: nothing left to relaunch for")
+        wait_until(lambda: [t["state"] for t in json.loads(cli("status", "--json", "--state-dir", state).stdout)]
+                   == ["failed"], what="the failed delivery to be acknowledged: nothing left to relaunch for")
         with open(os.path.join(state, "daemon.log")) as f:
             log = f.read()
-        assert "failed 1 " in log and log.count("relaunched the app") == 1
+        assert re.search(r"\b1 failed +cannot deliver to ", log) and log.count("relaunched the app") == 1
     finally:
         stop_daemon(state)
 
