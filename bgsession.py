@@ -7529,7 +7529,9 @@ DAEMON_PROCESS_NAME = "bgsessiond"
 DAEMON_START_TIMEOUT = 15.0
 #: Seconds a client keeps trying to reach a daemon that went away.
 DAEMON_RECONNECT_TIMEOUT = 30.0
-#: A finished task's events wait at most this long for other transfers to end before a relaunch.
+#: A finished task's events wait at most this long for other transfers to end before a relaunch (as iOS wakes an app
+#: once its session's transfers are done), unless someone is watching: a client connected while no app is attached
+#: (``bgsession wait``, ``download --wait``) gets its outcomes as they happen.
 RELAUNCH_BATCH_WINDOW = 30.0
 #: Relaunches of an app that acknowledged nothing back off: base * 2**(failures-1), capped.
 DEFAULT_RELAUNCH_BACKOFF = 1.0
@@ -7664,11 +7666,12 @@ class _Relauncher:
     def gave_up(self) -> bool:
         return self._failures >= RELAUNCH_MAX_FAILURES
 
-    def tick(self) -> None:
+    def tick(self, watched: bool = False) -> None:
+        """*watched*: a client is connected (an app attached, or an observer such as ``bgsession wait``)."""
         self._reap()
         if self._failures and self.child is None and self.engine.status().acks != self._child_acks:
             self._failures = 0  # an app (started by the user) acknowledged events: relaunching works again
-        self._maybe_launch()
+        self._maybe_launch(watched)
 
     def _backoff(self) -> float:
         return min(RELAUNCH_BACKOFF_MAX, self.engine.config.relaunch_backoff * 2.0 ** (self._failures - 1))
@@ -7694,9 +7697,10 @@ class _Relauncher:
         self.child = None
 
     @staticmethod
-    def _due(status: _EngineStatus) -> bool:
-        """Events (once the other transfers ended, or waited long enough) or a challenge wait, and no app is here."""
-        waited = status.running == 0 or status.backlog_age >= RELAUNCH_BATCH_WINDOW
+    def _due(status: _EngineStatus, watched: bool = False) -> bool:
+        """Events (once the other transfers ended, or waited long enough, or at once while someone watches) or a
+        challenge wait, and no app is here."""
+        waited = status.running == 0 or status.backlog_age >= RELAUNCH_BATCH_WINDOW or watched
         return not status.attached and (status.waiting_challenges > 0 or (status.backlog > 0 and waited))
 
     def _app_present(self) -> bool:
@@ -7715,7 +7719,7 @@ class _Relauncher:
             os.close(fd)  # (also drops the probe's lock)
         return False
 
-    def _maybe_launch(self) -> None:
+    def _maybe_launch(self, watched: bool) -> None:
         config = self.engine.config
         cmd = config.relaunch_command
         now = time.monotonic()
@@ -7723,7 +7727,7 @@ class _Relauncher:
             return
         # an app opening the session (holding app.lock) gets the events: no second app. Asked
         # last: the state answers "no" from memory on most ticks, without touching the lock file
-        if not self._due(self.engine.status()) or self._app_present():
+        if not self._due(self.engine.status(), watched) or self._app_present():
             return
         while self._times and now - self._times[0] > 3600:
             self._times.popleft()
@@ -7783,7 +7787,9 @@ class _DaemonServer:
                     log.warning("accept failed: %s", err)
                     if err.errno in EXHAUSTED_ERRNOS:
                         self.stop.wait(0.25)  # out of descriptors: a pause, not a busy loop
-                self.relauncher.tick()
+                with self.lock:
+                    watched = bool(self.clients)
+                self.relauncher.tick(watched)
                 self._rotate_log()
                 if self._idle_expired():
                     log.info("idle for %.1fs with nothing to do: exiting", self.engine.config.daemon_idle_timeout)

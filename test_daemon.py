@@ -416,3 +416,18 @@ def test_daemon_does_not_relaunch_while_an_app_holds_the_session(server, daemons
     assert alive(server_pid)
     daemons.close_all()  # app.lock released: now the daemon relaunches
     wait_until(marker.exists, what="the relaunch once the app is gone")
+
+
+@pytest.mark.parametrize("running, age, watched, attached, due", [
+    (0, 0.0, False, False, True),  # the session's transfers are done: relaunch
+    (1, 0.0, False, False, False),  # another transfer runs: the events wait for it (as iOS batches a wake-up)...
+    (1, bg.RELAUNCH_BATCH_WINDOW, False, False, True),  # ...for the batch window at most
+    (1, 0.0, True, False, True),  # someone watches (bgsession wait): at once
+    (0, 0.0, True, True, False),  # an app is attached: it gets the events itself
+])
+def test_when_the_daemon_relaunches_the_app_for_events(running, age, watched, attached, due):
+    """The relaunch decision (pure): events wait for the other transfers, at most RELAUNCH_BATCH_WINDOW, unless a
+    client is connected to watch them."""
+    status = bg._EngineStatus(running=running, scheduled=0, canceling=0, backlog=1, backlog_age=age,
+                              attached=attached, waiting_challenges=0, acks=0)
+    assert bg._Relauncher._due(status, watched) is due
