@@ -5391,6 +5391,8 @@ class _Runner:
             self._end_attempt(task, outcome)
 
     def _start_next(self) -> _TaskRecord | None:
+        if self.closed:  # close() stopped the attempts it saw; one started after it would run on unstopped
+            return None
         while True:
             tid = self.scheduler.next_task(self._runnable)
             if tid is None:
