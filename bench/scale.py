@@ -206,8 +206,8 @@ def verdict(all_rows: dict[int, list[dict]]) -> str:
         lo, hi = counts[0], counts[-1]
         per_lo = med(all_rows[lo], "open2", "t") / lo
         per_hi = med(all_rows[hi], "open2", "t") / hi
-        out.append(f"growth of open #2 from {lo:,} to {hi:,}: {per_hi / per_lo:.2f}× the time a task "
-                   f"({'linear or better' if per_hi / per_lo <= 1.2 else 'worse than linear'}; ≤ 1.2× counted as "
+        out.append(f"growth of open #2 from {lo:,} to {hi:,}: {per_hi / per_lo:.2f}x the time a task "
+                   f"({'linear or better' if per_hi / per_lo <= 1.2 else 'worse than linear'}; ≤ 1.2x counted as "
                    f"linear)")
     return "\n".join(f"* {line}" for line in out)
 
