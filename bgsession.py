@@ -3390,6 +3390,8 @@ class _Store:
 
     def _recover_partial(self, task: _TaskRecord, present: set[str]) -> int:
         """*present*: the names in tmp/ (a file of this task not among them does not exist)."""
+        if task.partial_name not in present and task.done_name not in present and not task.segments:
+            return 0  # a queued task that never started: no file (and so nothing to keep)
         part, done = self.path(task.partial_name), self.path(task.done_name)
         if task.done_name in present and os.path.exists(done):
             # killed after the finished file was renamed, before its record: the file is whole
@@ -3401,7 +3403,7 @@ class _Store:
                 return whole
         if task.segments:
             return self._recover_segments(task)
-        size = _size(part) if task.partial_name in present or task.done_name in present else None
+        size = _size(part)
         keep = 0 if task.validator is None else recovered_offset(size, task.durable_offset, task.boot, _BOOT_ID)
         if size is not None and size != keep:
             fd = _open_private(part, os.O_RDWR)
