@@ -1724,6 +1724,15 @@ def plan_segment(position: int, segment: tuple[int, int], status: int, headers: 
     return RangePlan("unsplit", reason=f"HTTP {status} to a Range request")
 
 
+def _parse_origin(url: str) -> tuple[str, str, int]:
+    """A URL's (scheme, host, port), parsed."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+_cached_origin = functools.lru_cache(maxsize=1024)(_parse_origin)
+
 _AUTHORITY_END_RE = re.compile(r"[/?#]")
 
 
@@ -1735,15 +1744,6 @@ def _origin(url: str) -> tuple[str, str, int]:
     end = _AUTHORITY_END_RE.search(rest)
     head = scheme + sep + (rest if end is None else rest[:end.start()])
     return _parse_origin(url) if not sep or "@" in head else _cached_origin(head)
-
-
-def _parse_origin(url: str) -> tuple[str, str, int]:
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
-
-
-_cached_origin = functools.lru_cache(maxsize=1024)(_parse_origin)
 
 
 def bypasses_proxy(host: str, port: int, no_proxy: Sequence[str]) -> bool:
