@@ -43,7 +43,11 @@ Sections, in dependency order (each uses only what is above it; ARCHITECTURE.md 
 
 from __future__ import annotations
 
-import argparse
+# Imports: what every session needs is imported here; a module only some paths need (argparse for the CLI,
+# subprocess and signal for the daemon, hashlib for digests and pins, mimetypes, filecmp, tempfile) is imported in
+# the function that needs it, when it needs it, so that `import bgsession` stays cheap (bench/startup.py measures
+# it; bench/README.md, "Start-up", says where the rest of its time goes). Python caches a module after its first
+# import, so a repeated local import costs a dictionary lookup.
 import base64
 import collections
 import contextlib
@@ -53,9 +57,7 @@ import datetime
 import email.utils
 import enum
 import errno
-import filecmp
 import functools
-import hashlib
 import heapq
 import http.client
 import io
@@ -63,23 +65,23 @@ import itertools
 import json
 import logging
 import math
-import mimetypes
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import ssl
 import stat
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 from collections.abc import Awaitable, Generator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable, Protocol, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, Union, cast
+
+if TYPE_CHECKING:  # names only annotations use
+    import argparse
+    import subprocess
 
 # Platform differences are detected once, here.
 try:  # POSIX advisory locks
@@ -1722,10 +1724,26 @@ def plan_segment(position: int, segment: tuple[int, int], status: int, headers: 
     return RangePlan("unsplit", reason=f"HTTP {status} to a Range request")
 
 
-def _origin(url: str) -> tuple[str, str, int]:
+def _parse_origin(url: str) -> tuple[str, str, int]:
+    """A URL's (scheme, host, port), parsed."""
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+_cached_origin = functools.lru_cache(maxsize=1024)(_parse_origin)
+
+_AUTHORITY_END_RE = re.compile(r"[/?#]")
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """A URL's (scheme, host, port). Parsed once per scheme and authority, and the tuple shared: a session that opens
+    with 100,000 queued tasks of a few servers parses a few URLs, not 100,000. (An authority with userinfo is not kept
+    in the cache: a password stays in memory no longer than its task needs it.)"""
+    scheme, sep, rest = url.partition("://")
+    end = _AUTHORITY_END_RE.search(rest)
+    head = scheme + sep + (rest if end is None else rest[:end.start()])
+    return _parse_origin(url) if not sep or "@" in head else _cached_origin(head)
 
 
 def bypasses_proxy(host: str, port: int, no_proxy: Sequence[str]) -> bool:
@@ -1816,6 +1834,7 @@ def _digest_authorization(cred: Credential, params: Mapping[str, str], method: s
         raise TransferError(ErrorCode.USER_AUTHENTICATION_REQUIRED, f"unsupported Digest algorithm {algorithm!r}")
 
     def h(text: str) -> str:
+        import hashlib
         return hashlib.new(hname, text.encode("utf-8")).hexdigest()
 
     realm, nonce = params.get("realm", ""), params.get("nonce", "")
@@ -3143,6 +3162,7 @@ class _Store:
         self._reserved_ids = 0  # identifiers below this are reserved on disk (none yet in this process)
         self.writer: _JournalWriter | _MemoryWriter
         if directory is None:
+            import tempfile
             self.tmp, self.tmp_sync = tempfile.mkdtemp(prefix="bgsession-"), _GroupSync(lambda: None)
             self.state, self.writer = _SessionState(), _MemoryWriter()
             return
@@ -3373,6 +3393,7 @@ class _Store:
         """Bring every task to rest, however the last process ended: transfers back to the queue,
         a cancel finished, partial files cut to what can be trusted, a finished file that a hook
         already took acknowledged; files of no live task removed (an acknowledged upload's own body too)."""
+        present = set(os.listdir(self.tmp))  # one listing, not two stat calls per queued task
         for task in list(self.state.tasks.values()):
             if task.phase is Phase.TRANSFERRING:
                 self.record(task, "requeue")
@@ -3381,7 +3402,7 @@ class _Store:
             if task.phase is Phase.CANCELING:
                 self.finish_cancel(task)
             elif task.phase in (Phase.QUEUED, Phase.SCHEDULED, Phase.SUSPENDED) and task.kind == "download":
-                self.offsets[task.id] = self._recover_partial(task)
+                self.offsets[task.id] = self._recover_partial(task, present)
             elif task.phase is Phase.DELIVERING:
                 self.settle_missing_finish(task)
                 self.delivered_at[task.id] = time.monotonic()
@@ -3389,9 +3410,12 @@ class _Store:
                 self.release_files(task, "complete")  # killed after the last acknowledgement, before this ran
         self._clean_tmp()
 
-    def _recover_partial(self, task: _TaskRecord) -> int:
+    def _recover_partial(self, task: _TaskRecord, present: set[str]) -> int:
+        """*present*: the names in tmp/ (a file of this task not among them does not exist)."""
+        if task.partial_name not in present and task.done_name not in present and not task.segments:
+            return 0  # a queued task that never started: no file (and so nothing to keep)
         part, done = self.path(task.partial_name), self.path(task.done_name)
-        if os.path.exists(done):
+        if task.done_name in present and os.path.exists(done):
             # killed after the finished file was renamed, before its record: the file is whole
             # and verified; take it back as the partial file (the resume gets a 416 and completes)
             _vfs.replace(done, part)
@@ -3838,6 +3862,7 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
             self._open_tunnel(raw)
             self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
         if self.pins:
+            import hashlib
             der = self.sock.getpeercert(binary_form=True) or b""
             digest = hashlib.sha256(der).hexdigest()
             if digest not in self.pins:
@@ -4766,6 +4791,7 @@ class _Transfer:
         expected = task.request.get("sha256")
         try:
             if expected:
+                import hashlib
                 digest = hashlib.sha256()
                 os.lseek(fd, 0, os.SEEK_SET)
                 for block in iter(lambda: os.read(fd, 1 << 20), b""):
@@ -5405,6 +5431,8 @@ class _Runner:
             self._end_attempt(task, outcome)
 
     def _start_next(self) -> _TaskRecord | None:
+        if self.closed:  # close() stopped the attempts it saw; one started after it would run on unstopped
+            return None
         while True:
             tid = self.scheduler.next_task(self._runnable)
             if tid is None:
@@ -5924,6 +5952,7 @@ def _check_path(value: Any, what: str) -> str:
 
 
 def _same_bytes(a: str, b: str) -> bool:
+    import filecmp
     with contextlib.suppress(OSError):
         return os.path.isfile(b) and filecmp.cmp(a, b, shallow=False)
     return False
@@ -6081,7 +6110,9 @@ def _multipart_parts(fields: Any, files: Any) -> list[tuple[bytes, str | None, s
         filename = os.path.basename(path) if filename is None else filename
         if not isinstance(filename, str) or not (ctype is None or (isinstance(ctype, str) and ctype.isprintable())):
             raise _invalid(f"file part {name!r}: filename and content_type must be str, not {filename!r}, {ctype!r}")
-        ctype = ctype or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        if not ctype:
+            import mimetypes
+            ctype = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         head = (b'Content-Disposition: form-data; name="' + _form_name(name) + b'"; filename="' + _form_name(filename)
                 + b'"\r\nContent-Type: ' + ctype.encode("ascii", "replace") + b"\r\n")
         parts.append((head, path, path))
@@ -6134,6 +6165,7 @@ def multipart_body(fields: Mapping[str, str] | Iterable[tuple[str, str]] | None,
         directory = os.path.join(_state_base(), "bgsession-multipart")
     directory = os.path.abspath(_check_path(directory, "directory"))
     _make_private_dirs(directory)
+    import tempfile
     for _ in range(8):
         boundary = b"bgsession-" + os.urandom(16).hex().encode("ascii")
         fd, tmp = tempfile.mkstemp(prefix="body-", suffix=".part", dir=directory)
@@ -7734,6 +7766,7 @@ class _Relauncher:
         if len(self._times) >= RELAUNCH_MAX_PER_HOUR:
             return
         env = {**os.environ, BACKGROUND_EVENTS_ENV: config.identifier or ""}
+        import subprocess
         try:
             self.child = subprocess.Popen(list(cmd), env=env, cwd=config.working_directory or None,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
@@ -7973,6 +8006,7 @@ def _serve_in_foreground(directory: str, config: Configuration) -> int:
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
+    import signal
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return server.serve()
@@ -8034,6 +8068,7 @@ def _run_daemon(directory: str, config_fd: int | None = None, service: bool = Fa
     def on_signal(signum: int, frame: Any) -> None:
         server.stop.set()  # handlers only record; the loop acts
 
+    import signal
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -8102,6 +8137,7 @@ def _connect_daemon(config: Configuration, start: bool = True) -> socket.socket:
             return sock
         log_fd = _open_private(os.path.join(directory, _DAEMON_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         env = {k: v for k, v in os.environ.items() if k != BACKGROUND_EVENTS_ENV}
+        import subprocess
         try:
             proc = subprocess.Popen(_daemon_command(config), stdin=subprocess.PIPE,
                                     stdout=log_fd, stderr=log_fd, env=env, cwd=directory, start_new_session=True)
@@ -8267,6 +8303,7 @@ class LoginService:
 
     @staticmethod
     def _run(argv: list[str]) -> tuple[int, str] | None:
+        import subprocess
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
         except (OSError, subprocess.TimeoutExpired):
@@ -9356,6 +9393,7 @@ def _cmd_service(args: argparse.Namespace, out: Any) -> int:
 def _session_options(top: bool) -> argparse.ArgumentParser:
     """--session and --state-dir, accepted before the command or after it (after: without defaults of their own,
     so that they do not undo what was given before)."""
+    import argparse
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--session", default=CLI_SESSION if top else argparse.SUPPRESS,
                          help=f"session identifier (default {CLI_SESSION})")
@@ -9365,6 +9403,7 @@ def _session_options(top: bool) -> argparse.ArgumentParser:
 
 
 def _auth_options() -> argparse.ArgumentParser:
+    import argparse
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--header", "-H", action="append", default=[], metavar="'NAME: VALUE'",
                          help="a request header (repeat for more)")
@@ -9378,6 +9417,7 @@ def _auth_options() -> argparse.ArgumentParser:
 
 
 def _output_options() -> argparse.ArgumentParser:
+    import argparse
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     options.add_argument("-v", "--verbose", action="store_true", help="also print each retry's reason")
@@ -9391,6 +9431,7 @@ _EXIT_HELP = ("exit codes (wget's for the downloads): 0 all saved; 1 a failure w
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
     parser = argparse.ArgumentParser(
         prog="bgsession", parents=[_session_options(top=True)], epilog=_EXIT_HELP,
         description="Downloads that survive the process that started them, a logout, a reboot: enqueue into a "
@@ -9451,6 +9492,7 @@ def _parser() -> argparse.ArgumentParser:
 def _hidden_parser() -> argparse.ArgumentParser:
     """The commands bgsession runs itself, kept out of --help: `deliver` (the daemon's relaunch of the CLI) and
     `daemon` (the daemon)."""
+    import argparse
     parser = argparse.ArgumentParser(prog="bgsession", parents=[_session_options(top=True)])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("deliver", parents=[_session_options(top=False)])

@@ -220,3 +220,55 @@ def test_task_info_is_a_frozen_value():
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.id = 2  # type: ignore[misc]
     assert info.state is bg.TaskState.SUSPENDED
+
+
+def _imported(nodes) -> set[str]:
+    return {alias.asname or alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import)
+            for alias in node.names}
+
+
+def test_a_module_imported_where_it_is_needed_is_imported_everywhere_it_is_used():
+    """Modules that only some paths need are imported in the functions that use them (start-up cost), and only
+    named at module level for annotations (under TYPE_CHECKING). A function that uses one at run time without
+    importing it fails only when that path runs -- which ruff and mypy cannot see, as the name exists for them."""
+    def module_level(nodes):  # imports run at import time: the top level and its try/if blocks, not TYPE_CHECKING
+        for node in nodes:
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                continue
+            if isinstance(node, (ast.Try, ast.If)):
+                yield from module_level(node.body + node.orelse + getattr(node, "handlers", []))
+            elif isinstance(node, ast.ExceptHandler):
+                yield from module_level(node.body)
+            else:
+                yield node
+    top = _imported(module_level(TREE.body))
+    lazy = _imported(ast.walk(TREE)) - top
+    assert lazy, "no module is imported lazily: this test checks nothing"
+    missing = []
+
+    def check(node, imported: set[str], where: str) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inner = imported | _imported(ast.walk(node)) | {  # imported, or bound some other way (sys.modules)
+                n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            for child in node.body + node.decorator_list + node.args.defaults + node.args.kw_defaults:
+                if child is not None:
+                    check(child, inner, f"{where}.{node.name}".lstrip("."))
+            return
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.AnnAssign):
+            node = node.value
+            if node is None:
+                return
+        if isinstance(node, ast.Name) and node.id in lazy and node.id not in imported:
+            missing.append(f"{where or 'module'}:{node.lineno} uses {node.id}")
+        for child in ast.iter_child_nodes(node):
+            check(child, imported, where)
+
+    for node in TREE.body:
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                check(item, set(), node.name)
+        else:
+            check(node, set(), "")
+    assert missing == []

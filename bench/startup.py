@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Start-up: what ``import bgsession`` costs beyond the interpreter (bench/README.md, "Start-up").
+
+    python3 bench/startup.py                 # 15 rounds (~15 s)
+    python3 bench/startup.py --rounds 31 --lib /path/to/bgsession.py
+
+The library is frozen first: ``bgsession.py`` is copied to a temp dir and byte-compiled, as an installed module is
+(``PYTHONDONTWRITEBYTECODE`` may be set in the environment; without a cached ``.pyc`` every import recompiles the
+module, about 40 ms more). Then, alternating within each round, fresh processes run
+
+* ``python3 -c pass`` and ``python3 -c "import bgsession"`` (both with ``PYTHONPATH`` at the copy), timed from spawn
+  to exit: the difference of the medians is the import's cost in wall time;
+* the same with ``-S`` (no ``site``): site may import modules bgsession needs (on some machines a ``.pth`` file
+  imports ``re``, ``typing``, ``tempfile`` ...), which would hide their cost;
+* ``python3 -X importtime -c "import bgsession"``: bgsession's cumulative and own (module body) time, and each
+  module that the import brings in, by its cumulative time (medians over the rounds).
+
+Relaunch to first new byte (interpreter start, import, session recovery, first byte of a resumed download) is
+bench/run.py's row 4, which needs nginx. Standard library only; prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import py_compile
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+#: The target: import ≤ 25 ms beyond the interpreter (bench/README.md, "Targets").
+TARGET_MS = 25.0
+
+
+def spawn_ms(argv: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+    return (time.perf_counter() - t0) * 1000
+
+
+def importtime(env: dict[str, str], flags: list[str]) -> dict[str, tuple[int, int, int]]:
+    """``-X importtime`` of ``import bgsession``: module -> (self µs, cumulative µs, depth), for the modules imported
+    while bgsession was (those already imported by site do not appear)."""
+    proc = subprocess.run([sys.executable, *flags, "-X", "importtime", "-c", "import bgsession"], env=env,
+                          check=True, capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("import time:") and "|" in line]
+    rows: list[tuple[str, int, int, int]] = []
+    for line in lines[1:]:  # the first is the header
+        self_us, cum_us, name = line[len("import time:"):].split("|")
+        depth = (len(name) - len(name.lstrip(" ")) - 1) // 2
+        rows.append((name.strip(), int(self_us), int(cum_us), depth))
+    # importtime prints a module after its imports: what bgsession imported is printed before it
+    end = max(i for i, r in enumerate(rows) if r[0] == "bgsession" and r[3] == 0)
+    start = end
+    while start > 0 and rows[start - 1][3] > 0:
+        start -= 1
+    return {name: (s, c, d) for name, s, c, d in rows[start:end + 1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=15, help="fresh processes per variant (medians reported)")
+    ap.add_argument("--lib", default=os.path.join(ROOT, "bgsession.py"), help="the bgsession.py to measure")
+    ap.add_argument("--top", type=int, default=15, help="modules listed by cumulative import time")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bgstartup-")
+    try:
+        shutil.copy2(args.lib, os.path.join(work, "bgsession.py"))
+        py_compile.compile(os.path.join(work, "bgsession.py"), doraise=True)
+        env = dict(os.environ, PYTHONPATH=work)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        walls: dict[str, list[float]] = {k: [] for k in ("pass", "import", "pass -S", "import -S")}
+        samples: list[dict[str, tuple[int, int, int]]] = []
+        samples_s: list[dict[str, tuple[int, int, int]]] = []
+        for _ in range(args.rounds):
+            walls["pass"].append(spawn_ms([sys.executable, "-c", "pass"], env))
+            walls["import"].append(spawn_ms([sys.executable, "-c", "import bgsession"], env))
+            walls["pass -S"].append(spawn_ms([sys.executable, "-S", "-c", "pass"], env))
+            walls["import -S"].append(spawn_ms([sys.executable, "-S", "-c", "import bgsession"], env))
+            samples.append(importtime(env, []))
+            samples_s.append(importtime(env, ["-S"]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, Python "
+          f"{sys.version.split()[0]}, medians of {args.rounds} fresh processes each, bytecode cached, load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
+    print("| measure | `python3` | `python3 -S` |")
+    print("|---|---|---|")
+    print(f"| `-c pass`, spawn to exit | {med['pass']:.1f} ms | {med['pass -S']:.1f} ms |")
+    print(f"| `-c \"import bgsession\"`, spawn to exit | {med['import']:.1f} ms | {med['import -S']:.1f} ms |")
+    d, d_s = med["import"] - med["pass"], med["import -S"] - med["pass -S"]
+    print(f"| **import beyond the interpreter** (difference of the medians) | **{d:.1f} ms** | **{d_s:.1f} ms** |")
+    for label, key in (("`-X importtime`: bgsession cumulative", 1), ("`-X importtime`: bgsession's own body", 0)):
+        a = statistics.median(s["bgsession"][key] for s in samples) / 1000
+        b = statistics.median(s["bgsession"][key] for s in samples_s) / 1000
+        print(f"| {label} | {a:.1f} ms | {b:.1f} ms |")
+    print(f"\nTarget ≤ {TARGET_MS:.0f} ms beyond the interpreter: {'met' if max(d, d_s) <= TARGET_MS else 'MISSED'} "
+          f"({d:.1f} ms; {d_s:.1f} ms without site).\n")
+    print(f"Modules that `import bgsession` brings in (`python3 -S -X importtime`; the {args.top} largest cumulative "
+          f"times; a module's time includes what it imports itself; medians):\n")
+    names = set.intersection(*(set(s) for s in samples_s)) - {"bgsession"}
+    cum = {n: statistics.median(s[n][1] for s in samples_s) / 1000 for n in names}
+    depth = {n: samples_s[0][n][2] for n in names}
+    print("| module | depth | cumulative ms |")
+    print("|---|---|---|")
+    for name in sorted(cum, key=cum.get, reverse=True)[:args.top]:  # type: ignore[arg-type]
+        print(f"| {name} | {depth[name]} | {cum[name]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
