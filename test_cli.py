@@ -225,9 +225,12 @@ def test_scheduled_download_shows_in_status_and_waits_across_a_daemon_kill(serve
     daemon = read_pid_file(cli.state)
     assert daemon is not None and daemon.kill()
     text = cli.run("status", check=True).stdout  # from the journal: still scheduled
-    assert "scheduled" in text and "not before" in text and "priority 0.8" in text and "limit 2.0 MiB/s" in text
+    if time.time() < begin:  # (a machine so loaded that the date came meanwhile may show it running: no claim then)
+        assert "scheduled" in text and "not before" in text and "priority 0.8" in text and "limit 2.0 MiB/s" in text
     cli.run("limit", "1", "2M", check=True)  # a command for the daemon: a new one starts and recovers the task
-    assert "scheduled" in cli.run("status", check=True).stdout
+    text = cli.run("status", check=True).stdout
+    if time.time() < begin:
+        assert "scheduled" in text
     assert hold.wait(LONG)
     (request,) = server.requests("/later.bin")
     assert request.time >= begin
