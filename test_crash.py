@@ -654,6 +654,7 @@ def test_the_daemon_host_recovers_power_loss_states(lab):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(2400)  # (ten times the default run's states: well beyond the suite's 300 s a test)
 def test_power_loss_states_of_every_workload_ten_times_more(lab, capsys):
     """The default run's workloads with ten times as many states (behind the soak marker)."""
     global STATES
