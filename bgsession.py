@@ -5990,12 +5990,16 @@ def _place(src: str, dest: str, replace: bool) -> bool:
         raise _NameTaken(errno.EEXIST, f"{dest} exists with other bytes; pass exist_ok=True to replace it, or choose "
                          "another name", dest)
 
-    if not replace:
+    def link(source: str) -> bool:
         try:
-            _vfs.link(src, dest)
+            _vfs.link(source, dest)
             return True
         except FileExistsError:
             return taken()
+
+    if not replace:
+        try:
+            return link(src)
         except OSError as err:
             if err.errno not in _NO_LINKS | {errno.EXDEV}:
                 raise
@@ -6003,10 +6007,7 @@ def _place(src: str, dest: str, replace: bool) -> bool:
         if cross:
             tmp = copy_beside()
             try:
-                _vfs.link(tmp, dest)
-                return True
-            except FileExistsError:
-                return taken()
+                return link(tmp)
             except OSError as err:
                 if err.errno not in _NO_LINKS:
                     raise

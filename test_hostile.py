@@ -698,10 +698,8 @@ def test_out_of_file_descriptors_is_transient(server, sessions, tmp_path):
     assert rec.errors[task.identifier] is None and sha(rec.files[task.identifier]) == sha(data)
 
 
-def test_finished_tasks_are_released(tmp_path):
-    """10,000 create/cancel cycles: memory does not grow with the number of tasks that ever existed."""
-    s = bg.Session(bg.Configuration.default())
-
+def _memory_growth(s: bg.Session, first: int, then: int) -> int:
+    """Bytes of Python memory more after *then* create/cancel cycles than after the *first* ones."""
     def cycles(n: int) -> None:
         for i in range(n):
             s.download_task(f"http://127.0.0.1:9/{i}").cancel()
@@ -709,10 +707,19 @@ def test_finished_tasks_are_released(tmp_path):
 
     tracemalloc.start()
     try:
-        cycles(2000)
+        cycles(first)
         base = tracemalloc.get_traced_memory()[0]
-        cycles(8000)
-        grown = tracemalloc.get_traced_memory()[0] - base
+        cycles(then)
+        return tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_finished_tasks_are_released(tmp_path):
+    """10,000 create/cancel cycles: memory does not grow with the number of tasks that ever existed."""
+    s = bg.Session(bg.Configuration.default())
+    try:
+        grown = _memory_growth(s, 2000, 8000)
         done = s.download_task("http://127.0.0.1:9/last")
         done.cancel()
         assert s.wait(LONG)
@@ -721,7 +728,6 @@ def test_finished_tasks_are_released(tmp_path):
         done.cancel()
         assert done.state is bg.TaskState.COMPLETED and done.error.code is bg.ErrorCode.CANCELLED
     finally:
-        tracemalloc.stop()
         s.close()
     assert grown < 1 * MiB, f"{grown} bytes more after 8,000 more tasks"
 
@@ -730,20 +736,9 @@ def test_finished_tasks_are_released(tmp_path):
 def test_finished_tasks_are_released_by_a_background_session(tmp_path):
     """The same with a journal (compaction bounds what the engine keeps): 10,000 cycles, in-process host."""
     s = bg.Session(bg.Configuration.background("test.mem", directory=str(tmp_path / "s"), host="inprocess"))
-
-    def cycles(n: int) -> None:
-        for i in range(n):
-            s.download_task(f"http://127.0.0.1:9/{i}").cancel()
-        assert s.wait(LONG)
-
-    tracemalloc.start()
     try:
-        cycles(5000)
-        base = tracemalloc.get_traced_memory()[0]
-        cycles(5000)
-        grown = tracemalloc.get_traced_memory()[0] - base
+        grown = _memory_growth(s, 5000, 5000)
     finally:
-        tracemalloc.stop()
         s.close()
     assert grown < 8 * MiB, f"{grown} bytes more after 5,000 more tasks"
 
