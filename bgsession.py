@@ -3149,6 +3149,14 @@ def _parse_resume_data(data: bytes) -> tuple[dict[str, Any] | None, str]:
         "response": body.get("response")}}, ""
 
 
+def _open_compacts(journal_records: int, tasks: int) -> bool:
+    """Does an open fold the journal it replayed into a new snapshot? Only when the journal is long next to the
+    snapshot (more records than a quarter of the tasks, or DEFAULT_COMPACT_RECORDS): rewriting and fsyncing the
+    whole snapshot costs more than the next open's replay of a few records (a relaunch of 100,000 queued tasks
+    finds a dozen). The running session compacts at DEFAULT_COMPACT_RECORDS, so the journal stays bounded."""
+    return journal_records > 0 and (journal_records > tasks // 4 or journal_records >= DEFAULT_COMPACT_RECORDS)
+
+
 class _Store:
     """One session's durable state: directory and lock, reducer state, journal writer, compaction, disk reserve,
     recovery, tmp/ and resume data. Callers that change the state hold ``lock`` (the engine's) and wait for a record's
@@ -3193,11 +3201,14 @@ class _Store:
         self.writer = _JournalWriter(journal, valid)
         if valid == 0:
             self.writer.append({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
+        elif not problems:
+            self.writer.records_written = self.state.replayed  # the journal goes on: maybe_compact counts it all
         with self.lock:
             self._recover()
         self.writer.flush()
-        if not problems and (self.state.replayed > 1 or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME))):
-            self.compact()  # fold the journal in (nothing to fold: keep the snapshot as it is)
+        if not problems and (_open_compacts(self.state.replayed - 1, len(self.state.tasks))
+                             or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME))):
+            self.compact()  # fold a long journal in (a short one stays: the snapshot is not rewritten for it)
         self.make_reserve()
 
     def _keep_aside(self, path: str) -> None:

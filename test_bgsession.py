@@ -547,6 +547,43 @@ def test_recovery_from_snapshot_plus_log(tmp_path):
     assert sorted(t.description for t in state.tasks.values()) == ["changed", "d1", "d2", "d3", "d4", "d5"]
 
 
+def test_an_open_with_a_short_journal_keeps_the_snapshot_and_a_long_one_compacts(tmp_path):
+    """An open rewrites the snapshot only for a journal that is long next to it (issue 16: 100,000 queued tasks
+    and a dozen records); what a short journal holds is replayed at every open until a compaction folds it."""
+    cfg = _journal_session(tmp_path)
+    snapshot = os.path.join(cfg.directory, "snapshot.json")
+    s = bg.Session(cfg)
+    for i in range(40):
+        s.download_task(f"http://127.0.0.1:9/{i}", description=f"d{i}")
+    s.close()
+    bg.Session(cfg).close()  # 40 task records and more for 40 tasks: this open compacts
+    with open(snapshot, "rb") as f:
+        folded = f.read()
+    assert len(json.loads(folded)["tasks"]) == 40
+    s = bg.Session(cfg)
+    first, second = sorted(s.get_tasks(), key=lambda t: t.identifier)[:2]
+    first.description = "changed"  # 2 records: short next to 40 tasks
+    second.description = "changed too"
+    s.close()
+    for _ in range(2):
+        s = bg.Session(cfg)
+        assert sorted(t.description for t in s.get_tasks())[:2] == ["changed", "changed too"]
+        s.close()
+        with open(snapshot, "rb") as f:
+            assert f.read() == folded  # not rewritten
+    s = bg.Session(cfg)
+    for task in sorted(s.get_tasks(), key=lambda t: t.identifier)[2:14]:  # 12 more records: 14 > 40 // 4
+        task.description = "long"
+    s.close()
+    bg.Session(cfg).close()
+    with open(snapshot, "rb") as f:
+        tasks = json.loads(f.read())["tasks"]
+    assert sorted(t["description"] for t in tasks)[:2] == ["changed", "changed too"]
+    assert [t["description"] for t in tasks].count("long") == 12
+    with open(os.path.join(cfg.directory, "journal.jsonl"), "rb") as f:
+        assert len(f.read().splitlines()) == 1  # the header of the new generation
+
+
 def test_journal_from_future_version_is_refused_and_kept(tmp_path):
     """A journal written by a newer bgsession raises JournalError naming the file and is left untouched."""
     cfg = _journal_session(tmp_path)
