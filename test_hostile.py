@@ -629,6 +629,38 @@ def test_records_of_the_wrong_type_are_skipped_reported_and_set_aside_once(tmp_p
     assert len([n for n in os.listdir(d) if ".corrupt-" in n]) == 2  # the journal and the snapshot, once each
 
 
+def test_snapshot_tasks_of_a_shape_seen_before_are_checked_as_strictly(tmp_path):
+    """Snapshot tasks are checked by shape (field names and value types) once a shape passed: a task of the same
+    shape whose value has the wrong form is still skipped, with the error of the field-by-field check."""
+    d = str(tmp_path / "s")
+    config = bg.Configuration.background("test.shapes", directory=d, host="inprocess")
+    s = bg.Session(config)
+    s.download_task("http://127.0.0.1:9/good", description="good")
+    s.close()
+    bg.Session(config).close()  # folds the task into the snapshot
+    with open(os.path.join(d, "snapshot.json"), "rb") as f:
+        snap = json.loads(f.read())
+    (good,) = snap["tasks"]
+    delivered = {**good, "phase": "finished_awaiting_delivery", "file": "1.part", "resume_file": None}
+    bad = [{**good, "id": 0}, {**good, "kind": "sideways"}, {**good, "phase": "bogus"},
+           {**good, "request": {"url": 3}}, {**good, "durable_offset": -1}, {**good, "acked": ["nope"]},
+           {**delivered, "file": "../../etc/passwd"}, {**delivered, "file": "1.part/../../x"}]
+    tasks = [{**good, "id": 2}, {**delivered, "id": 3}]  # each shape passes once first
+    tasks += [t if t["id"] == 0 else {**t, "id": 10 + i} for i, t in enumerate(bad)]
+    snap["tasks"] = [good] + tasks
+    with open(os.path.join(d, "snapshot.json"), "wb") as f:
+        f.write(bg._dumps(snap))
+    problems = bg.Journal(d).state().problems
+    skipped = [p for p in problems if p.startswith("snapshot task skipped")]
+    expected = []
+    for t in tasks[2:]:
+        with pytest.raises(bg.JournalError) as err:
+            bg._check_fields(t, ("id", "request"))
+        expected.append(f"snapshot task skipped: {err.value} in {t!r}"[:500])
+    assert skipped == expected and len(skipped) == len(bad)
+    assert sorted(bg.Journal(d).state().tasks) == [1, 2, 3]
+
+
 def test_a_failed_open_releases_the_session_lock(tmp_path, monkeypatch):
     """An open that fails after the session lock was taken releases it: the next open works."""
     config = bg.Configuration.background("test.fail", directory=str(tmp_path / "s"), host="inprocess")
