@@ -2559,14 +2559,14 @@ class _TaskRecord:
         self.resume_file: str | None = get("resume_file")
         self.delivery_seq: int | None = get("delivery_seq")
         acked = get("acked")
-        self.acked: list[str] = list(acked) if acked else []
+        self.acked: tuple[str, ...] = tuple(acked) if acked else ()  # (a tuple: the empty one is shared)
         self.current_url: str = get("current_url") or self.request["url"]
         self.problem: str | None = get("problem")  # e.g. unusable resume data: fails at resume()
         self.priority: float = float(get("priority", DEFAULT_PRIORITY))  # the scheduling options (format 2)
         self.begin: float | None = get("begin")
         self.limit: int | None = get("limit")
         secrets = get("secrets")
-        self.secrets: list[str] = list(secrets) if secrets else []  # names of the request's secret headers
+        self.secrets: tuple[str, ...] = tuple(secrets) if secrets else ()  # names of the request's secret headers
         #: A split download's segments, [start, end, durable position] each (format 3); [] once it fell back to one
         #: connection (it is never split again); None: never split.
         self.segments: list[list[int]] | None = get("segments")
@@ -2577,7 +2577,7 @@ class _TaskRecord:
         1 takes a missing field's default: a snapshot of 100,000 queued tasks is half the size, and half the
         objects to decode at the next open)."""
         out = {name: getattr(self, name) for name in self.__slots__ if name != "live"}
-        out["phase"] = self.phase.value
+        out["phase"], out["acked"], out["secrets"] = self.phase.value, list(self.acked), list(self.secrets)
         for name, default in (*_FORMAT_2_TASK_FIELDS.items(), ("segments", None)):
             if out[name] == default:
                 del out[name]  # (a task without options keeps the snapshot format 1)
@@ -2666,7 +2666,8 @@ class _SessionState:
     @classmethod
     def from_snapshot(cls, snap: Mapping[str, Any]) -> _SessionState:
         """The state a snapshot holds. ValueError if the snapshot itself is unusable; a task in it that does not fit
-        is skipped into ``problems`` (the others are kept)."""
+        is skipped into ``problems`` (the others are kept). Consumes the snapshot's task list (each task is dropped
+        from it once read)."""
         try:
             _check_fields({k: v for k, v in snap.items() if k != "tasks"}, ("generation", "next_id"))
         except JournalError as err:
@@ -2677,7 +2678,9 @@ class _SessionState:
         state.generation, state.next_id = snap["generation"], snap["next_id"]
         state.delivery_counter = snap.get("delivery_counter", 0)
         shapes: dict[Any, tuple[tuple[str, Callable[[Any], bool]], ...]] = {}
-        for rec in snap.get("tasks", []):
+        records = snap.get("tasks", [])
+        for i, rec in enumerate(records):
+            records[i] = None  # (the decoded task goes as its record comes: a lower peak at 100,000 tasks)
             try:
                 _check_task(rec, shapes)
                 if rec["id"] in state.tasks:
@@ -2731,7 +2734,7 @@ class _SessionState:
                 if task.events() != ["complete"]:
                     raise JournalError(f"ack of 'complete' before 'finish' for task {task.id}")
                 task.phase = next_phase(task.id, task.phase, "ack")
-            task.acked.append(event)
+            task.acked += (event,)
         elif kind == "vanished":
             if "finish" not in task.events():
                 raise JournalError(f"task {task.id} owes no finished file that could have vanished")
@@ -3479,6 +3482,7 @@ class _Store:
         a cancel finished, partial files cut to what can be trusted, a finished file that a hook
         already took acknowledged; files of no live task removed (an acknowledged upload's own body too)."""
         present = set(os.listdir(self.tmp))  # one listing, not two stat calls per queued task
+        has_files = {int(m.group(1)) for m in map(_TMP_NAME_RE.match, present) if m}  # (tasks with a file there)
         for task in list(self.state.tasks.values()):
             if task.phase is Phase.TRANSFERRING:
                 self.record(task, "requeue")
@@ -3486,7 +3490,8 @@ class _Store:
                 self.record(task, "due")
             if task.phase is Phase.CANCELING:
                 self.finish_cancel(task)
-            elif task.phase in (Phase.QUEUED, Phase.SCHEDULED, Phase.SUSPENDED) and task.kind == "download":
+            elif task.phase in (Phase.QUEUED, Phase.SCHEDULED, Phase.SUSPENDED) and task.kind == "download" and (
+                    task.id in has_files or task.segments):  # (no file in tmp/: nothing kept)
                 self.offsets[task.id] = self._recover_partial(task, present)
             elif task.phase is Phase.DELIVERING:
                 self.settle_missing_finish(task)
@@ -3841,6 +3846,7 @@ class _Control:
 
 
 _LIVE_LIMITS_GUARD = threading.Lock()
+_NO_ENTRIES: Mapping[Any, Any] = {}  # (shared by every _Live that has none: never changed)
 
 
 class _Live:
@@ -3861,13 +3867,14 @@ class _Live:
         self._limit: _RateLimit | int | None = limit  # the task's own bandwidth limit: its rate until first used
         self.sent, self.expected_send = 0, -1
         self.secret_headers: tuple[tuple[str, str], ...] = ()
-        self.url_credentials: dict[_Origin, Credential] = {}  # a URL's user:password@, by origin (memory only)
+        self.url_credentials: Mapping[_Origin, Credential] = _NO_ENTRIES  # a URL's user:password@, by origin
+        # (memory only; this mapping and failures are replaced, never changed: a queued task shares the empty one)
         self.renewed: Request | None = None  # the app's new request (task_will_begin_delayed_request), secrets too
         self.needs_renewal = needs_renewal  # ask the app first: secret headers lost, or a delayed task begins
         self.auth_header: str | Callable[[str, str], str] | None = None  # (method, request target) -> value
         self.auth_origin: _Origin | None = None
         self.proxy_auth: str | Callable[[str, str], str] | None = None  # Proxy-Authorization from a 407's answer
-        self.failures: dict[tuple[str, int, str | None, str, bool], int] = {}
+        self.failures: Mapping[tuple[str, int, str | None, str, bool], int] = _NO_ENTRIES
         self.waiting = 0  # attempts in a row that found no connectivity (0: not waiting)
         self.last_error: TransferError | None = None  # why the last attempt failed, until a response is accepted
         self.next_retry: float | None = None  # wall-clock time of the next attempt
@@ -4147,7 +4154,7 @@ class _Authenticator:
                         return False
                     if cred.persistence is CredentialPersistence.FOR_SESSION:
                         self._credentials[key] = cred
-            live.failures[key] = failures + 1
+            live.failures = {**live.failures, key: failures + 1}
             if proxy is not None:
                 live.proxy_auth = self._header(scheme, cred, params)
             else:
@@ -4211,7 +4218,7 @@ class _HTTP:
             self.drain(resp, conn, deadline)
             if isinstance(step, _FollowRedirect):
                 if step.credential is not None:  # the Location's user:password@, for its origin, in memory
-                    task.live.url_credentials[_origin(step.url)] = step.credential
+                    task.live.url_credentials = {**task.live.url_credentials, _origin(step.url): step.credential}
                 self.host.record(task, "redirect", url=step.url)
                 ex = dataclasses.replace(ex, url=step.url, redirects=ex.redirects + 1)
             elif isinstance(step, _AskAgain):
@@ -5686,7 +5693,7 @@ class _Engine(_Runner):
             task.live.secret_headers = request._secret_headers(self.config.secret_headers)
             credential = request._credential()
             if credential is not None:
-                task.live.url_credentials[_origin(request.url)] = credential
+                task.live.url_credentials = {**task.live.url_credentials, _origin(request.url): credential}
             if upload:
                 task.live.expected_send = upload["size"]
             if resume and not task.problem and self.store.adopt_partial(task, resume["file"]):
@@ -7092,7 +7099,14 @@ class Session:
     def get_tasks(self) -> list[Task]:
         """Tasks not yet completed and delivered, including those re-created after a relaunch."""
         with _gc_paused():  # (objects of every task, 100,000 after a relaunch, none of them garbage)
-            return [self._task_object(info.id, info, final=False) for info in self._backend.tasks()]
+            infos, fresh = self._backend.tasks(), {}
+            with self._objects_lock:  # the Task objects of tasks seen for the first time, under one lock
+                objects = self._objects
+                for info in infos:
+                    if info.id not in objects:
+                        objects[info.id] = fresh[info.id] = _TASK_CLASSES.get(info.kind, Task)(self, info.id, info)
+            return [task if (task := fresh.get(info.id)) is not None else self._task_object(info.id, info, final=False)
+                    for info in infos]
 
     @property
     def max_bytes_per_second(self) -> int | None:
