@@ -3159,6 +3159,7 @@ class _Store:
         self.acks = 0  # acknowledgements recorded (the daemon's relaunch backoff watches it)
         self.offsets: dict[int, int] = {}  # recovery: bytes of each partial download kept
         self.delivered_at: dict[int, float] = {}  # when each outcome waiting for the app was journaled
+        self.finish_released: set[int] = set()  # tasks whose finish files this process removed (skipped at complete)
         self._reserved_ids = 0  # identifiers below this are reserved on disk (none yet in this process)
         self.writer: _JournalWriter | _MemoryWriter
         if directory is None:
@@ -3309,11 +3310,15 @@ class _Store:
     def release_files(self, task: _TaskRecord, event: str) -> None:
         """After the acknowledgement of *event* is durable: remove what the task no longer needs (an upload's own
         body file too: see ``multipart_body``)."""
-        if task.file:
+        if task.file and task.id not in self.finish_released:
             _unlink_quietly(self.path(task.file))
             _unlink_quietly(self.path(_handed_name(task.file)))
+            if event == "finish":
+                self.finish_released.add(task.id)  # (a process that dies first leaves it to the complete event's)
         if event == "complete":
-            _unlink_quietly(self.path(task.partial_name))
+            self.finish_released.discard(task.id)
+            if task.file != task.done_name:  # (a finished download's partial file became tmp/<id>.done)
+                _unlink_quietly(self.path(task.partial_name))
             if task.upload and task.upload.get("remove") and task.upload.get("path"):
                 _unlink_quietly(task.upload["path"])
             if task.segments:
@@ -5680,9 +5685,7 @@ class _Engine(_Runner):
                 return
             ticket = self.store.record(task, "ack", event=event)
         self.store.wait(ticket)
-        self.store.release_files(task, event)
-        with self.lock:
-            self.changed.notify_all()
+        self.store.release_files(task, event)  # (nothing waits on `changed` for an acknowledgement)
         self.store.maybe_compact()
 
     def task_info(self, tid: int) -> TaskInfo:
