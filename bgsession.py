@@ -7483,14 +7483,21 @@ def _error_from_wire(reply: Mapping[str, Any]) -> BGSessionError:
     return BGSessionError(f"daemon: {message}")
 
 
+_MSG_DONTWAIT: int | None = getattr(socket, "MSG_DONTWAIT", None)
+
+
 class _Connection:
-    """One JSON-lines socket with a writer thread: ``send`` never blocks the caller."""
+    """One JSON-lines socket. ``send`` never blocks the caller: a frame goes out at once from the caller's thread when
+    the socket takes it whole and nothing is queued before it (an acknowledgement's round trip then costs no thread
+    hop); whatever the socket cannot take now, and everything behind it, goes out in order from a writer thread."""
 
     def __init__(self, sock: socket.socket, name: str) -> None:
+        sock.settimeout(None)  # blocking (an app's socket.setdefaulttimeout must not reach it); sends below never wait
         self.sock = sock
         self.reader = sock.makefile("rb")
         self._out: collections.deque[bytes] = collections.deque()
         self._cond = threading.Condition()
+        self._sending = False  # a thread is writing to the socket: everything else waits in _out, in order
         self.closed = False
         self._writer = threading.Thread(target=self._write_loop, name=f"{name}-writer", daemon=True)
         self._writer.start()
@@ -7500,8 +7507,23 @@ class _Connection:
         with self._cond:
             if self.closed:
                 raise _SinkGone()
-            self._out.append(data)
-            self._cond.notify()
+            if self._out or self._sending or _MSG_DONTWAIT is None:
+                self._out.append(data)
+                self._cond.notify()
+                return
+            self._sending = True
+        sent = 0
+        try:
+            sent = self.sock.send(data, _MSG_DONTWAIT)
+        except OSError:  # full (BlockingIOError) or broken: the writer thread sends it, or meets the error
+            pass
+        finally:
+            with self._cond:
+                self._sending = False
+                if sent < len(data):
+                    self._out.appendleft(data[sent:])
+                if self._out:
+                    self._cond.notify()
 
     def read(self) -> dict[str, Any] | None:
         """The next frame, or None at end of stream."""
@@ -7519,17 +7541,22 @@ class _Connection:
     def _write_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._out and not self.closed:
+                while (not self._out or self._sending) and not self.closed:
                     self._cond.wait()
                 if self.closed and not self._out:
                     return
                 batch = b"".join(self._out)
                 self._out.clear()
+                self._sending = True
             try:
                 self.sock.sendall(batch)
             except OSError:
                 self.close()
                 return
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
