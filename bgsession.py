@@ -2087,8 +2087,10 @@ _RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "reserve", "task", "ack", 
 _FORMAT_2_RECORDS = frozenset({"schedule", "priority", "begin", "limit"})
 _FORMAT_2_TASK_FIELDS = {"priority": DEFAULT_PRIORITY, "begin": None, "limit": None}  # and their defaults
 #: What format 3 added: segmented downloads (these record types, a ``progress`` record of a segment, a task's
-#: ``segments``). A reader of format 2 would take a segment's offset for the whole file's: it must refuse them.
-_FORMAT_3_RECORDS = frozenset({"split", "unsplit"})
+#: ``segments``). A reader of format 2 would take a segment's offset for the whole file's: it must refuse them. And
+#: ``vanished`` (a finished file removed before delivery), which came in the same release: a reader of format 2 would
+#: not know the record type.
+_FORMAT_3_RECORDS = frozenset({"split", "unsplit", "vanished"})
 #: Task identifiers reserved (durably) at a time: a task lost to a kill before its record reached
 #: the disk leaves a gap, never a reused identifier.
 ID_RESERVE_BLOCK = 1024
