@@ -2849,14 +2849,17 @@ class _JournalWriter:
         self._thread = threading.Thread(target=self._run, name="bgsession-journal", daemon=True)
         self._thread.start()
 
-    def append(self, record: Mapping[str, Any]) -> int:
+    def append(self, record: Mapping[str, Any], waited: bool = False) -> int:
+        """Queue *record*; its ticket. *waited*: the caller waits for it at once (and so flushes it itself): the
+        journal thread is not woken for it (a wake-up that would only contend with the caller's flush)."""
         line = _dumps(record)
         with self._cond:
             if self._closing:
                 raise SessionInvalidatedError("the session's journal is closed")
             self._pending.append(line)
             self._appended += 1
-            self._cond.notify_all()
+            if not waited:
+                self._cond.notify_all()
             return self._appended
 
     def wait(self, ticket: int) -> None:
@@ -2970,7 +2973,7 @@ class _MemoryWriter:
 
     records_written = 0
 
-    def append(self, record: Mapping[str, Any]) -> int: return 0
+    def append(self, record: Mapping[str, Any], waited: bool = False) -> int: return 0
     def wait(self, ticket: int) -> None: pass
     def flush(self) -> None: pass
     def reopen(self, valid_length: int) -> None: pass
@@ -3220,9 +3223,9 @@ class _Store:
         log.warning("session %s: damaged %s kept as %s", self.identifier, os.path.basename(path), aside)
 
     # -- records ------------------------------------------------------------------------
-    def record(self, task: _TaskRecord | None, record_type: str, /, **fields: Any) -> int:
+    def record(self, task: _TaskRecord | None, record_type: str, /, waited: bool = False, **fields: Any) -> int:
         """Apply a record (validated first: nothing changes if it does not fit) and queue it
-        for the journal; returns the ticket to wait for. Under ``lock``."""
+        for the journal; returns the ticket to wait for (*waited*: the caller does, at once). Under ``lock``."""
         rec: dict[str, Any] = {"v": _record_version(record_type, fields), "t": record_type}
         if task is not None:
             rec["id"] = task.id
@@ -3238,7 +3241,7 @@ class _Store:
                 self.delivered_at.pop(task.id, None)
                 if self.directory is None:
                     del self.state.tasks[task.id]  # in memory there is no compaction to forget it: forget it now
-        return int(self.writer.append(rec))
+        return int(self.writer.append(rec, waited))
 
     def wait(self, ticket: int) -> None:
         """Block until the record of *ticket* (and every one before it) is on disk."""
@@ -5685,7 +5688,7 @@ class _Engine(_Runner):
             task = self.store.state.tasks.get(tid)
             if task is None or event not in task.events():
                 return
-            ticket = self.store.record(task, "ack", event=event)
+            ticket = self.store.record(task, "ack", waited=True, event=event)
         self.store.wait(ticket)
         self.store.release_files(task, event)  # (nothing waits on `changed` for an acknowledgement)
         self.store.maybe_compact()
