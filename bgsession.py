@@ -3851,7 +3851,8 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
     """_BoundedHTTP over TLS: straight to the server, or through an HTTP proxy's CONNECT tunnel (whose refusal, a 407
     included, raises _TunnelRefused with the proxy's response), checking certificate pins after the handshake.
     ``sock`` is set once the TCP connection stands, so that a failure can tell "not reached" (offline) from what came
-    after. (The handshake and the tunnel's answer are bounded per byte by ``timeout``, not by the deadline.)"""
+    after. The handshake as a whole ends within ``timeout`` (and by the deadline): a server that drips it a byte at a
+    time cannot stretch it. (The tunnel's answer is bounded per byte by ``timeout``.)"""
 
     def __init__(self, host: str, port: int, *, timeout: float, context: ssl.SSLContext, pins: Sequence[str],
                  proxy: _Proxy | None) -> None:
@@ -3860,17 +3861,18 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
         self.proxy_authorization: str | None = None  # set before each request: memory only
 
     def connect(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed(self.deadline_reason)
+        timeout = min(self.timeout, left)  # type: ignore[type-var]
         if self.proxy is None:
-            super().connect()
+            self.sock = raw = socket.create_connection((self.host, self.port), timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (as http.client does)
         else:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise _DeadlinePassed(self.deadline_reason)
-            timeout = min(self.timeout, left)  # type: ignore[type-var]
             self.sock = raw = socket.create_connection((self.proxy.host, self.proxy.port), timeout)
             raw.settimeout(self.timeout)
             self._open_tunnel(raw)
-            self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
+        self.sock = self._handshake(raw)
         if self.pins:
             import hashlib
             der = self.sock.getpeercert(binary_form=True) or b""
@@ -3878,6 +3880,35 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
             if digest not in self.pins:
                 raise _PinMismatch(f"the certificate of {self.host} (SHA-256 {digest}) is not one of "
                                    "TLS.pinned_certificates_sha256")
+
+    def _handshake(self, raw: socket.socket) -> ssl.SSLSocket:
+        """The TLS handshake, run without blocking so that its whole, not each read, ends by a time: ``timeout`` from
+        now or the deadline, whichever comes first."""
+        import selectors
+        ends = min(time.monotonic() + self.timeout, self.deadline)  # type: ignore[operator]
+        tls = self.tls.wrap_socket(raw, server_hostname=self.host, do_handshake_on_connect=False)
+        self.sock = tls  # (it holds the connection's socket now: closing the connection closes it)
+        tls.settimeout(0.0)
+        with selectors.DefaultSelector() as selector:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    events = selectors.EVENT_READ
+                except ssl.SSLWantWriteError:
+                    events = selectors.EVENT_WRITE
+                left = ends - time.monotonic()
+                if left <= 0 and ends >= self.deadline:
+                    raise _DeadlinePassed(self.deadline_reason)
+                if left <= 0:
+                    raise _DeadlinePassed(f"the TLS handshake with {self.host} took longer than timeout_for_request "
+                                          f"({self.timeout:g} s)")
+                selector.register(tls, events)
+                selector.select(left)  # (ready or not: the time is checked above)
+                selector.unregister(tls)
+        tls.settimeout(self.timeout)
+        return tls
 
     def _open_tunnel(self, raw: socket.socket) -> None:
         authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
