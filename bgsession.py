@@ -2087,8 +2087,10 @@ _RECORD_TYPES = _PHASE_RECORDS | frozenset({"header", "reserve", "task", "ack", 
 _FORMAT_2_RECORDS = frozenset({"schedule", "priority", "begin", "limit"})
 _FORMAT_2_TASK_FIELDS = {"priority": DEFAULT_PRIORITY, "begin": None, "limit": None}  # and their defaults
 #: What format 3 added: segmented downloads (these record types, a ``progress`` record of a segment, a task's
-#: ``segments``). A reader of format 2 would take a segment's offset for the whole file's: it must refuse them.
-_FORMAT_3_RECORDS = frozenset({"split", "unsplit"})
+#: ``segments``). A reader of format 2 would take a segment's offset for the whole file's: it must refuse them. And
+#: ``vanished`` (a finished file removed before delivery), which came in the same release: a reader of format 2 would
+#: not know the record type.
+_FORMAT_3_RECORDS = frozenset({"split", "unsplit", "vanished"})
 #: Task identifiers reserved (durably) at a time: a task lost to a kill before its record reached
 #: the disk leaves a gap, never a reused identifier.
 ID_RESERVE_BLOCK = 1024
@@ -2907,14 +2909,17 @@ class _JournalWriter:
         self._thread = threading.Thread(target=self._run, name="bgsession-journal", daemon=True)
         self._thread.start()
 
-    def append(self, record: Mapping[str, Any]) -> int:
+    def append(self, record: Mapping[str, Any], waited: bool = False) -> int:
+        """Queue *record*; its ticket. *waited*: the caller waits for it at once (and so flushes it itself): the
+        journal thread is not woken for it (a wake-up that would only contend with the caller's flush)."""
         line = _dumps(record)
         with self._cond:
             if self._closing:
                 raise SessionInvalidatedError("the session's journal is closed")
             self._pending.append(line)
             self._appended += 1
-            self._cond.notify_all()
+            if not waited:
+                self._cond.notify_all()
             return self._appended
 
     def wait(self, ticket: int) -> None:
@@ -3028,7 +3033,7 @@ class _MemoryWriter:
 
     records_written = 0
 
-    def append(self, record: Mapping[str, Any]) -> int: return 0
+    def append(self, record: Mapping[str, Any], waited: bool = False) -> int: return 0
     def wait(self, ticket: int) -> None: pass
     def flush(self) -> None: pass
     def reopen(self, valid_length: int) -> None: pass
@@ -3244,6 +3249,7 @@ class _Store:
         self.acks = 0  # acknowledgements recorded (the daemon's relaunch backoff watches it)
         self.offsets: dict[int, int] = {}  # recovery: bytes of each partial download kept
         self.delivered_at: dict[int, float] = {}  # when each outcome waiting for the app was journaled
+        self.finish_released: set[int] = set()  # tasks whose finish files this process removed (skipped at complete)
         self._reserved_ids = 0  # identifiers below this are reserved on disk (none yet in this process)
         self.writer: _JournalWriter | _MemoryWriter
         if directory is None:
@@ -3305,9 +3311,9 @@ class _Store:
         log.warning("session %s: damaged %s kept as %s", self.identifier, os.path.basename(path), aside)
 
     # -- records ------------------------------------------------------------------------
-    def record(self, task: _TaskRecord | None, record_type: str, /, **fields: Any) -> int:
+    def record(self, task: _TaskRecord | None, record_type: str, /, waited: bool = False, **fields: Any) -> int:
         """Apply a record (validated first: nothing changes if it does not fit) and queue it
-        for the journal; returns the ticket to wait for. Under ``lock``."""
+        for the journal; returns the ticket to wait for (*waited*: the caller does, at once). Under ``lock``."""
         rec: dict[str, Any] = {"v": _record_version(record_type, fields), "t": record_type}
         if task is not None:
             rec["id"] = task.id
@@ -3323,7 +3329,7 @@ class _Store:
                 self.delivered_at.pop(task.id, None)
                 if self.directory is None:
                     del self.state.tasks[task.id]  # in memory there is no compaction to forget it: forget it now
-        return int(self.writer.append(rec))
+        return int(self.writer.append(rec, waited))
 
     def wait(self, ticket: int) -> None:
         """Block until the record of *ticket* (and every one before it) is on disk."""
@@ -3397,11 +3403,15 @@ class _Store:
     def release_files(self, task: _TaskRecord, event: str) -> None:
         """After the acknowledgement of *event* is durable: remove what the task no longer needs (an upload's own
         body file too: see ``multipart_body``)."""
-        if task.file:
+        if task.file and task.id not in self.finish_released:
             _unlink_quietly(self.path(task.file))
             _unlink_quietly(self.path(_handed_name(task.file)))
+            if event == "finish":
+                self.finish_released.add(task.id)  # (a process that dies first leaves it to the complete event's)
         if event == "complete":
-            _unlink_quietly(self.path(task.partial_name))
+            self.finish_released.discard(task.id)
+            if task.file != task.done_name:  # (a finished download's partial file became tmp/<id>.done)
+                _unlink_quietly(self.path(task.partial_name))
             if task.upload and task.upload.get("remove") and task.upload.get("path"):
                 _unlink_quietly(task.upload["path"])
             if task.segments:
@@ -3948,7 +3958,8 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
     """_BoundedHTTP over TLS: straight to the server, or through an HTTP proxy's CONNECT tunnel (whose refusal, a 407
     included, raises _TunnelRefused with the proxy's response), checking certificate pins after the handshake.
     ``sock`` is set once the TCP connection stands, so that a failure can tell "not reached" (offline) from what came
-    after. (The handshake and the tunnel's answer are bounded per byte by ``timeout``, not by the deadline.)"""
+    after. The handshake as a whole ends within ``timeout`` (and by the deadline): a server that drips it a byte at a
+    time cannot stretch it. (The tunnel's answer is bounded per byte by ``timeout``.)"""
 
     def __init__(self, host: str, port: int, *, timeout: float, context: ssl.SSLContext, pins: Sequence[str],
                  proxy: _Proxy | None) -> None:
@@ -3957,17 +3968,18 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
         self.proxy_authorization: str | None = None  # set before each request: memory only
 
     def connect(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed(self.deadline_reason)
+        timeout = min(self.timeout, left)  # type: ignore[type-var]
         if self.proxy is None:
-            super().connect()
+            self.sock = raw = socket.create_connection((self.host, self.port), timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (as http.client does)
         else:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise _DeadlinePassed(self.deadline_reason)
-            timeout = min(self.timeout, left)  # type: ignore[type-var]
             self.sock = raw = socket.create_connection((self.proxy.host, self.proxy.port), timeout)
             raw.settimeout(self.timeout)
             self._open_tunnel(raw)
-            self.sock = self.tls.wrap_socket(raw, server_hostname=self.host)
+        self.sock = self._handshake(raw)
         if self.pins:
             import hashlib
             der = self.sock.getpeercert(binary_form=True) or b""
@@ -3975,6 +3987,35 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
             if digest not in self.pins:
                 raise _PinMismatch(f"the certificate of {self.host} (SHA-256 {digest}) is not one of "
                                    "TLS.pinned_certificates_sha256")
+
+    def _handshake(self, raw: socket.socket) -> ssl.SSLSocket:
+        """The TLS handshake, run without blocking so that its whole, not each read, ends by a time: ``timeout`` from
+        now or the deadline, whichever comes first."""
+        import selectors
+        ends = min(time.monotonic() + self.timeout, self.deadline)  # type: ignore[operator]
+        tls = self.tls.wrap_socket(raw, server_hostname=self.host, do_handshake_on_connect=False)
+        self.sock = tls  # (it holds the connection's socket now: closing the connection closes it)
+        tls.settimeout(0.0)
+        with selectors.DefaultSelector() as selector:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    events = selectors.EVENT_READ
+                except ssl.SSLWantWriteError:
+                    events = selectors.EVENT_WRITE
+                left = ends - time.monotonic()
+                if left <= 0 and ends >= self.deadline:
+                    raise _DeadlinePassed(self.deadline_reason)
+                if left <= 0:
+                    raise _DeadlinePassed(f"the TLS handshake with {self.host} took longer than timeout_for_request "
+                                          f"({self.timeout:g} s)")
+                selector.register(tls, events)
+                selector.select(left)  # (ready or not: the time is checked above)
+                selector.unregister(tls)
+        tls.settimeout(self.timeout)
+        return tls
 
     def _open_tunnel(self, raw: socket.socket) -> None:
         authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -5786,11 +5827,9 @@ class _Engine(_Runner):
             task = self.store.state.tasks.get(tid)
             if task is None or event not in task.events():
                 return
-            ticket = self.store.record(task, "ack", event=event)
+            ticket = self.store.record(task, "ack", waited=True, event=event)
         self.store.wait(ticket)
-        self.store.release_files(task, event)
-        with self.lock:
-            self.changed.notify_all()
+        self.store.release_files(task, event)  # (nothing waits on `changed` for an acknowledgement)
         self.store.maybe_compact()
 
     def task_info(self, tid: int) -> TaskInfo:
@@ -7596,14 +7635,21 @@ def _error_from_wire(reply: Mapping[str, Any]) -> BGSessionError:
     return BGSessionError(f"daemon: {message}")
 
 
+_MSG_DONTWAIT: int | None = getattr(socket, "MSG_DONTWAIT", None)
+
+
 class _Connection:
-    """One JSON-lines socket with a writer thread: ``send`` never blocks the caller."""
+    """One JSON-lines socket. ``send`` never blocks the caller: a frame goes out at once from the caller's thread when
+    the socket takes it whole and nothing is queued before it (an acknowledgement's round trip then costs no thread
+    hop); whatever the socket cannot take now, and everything behind it, goes out in order from a writer thread."""
 
     def __init__(self, sock: socket.socket, name: str) -> None:
+        sock.settimeout(None)  # blocking (an app's socket.setdefaulttimeout must not reach it); sends below never wait
         self.sock = sock
         self.reader = sock.makefile("rb")
         self._out: collections.deque[bytes] = collections.deque()
         self._cond = threading.Condition()
+        self._sending = False  # a thread is writing to the socket: everything else waits in _out, in order
         self.closed = False
         self._writer = threading.Thread(target=self._write_loop, name=f"{name}-writer", daemon=True)
         self._writer.start()
@@ -7613,8 +7659,23 @@ class _Connection:
         with self._cond:
             if self.closed:
                 raise _SinkGone()
-            self._out.append(data)
-            self._cond.notify()
+            if self._out or self._sending or _MSG_DONTWAIT is None:
+                self._out.append(data)
+                self._cond.notify()
+                return
+            self._sending = True
+        sent = 0
+        try:
+            sent = self.sock.send(data, _MSG_DONTWAIT)
+        except OSError:  # full (BlockingIOError) or broken: the writer thread sends it, or meets the error
+            pass
+        finally:
+            with self._cond:
+                self._sending = False
+                if sent < len(data):
+                    self._out.appendleft(data[sent:])
+                if self._out:
+                    self._cond.notify()
 
     def read(self) -> dict[str, Any] | None:
         """The next frame, or None at end of stream."""
@@ -7632,17 +7693,22 @@ class _Connection:
     def _write_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._out and not self.closed:
+                while (not self._out or self._sending) and not self.closed:
                     self._cond.wait()
                 if self.closed and not self._out:
                     return
                 batch = b"".join(self._out)
                 self._out.clear()
+                self._sending = True
             try:
                 self.sock.sendall(batch)
             except OSError:
                 self.close()
                 return
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:

@@ -395,6 +395,37 @@ def test_a_finished_file_that_vanished_before_delivery_is_an_error(server, sessi
     assert [c for c in rec.calls if c[0] != "did_finish_events"] == [("complete", task.identifier)]
 
 
+def test_a_vanished_record_is_format_3_which_an_older_bgsession_refuses(server, sessions, tmp_path, monkeypatch):
+    """The ``vanished`` record came with journal format 3: a journal holding one (as a kill leaves it, before any
+    compaction) is refused by a bgsession that reads format 2, with its clear error, instead of failing on a record
+    type it does not know."""
+    import shutil
+    server.add_blob("/v.bin", size=100_000)
+    bg._delivery_gate.clear()  # no hook runs: the event and its record stay
+    try:
+        s = sessions.open(Recorder())
+        task = download(s, server.url("/v.bin"))
+        wait_until(lambda: task.state is bg.TaskState.COMPLETED, what="the download to finish")
+        sessions.close_all()
+        sessions.open(Recorder())  # an open that folds the journal into the snapshot (nothing new to record)
+        sessions.close_all()
+        tmp = os.path.join(s.configuration.directory, "tmp")
+        (finished,) = [n for n in os.listdir(tmp) if n.endswith(".done")]
+        os.unlink(os.path.join(tmp, finished))  # a temp-file cleaner
+        sessions.open(Recorder())  # recovery records that the file vanished (a journal of its header: no folding)
+        with open(os.path.join(s.configuration.directory, "journal.jsonl"), "rb") as f:
+            records = [json.loads(line) for line in f]
+        assert [r["v"] for r in records if r["t"] == "vanished"] == [3]
+        copy = str(tmp_path / "copy")
+        shutil.copytree(s.configuration.directory, copy, ignore=shutil.ignore_patterns("*.sock"))  # as a kill leaves it
+    finally:
+        bg._delivery_gate.set()
+    monkeypatch.setattr(bg, "JOURNAL_VERSION", 2)  # what the bgsession before it reads
+    cfg = bg.Configuration.background(s.identifier, directory=copy, host="inprocess")
+    with pytest.raises(bg.JournalError, match="newer than this bgsession"):
+        bg.Session(cfg)
+
+
 class Calls(bg.SessionDelegate):
     """Records hook calls only: a finish hook that never opens the file (a status check, say)."""
 

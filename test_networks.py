@@ -925,3 +925,54 @@ def test_task_info_from_a_newer_daemon_keeps_the_fields_it_knows():
     info = bg.TaskInfo(1, "download", None, bg.Phase.WAITING_RETRY, {"url": "http://x/"}, "http://x/", waiting=True,
                        last_error={"code": -1004, "message": "refused"}, next_retry=5.0)
     assert bg.TaskInfo.from_wire({**info.to_wire(), "from_the_future": 1}) == info
+
+
+class _DrippingHandshake:
+    """A TLS server that never finishes its handshake: it announces a 16 KiB handshake record, then sends it a byte
+    every 0.2 s, each well within any read timeout. Counts the connections it accepts."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.stopping = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.sendall(bytes([0x16, 0x03, 0x03, 0x40, 0x00]))  # a handshake record of 16,384 bytes follows
+                while not self.stopping.wait(0.2):  # the pace of the drip, not a synchronisation
+                    conn.sendall(b"\x00")
+            except OSError:
+                return  # the client gave up
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.listener.close()
+
+
+def test_a_tls_handshake_dripped_a_byte_at_a_time_ends_within_timeout_for_request(pki, sessions):
+    """Each byte of the dripped handshake comes well within timeout_for_request, so a bound per read never fires;
+    the handshake as a whole is bounded: each attempt ends, the retry comes, and the task fails with the reason."""
+    server = _DrippingHandshake()
+    try:
+        rec = Recorder()
+        s = sessions.open(rec, tls=bg.TLS(cafile=pki["cert"]), timeout_for_request=1.0,
+                          retry=bg.Retry(total=1, backoff_factor=0.01))
+        task = download(s, f"https://127.0.0.1:{server.port}/drip.bin")
+        assert s.wait(LONG), "an attempt outlived its handshake bound"
+        error = rec.errors[task.identifier]
+        assert error is not None and "TLS handshake" in error.message, error
+        assert server.connections == 2  # the attempt and its one retry
+    finally:
+        server.stop()
