@@ -75,6 +75,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import urllib.parse
 from collections.abc import Awaitable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, Union, cast
@@ -3856,7 +3857,7 @@ class _Control:
 
 
 _LIVE_LIMITS_GUARD = threading.Lock()
-_NO_ENTRIES: Mapping[Any, Any] = {}  # (shared by every _Live that has none: never changed)
+_NO_ENTRIES: Mapping[Any, Any] = types.MappingProxyType({})  # (shared by every _Live that has none: read-only)
 
 
 class _Live:
