@@ -53,7 +53,6 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
-import datetime
 import email.utils
 import enum
 import errno
@@ -82,6 +81,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, Union, cast
 
 if TYPE_CHECKING:  # names only annotations use
     import argparse
+    import datetime
     import subprocess
 
 # Platform differences are detected once, here.
@@ -938,6 +938,7 @@ def _begin_timestamp(value: Any) -> float | None:
     """An earliest begin date as POSIX time: from a ``datetime`` with a time zone, or a POSIX timestamp; None: none."""
     if value is None:
         return None
+    import datetime
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise _invalid(f"earliest_begin_date {value!r} has no time zone, so the moment it names is ambiguous; "
@@ -6712,6 +6713,7 @@ class Task:
         in UTC, or None; persisted. Set it with a ``datetime`` that has a time zone or a POSIX timestamp, while the
         task is suspended, queued or scheduled. A task resumed before its date is scheduled: it waits -- across
         relaunches and daemon restarts -- and ``timeout_for_resource`` counts from the date."""
+        import datetime
         begin = self._info().begin
         return None if begin is None else datetime.datetime.fromtimestamp(begin, datetime.timezone.utc)
 
@@ -8873,6 +8875,7 @@ def _parse_when(text: str, now: float) -> float:
     """A moment for ``--not-before``, as POSIX time: "+30m" (from *now*: s, m, h or d), "22:00" (the next time the
     local clock shows it), an ISO 8601 date and time ("2026-12-01T22:00", local time unless it has an offset or Z),
     or "@1767225600" (POSIX time)."""
+    import datetime
     text = text.strip()
     relative, clock = _RELATIVE_RE.match(text), _CLOCK_RE.match(text)
     if relative:
@@ -9070,6 +9073,7 @@ def _last_error_text(info: TaskInfo) -> str | None:
 def _task_notes(info: TaskInfo) -> list[str]:
     """A task's notes for `status`: its date (until it starts), priority and limit if set, and while it waits to try
     again, why (the last attempt's error) and when."""
+    import datetime
     notes = []
     if info.begin is not None and info.phase in (Phase.SUSPENDED, Phase.QUEUED, Phase.SCHEDULED):
         notes.append(f"not before {datetime.datetime.fromtimestamp(info.begin):%Y-%m-%d %H:%M:%S}")
@@ -9418,6 +9422,7 @@ def _cmd_deliver(args: argparse.Namespace, out: Any) -> int:
 
 
 def _status_json(infos: list[TaskInfo], outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import datetime
     active = [{"id": i.id, "state": _cli_state(i), "url": i.request["url"], "received": i.received,
                "expected": i.expected, "sent": i.sent, "rate": i.rate, "destination": _cli_meta(i).get("dir"),
                "description": i.description, "error": i.error["message"] if i.error else None,
