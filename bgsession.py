@@ -67,7 +67,6 @@ import math
 import os
 import random
 import re
-import shutil
 import socket
 import ssl
 import stat
@@ -1388,6 +1387,7 @@ def _check_relaunch_command(command: Any) -> None:
     not found later in daemon.log. A bare name is looked up on PATH; a path is taken from the current directory
     (the relaunch runs there too). A ``python3`` found on PATH that is not this interpreter is warned about: from
     an unactivated virtual environment it is the wrong one, and the relaunched app cannot import its packages."""
+    import shutil
     if isinstance(command, (str, bytes)) or not isinstance(command, Sequence) or not command or \
             not all(isinstance(a, str) for a in command):
         raise _invalid("relaunch_command must be a non-empty list of str (an argv, never a shell line), "
@@ -3299,6 +3299,7 @@ class _Store:
     def _keep_aside(self, path: str) -> None:
         """Keep a damaged file as ``<name>.corrupt-<time>``: a hard link (no copy of a file that may be huge), or a
         copy where the file system has no links."""
+        import shutil
         if not os.path.exists(path):
             return
         aside = _aside_name(path)
@@ -3629,6 +3630,7 @@ class _Store:
         if self.directory is not None:
             _release_lock(self.directory, _LOCK_NAME)
         else:
+            import shutil
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -6122,6 +6124,7 @@ def _place(src: str, dest: str, replace: bool) -> bool:
     never replaced (on a file system without hard links: checked first, then renamed, a window left open). *src*
     stays: the caller removes it once the new name is durable."""
     def copy_beside() -> str:
+        import shutil
         tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.bgsession-{os.urandom(6).hex()}")
         try:
             shutil.copyfile(src, tmp)
@@ -9256,6 +9259,7 @@ class _Watch:
         return _exit_code(self.shown.values())
 
     def _draw(self, active: list[TaskInfo], fresh: list[dict[str, Any]]) -> None:
+        import shutil
         if self.quiet:
             for entry in fresh:
                 if entry.get("state") != "saved":
