@@ -53,12 +53,10 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
-import email.utils
 import enum
 import errno
 import functools
 import heapq
-import http.client
 import io
 import itertools
 import json
@@ -68,7 +66,6 @@ import os
 import random
 import re
 import socket
-import ssl
 import stat
 import sys
 import threading
@@ -81,6 +78,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, Union, cast
 if TYPE_CHECKING:  # names only annotations use
     import argparse
     import datetime
+    import http.client
+    import ssl
     import subprocess
 
 # Platform differences are detected once, here.
@@ -521,6 +520,7 @@ class Retry:
             return ErrorCode.CANNOT_CONNECT_TO_HOST, f"out of a system resource, will retry: {err.strerror or err}"
         if isinstance(err, ConnectionRefusedError):
             return ErrorCode.CANNOT_CONNECT_TO_HOST, f"connection refused: {err}"
+        import http.client
         if isinstance(err, http.client.IncompleteRead):
             return (ErrorCode.NETWORK_CONNECTION_LOST,
                     f"connection closed after {len(err.partial)} bytes, {err.expected} more expected")
@@ -551,6 +551,7 @@ class Retry:
         if value.isdigit():
             seconds = float(value)
         else:
+            import email.utils
             try:
                 when = email.utils.parsedate_to_datetime(value)
             except (TypeError, ValueError, IndexError):
@@ -1335,8 +1336,10 @@ class TLS:
         if self.key_password is not None and not isinstance(self.key_password, str):
             raise _invalid("TLS key_password must be a str")
         version = self.minimum_version
-        if isinstance(version, ssl.TLSVersion):
-            version = version.name
+        if version is not None and not isinstance(version, str):
+            import ssl
+            if isinstance(version, ssl.TLSVersion):
+                version = version.name
         if isinstance(version, str):
             version = version.replace("_", ".")
         if version is not None and version not in _TLS_VERSIONS:
@@ -1530,8 +1533,10 @@ class Configuration:
             raise _invalid("give tls or ssl_context, not both (tls reaches the daemon; ssl_context works in-process)")
         if retry is not None and not isinstance(retry, Retry):
             raise _invalid(f"retry must be a bgsession.Retry, not {type(retry).__name__}")
-        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
-            raise _invalid(f"ssl_context must be an ssl.SSLContext, not {type(ssl_context).__name__}")
+        if ssl_context is not None:
+            import ssl
+            if not isinstance(ssl_context, ssl.SSLContext):
+                raise _invalid(f"ssl_context must be an ssl.SSLContext, not {type(ssl_context).__name__}")
         return cls(identifier=None, directory=None, host="inprocess", max_connections_per_host=max_connections_per_host,
                    timeout_for_request=_check_seconds("timeout_for_request", timeout_for_request,
                                                       maximum=MAX_TIMEOUT_FOR_REQUEST),
@@ -3691,7 +3696,18 @@ class _DeadlineReader(io.RawIOBase):
         super().close()
 
 
-class _BoundedResponse(http.client.HTTPResponse):
+# http.client (which imports ssl and email) is imported when the first connection is made, not with this module
+# (~15 ms). The classes based on its classes are written here on bases that are http.client's only for type
+# checkers; _http_classes() makes the ones connections are made of, on the real bases, then.
+if TYPE_CHECKING:
+    _HTTPResponse = http.client.HTTPResponse
+    _HTTPConnection = http.client.HTTPConnection
+    _HTTPSConnectionBase = http.client.HTTPSConnection
+else:
+    _HTTPResponse = _HTTPConnection = _HTTPSConnectionBase = object
+
+
+class _BoundedResponse(_HTTPResponse):
     """An HTTPResponse that reads through a _DeadlineReader (http.client only asks its socket for makefile())."""
 
     class _Socket:
@@ -3705,7 +3721,7 @@ class _BoundedResponse(http.client.HTTPResponse):
         super().__init__(cast(socket.socket, self._Socket(conn, sock)), *args, **kwargs)
 
 
-class _BoundedHTTP(http.client.HTTPConnection):
+class _BoundedHTTP(_HTTPConnection):
     """An http.client connection whose every socket wait -- connect, each send, each read of the response head and
     body -- ends by ``deadline`` (a time.monotonic()), as well as after ``timeout`` seconds without a byte. A server
     that drips one byte a second resets a socket timeout forever; it cannot move the deadline, which the transfer
@@ -3714,10 +3730,11 @@ class _BoundedHTTP(http.client.HTTPConnection):
 
     deadline = math.inf
     deadline_reason = "timeout_for_resource exceeded"
+    response_type: type[_BoundedResponse]  # set by _http_classes()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.response_class = functools.partial(_BoundedResponse, self)  # type: ignore[assignment]
+        self.response_class = functools.partial(self.response_type, self)  # type: ignore[assignment]
 
     def set_deadline(self, deadline: float, reason: str) -> None:
         self.deadline, self.deadline_reason = deadline, reason
@@ -3944,6 +3961,7 @@ class _PinMismatch(Exception):
 def _tls_context(config: Configuration) -> ssl.SSLContext:
     """The SSLContext of a configuration: its ``ssl_context`` (in-process), or one made from its :class:`TLS`
     (what the daemon does too), or the system's defaults. Errors are InvalidArgumentError."""
+    import ssl
     if config.ssl_context is not None:
         return config.ssl_context
     tls = config.tls or TLS()
@@ -3958,7 +3976,7 @@ def _tls_context(config: Configuration) -> ssl.SSLContext:
     return ctx
 
 
-class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
+class _HTTPSConnection(_BoundedHTTP, _HTTPSConnectionBase):
     """_BoundedHTTP over TLS: straight to the server, or through an HTTP proxy's CONNECT tunnel (whose refusal, a 407
     included, raises _TunnelRefused with the proxy's response), checking certificate pins after the handshake.
     ``sock`` is set once the TCP connection stands, so that a failure can tell "not reached" (offline) from what came
@@ -4022,6 +4040,7 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
         return tls
 
     def _open_tunnel(self, raw: socket.socket) -> None:
+        import http.client
         authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         if self.proxy_authorization:
@@ -4036,6 +4055,20 @@ class _HTTPSConnection(_BoundedHTTP, http.client.HTTPSConnection):
             response.close()
             raise _TunnelRefused(response)
         response.close()  # (the socket stays open: it carries the tunnel)
+
+
+@functools.cache
+def _http_classes() -> tuple[type[_BoundedHTTP], type[_HTTPSConnection]]:
+    """The classes connections are made of: _BoundedHTTP and _HTTPSConnection on http.client's classes."""
+    import http.client
+
+    def make(cls: type[Any], base: type[Any], **attrs: Any) -> Any:
+        return type(cls.__name__, (cls, base), {"__module__": __name__, "__qualname__": cls.__qualname__,
+                                                "__doc__": cls.__doc__, **attrs})
+
+    response = make(_BoundedResponse, http.client.HTTPResponse)
+    return (make(_BoundedHTTP, http.client.HTTPConnection, response_type=response),
+            make(_HTTPSConnection, http.client.HTTPSConnection, response_type=response))
 
 
 class _ConnectionPool:
@@ -4114,14 +4147,15 @@ class _ConnectionPool:
                 self._idle_count -= 1
         scheme, host, port, proxy, _ = key
         timeout = self.config.timeout_for_request
+        plain, tls = _http_classes()
         if scheme == "https":
             if self._ssl is None:
                 self._ssl = _tls_context(self.config)
             pins = self.config.tls.pinned_certificates_sha256 if self.config.tls else ()
-            return _HTTPSConnection(host, port, timeout=timeout, context=self._ssl, pins=pins, proxy=proxy)
+            return tls(host, port, timeout=timeout, context=self._ssl, pins=pins, proxy=proxy)
         if proxy is not None:  # absolute-form requests to the proxy
-            return _BoundedHTTP(proxy.host, proxy.port, timeout=timeout)
-        return _BoundedHTTP(host, port, timeout=timeout)
+            return plain(proxy.host, proxy.port, timeout=timeout)
+        return plain(host, port, timeout=timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -4335,6 +4369,8 @@ class _HTTP:
         """Send one request (through *proxy*: http in absolute form, https in a CONNECT tunnel); a reused keep-alive
         connection that turns out dead is replaced once. Connecting and sending end by *deadline* (the resource's),
         the response head within timeout_for_request as well; the body is left bounded by *deadline*."""
+        import http.client
+        import ssl
         parts = urllib.parse.urlsplit(url)
         target, tunnel_auth = _request_target(url), None
         if proxy is not None and parts.scheme.lower() == "http":
@@ -4415,6 +4451,7 @@ class _HTTP:
     def drain(self, resp: http.client.HTTPResponse, conn: _BoundedHTTP, deadline: float = math.inf) -> None:
         """Read and discard a small body (within timeout_for_request, whatever its pace) so the connection can be
         reused; close it otherwise."""
+        import http.client
         self._bound(conn, deadline, "a discarded body (redirect, error page)")
         with contextlib.suppress(OSError, http.client.HTTPException):
             if resp.length is not None and resp.length <= _DISCARD_LIMIT:
@@ -4591,6 +4628,7 @@ class _Segments:
         """Copy an answer into the segment's file from its position, at most to its end (a longer answer's
         connection is closed there), paced by the task's and the session's limits, with progress and fsync ticks.
         *skip*: bytes the answer repeats before the position (a 206 that starts early)."""
+        import http.client
         transfer, task = self.transfer, self.task
         read = transfer._reader(resp, buf)
         os.lseek(seg.fd, seg.pos - seg.start, os.SEEK_SET)
@@ -4841,6 +4879,7 @@ class _Transfer:
     def _stream(self, task: _TaskRecord, control: _Control, resp: http.client.HTTPResponse, fd: int,
                 buf: bytearray) -> None:
         """Copy the body into the partial file at the current offset, with progress and fsync ticks."""
+        import http.client
         live = task.live
         os.lseek(fd, live.offset, os.SEEK_SET)
         last_sync, unsynced = time.monotonic(), 0
