@@ -4014,6 +4014,7 @@ class _HTTPSConnection(_BoundedHTTP, _HTTPSConnectionBase):
         """The TLS handshake, run without blocking so that its whole, not each read, ends by a time: ``timeout`` from
         now or the deadline, whichever comes first."""
         import selectors
+        import ssl
         ends = min(time.monotonic() + self.timeout, self.deadline)  # type: ignore[operator]
         tls = self.tls.wrap_socket(raw, server_hostname=self.host, do_handshake_on_connect=False)
         self.sock = tls  # (it holds the connection's socket now: closing the connection closes it)
