@@ -71,7 +71,6 @@ import sys
 import threading
 import time
 import types
-import urllib.parse
 from collections.abc import Awaitable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar, Union, cast
 
@@ -738,6 +737,7 @@ class Credential:
 def _iri_to_uri(iri: str) -> str:
     """An IRI as the URI that goes on the wire (RFC 3987, 3.1): the host IDNA-encoded, every other non-ASCII character
     percent-encoded as UTF-8. ASCII comes back unchanged (an existing ``%xx`` stays as it is)."""
+    import urllib.parse
     if iri.isascii():
         return iri
     parts = urllib.parse.urlsplit(iri)
@@ -759,6 +759,7 @@ def _iri_to_uri(iri: str) -> str:
 def _location_to_iri(value: str) -> str:
     """A ``Location`` header as text: http.client decodes header bytes as Latin-1, servers send UTF-8; bytes that are
     not UTF-8 are percent-encoded as they are."""
+    import urllib.parse
     raw = value.encode("latin-1", "replace")
     try:
         return raw.decode("utf-8")
@@ -769,6 +770,7 @@ def _location_to_iri(value: str) -> str:
 def _split_userinfo(url: str) -> tuple[str, Credential | None]:
     """(the URL without ``user:password@``, the credential it carried or None). The URL bgsession keeps never holds
     the userinfo; the credential lives in memory and answers the origin's challenges."""
+    import urllib.parse
     parts = urllib.parse.urlsplit(url)
     userinfo, at, hostport = parts.netloc.rpartition("@")
     if not at:
@@ -791,6 +793,7 @@ def _redact(url: str) -> str:
 
 def _check_url(url: Any, what: str = "URL") -> str:
     """Validate an http(s) URL; return it as a URI (see :func:`_iri_to_uri`). Messages never show its userinfo."""
+    import urllib.parse
     if not isinstance(url, str):
         raise _invalid(f"{what} must be a str, not {type(url).__name__}")
     shown = _redact(url)
@@ -1070,6 +1073,7 @@ def sanitize_filename(name: str | None, default: str = "download") -> str:
     Drops directories (``/``, ``\\``), ``..``, control characters and NUL, leading dots and trailing dots/spaces,
     Windows device names; shortens it to MAX_NAME_BYTES bytes of UTF-8 (keeping a short extension), so that it fits
     any file system; returns *default* when nothing usable is left."""
+    import urllib.parse
     if not name:
         return default
     name = urllib.parse.unquote(str(name))
@@ -1145,6 +1149,7 @@ class Response:
     @property
     def suggested_filename(self) -> str:
         """A sanitised name from Content-Disposition, else the URL's last path component."""
+        import urllib.parse
         cd = self.headers.get("Content-Disposition", "")
         m = re.search(r"filename\*\s*=\s*[^']*'[^']*'([^;]+)", cd) or re.search(
             r'filename\s*=\s*"([^"]*)"', cd) or re.search(r"filename\s*=\s*([^;\s]+)", cd)
@@ -1245,6 +1250,7 @@ def _environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
 def _parse_proxy(url: Any, what: str) -> _Proxy:
     """``http://[user[:password]@]host[:port]`` (no scheme: http; no port: 80). Messages never repeat the URL: it
     may hold a password."""
+    import urllib.parse
     if not isinstance(url, str) or not url.strip() or _CTL_RE.search(url):
         raise _invalid(f"{what} must be a proxy URL such as 'http://proxy.example:3128'")
     text = url.strip() if "://" in url else "http://" + url.strip()
@@ -1733,6 +1739,7 @@ def plan_segment(position: int, segment: tuple[int, int], status: int, headers: 
 
 def _parse_origin(url: str) -> tuple[str, str, int]:
     """A URL's (scheme, host, port), parsed."""
+    import urllib.parse
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
@@ -1783,6 +1790,7 @@ def proxy_for(url: str, proxies: _Proxies | None) -> _Proxy | None:
 
 def _request_target(url: str) -> str:
     """The origin-form request target of *url*: its path and query."""
+    import urllib.parse
     parts = urllib.parse.urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
@@ -1961,6 +1969,7 @@ _Step = Union[_FollowRedirect, _Authenticate, _Renew, _AskAgain, _Accept, _Faile
 
 
 def _redirect_step(ex: _Exchange, status: int, location: str) -> _Step:
+    import urllib.parse
     if not ex.retry.allows_redirect(ex.redirects):
         return _Failed(TransferError(ErrorCode.HTTP_TOO_MANY_REDIRECTS,
                                      f"more than {ex.retry.redirect} redirects (last: {ex.url})", url=ex.url))
@@ -4372,6 +4381,7 @@ class _HTTP:
         the response head within timeout_for_request as well; the body is left bounded by *deadline*."""
         import http.client
         import ssl
+        import urllib.parse
         parts = urllib.parse.urlsplit(url)
         target, tunnel_auth = _request_target(url), None
         if proxy is not None and parts.scheme.lower() == "http":
@@ -9005,6 +9015,7 @@ def _credential_header(args: argparse.Namespace, url: str) -> tuple[str, str] | 
     Authorization header. The session keeps it in memory only (never in its journal), sends it to the URL's
     origin only, and loses it when its daemon stops: a transfer that then meets a 401 fails with exit 6, and
     ``bgsession resume ID -u USER`` continues it."""
+    import urllib.parse
     user, password = args.http_user, args.http_password
     if user is None and (args.netrc or args.netrc_file):
         import netrc  # (only here: most runs never read it)

@@ -272,3 +272,28 @@ def test_a_module_imported_where_it_is_needed_is_imported_everywhere_it_is_used(
         else:
             check(node, set(), "")
     assert missing == []
+
+
+def _fresh(code: str) -> str:
+    """Run *code* in a fresh interpreter without site (whose .pth files may import anything) that imports this
+    directory's bgsession; its stdout."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-S", "-W", "error", "-c", code], cwd=HERE, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_import_leaves_what_only_some_paths_need_unimported():
+    """`import bgsession` does not import the modules only some paths need (start-up cost): HTTP and TLS are
+    imported by the first connection, URLs' parser by the first URL, the CLI's and
+    the daemon's modules by the CLI and the daemon."""
+    deferred = {"ssl", "http.client", "email", "email.utils", "urllib.parse", "datetime", "shutil",
+                "argparse", "subprocess", "signal", "hashlib", "mimetypes", "filecmp", "tempfile"}
+    out = _fresh("import sys; before = set(sys.modules); import bgsession; "
+                 "print(' '.join(sorted(set(sys.modules) - before)))")
+    imported = set(out.split())
+    assert "bgsession" in imported and "json" in imported  # (what it needs is imported: the test sees imports)
+    assert imported & deferred == set()
+
