@@ -3,17 +3,22 @@
 
     python3 bench/startup.py                 # 15 rounds (~15 s)
     python3 bench/startup.py --rounds 31 --lib /path/to/bgsession.py
+    python3 bench/startup.py --rounds 21 --compare-lib /path/to/other/bgsession.py   # A/B in the same rounds
 
 The library is frozen first: ``bgsession.py`` is copied to a temp dir and byte-compiled, as an installed module is
 (``PYTHONDONTWRITEBYTECODE`` may be set in the environment; without a cached ``.pyc`` every import recompiles the
 module, about 40 ms more). Then, alternating within each round, fresh processes run
 
-* ``python3 -c pass`` and ``python3 -c "import bgsession"`` (both with ``PYTHONPATH`` at the copy), timed from spawn
-  to exit: the difference of the medians is the import's cost in wall time;
+* ``python3 -c pass`` and ``python3 -c "import bgsession"`` (both with ``PYTHONPATH`` at the copy, and run in its
+  directory: ``-c`` puts the current directory first on ``sys.path``), timed from spawn to exit: the difference of
+  the medians is the import's cost in wall time;
 * the same with ``-S`` (no ``site``): site may import modules bgsession needs (on some machines a ``.pth`` file
   imports ``re``, ``typing``, ``tempfile`` ...), which would hide their cost;
 * ``python3 -X importtime -c "import bgsession"``: bgsession's cumulative and own (module body) time, and each
   module that the import brings in, by its cumulative time (medians over the rounds).
+
+With ``--compare-lib``, a second ``bgsession.py`` (frozen the same way, in a directory of its own) is imported in
+the same rounds, right after the first: the honest way to compare two versions on a noisy machine.
 
 Relaunch to first new byte (interpreter start, import, session recovery, first byte of a resumed download) is
 bench/run.py's row 4, which needs nginx. Standard library only; prints Markdown.
@@ -40,7 +45,7 @@ TARGET_MS = 25.0
 
 def spawn_ms(argv: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(argv, env=env, cwd=env["PYTHONPATH"], check=True, stdout=subprocess.DEVNULL)
     return (time.perf_counter() - t0) * 1000
 
 
@@ -48,7 +53,7 @@ def importtime(env: dict[str, str], flags: list[str]) -> dict[str, tuple[int, in
     """``-X importtime`` of ``import bgsession``: module -> (self µs, cumulative µs, depth), for the modules imported
     while bgsession was (those already imported by site do not appear)."""
     proc = subprocess.run([sys.executable, *flags, "-X", "importtime", "-c", "import bgsession"], env=env,
-                          check=True, capture_output=True, text=True)
+                          cwd=env["PYTHONPATH"], check=True, capture_output=True, text=True)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("import time:") and "|" in line]
     rows: list[tuple[str, int, int, int]] = []
     for line in lines[1:]:  # the first is the header
@@ -68,16 +73,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="fresh processes per variant (medians reported)")
     ap.add_argument("--lib", default=os.path.join(ROOT, "bgsession.py"), help="the bgsession.py to measure")
     ap.add_argument("--top", type=int, default=15, help="modules listed by cumulative import time")
+    ap.add_argument("--compare-lib", help="also measure this bgsession.py (B), alternating with --lib in each round")
     args = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="bgstartup-")
+    works = [tempfile.mkdtemp(prefix="bgstartup-") for _ in range(2 if args.compare_lib else 1)]
     try:
-        shutil.copy2(args.lib, os.path.join(work, "bgsession.py"))
-        py_compile.compile(os.path.join(work, "bgsession.py"), doraise=True)
-        env = dict(os.environ, PYTHONPATH=work)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        walls: dict[str, list[float]] = {k: [] for k in ("pass", "import", "pass -S", "import -S")}
+        envs = []
+        for work, lib in zip(works, (args.lib, args.compare_lib)):
+            shutil.copy2(lib, os.path.join(work, "bgsession.py"))
+            py_compile.compile(os.path.join(work, "bgsession.py"), doraise=True)
+            envs.append(dict(os.environ, PYTHONPATH=work))
+            envs[-1].pop("PYTHONDONTWRITEBYTECODE", None)
+        env = envs[0]
+        walls: dict[str, list[float]] = {k: [] for k in ("pass", "import", "pass -S", "import -S", "B", "B -S")}
         samples: list[dict[str, tuple[int, int, int]]] = []
         samples_s: list[dict[str, tuple[int, int, int]]] = []
+        samples_b: list[dict[str, tuple[int, int, int]]] = []
         for _ in range(args.rounds):
             walls["pass"].append(spawn_ms([sys.executable, "-c", "pass"], env))
             walls["import"].append(spawn_ms([sys.executable, "-c", "import bgsession"], env))
@@ -85,9 +95,14 @@ def main() -> None:
             walls["import -S"].append(spawn_ms([sys.executable, "-S", "-c", "import bgsession"], env))
             samples.append(importtime(env, []))
             samples_s.append(importtime(env, ["-S"]))
+            if len(envs) > 1:
+                walls["B"].append(spawn_ms([sys.executable, "-c", "import bgsession"], envs[1]))
+                walls["B -S"].append(spawn_ms([sys.executable, "-S", "-c", "import bgsession"], envs[1]))
+                samples_b.append(importtime(envs[1], ["-S"]))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in walls.items()}
+        for work in works:
+            shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in walls.items() if v}
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, Python "
           f"{sys.version.split()[0]}, medians of {args.rounds} fresh processes each, bytecode cached, load average "
           f"{os.getloadavg()[0]:.1f} at the end\n")
@@ -101,6 +116,11 @@ def main() -> None:
         a = statistics.median(s["bgsession"][key] for s in samples) / 1000
         b = statistics.median(s["bgsession"][key] for s in samples_s) / 1000
         print(f"| {label} | {a:.1f} ms | {b:.1f} ms |")
+    if samples_b:
+        b_body = statistics.median(s["bgsession"][0] for s in samples_b) / 1000
+        print(f"| B ({args.compare_lib}): import beyond the interpreter | {med['B'] - med['pass']:.1f} ms | "
+              f"{med['B -S'] - med['pass -S']:.1f} ms |")
+        print(f"| B: `-X importtime` own body | | {b_body:.1f} ms |")
     print(f"\nTarget ≤ {TARGET_MS:.0f} ms beyond the interpreter: {'met' if max(d, d_s) <= TARGET_MS else 'MISSED'} "
           f"({d:.1f} ms; {d_s:.1f} ms without site).\n")
     print(f"Modules that `import bgsession` brings in (`python3 -S -X importtime`; the {args.top} largest cumulative "
