@@ -29,6 +29,7 @@ bench/run.py's row 4, which needs nginx. Standard library only; prints Markdown.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import py_compile
 import shutil
@@ -81,12 +82,69 @@ def importtime(env: dict[str, str], flags: list[str]) -> dict[str, tuple[int, in
     return {name: (s, c, d) for name, s, c, d in rows[start:end + 1]}
 
 
+#: Run in a fresh ``python3 -S`` with the frozen copy's path: the module's top-level statements executed one by one
+#: (each compiled beforehand, as the .pyc holds them), their time summed by kind; JSON on stdout.
+PARTS = r"""
+import __future__, ast, importlib.util, json, marshal, sys, time
+path = sys.argv[1]
+with open(importlib.util.cache_from_source(path), "rb") as f:
+    data = f.read()[16:]
+t = time.perf_counter(); marshal.loads(data); out = {"loading the cached bytecode (unmarshal)": time.perf_counter() - t}
+def kind(node):
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return "imports of the standard library"
+    if isinstance(node, (ast.If, ast.Try)):
+        return "if/try blocks (platform detection, TYPE_CHECKING, the lazy helpers)"
+    if isinstance(node, ast.ClassDef):
+        if any(ast.unparse(b).startswith("enum.") for b in node.bases):
+            return "enum classes"
+        if any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+            return "dataclass classes"
+        return "other classes"
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return "functions"
+    text = ast.unparse(node)
+    return "regular expressions" if "re.compile(" in text or "_regex(" in text else "other module-level values"
+with open(path, encoding="utf-8") as f:
+    body = ast.parse(f.read()).body
+flags = __future__.annotations.compiler_flag
+codes = [(kind(n), compile(ast.Module([n], []), path, "exec", flags=flags, dont_inherit=True)) for n in body]
+module = type(sys)("bgsession"); module.__file__ = path; sys.modules["bgsession"] = module
+for k, code in codes:
+    t = time.perf_counter(); exec(code, module.__dict__); out[k] = out.get(k, 0) + time.perf_counter() - t
+print(json.dumps(out))
+"""
+
+
+def parts(envs: list[dict[str, str]], rounds: int, labels: list[str]) -> list[str]:
+    """Where the import's time goes, by kind of top-level statement (PARTS), medians, libraries alternating."""
+    runs: list[list[dict[str, float]]] = [[] for _ in envs]
+    for _ in range(rounds):
+        for env, got in zip(envs, runs):
+            path = os.path.join(env["PYTHONPATH"], "bgsession.py")
+            proc = subprocess.run([sys.executable, "-S", "-c", PARTS, path], env=env, cwd=env["PYTHONPATH"],
+                                  check=True, capture_output=True, text=True)
+            got.append(json.loads(proc.stdout))
+    keys = sorted({k for got in runs for r in got for k in r},
+                  key=lambda k: -statistics.median(r.get(k, 0.0) for r in runs[0]))
+    lines = ["", "The import by kind of top-level statement (`python3 -S`, each statement timed as it runs; the "
+             f"imports' time is that of the modules they bring in; medians of {rounds}):", "",
+             "| part | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{statistics.median(r.get(k, 0.0) for r in got) * 1000:.1f} ms"
+                                             for got in runs) + " |")
+    lines.append("| total | " + " | ".join(f"{statistics.median(sum(r.values()) for r in got) * 1000:.1f} ms"
+                                          for got in runs) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=15, help="fresh processes per variant (medians reported)")
     ap.add_argument("--lib", default=os.path.join(ROOT, "bgsession.py"), help="the bgsession.py to measure")
     ap.add_argument("--top", type=int, default=15, help="modules listed by cumulative import time")
     ap.add_argument("--compare-lib", help="also measure this bgsession.py (B), alternating with --lib in each round")
+    ap.add_argument("--parts", action="store_true", help="also time the import by kind of top-level statement")
     args = ap.parse_args()
     works = [tempfile.mkdtemp(prefix="bgstartup-") for _ in range(2 if args.compare_lib else 1)]
     try:
@@ -112,6 +170,7 @@ def main() -> None:
                 walls["B"].append(spawn_ms([sys.executable, "-c", "import bgsession"], envs[1], "B"))
                 walls["B -S"].append(spawn_ms([sys.executable, "-S", "-c", "import bgsession"], envs[1], "B -S"))
                 samples_b.append(importtime(envs[1], ["-S"]))
+        by_part = parts(envs, args.rounds, ["A (--lib)", "B (--compare-lib)"][:len(envs)]) if args.parts else []
     finally:
         for work in works:
             shutil.rmtree(work, ignore_errors=True)
@@ -149,6 +208,7 @@ def main() -> None:
     print("|---|---|---|")
     for name in sorted(cum, key=cum.get, reverse=True)[:args.top]:  # type: ignore[arg-type]
         print(f"| {name} | {depth[name]} | {cum[name]:.1f} |")
+    print("\n".join(by_part))
 
 
 if __name__ == "__main__":
