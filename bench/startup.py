@@ -29,7 +29,6 @@ bench/run.py's row 4, which needs nginx. Standard library only; prints Markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import py_compile
 import shutil
@@ -38,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -82,49 +82,67 @@ def importtime(env: dict[str, str], flags: list[str]) -> dict[str, tuple[int, in
     return {name: (s, c, d) for name, s, c, d in rows[start:end + 1]}
 
 
-#: Run in a fresh ``python3 -S`` with the frozen copy's path: the module's top-level statements executed one by one
-#: (each compiled beforehand, as the .pyc holds them), their time summed by kind; JSON on stdout.
+#: Run in a fresh ``python3 -S``: the module's top-level statements (compiled by statement_codes() in this process,
+#: so that the child imports nothing the module would not) executed one by one, their time summed by kind.
 PARTS = r"""
-import __future__, ast, importlib.util, json, marshal, sys, time
-path = sys.argv[1]
-with open(importlib.util.cache_from_source(path), "rb") as f:
+import marshal, sys, time
+pyc, codes = sys.argv[1], sys.argv[2]
+with open(pyc, "rb") as f:
     data = f.read()[16:]
 t = time.perf_counter(); marshal.loads(data); out = {"loading the cached bytecode (unmarshal)": time.perf_counter() - t}
-def kind(node):
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return "imports of the standard library"
-    if isinstance(node, (ast.If, ast.Try)):
-        return "if/try blocks (platform detection, TYPE_CHECKING, the lazy helpers)"
-    if isinstance(node, ast.ClassDef):
-        if any(ast.unparse(b).startswith("enum.") for b in node.bases):
-            return "enum classes"
-        if any("dataclass" in ast.unparse(d) for d in node.decorator_list):
-            return "dataclass classes"
-        return "other classes"
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        return "functions"
-    text = ast.unparse(node)
-    return "regular expressions" if "re.compile(" in text or "_regex(" in text else "other module-level values"
-with open(path, encoding="utf-8") as f:
-    body = ast.parse(f.read()).body
-flags = __future__.annotations.compiler_flag
-codes = [(kind(n), compile(ast.Module([n], []), path, "exec", flags=flags, dont_inherit=True)) for n in body]
-module = type(sys)("bgsession"); module.__file__ = path; sys.modules["bgsession"] = module
+with open(codes, "rb") as f:
+    codes = marshal.load(f)
+module = type(sys)("bgsession"); module.__file__ = pyc; sys.modules["bgsession"] = module
 for k, code in codes:
     t = time.perf_counter(); exec(code, module.__dict__); out[k] = out.get(k, 0) + time.perf_counter() - t
-print(json.dumps(out))
+print(repr(out))
 """
+
+
+def statement_codes(path: str) -> list[tuple[str, Any]]:
+    """The module's top-level statements, each compiled on its own, with its kind (PARTS)."""
+    import __future__
+
+    import ast
+
+    def kind(node: ast.stmt) -> str:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            return "imports of the standard library"
+        if isinstance(node, (ast.If, ast.Try)):
+            return "if/try blocks (platform detection, TYPE_CHECKING, the lazy helpers)"
+        if isinstance(node, ast.ClassDef):
+            if any(ast.unparse(b).startswith("enum.") for b in node.bases):
+                return "enum classes"
+            if any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+                return "dataclass classes"
+            return "other classes"
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return "functions"
+        text = ast.unparse(node)
+        return "regular expressions" if "re.compile(" in text or "_regex(" in text else "other module-level values"
+
+    with open(path, encoding="utf-8") as f:
+        body = ast.parse(f.read()).body
+    flags = __future__.annotations.compiler_flag
+    return [(kind(n), compile(ast.Module([n], []), path, "exec", flags=flags, dont_inherit=True)) for n in body]
 
 
 def parts(envs: list[dict[str, str]], rounds: int, labels: list[str]) -> list[str]:
     """Where the import's time goes, by kind of top-level statement (PARTS), medians, libraries alternating."""
+    import ast
+    import importlib.util
+    import marshal
     runs: list[list[dict[str, float]]] = [[] for _ in envs]
+    for env in envs:
+        with open(os.path.join(env["PYTHONPATH"], "statements.marshal"), "wb") as f:
+            marshal.dump(statement_codes(os.path.join(env["PYTHONPATH"], "bgsession.py")), f)
     for _ in range(rounds):
         for env, got in zip(envs, runs):
-            path = os.path.join(env["PYTHONPATH"], "bgsession.py")
-            proc = subprocess.run([sys.executable, "-S", "-c", PARTS, path], env=env, cwd=env["PYTHONPATH"],
-                                  check=True, capture_output=True, text=True)
-            got.append(json.loads(proc.stdout))
+            work = env["PYTHONPATH"]
+            pyc = importlib.util.cache_from_source(os.path.join(work, "bgsession.py"))
+            proc = subprocess.run([sys.executable, "-S", "-c", PARTS, pyc, os.path.join(work, "statements.marshal")],
+                                  env=env, cwd=work, check=True, capture_output=True, text=True)
+            got.append(ast.literal_eval(proc.stdout))
     keys = sorted({k for got in runs for r in got for k in r},
                   key=lambda k: -statistics.median(r.get(k, 0.0) for r in runs[0]))
     lines = ["", "The import by kind of top-level statement (`python3 -S`, each statement timed as it runs; the "
