@@ -108,6 +108,16 @@ def test_install_status_uninstall_through_the_cli(tmp_path):
     assert run_cli(home, "service", "status", "--session", "photos", "--state-dir", state).returncode == 1
 
 
+def _transferring(session_dir: str) -> bool:
+    """The daemon took the response (its record, with the validator a resume needs, is in the journal: a SIGKILL
+    keeps what was written) and wrote bytes of the body."""
+    with open(os.path.join(session_dir, "journal.jsonl"), "rb") as f:
+        accepted = b'"t":"response"' in f.read()
+    tmp = os.path.join(session_dir, "tmp")
+    return accepted and any(name.endswith(".part") and os.path.getsize(os.path.join(tmp, name)) > 0
+                            for name in os.listdir(tmp))
+
+
 def test_the_unit_alone_resumes_a_killed_transfer_and_delivers(tmp_path, server):
     """A download enqueued with the CLI; every bgsession process SIGKILLed mid-transfer (the reboot); then only the
     unit's ExecStart, run as systemd would (its working directory, a bare environment): the transfer resumes, the
@@ -121,7 +131,8 @@ def test_the_unit_alone_resumes_a_killed_transfer_and_delivers(tmp_path, server)
     assert run_cli(str(home), "service", "install", "--no-enable", "--state-dir", state).returncode == 0
     queued = run_cli(str(home), "download", "-d", str(out), "--state-dir", state, server.url("/episode.mp3"))
     assert queued.returncode == 0, queued.stderr
-    assert hold.wait(LONG)
+    assert hold.wait(LONG)  # (the server sent 1 MB: the daemon may not have read a byte of it yet)
+    wait_until(lambda: _transferring(state), what="the daemon's response record and first bytes")
     daemon = read_pid_file(state)
     assert daemon is not None and daemon.kill()  # SIGKILL: nothing of the first boot survives
     hold.release()
