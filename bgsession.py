@@ -3748,22 +3748,24 @@ class _BoundedHTTP(_HTTPConnection):
     def set_deadline(self, deadline: float, reason: str) -> None:
         self.deadline, self.deadline_reason = deadline, reason
 
+    def time_left(self) -> float:
+        """Seconds until ``deadline``; _DeadlinePassed once it has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed(self.deadline_reason)
+        return left
+
     def arm(self, sock: socket.socket) -> None:
         """Before a socket wait: its timeout is ``timeout``, or what is left of the phase once that is less than half
         of it. (A wait may so end up to half a ``timeout`` late, never later; a phase bounded by ``timeout`` itself
         ends on time. And a socket is re-armed -- a system call -- only near a deadline, not at every read.)"""
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _DeadlinePassed(self.deadline_reason)
+        left = self.time_left()
         wanted = left if left < self.timeout / 2 else self.timeout  # type: ignore[operator]
         if sock.gettimeout() != wanted:
             sock.settimeout(wanted)
 
     def connect(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _DeadlinePassed(self.deadline_reason)
-        timeout, self.timeout = self.timeout, min(self.timeout, left)  # type: ignore[type-var]
+        timeout, self.timeout = self.timeout, min(self.timeout, self.time_left())  # type: ignore[type-var]
         try:
             super().connect()
         finally:
@@ -3999,10 +4001,7 @@ class _HTTPSConnection(_BoundedHTTP, _HTTPSConnectionBase):
         self.proxy_authorization: str | None = None  # set before each request: memory only
 
     def connect(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _DeadlinePassed(self.deadline_reason)
-        timeout = min(self.timeout, left)  # type: ignore[type-var]
+        timeout = min(self.timeout, self.time_left())  # type: ignore[type-var]
         if self.proxy is None:
             self.sock = raw = socket.create_connection((self.host, self.port), timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (as http.client does)

@@ -394,6 +394,17 @@ http {{
         self.proc = None
 
 
+def session_file_sizes(session: str) -> dict[str, int]:
+    """The sizes of a session's journal and snapshot (0: absent)."""
+    out = {}
+    for name in ("journal.jsonl", "snapshot.json"):
+        try:
+            out[name] = os.path.getsize(os.path.join(session, name))
+        except OSError:
+            out[name] = 0
+    return out
+
+
 class BlackHole:
     """Accepts connections, reads nothing, answers nothing: the honest "queued" server."""
 
@@ -990,7 +1001,7 @@ class Bench:
             if child.rc != 0:
                 self.trials.append(Trial("5", "create", rnd, None, note=f"failed: {child.err.strip()[-300:]}"))
                 continue
-            before = self._journal_sizes(sess)
+            before = session_file_sizes(sess)
             self.trials.append(Trial("5", "create + resume + close", rnd, res["t"], res.get("rss_kib"),
                                      dict(res, **{f"before_{k}": v for k, v in before.items()})))
             for label in ("open #1 (replays the journal)", "open #2 (snapshot only)"):
@@ -1006,23 +1017,13 @@ class Bench:
                                              note=f"failed: exit {child.rc}, {r.get('tasks')} tasks; "
                                                   f"{child.err.strip()[-300:]}"))
                     continue
-                after = self._journal_sizes(sess)
+                after = session_file_sizes(sess)
                 self.trials.append(Trial("5", label, rnd, r["t"], r["rss_kib"],
                                          dict(r, **{f"after_{k}": v for k, v in after.items()})))
                 log(f"  {label}: {r['t']:.3f} s, rss {r['rss_kib'] / 1024:.1f} MiB, journal {after}")
             self._cleanup_session(sess)
             settle()
         bh.reset()
-
-    @staticmethod
-    def _journal_sizes(sess: str) -> dict[str, int]:
-        out = {}
-        for name in ("journal.jsonl", "snapshot.json"):
-            try:
-                out[name] = os.path.getsize(os.path.join(sess, name))
-            except OSError:
-                out[name] = 0
-        return out
 
     # -- driver -----------------------------------------------------------------------------------
     def run(self) -> None:

@@ -45,7 +45,7 @@ IDENTIFIER = "bench.bgsession"  # worker.py's
 MiB = 1 << 20
 
 sys.path.insert(0, HERE)
-from run import BlackHole  # noqa: E402 - the benchmark's own "queued" server
+from run import BlackHole, session_file_sizes  # noqa: E402 - the benchmark's own "queued" server, its sizes
 
 #: The targets of 100,000 queued tasks (bench/README.md, "Targets").
 TARGET_OPEN_S = 1.5
@@ -89,16 +89,6 @@ def run_status(lib: str, session: str, env: dict[str, str]) -> dict[str, Any]:
     return {"t": t, "rss_kib": usage.ru_maxrss, "lines": len(lines)}
 
 
-def sizes(session: str) -> dict[str, int]:
-    out = {}
-    for name in ("journal.jsonl", "snapshot.json"):
-        try:
-            out[name] = os.path.getsize(os.path.join(session, name))
-        except OSError:
-            out[name] = 0
-    return out
-
-
 def measure(n: int, rounds: int, lib: str, workdir: str, hole: BlackHole, env: dict[str, str]) -> list[dict]:
     results = []
     for rnd in range(1, rounds + 1):
@@ -107,14 +97,14 @@ def measure(n: int, rounds: int, lib: str, workdir: str, hole: BlackHole, env: d
         spec = {"session": session, "host": "inprocess", "n": n, "prefix": f"http://127.0.0.1:{hole.port}/q/"}
         row: dict[str, Any] = {"n": n, "round": rnd}
         row["create"] = run_worker(dict(spec, mode="bg-queue-create"), env)
-        row["after_create"] = sizes(session)
+        row["after_create"] = session_file_sizes(session)
         for step in ("open1", "open2"):
             hole.reset()
             r = run_worker(dict(spec, mode="bg-queue-open"), env)
             if r.get("tasks") != n:
                 raise SystemExit(f"{step}: {r.get('tasks')} tasks, expected {n}")
             row[step] = r
-            row[f"after_{step}"] = sizes(session)
+            row[f"after_{step}"] = session_file_sizes(session)
         hole.reset()
         row["status"] = run_status(lib, session, env)
         if row["status"]["lines"] != n + 1:
