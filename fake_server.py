@@ -890,7 +890,7 @@ class _Traffic:
         self._records: list[RequestRecord] = []
         self._accepted = 0
         self._open: dict[Any, int] = {}  # socket -> connection number
-        self._in_flight = 0
+        self._in_flight: dict[int, tuple[RequestRecord, Any]] = {}  # id(record) -> (record, its socket)
         self.peak_connections = 0
         self.peak_requests = 0
 
@@ -925,9 +925,20 @@ class _Traffic:
             self._accepted = 0
             self.peak_connections = self.peak_requests = 0
 
-    def begin_record(self, method: str, path: str, query: str, headers: Iterable[tuple[str, str]],
-                     client_port: int, sock: Any) -> RequestRecord:
-        """Record a request as it arrives (its status and byte counts are filled in as it is answered)."""
+    @contextlib.contextmanager
+    def request(self, method: str, path: str, query: str, headers: Iterable[tuple[str, str]], client_port: int,
+                sock: Any) -> Iterator[RequestRecord]:
+        """Record a request as it arrives (its status and byte counts are filled in as it is answered); it counts
+        as in flight until the ``with`` block ends, however it ends."""
+        record = self._begin_record(method, path, query, headers, client_port, sock)
+        try:
+            yield record
+        finally:
+            with self._lock:
+                self._in_flight.pop(id(record), None)
+
+    def _begin_record(self, method: str, path: str, query: str, headers: Iterable[tuple[str, str]],
+                      client_port: int, sock: Any) -> RequestRecord:
         folded: dict[str, str] = {}
         for name, value in headers:
             key = name.lower()
@@ -941,26 +952,28 @@ class _Traffic:
                                    connection=self._open.get(sock, 0), range_header=folded.get("range"), port=port,
                                    time=time.time())
             self._records.append(record)
-            self._in_flight += 1
-            self.peak_requests = max(self.peak_requests, self._in_flight)
+            others = [other for _, other in self._in_flight.values()]
+            self._in_flight[id(record)] = (record, sock)
+            self.peak_requests = max(self.peak_requests, 1 + self._still_open(others, self.peak_requests))
         return record
 
-    def end_record(self) -> None:
-        """A request was answered (or its connection cut): it no longer counts as in flight."""
-        with self._lock:
-            self._in_flight -= 1
+    def _still_open(self, socks: list[Any], peak: int) -> int:
+        """How many of *socks* the client has not closed.  Whether a request is over is up to the client, who may
+        have read a whole response, closed that connection and sent the next request on another before the handler
+        that wrote the response has run again: a request whose connection the client has closed is over.  Where
+        the count would make a new peak, an end already on its way gets a moment (``PEAK_GRACE``) to arrive."""
+        live = [sock for sock in socks if not _peer_closed(sock)]
+        if len(live) + 1 > peak and _closes_arrive(live, PEAK_GRACE):
+            live = [sock for sock in live if not _peer_closed(sock)]
+        return len(live)
 
     def connection_opened(self, sock: Any) -> int:
         """Number a new connection (1, 2, ... since start or reset); count the connections open with it (those the
         client has closed count as closed, though their handler may not have seen it yet)."""
         with self._lock:
             self._accepted += 1
-            others = [other for other in self._open if not _peer_closed(other)]
-            if len(others) + 1 > self.peak_connections and _closes_arrive(others, PEAK_GRACE):
-                # a new peak: a client that closed one connection and then opened this one may have its end still
-                # on the way through the loopback (microseconds): count what arrived
-                others = [other for other in others if not _peer_closed(other)]
-            self.peak_connections = max(self.peak_connections, 1 + len(others))
+            self.peak_connections = max(self.peak_connections, 1 + self._still_open(list(self._open),
+                                                                                     self.peak_connections))
             self._open[sock] = self._accepted
             return self._accepted
 
@@ -1228,12 +1241,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         split = urllib.parse.urlsplit(self.path)
         path = split.path or "/"
-        record = parts.traffic.begin_record(self.command, path, split.query, self.headers.items(),
-                                            self.client_address[1], self.request)
-        try:
+        with parts.traffic.request(self.command, path, split.query, self.headers.items(), self.client_address[1],
+                                   self.request) as record:
             self._answer(record, path, split.query)
-        finally:
-            parts.traffic.end_record()
 
     def _answer(self, record: RequestRecord, path: str, query_text: str) -> None:
         query = dict(urllib.parse.parse_qsl(query_text, keep_blank_values=True))
@@ -1259,9 +1269,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_CONNECT(self) -> None:
         """Open a tunnel to ``host:port`` and relay bytes both ways until either side closes."""
+        with self.server.parts.traffic.request("CONNECT", self.path, "", self.headers.items(),
+                                               self.client_address[1], self.request) as record:
+            self._tunnel(record)
+
+    def _tunnel(self, record: RequestRecord) -> None:
         parts = self.server.parts
-        record = parts.traffic.begin_record("CONNECT", self.path, "", self.headers.items(), self.client_address[1],
-                                            self.request)
         if parts.proxy is None:
             self.send_plan(record, _plan_fixed(405, b"not a proxy\n"))
             return
@@ -1300,11 +1313,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _proxy_forward(self) -> None:
         """Forward an absolute-form request upstream and relay the response (its body as it comes;
         an upstream that stops early cuts the client's connection too)."""
+        split = urllib.parse.urlsplit(self.path)
+        with self.server.parts.traffic.request(self.command,
+                                               "%s://%s%s" % (split.scheme, split.netloc, split.path or "/"),
+                                               split.query, self.headers.items(), self.client_address[1],
+                                               self.request) as record:
+            self._forward(record, split)
+
+    def _forward(self, record: RequestRecord, split: urllib.parse.SplitResult) -> None:
         parts = self.server.parts
         assert parts.proxy is not None
-        split = urllib.parse.urlsplit(self.path)
-        record = parts.traffic.begin_record(self.command, "%s://%s%s" % (split.scheme, split.netloc, split.path or "/"),
-                                            split.query, self.headers.items(), self.client_address[1], self.request)
         if not self._proxy_authorized(record):
             return
         try:
@@ -2364,12 +2382,27 @@ def _children_of(ppid: int) -> list[int]:
     return found
 
 
+#: How long a process in the middle of execve may show an empty command line (seconds).
+EXEC_SETTLE = 2.0
+
+
 def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
+    """The command line of ``pid`` (empty if it is gone or a zombie).
+
+    A process that its parent has just started may still be inside execve -- the parent's fork/exec returns at
+    the exec's point of no return, before the new program's arguments are in place -- and reads as an empty
+    command line for a moment: that is waited for (up to ``EXEC_SETTLE``), not taken as the answer."""
+    deadline = time.monotonic() + EXEC_SETTLE
+    while True:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            return []
+        fields = _read_proc_stat(pid)
+        if argv or fields is None or fields[0] in (b"Z", b"X") or time.monotonic() >= deadline:
+            return argv
+        time.sleep(0.001)  # polling the kernel's view of an exec in progress: there is nothing to wait on
 
 
 def _pidfd_open(pid: int) -> int | None:

@@ -8,6 +8,7 @@ import email.utils
 import hashlib
 import http.client
 import inspect
+import io
 import json
 import os
 import re
@@ -1097,6 +1098,25 @@ def test_peaks_count_connections_and_requests_open_at_once(srv):
     assert (srv.peak_connections, srv.peak_requests) == (1, 1)
 
 
+
+def test_a_request_the_client_has_read_and_closed_no_longer_counts(srv):
+    """A request is over when the client has read its whole response and closed the connection, though the handler
+    that wrote it has not returned yet: the next request, on a new connection, makes the peak 1, not 2."""
+    srv.add_blob("/a", size=1000)
+    srv.add_blob("/b", size=10)
+    written, go_on = threading.Event(), threading.Event()
+    srv.on_bytes("/a", 1000, lambda path, served: (written.set(), go_on.wait(SHORT)))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=SHORT)
+        conn.request("GET", "/a")
+        assert len(conn.getresponse().read()) == 1000
+        conn.close()
+        assert written.is_set()  # and the handler of /a is still in the callback
+        assert len(fetch(srv, "/b")[2]) == 10
+        assert (srv.peak_connections, srv.peak_requests) == (1, 1)
+    finally:
+        go_on.set()
+
 # --- byte boundaries ----------------------------------------------------------------
 
 def test_on_bytes_fires_at_exact_boundary(srv):
@@ -1424,6 +1444,28 @@ def test_app_controller_discovers_and_kills_an_app_it_did_not_launch():
         _close_parent(parent)
 
 
+
+def test_a_child_caught_inside_execve_is_waited_for(monkeypatch):
+    """A process its parent has just started can read as an empty command line (it is inside execve): discover()
+    waits for the arguments instead of passing the child over (it did, 15 times in 150 under CPU load)."""
+    parent, child_pid = _spawn_parent()
+    reads = []
+    real_open = open
+
+    def mid_exec_open(path, *args, **kwargs):  # the first two reads of the child's command line come back empty
+        if path == f"/proc/{child_pid}/cmdline" and len(reads) < 2:
+            reads.append(path)
+            return io.BytesIO(b"")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "open", mid_exec_open, raising=False)
+    try:
+        with fs.AppController([sys.executable, "-c", "pass"]) as ctl:
+            (app,) = ctl.discover(parent.pid, "marker-arg")
+            assert app.pid == child_pid and len(reads) == 2
+    finally:
+        _close_parent(parent)
+
 def test_app_controller_close_kills_adopted_apps():
     """close() SIGKILLs adopted processes too (by pid and start token)."""
     parent, child_pid = _spawn_parent()
@@ -1569,6 +1611,24 @@ def test_proxy_connect_tunnels_to_a_mapped_name(srv, proxy):
     assert [r.method for r in proxy.requests()] == ["CONNECT"]
     assert proxy.requests()[0].path == f"photos.invalid:{srv.port}"
 
+
+
+def test_proxy_requests_stop_counting_when_answered(srv, proxy):
+    """Every request a proxy answers -- forwarded, tunnelled, refused with 407 -- ends as in flight: one after
+    another, the peak stays 1."""
+    srv.add_blob("/t", b"ok")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.proxy_url()}))
+    for _ in range(2):
+        with opener.open(srv.url("/t"), timeout=SHORT) as resp:
+            assert resp.read() == b"ok"
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=SHORT)
+        conn.set_tunnel("127.0.0.1", srv.port)
+        try:
+            conn.request("GET", "/t")
+            assert conn.getresponse().read() == b"ok"
+        finally:
+            conn.close()
+    assert proxy.peak_requests == 1
 
 def test_proxy_stop_cuts_the_transfers_it_relays(srv, proxy):
     """A proxy that stops cuts the client's response mid-body (the upstream is held mid-transfer)."""
