@@ -108,7 +108,7 @@ BACKGROUND_EVENTS_ENV = "BGSESSION_BACKGROUND_EVENTS"
 #: Journal and snapshot format this module reads (also the daemon protocol's version). Each record is written in the
 #: oldest format that holds it (the store section says which), so that an older bgsession reads a journal that uses
 #: nothing newer, and refuses one that does.
-JOURNAL_VERSION = 3
+JOURNAL_VERSION = 4
 
 
 # ============================================================================
@@ -2059,6 +2059,7 @@ def after_body(held_before: int, held_after: int, total: int | None, resumable: 
 # as records and files; it knows nothing of HTTP or of apps.
 
 _JOURNAL_NAME = "journal.jsonl"
+_PREV_JOURNAL_NAME = "journal.prev.jsonl"  # the journal a running compaction is folding into the next snapshot
 _SNAPSHOT_NAME = "snapshot.json"
 _LOCK_NAME = "lock"
 _TMP_DIR = "tmp"
@@ -2107,6 +2108,9 @@ _FORMAT_2_TASK_FIELDS = {"priority": DEFAULT_PRIORITY, "begin": None, "limit": N
 #: ``vanished`` (a finished file removed before delivery), which came in the same release: a reader of format 2 would
 #: not know the record type.
 _FORMAT_3_RECORDS = frozenset({"split", "unsplit", "vanished"})
+#: What format 4 added: a journal header with ``after`` (the journal goes on from the previous one, kept as
+#: ``journal.prev.jsonl`` while a compaction folds it in the background). A reader of format 3 would replay the new
+#: journal over a snapshot that lacks the previous one's records: it must refuse it.
 #: Task identifiers reserved (durably) at a time: a task lost to a kill before its record reached
 #: the disk leaves a gap, never a reused identifier.
 ID_RESERVE_BLOCK = 1024
@@ -2122,6 +2126,8 @@ RESUME_FILE_TTL = 7 * 24 * 3600.0
 
 def _record_version(record_type: str, fields: Mapping[str, Any]) -> int:
     """The oldest journal format that holds a record (the "v" it is written with)."""
+    if record_type == "header" and "after" in fields:
+        return 4
     if record_type in _FORMAT_3_RECORDS or (record_type == "progress" and "segment" in fields):
         return 3
     if record_type in _FORMAT_2_RECORDS or (record_type == "task" and not _FORMAT_2_TASK_FIELDS.keys().isdisjoint(
@@ -2361,6 +2367,32 @@ def _dumps(record: Mapping[str, Any]) -> bytes:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
 
 
+def _snapshot_bytes(snap: Mapping[str, Any]) -> bytes:
+    """A snapshot as written: its fields, then ``tasks`` last, a task a line. Any JSON reader reads it whole (as every
+    bgsession before did); a compaction in the background reads it a task at a time (``_parse_snapshot``) and writes
+    it so, never holding the interpreter for the whole of a large snapshot in one call (the app's threads wait for
+    that: 0.5 s at 100,000 tasks)."""
+    head = _dumps({k: v for k, v in snap.items() if k != "tasks"})
+    tasks = b",\n".join([_dumps(task)[:-1] for task in snap["tasks"]])
+    return b"".join((head[:-2], b',"tasks":[\n', tasks, b"\n]}\n"))
+
+
+_TASKS_OPEN, _TASKS_CLOSE = b',"tasks":[', b"\n]}\n"
+
+
+def _parse_snapshot(data: bytes, by_task: bool) -> Any:
+    """A snapshot's JSON value; *by_task*: a snapshot in ``_snapshot_bytes``'s layout is parsed a task at a time."""
+    first, _, rest = data.partition(b"\n")
+    if by_task and first.endswith(_TASKS_OPEN) and rest.endswith(_TASKS_CLOSE):
+        with contextlib.suppress(ValueError):  # (not of that layout after all: read whole, below)
+            snap = json.loads(first[:-len(_TASKS_OPEN)] + b"}")
+            if isinstance(snap, dict):
+                body = rest[:-len(_TASKS_CLOSE)]
+                snap["tasks"] = [json.loads(line.rstrip(b",")) for line in body.split(b"\n") if line]
+                return snap
+    return json.loads(data)
+
+
 def _read_if_exists(path: str) -> bytes | None:
     """A small file's bytes (the CLI's and the login service's own files), or None if there is none."""
     try:
@@ -2462,8 +2494,8 @@ _INT, _NUMBER, _TEXT, _OBJECT = frozenset({int}), frozenset({int, float}), froze
 #: The types the value of each field a journal record or a snapshot's task may carry can have (a missing field takes
 #: its default; an unknown one is ignored, for newer bgsessions)...
 _FIELD_TYPES: dict[str, frozenset[type]] = {
-    **dict.fromkeys(("v", "id", "generation", "upto", "next_id", "delivery_counter", "durable_offset", "start",
-                     "offset", "code"), _INT),
+    **dict.fromkeys(("v", "id", "generation", "after", "upto", "next_id", "delivery_counter", "durable_offset",
+                     "start", "offset", "code"), _INT),
     **dict.fromkeys(("total", "delivery_seq"), _INT | {_NONE}),
     **dict.fromkeys(("created", "delay"), _NUMBER), **dict.fromkeys(("started", "at"), _NUMBER | {_NONE}),
     **dict.fromkeys(("t", "kind", "phase", "event", "url", "current_url"), _TEXT),
@@ -2479,8 +2511,8 @@ _PHASE_OF = {p.value: p for p in Phase}
 #: or snapshot task that does not fit is skipped and reported, never half-applied, never a crash at every open. File
 #: names must be the ones bgsession gives files in tmp/: damaged state never points the store at another file.
 _FIELD_FORMS: dict[str, Callable[[Any], bool]] = {
-    **dict.fromkeys(("generation", "upto", "next_id", "delivery_counter", "durable_offset", "start", "offset",
-                     "total", "delivery_seq"), (0).__le__),  # (C methods, not lambdas: this runs per record)
+    **dict.fromkeys(("generation", "after", "upto", "next_id", "delivery_counter", "durable_offset", "start",
+                     "offset", "total", "delivery_seq"), (0).__le__),  # (C methods, not lambdas: this runs per record)
     "id": (1).__le__, "kind": frozenset({"download", "upload"}).__contains__, "phase": _PHASE_VALUES.__contains__,
     "request": _is_request, "response": _is_response,
     "acked": lambda v: all(map(("finish", "complete").__contains__, v)),
@@ -3072,15 +3104,16 @@ def _check_version(rec: Mapping[str, Any], path: str) -> None:
 _SNAPSHOT_START = re.compile(rb'\A\s*\{\s*"v"\s*:\s*\d+\s*,\s*"t"\s*:\s*"snapshot"')
 
 
-def _read_snapshot(path: str, readonly: bool) -> _SessionState | None:
+def _read_snapshot(path: str, readonly: bool, by_task: bool = False) -> _SessionState | None:
     """The state ``snapshot.json`` holds (None: there is none). One that cannot be read raises JournalError; unless
-    *readonly*, it is first moved aside (so the next open recovers from the journal)."""
+    *readonly*, it is first moved aside (so the next open recovers from the journal). *by_task*: parsed a task at a
+    time (a compaction in the background)."""
     try:
         with open(path, "rb") as f:
             if not _SNAPSHOT_START.match(f.read(64)):
                 raise ValueError("not a bgsession snapshot")
             f.seek(0)
-            snap = json.loads(f.read())
+            snap = _parse_snapshot(f.read(), by_task)
         if not isinstance(snap, dict) or snap.get("t") != "snapshot":
             raise ValueError("not a bgsession snapshot")
         _check_version(snap, path)
@@ -3099,12 +3132,35 @@ def _read_snapshot(path: str, readonly: bool) -> _SessionState | None:
                            path) from err
 
 
-def _load_state(directory: str, readonly: bool = False) -> tuple[_SessionState, int, list[str]]:
+def _header_generation(header: Mapping[str, Any]) -> int:
+    generation = header.get("generation", 0) if header.get("t") == "header" else 0
+    return generation if _is_count(generation) else 0
+
+
+def _replay_previous(state: _SessionState, path: str, problems: list[str]) -> None:
+    """Replay the previous journal (of the snapshot's generation) into *state*: the records a compaction had not yet
+    folded into a snapshot when the process stopped."""
+    reader = _JournalReader(path)
+    records = reader.records()
+    header = next(records, None)
+    if header is None or _header_generation(header) != state.generation:
+        problems.append(f"{path}: the journal of generation {state.generation} is missing: what it recorded after "
+                        "the snapshot is lost")
+        return
+    _check_version(header, path)
+    state.replay(itertools.chain([header], records))
+    problems.extend(reader.problems)
+
+
+def _load_state(directory: str, readonly: bool = False, journal_name: str = _JOURNAL_NAME,
+                by_task: bool = False) -> tuple[_SessionState, int, list[str]]:
     """Snapshot + journal replay, streamed: (state, valid length of the journal to append after, problems). A snapshot
     that cannot be read is kept aside (unless *readonly*) and reported once; a file of a newer bgsession is refused and
-    left untouched."""
-    snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, _JOURNAL_NAME)
-    snapshot = _read_snapshot(snap_path, readonly)
+    left untouched. A journal that goes on from the previous one (``after``: a compaction was folding that one when
+    the process stopped) has the previous one replayed first. *journal_name*: the journal to replay (a compaction
+    reads the previous one alone, and its snapshot a task at a time: *by_task*)."""
+    snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, journal_name)
+    snapshot = _read_snapshot(snap_path, readonly, by_task)
     state = snapshot or _SessionState()
     problems, state.problems = state.problems, []
     reader = _JournalReader(journal_path)
@@ -3112,9 +3168,12 @@ def _load_state(directory: str, readonly: bool = False) -> tuple[_SessionState, 
     header = next(records, None)
     if header is not None:
         _check_version(header, journal_path)
-        generation = header.get("generation", 0) if header.get("t") == "header" else 0
-        gen = generation if _is_count(generation) else 0
-        if gen >= state.generation:
+        gen = _header_generation(header)
+        if header.get("after") == state.generation and gen == state.generation + 1:
+            _replay_previous(state, os.path.join(directory, _PREV_JOURNAL_NAME), problems)
+            state.generation = gen
+            state.replay(itertools.chain([header], records))
+        elif gen >= state.generation:
             if gen > state.generation and snapshot is not None:
                 problems.append(f"{journal_path}: generation {gen} is ahead of the snapshot's {state.generation}")
             state.generation = gen
@@ -3232,7 +3291,8 @@ def _parse_resume_data(data: bytes) -> tuple[dict[str, Any] | None, str]:
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector paused while an open builds the objects of every task, then as it was. Building
+    """The cyclic garbage collector paused while an open (or a compaction in the background) builds the objects of
+    every task, then as it was. Building
     100,000 tasks triggers about a dozen full collections, each walking every object made so far (a fifth to a third
     of the open); what an open builds holds no reference cycles, so nothing waits for the collector meanwhile. The
     host's setting is restored (a host thread that switches the collector on or off during an open may see its
@@ -3247,12 +3307,139 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _forget_acknowledged(state: _SessionState) -> None:
+    """Drop the acknowledged tasks (a compaction: their acknowledgements are on disk, nothing will ask for them)."""
+    for tid in [t.id for t in state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
+        del state.tasks[tid]
+
+
 def _open_compacts(journal_records: int, tasks: int) -> bool:
     """Does an open fold the journal it replayed into a new snapshot? Only when the journal is long next to the
     snapshot (more records than a quarter of the tasks, or DEFAULT_COMPACT_RECORDS): rewriting and fsyncing the
     whole snapshot costs more than the next open's replay of a few records (a relaunch of 100,000 queued tasks
     finds a dozen). The running session compacts at DEFAULT_COMPACT_RECORDS, so the journal stays bounded."""
     return journal_records > 0 and (journal_records > tasks // 4 or journal_records >= DEFAULT_COMPACT_RECORDS)
+
+
+class _Compaction:
+    """Folding the journal into the snapshot: at an open at once (nothing else runs yet), in a running session in the
+    background, so that transfers and hooks do not wait for a whole snapshot's serialisation and fsync."""
+
+    def __init__(self, store: _Store) -> None:
+        self.store = store
+        self._folding: threading.Thread | None = None  # the fold of journal.prev.jsonl, if one runs
+        self._retry = 0  # after a fold that failed: the journal's record count at which to try again
+
+    def now(self) -> None:
+        """Fold the journal into a new snapshot (generation + 1) and start a fresh journal, at once (an open: nothing
+        else runs yet). A running session compacts in the background instead (``when_due``)."""
+        store = self.store
+        if store.directory is None:
+            return
+        self.join()
+        with store.lock:
+            store.writer.flush()
+            store.writer.reopen(self.fold())
+        _unlink_quietly(os.path.join(store.directory, _PREV_JOURNAL_NAME))  # folded in (a leftover is ignored)
+
+    def fold(self) -> int:
+        """Write the state as a new snapshot (generation + 1), then a fresh journal (new files, renamed over the
+        old ones); returns the journal's length."""
+        store = self.store
+        assert store.directory is not None
+        store.state.generation += 1
+        _forget_acknowledged(store.state)
+        _atomic_write(os.path.join(store.directory, _SNAPSHOT_NAME), _snapshot_bytes(store.state.to_snapshot()))
+        header = _dumps({"v": _record_version("header", {}), "t": "header", "generation": store.state.generation})
+        _atomic_write(os.path.join(store.directory, _JOURNAL_NAME), header)
+        return len(header)
+
+    def when_due(self) -> None:
+        """Once the journal holds DEFAULT_COMPACT_RECORDS records, start a compaction (called without ``lock``).
+
+        Only the switch to a new journal holds the engine's lock (a flush, a link, a one-line file; a few fsyncs):
+        the old journal keeps a second name, ``journal.prev.jsonl``, and a new one of the next generation says it
+        goes on from it (``after``). A background thread then folds the snapshot and the previous journal -- read
+        from disk, as the next open would -- into the next snapshot, and removes the previous journal. Until that
+        snapshot is in place, recovery replays the previous journal, then the new one; afterwards the new one
+        alone, as usual. Transfers and hooks go on meanwhile: nothing they record waits for the fold."""
+        store = self.store
+        if store.directory is None or store.writer.records_written <= DEFAULT_COMPACT_RECORDS:
+            return  # the cheap unlocked check, on every acknowledgement and progress sync
+        with store.lock:
+            if store.writer.records_written <= max(DEFAULT_COMPACT_RECORDS, self._retry) or \
+                    (self._folding is not None and self._folding.is_alive()):
+                return  # another thread compacted while this one waited for the lock, or a fold still runs
+            try:
+                if not os.path.exists(os.path.join(store.directory, _PREV_JOURNAL_NAME)) and \
+                        not self._switch_journal():
+                    store.writer.reopen(self.fold())  # no second name for the journal here: fold at once
+                    return
+                # (with a previous journal left by a fold that failed: fold it again, as it is)
+            except OSError as err:
+                log.warning("journal compaction failed (will retry): %s", err)
+                return
+            self._folding = threading.Thread(target=self._fold_previous, args=(store.state.generation,),
+                                             name="bgsession-compact", daemon=True)
+            self._folding.start()
+
+    def _switch_journal(self) -> bool:
+        """Under ``lock``: the current journal becomes the previous one, a new journal of the next generation goes on
+        from it. The second name is durable before the journal's name moves on (else a power loss could leave the
+        new journal and no previous one). False (nothing changed) where the file system makes no hard link."""
+        store = self.store
+        assert store.directory is not None
+        journal, previous = (os.path.join(store.directory, name) for name in (_JOURNAL_NAME, _PREV_JOURNAL_NAME))
+        store.writer.flush()
+        generation = store.state.generation
+        try:
+            _vfs.link(journal, previous)
+        except OSError as err:
+            log.debug("no second name for the journal (%s): compacting at once", err)
+            return False
+        try:
+            _fsync_dir(store.directory)
+            header = _dumps({"v": _record_version("header", {"after": generation}), "t": "header",
+                             "generation": generation + 1, "after": generation})
+            _atomic_write(journal, header)
+        except BaseException:
+            _unlink_quietly(previous)  # the journal was not switched: it is still the one to append to
+            raise
+        store.state.generation = generation + 1
+        _forget_acknowledged(store.state)  # (their acknowledgements are in the previous journal)
+        store.writer.reopen(len(header))
+        return True
+
+    def _fold_previous(self, generation: int) -> None:
+        """On the ``bgsession-compact`` thread, without the engine's lock: snapshot + previous journal, read from disk
+        (both no longer change), become the snapshot of *generation*; then the previous journal goes. One that cannot
+        be read or written is tried again after another DEFAULT_COMPACT_RECORDS records (and met by the next open)."""
+        store = self.store
+        assert store.directory is not None
+        try:
+            with _gc_paused():  # (a full collection over the fold's new objects held the app's threads 0.35 s)
+                state, _, problems = _load_state(store.directory, readonly=True, journal_name=_PREV_JOURNAL_NAME,
+                                                 by_task=True)
+                if not problems:
+                    _forget_acknowledged(state)
+                    state.generation = generation
+                    data = _snapshot_bytes(state.to_snapshot())
+                del state
+            if not problems:
+                _atomic_write(os.path.join(store.directory, _SNAPSHOT_NAME), data)
+                _unlink_quietly(os.path.join(store.directory, _PREV_JOURNAL_NAME))
+                return
+            failure = "; ".join(problems[:3])
+        except (OSError, JournalError) as err:
+            failure = str(err)
+        log.warning("session %s: journal compaction failed (will retry): %s", store.identifier, failure)
+        self._retry = store.writer.records_written + DEFAULT_COMPACT_RECORDS
+
+    def join(self) -> None:
+        """Wait for a fold that runs (a close: the session's lock is not released while it writes)."""
+        folding = self._folding
+        if folding is not None:
+            folding.join()
 
 
 class _Store:
@@ -3267,6 +3454,7 @@ class _Store:
         self.delivered_at: dict[int, float] = {}  # when each outcome waiting for the app was journaled
         self.finish_released: set[int] = set()  # tasks whose finish files this process removed (skipped at complete)
         self._reserved_ids = 0  # identifiers below this are reserved on disk (none yet in this process)
+        self.compaction = _Compaction(self)
         self.writer: _JournalWriter | _MemoryWriter
         if directory is None:
             import tempfile
@@ -3294,20 +3482,23 @@ class _Store:
         if problems:
             # keep the damaged files as they were for a post-mortem, then fold what could be read into new
             # ones at once: the next open is clean, and the kept files are never appended to or cut
-            for path in (journal, os.path.join(directory, _SNAPSHOT_NAME)):
+            previous = os.path.join(directory, _PREV_JOURNAL_NAME)
+            for path in (journal, os.path.join(directory, _SNAPSHOT_NAME), previous):
                 self._keep_aside(path)
-            valid = self._fold()
+            valid = self.compaction.fold()
+            _unlink_quietly(previous)
         self.writer = _JournalWriter(journal, valid)
         if valid == 0:
             self.writer.append({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
         elif not problems:
-            self.writer.records_written = self.state.replayed  # the journal goes on: maybe_compact counts it all
+            self.writer.records_written = self.state.replayed  # the journal goes on: when_due counts it all
         with self.lock:
             self._recover()
         self.writer.flush()
         if not problems and (_open_compacts(self.state.replayed - 1, len(self.state.tasks))
-                             or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME))):
-            self.compact()  # fold a long journal in (a short one stays: the snapshot is not rewritten for it)
+                             or not os.path.exists(os.path.join(directory, _SNAPSHOT_NAME))
+                             or os.path.exists(os.path.join(directory, _PREV_JOURNAL_NAME))):
+            self.compaction.now()  # fold a long journal in (a short one stays: the snapshot is not rewritten for it)
         self.make_reserve()
 
     def _keep_aside(self, path: str) -> None:
@@ -3583,38 +3774,6 @@ class _Store:
                     # its download fell back to one connection or ended)
 
     # -- compaction and the disk reserve ------------------------------------------------------
-    def compact(self) -> None:
-        """Fold the journal into a new snapshot (generation + 1) and start a fresh journal."""
-        if self.directory is None:
-            return
-        with self.lock:
-            self.writer.flush()
-            self.writer.reopen(self._fold())
-
-    def _fold(self) -> int:
-        """Write the state as a new snapshot (generation + 1), then a fresh journal (new files, renamed over the
-        old ones); returns the journal's length."""
-        assert self.directory is not None
-        self.state.generation += 1
-        for tid in [t.id for t in self.state.tasks.values() if t.phase is Phase.ACKNOWLEDGED]:
-            del self.state.tasks[tid]
-        _atomic_write(os.path.join(self.directory, _SNAPSHOT_NAME), _dumps(self.state.to_snapshot()))
-        header = _dumps({"v": _record_version("header", {}), "t": "header", "generation": self.state.generation})
-        _atomic_write(os.path.join(self.directory, _JOURNAL_NAME), header)
-        return len(header)
-
-    def maybe_compact(self) -> None:
-        """Compact once the journal holds DEFAULT_COMPACT_RECORDS records (called without ``lock``)."""
-        if self.directory is None or self.writer.records_written <= DEFAULT_COMPACT_RECORDS:
-            return  # the cheap unlocked check, on every acknowledgement and progress sync
-        with self.lock:
-            if self.writer.records_written <= DEFAULT_COMPACT_RECORDS:
-                return  # another thread compacted while this one waited for the lock
-            try:
-                self.compact()
-            except OSError as err:
-                log.warning("journal compaction failed (will retry): %s", err)
-
     def make_reserve(self) -> None:
         """Keep RESERVE_BYTES allocated; released when the disk fills so the journal can record it."""
         assert self.directory is not None
@@ -3638,9 +3797,11 @@ class _Store:
             _unlink_quietly(os.path.join(self.directory, _RESERVE_NAME))
 
     def close(self) -> None:
-        """Flush the journal, then release the session lock (memory sessions: remove tmp/)."""
+        """Flush the journal, let a running compaction finish, then release the session lock (memory sessions:
+        remove tmp/)."""
         self.writer.flush()
         self.writer.close()
+        self.compaction.join()
         if self.directory is not None:
             _release_lock(self.directory, _LOCK_NAME)
         else:
@@ -4680,7 +4841,7 @@ class _Segments:
     def _sync_segment(self, seg: _Segment) -> None:
         _fsync(seg.fd)  # data first, then the record that covers it
         self.transfer.host.record_offset(self.task, seg.pos, seg.index)
-        self.transfer.store.maybe_compact()
+        self.transfer.store.compaction.when_due()
 
     def _conclude(self, fd: int, held: _Held) -> bool:
         """After every connection stopped: the attempt's end, a fall-back to one connection, or the whole file."""
@@ -4979,7 +5140,7 @@ class _Transfer:
         offset = task.live.offset
         _fsync(fd)  # data first, then the record that covers it
         self.host.record_offset(task, offset)
-        self.store.maybe_compact()  # a long transfer writes a record a second: bound the journal here too
+        self.store.compaction.when_due()  # a long transfer writes a record a second: bound the journal here too
 
     def _sync_quietly(self, task: _TaskRecord, fd: int) -> None:
         try:
@@ -5883,7 +6044,7 @@ class _Engine(_Runner):
             ticket = self.store.record(task, "ack", waited=True, event=event)
         self.store.wait(ticket)
         self.store.release_files(task, event)  # (nothing waits on `changed` for an acknowledgement)
-        self.store.maybe_compact()
+        self.store.compaction.when_due()
 
     def task_info(self, tid: int) -> TaskInfo:
         with self.lock:

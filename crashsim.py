@@ -165,9 +165,10 @@ class Recorder:
             rs, rd = self._rel(src), self._rel(dst)
             if rs is None or rd is None:
                 return
-            if rs in self._inos:
-                self._inos[rd] = self._inos.pop(rs)
-            self._add(Op("rename", path=rs, dst=rd))
+            ino = self._inos.pop(rs, None)
+            if ino is not None:
+                self._inos[rd] = ino
+            self._add(Op("rename", path=rs, dst=rd, ino=-1 if ino is None else ino))
 
     def link(self, src: str, dst: str) -> None:
         with self._lock:
@@ -175,9 +176,10 @@ class Recorder:
             rs, rd = self._rel(src), self._rel(dst)
             if rs is None or rd is None:
                 return
-            if rs in self._inos:
-                self._inos[rd] = self._inos[rs]
-            self._add(Op("link", path=rs, dst=rd))
+            ino = self._inos.get(rs)
+            if ino is not None:
+                self._inos[rd] = ino
+            self._add(Op("link", path=rs, dst=rd, ino=-1 if ino is None else ino))
 
     def unlink(self, path: str) -> None:
         with self._lock:
@@ -329,10 +331,12 @@ class Timeline:
                 names[op.path] = op.ino
             elif op.kind == "unlink":
                 names.pop(op.path, None)
-            elif op.kind == "rename" and op.path in names:
-                names[op.dst] = names.pop(op.path)
-            elif op.kind == "link" and op.path in names:
-                names[op.dst] = names[op.path]
+            elif op.kind in ("rename", "link") and (op.path in names or op.ino >= 0):
+                # (a rename or link that reached the disk names its file there, even if the file's first name never
+                # did: the file system keeps the file with the entry that points at it)
+                names[op.dst] = op.ino if op.ino >= 0 else names[op.path]
+                if op.kind == "rename":
+                    names.pop(op.path, None)
         files = {}
         for path, ino in names.items():
             if not all(_ancestors_in(path, dirs)):

@@ -584,6 +584,144 @@ def test_an_open_with_a_short_journal_keeps_the_snapshot_and_a_long_one_compacts
         assert len(f.read().splitlines()) == 1  # the header of the new generation
 
 
+def test_a_snapshot_is_a_task_a_line_read_whole_or_a_task_at_a_time(tmp_path):
+    """A snapshot is one JSON value (any reader, every older bgsession, reads it whole) laid out a task a line, so that
+    a compaction in the background reads and writes it a task at a time; both readings are the same value."""
+    cfg = _journal_session(tmp_path)
+    s = bg.Session(cfg)
+    for i in range(3):
+        s.download_task(f"http://127.0.0.1:9/{i}", description=f"two\nlines {i}")  # (escaped in JSON: one line)
+    s.close()
+    bg.Session(cfg).close()  # compacts
+    with open(os.path.join(cfg.directory, "snapshot.json"), "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    assert lines[0].startswith(b'{"v":1,"t":"snapshot",') and lines[0].endswith(b',"tasks":[')
+    assert len(lines) == 1 + 3 + 2 and lines[-2:] == [b"]}", b""]
+    assert bg._parse_snapshot(data, by_task=True) == json.loads(data)
+    assert sorted(t["description"] for t in json.loads(data)["tasks"]) == [f"two\nlines {i}" for i in range(3)]
+
+
+def _hold_the_fold(monkeypatch):
+    """Make a background compaction stop before it writes its snapshot: (folding, go_on) events."""
+    folding, go_on = threading.Event(), threading.Event()
+    real = bg._SessionState.to_snapshot
+
+    def to_snapshot(state):
+        if threading.current_thread().name == "bgsession-compact":
+            folding.set()
+            go_on.wait(LONG)
+        return real(state)
+    monkeypatch.setattr(bg._SessionState, "to_snapshot", to_snapshot)
+    return folding, go_on
+
+
+def _journal_header(directory):
+    with open(os.path.join(directory, "journal.jsonl"), "rb") as f:
+        return json.loads(f.readline())
+
+
+def test_a_running_compaction_folds_without_the_engines_lock(server, inproc, monkeypatch):
+    """A running session's compaction holds the engine's lock only to switch to a new journal: while it folds the
+    previous journal into the next snapshot (held here), tasks are made, transferred and delivered, and a reader of the
+    directory gets the whole state (the snapshot, the previous journal, the new one). close() lets the fold end."""
+    monkeypatch.setattr(bg, "DEFAULT_COMPACT_RECORDS", 20)
+    folding, go_on = _hold_the_fold(monkeypatch)
+    for i in range(14):
+        server.add_blob(f"/c{i}", size=1000 + i, seed=i)
+    rec = Recorder()
+    s = inproc.open(rec)
+    directory = s.configuration.directory
+    previous = os.path.join(directory, "journal.prev.jsonl")
+    try:
+        first = [download(s, server.url(f"/c{i}")) for i in range(10)]
+        assert folding.wait(LONG)  # more than 20 records: a compaction started, and is held
+        header = _journal_header(directory)
+        assert header["v"] == 4 and header["generation"] == header["after"] + 1 and os.path.exists(previous)
+        later = [download(s, server.url(f"/c{i}")) for i in range(10, 14)]  # (the lock is free to make them)
+        assert s.wait(LONG)
+        assert all(("complete", t.identifier) in rec.calls for t in first + later)
+        assert all(rec.files[t.identifier] == fs.blob_bytes(1000 + i, seed=i) for i, t in enumerate(first + later))
+        assert os.path.exists(previous)  # still folding
+        assert bg.Journal(directory).check() == []
+        assert bg.Journal(directory).tasks() == []  # every task acknowledged, read across both journals
+    finally:
+        go_on.set()
+    s.close()
+    assert not os.path.exists(previous)
+    with open(os.path.join(directory, "snapshot.json"), "rb") as f:
+        assert json.loads(f.read())["generation"] == _journal_header(directory)["generation"]
+
+
+FOLD_KILLED = textwrap.dedent("""
+    import os, shutil, sys, threading
+    import bgsession as bg
+    bg.DEFAULT_COMPACT_RECORDS = 20
+    real = bg._SessionState.to_snapshot
+    def to_snapshot(state):
+        if threading.current_thread().name == "bgsession-compact":
+            print("folding", flush=True)
+            threading.Event().wait()  # held until the SIGKILL
+        return real(state)
+    bg._SessionState.to_snapshot = to_snapshot
+    directory, documents, *urls = sys.argv[1:]
+    class App(bg.SessionDelegate):
+        def download_task_did_finish_downloading(self, session, task, location):
+            shutil.move(location, os.path.join(documents, os.path.basename(task.original_request.url)))
+    s = bg.Session(bg.Configuration.background("test.fold", directory=directory, host="inprocess"), App())
+    for url in urls[:-1]:
+        s.download_task(url).resume()
+    assert s.wait(60)
+    s.download_task(urls[-1], description="after the switch").resume()  # (returns once it is on disk)
+    print("ready", flush=True)
+    threading.Event().wait()
+""")
+
+
+def test_a_kill_while_a_compaction_folds_loses_nothing_and_repeats_no_hook(server, tmp_path, monkeypatch):
+    """SIGKILL while the background compaction folds (the snapshot not yet written): the next open replays the
+    snapshot, the previous journal, then the new one -- the tasks made after the switch are there, no hook whose
+    acknowledgement was on disk is called again, the files are the servers' (SHA-256) -- and folds it all into a
+    new snapshot. A bgsession that reads format 3 refuses the directory in that state instead of misreading it."""
+    import shutil
+    urls = []
+    for i in range(9):
+        server.add_blob(f"/k{i}.bin", size=2000 + i, seed=50 + i)
+        urls.append(server.url(f"/k{i}.bin"))
+    server.hold_at("/k8.bin", 0)  # the task made after the switch: running, no byte yet
+    directory, documents = str(tmp_path / "fold"), str(tmp_path / "Documents")
+    os.makedirs(documents)
+    app = subprocess.Popen([sys.executable, "-c", FOLD_KILLED, directory, documents, *urls], cwd=HERE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert sorted([app.stdout.readline(), app.stdout.readline()]) == ["folding\n", "ready\n"]
+    finally:
+        app.send_signal(signal.SIGKILL)
+        app.wait()
+        app.stdout.close()
+    assert os.path.exists(os.path.join(directory, "journal.prev.jsonl")) and "after" in _journal_header(directory)
+    for i, url in enumerate(urls[:-1]):
+        assert file_sha(os.path.join(documents, f"k{i}.bin")) == sha(fs.blob_bytes(2000 + i, seed=50 + i))
+    copy = str(tmp_path / "copy")
+    shutil.copytree(directory, copy, ignore=shutil.ignore_patterns("lock"))
+    rec = Recorder()
+    s = bg.Session(bg.Configuration.background("test.fold", directory=directory, host="inprocess"), rec)
+    try:
+        (task,) = s.get_tasks()
+        assert (task.description, task.state) == ("after the switch", bg.TaskState.RUNNING)
+        assert task.identifier == len(urls)  # (identifiers go on: none handed out twice)
+        task.cancel()
+        assert s.wait(LONG)
+        assert [c for c in rec.calls if c[0] != "did_finish_events"] == [("complete", task.identifier)]
+    finally:
+        s.close()
+    assert not os.path.exists(os.path.join(directory, "journal.prev.jsonl"))
+    assert bg.Journal(directory).check() == []
+    monkeypatch.setattr(bg, "JOURNAL_VERSION", 3)  # what the bgsession before background compaction reads
+    with pytest.raises(bg.JournalError, match="newer bgsession"):
+        bg.Session(bg.Configuration.background("test.fold", directory=copy, host="inprocess"))
+
+
 def test_a_snapshot_leaves_default_fields_out_and_reads_them_back(tmp_path):
     """A compacted task without options, errors or files is written without the fields that hold their default (a
     snapshot of 100,000 queued tasks is half the size); it reads back as the same task, in the full form."""

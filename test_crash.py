@@ -575,6 +575,7 @@ FSYNCS = [
     (("sync", "_flush_locked"), tiny),  # a journal record, before the call that wrote it returns
     (("sync", "_atomic_write"), compaction),  # a snapshot's (or fresh journal's) data, before its rename
     (("dirsync", "_atomic_write"), compaction),  # ... and the rename itself
+    (("dirsync", "_switch_journal"), compaction),  # the journal's second name, before a new journal takes its name
     (("sync", "_finalize"), tiny),  # a finished file's data, before the record that points at it
     (("dirsync", "_finalize"), tiny),  # its rename .part -> .done
     (("sync", "_sync_offset"), large),  # a partial file's data, before the offset record that covers it
