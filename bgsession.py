@@ -91,7 +91,7 @@ try:  # Windows byte-range locks
 except ImportError:
     msvcrt = None  # type: ignore[assignment]
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "TLS", "AuthChallenge", "AuthChallengeDisposition", "BGSessionError", "Configuration", "Credential",
