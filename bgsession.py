@@ -3137,13 +3137,21 @@ def _header_generation(header: Mapping[str, Any]) -> int:
     return generation if _is_count(generation) else 0
 
 
-def _replay_previous(state: _SessionState, path: str, problems: list[str]) -> None:
+class _FoldedMeanwhile(Exception):
+    """A reader without the session's lock found the previous journal gone: a compaction finished meanwhile."""
+
+
+def _replay_previous(state: _SessionState, path: str, problems: list[str], snap_path: str) -> None:
     """Replay the previous journal (of the snapshot's generation) into *state*: the records a compaction had not yet
-    folded into a snapshot when the process stopped."""
+    folded into a snapshot when the process stopped (or, for a reader without the session's lock, has not yet)."""
     reader = _JournalReader(path)
     records = reader.records()
     header = next(records, None)
     if header is None or _header_generation(header) != state.generation:
+        with contextlib.suppress(OSError), open(snap_path, "rb") as f:
+            written = re.search(rb'"generation":(\d+)', f.read(256))
+            if written and int(written.group(1)) > state.generation:
+                raise _FoldedMeanwhile  # (the snapshot read first was the one before)
         problems.append(f"{path}: the journal of generation {state.generation} is missing: what it recorded after "
                         "the snapshot is lost")
         return
@@ -3158,7 +3166,16 @@ def _load_state(directory: str, readonly: bool = False, journal_name: str = _JOU
     that cannot be read is kept aside (unless *readonly*) and reported once; a file of a newer bgsession is refused and
     left untouched. A journal that goes on from the previous one (``after``: a compaction was folding that one when
     the process stopped) has the previous one replayed first. *journal_name*: the journal to replay (a compaction
-    reads the previous one alone, and its snapshot a task at a time: *by_task*)."""
+    reads the previous one alone, and its snapshot a task at a time: *by_task*). A reader without the session's lock
+    that meets a compaction finishing reads again."""
+    for _ in range(2):
+        with contextlib.suppress(_FoldedMeanwhile):
+            return _load_state_once(directory, readonly, journal_name, by_task)
+    return _load_state_once(directory, readonly, journal_name, by_task)
+
+
+def _load_state_once(directory: str, readonly: bool, journal_name: str,
+                     by_task: bool) -> tuple[_SessionState, int, list[str]]:
     snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, journal_name)
     snapshot = _read_snapshot(snap_path, readonly, by_task)
     state = snapshot or _SessionState()
@@ -3170,7 +3187,7 @@ def _load_state(directory: str, readonly: bool = False, journal_name: str = _JOU
         _check_version(header, journal_path)
         gen = _header_generation(header)
         if header.get("after") == state.generation and gen == state.generation + 1:
-            _replay_previous(state, os.path.join(directory, _PREV_JOURNAL_NAME), problems)
+            _replay_previous(state, os.path.join(directory, _PREV_JOURNAL_NAME), problems, snap_path)
             state.generation = gen
             state.replay(itertools.chain([header], records))
         elif gen >= state.generation:
@@ -3292,11 +3309,10 @@ def _parse_resume_data(data: bytes) -> tuple[dict[str, Any] | None, str]:
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """The cyclic garbage collector paused while an open (or a compaction in the background) builds the objects of
-    every task, then as it was. Building
-    100,000 tasks triggers about a dozen full collections, each walking every object made so far (a fifth to a third
-    of the open); what an open builds holds no reference cycles, so nothing waits for the collector meanwhile. The
-    host's setting is restored (a host thread that switches the collector on or off during an open may see its
-    change undone: switch it around the open, not during it)."""
+    every task, then as it was. Building 100,000 tasks triggers about a dozen full collections, each walking every
+    object made so far (a fifth to a third of the open); what an open builds holds no reference cycles, so nothing
+    waits for the collector meanwhile. The host's setting is restored (a host thread that switches the collector on
+    or off during an open may see its change undone: switch it around the open, not during it)."""
     import gc
     enabled = gc.isenabled()
     gc.disable()

@@ -653,6 +653,35 @@ def test_a_running_compaction_folds_without_the_engines_lock(server, inproc, mon
         assert json.loads(f.read())["generation"] == _journal_header(directory)["generation"]
 
 
+def test_a_reader_that_meets_a_compaction_finishing_reads_again(server, inproc, monkeypatch):
+    """A reader without the session's lock (Journal, the CLI's status) that read the snapshot just before a background
+    compaction replaced it and removed the previous journal reads again, instead of reporting the records lost."""
+    monkeypatch.setattr(bg, "DEFAULT_COMPACT_RECORDS", 20)
+    folding, go_on = _hold_the_fold(monkeypatch)
+    for i in range(10):
+        server.add_blob(f"/r{i}", size=500, seed=i)
+    s = inproc.open(Recorder())
+    previous = os.path.join(s.configuration.directory, "journal.prev.jsonl")
+    try:
+        for i in range(10):
+            download(s, server.url(f"/r{i}"))
+        assert folding.wait(LONG) and s.wait(LONG)
+        real_read, reads = bg._read_snapshot, []
+
+        def read_then_let_the_compaction_finish(path, readonly, by_task=False):
+            state = real_read(path, readonly, by_task)
+            reads.append(path)
+            if len(reads) == 1:
+                go_on.set()
+                wait_until(lambda: not os.path.exists(previous), what="the compaction to finish")
+            return state
+        monkeypatch.setattr(bg, "_read_snapshot", read_then_let_the_compaction_finish)
+        assert bg.Journal(s.configuration.directory).check() == []
+        assert len(reads) == 2  # read again, once
+    finally:
+        go_on.set()
+
+
 FOLD_KILLED = textwrap.dedent("""
     import os, shutil, sys, threading
     import bgsession as bg
