@@ -3160,22 +3160,9 @@ def _replay_previous(state: _SessionState, path: str, problems: list[str], snap_
     problems.extend(reader.problems)
 
 
-def _load_state(directory: str, readonly: bool = False, journal_name: str = _JOURNAL_NAME,
-                by_task: bool = False) -> tuple[_SessionState, int, list[str]]:
-    """Snapshot + journal replay, streamed: (state, valid length of the journal to append after, problems). A snapshot
-    that cannot be read is kept aside (unless *readonly*) and reported once; a file of a newer bgsession is refused and
-    left untouched. A journal that goes on from the previous one (``after``: a compaction was folding that one when
-    the process stopped) has the previous one replayed first. *journal_name*: the journal to replay (a compaction
-    reads the previous one alone, and its snapshot a task at a time: *by_task*). A reader without the session's lock
-    that meets a compaction finishing reads again."""
-    for _ in range(2):
-        with contextlib.suppress(_FoldedMeanwhile):
-            return _load_state_once(directory, readonly, journal_name, by_task)
-    return _load_state_once(directory, readonly, journal_name, by_task)
-
-
 def _load_state_once(directory: str, readonly: bool, journal_name: str,
                      by_task: bool) -> tuple[_SessionState, int, list[str]]:
+    """One reading of the snapshot and the journals (``_load_state``, below)."""
     snap_path, journal_path = os.path.join(directory, _SNAPSHOT_NAME), os.path.join(directory, journal_name)
     snapshot = _read_snapshot(snap_path, readonly, by_task)
     state = snapshot or _SessionState()
@@ -3200,6 +3187,20 @@ def _load_state_once(directory: str, readonly: bool, journal_name: str,
     state.problems = []
     state.next_id = max(state.next_id, state.reserved)  # a task lost before its record leaves a gap
     return state, valid, problems
+
+
+def _load_state(directory: str, readonly: bool = False, journal_name: str = _JOURNAL_NAME,
+                by_task: bool = False) -> tuple[_SessionState, int, list[str]]:
+    """Snapshot + journal replay, streamed: (state, valid length of the journal to append after, problems). A snapshot
+    that cannot be read is kept aside (unless *readonly*) and reported once; a file of a newer bgsession is refused and
+    left untouched. A journal that goes on from the previous one (``after``: a compaction was folding that one when
+    the process stopped) has the previous one replayed first. *journal_name*: the journal to replay (a compaction
+    reads the previous one alone, and its snapshot a task at a time: *by_task*). A reader without the session's lock
+    that meets a compaction finishing reads again."""
+    for _ in range(2):
+        with contextlib.suppress(_FoldedMeanwhile):
+            return _load_state_once(directory, readonly, journal_name, by_task)
+    return _load_state_once(directory, readonly, journal_name, by_task)
 
 
 class Journal:
