@@ -3837,6 +3837,8 @@ class _Store:
 #: Size of the reused buffer a transfer reads into (256 KiB copies stay in the CPU cache; 1 MiB
 #: was measured 2x slower on the benchmark machine).
 DEFAULT_BUFFER_SIZE = 256 << 10
+#: The response reader's own buffer (the status line and headers are read through it; a body's reads of more bypass it).
+_RESPONSE_BUFFER = 8192
 #: Minimum seconds between two progress callbacks for one task.
 DEFAULT_PROGRESS_INTERVAL = 0.1
 #: Seconds (or bytes, below) of received data between two fsync + offset records.
@@ -3902,7 +3904,7 @@ class _BoundedResponse(_HTTPResponse):
             self._conn, self._sock = conn, sock
 
         def makefile(self, mode: str) -> io.BufferedReader:
-            return io.BufferedReader(_DeadlineReader(self._conn, self._sock))
+            return io.BufferedReader(_DeadlineReader(self._conn, self._sock), _RESPONSE_BUFFER)
 
     def __init__(self, conn: _BoundedHTTP, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
         super().__init__(cast(socket.socket, self._Socket(conn, sock)), *args, **kwargs)
@@ -5130,15 +5132,31 @@ class _Transfer:
         still reaches the disk and the progress hook promptly and a cut loses nothing already received. A body with a
         length (or close-delimited) is read into the reused buffer: no allocation per read, memory flat in the file
         size. http.client has no public readinto1: its buffered reader (.fp) and bytes-still-due (.length) are what its
-        own read1() uses. Chunked bodies, or an http.client without them, use read1()."""
+        own read1() uses. Chunked bodies, or an http.client without them, use read1().
+
+        Bytes may wait in the reader's own buffer: those that came with the headers, or the rest of a socket read
+        made for a read smaller than that buffer. readinto1() of more than what waits there copies it, then waits for
+        one more socket read before it returns (CPython's BufferedReader): on a link that stalls right after, those
+        bytes reached neither the disk nor the progress hook, and a cut lost them. While bytes may be waiting,
+        read1() is used, which returns them at once."""
         size, view = len(buf), memoryview(buf)
         fp: Any = getattr(resp, "fp", None)
         if resp.chunked or fp is None or not hasattr(fp, "readinto1"):
             return lambda most: memoryview(resp.read1(min(size, most)))
+        waiting = True  # after the headers
 
         def direct(most: int) -> memoryview:
+            nonlocal waiting
             want = min(size, most) if resp.length is None else min(size, most, resp.length)
-            n = fp.readinto1(view[:want]) if want else 0
+            if not want:
+                n = 0
+            elif waiting or want <= _RESPONSE_BUFFER:
+                data = fp.read1(want)  # what waits in the buffer, or one socket read
+                n = len(data)
+                view[:n] = data
+                waiting = n == want  # (fewer: the buffer is empty now)
+            else:
+                n = fp.readinto1(view[:want])  # nothing waits: one socket read, straight into the buffer
             if resp.length is not None:
                 resp.length -= n
             return view[:n]
