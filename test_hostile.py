@@ -413,9 +413,12 @@ def test_a_vanished_record_is_format_3_which_an_older_bgsession_refuses(server, 
         (finished,) = [n for n in os.listdir(tmp) if n.endswith(".done")]
         os.unlink(os.path.join(tmp, finished))  # a temp-file cleaner
         sessions.open(Recorder())  # recovery records that the file vanished (a journal of its header: no folding)
-        with open(os.path.join(s.configuration.directory, "journal.jsonl"), "rb") as f:
-            records = [json.loads(line) for line in f]
-        assert [r["v"] for r in records if r["t"] == "vanished"] == [3]
+
+        def vanished() -> list[int]:  # (the daemon host records it when the app attaches: wait for it)
+            with open(os.path.join(s.configuration.directory, "journal.jsonl"), "rb") as f:
+                return [r["v"] for r in map(json.loads, f) if r["t"] == "vanished"]
+        wait_until(lambda: vanished() != [], what="the vanished record")
+        assert vanished() == [3]
         copy = str(tmp_path / "copy")
         shutil.copytree(s.configuration.directory, copy, ignore=shutil.ignore_patterns("*.sock"))  # as a kill leaves it
     finally:
