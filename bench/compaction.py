@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import py_compile
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,9 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+sys.path.insert(0, HERE)
+from scale import freeze  # noqa: E402 - the bench's own: a library copied and byte-compiled
 
 #: The child: runs one measurement with the bgsession found first on sys.path, prints one JSON line.
 CHILD = r"""
@@ -79,15 +81,6 @@ print(json.dumps({"n": n, "held_ms": held * 1e3, "done_ms": done * 1e3,
                   "probe_before_ms": sorted(before)[len(before) // 2] * 1e3, "probe_max_ms": max(during) * 1e3,
                   "probes_during": len(during)}))
 """
-
-
-def freeze(lib_src: str, workdir: str, name: str) -> str:
-    """Copy a bgsession.py into workdir/name and byte-compile it; return the directory."""
-    lib = os.path.join(workdir, name)
-    os.makedirs(lib)
-    shutil.copy2(lib_src, os.path.join(lib, "bgsession.py"))
-    py_compile.compile(os.path.join(lib, "bgsession.py"), doraise=True)
-    return lib
 
 
 def measure(lib: str, n: int, workdir: str) -> dict[str, Any]:

@@ -52,9 +52,9 @@ TARGET_OPEN_S = 1.5
 TARGET_RSS_MIB = 250
 
 
-def freeze(lib_src: str, workdir: str) -> str:
-    """Copy bgsession.py into workdir/lib and byte-compile it; return the directory."""
-    lib = os.path.join(workdir, "lib")
+def freeze(lib_src: str, workdir: str, name: str = "lib") -> str:
+    """Copy a bgsession.py into workdir/name and byte-compile it; return the directory."""
+    lib = os.path.join(workdir, name)
     os.makedirs(lib)
     shutil.copy2(lib_src, os.path.join(lib, "bgsession.py"))
     py_compile.compile(os.path.join(lib, "bgsession.py"), doraise=True)
