@@ -275,8 +275,9 @@ def test_suspend_then_resume_continues_every_segment_where_it_stopped(server, se
     rec = Recorder()
     s = sessions.open(rec, max_connections_per_task=4)
     task = download(s, server.url("/f"))
-    wait_until(lambda: len(server.requests("/f")) == 4 and task.count_of_bytes_received >= 2 * SEG,
-               what="4 connections and 2 MiB")
+    directory = sessions.config().directory
+    wait_until(lambda: task.count_of_bytes_received >= 2 * SEG and every_segment_holds(directory, data),
+               what="2 MiB, and bytes in each of the 4 segments' files")
     task.suspend()
     assert task.state is bg.TaskState.SUSPENDED
     before = len(server.requests("/f"))
@@ -301,8 +302,9 @@ def test_cancel_producing_resume_data_of_a_split_download(server, sessions):
     rec.expect = 2
     s = sessions.open(rec, max_connections_per_task=4)
     task = download(s, server.url("/f"))
-    wait_until(lambda: len(server.requests("/f")) == 4 and task.count_of_bytes_received >= SEG,
-               what="4 connections and 1 MiB")
+    directory = sessions.config().directory
+    wait_until(lambda: task.count_of_bytes_received >= SEG and every_segment_holds(directory, data, first=64 * KiB),
+               what="1 MiB, 64 KiB in the first segment's file and bytes in the others'")
     resume_data = task.cancel_producing_resume_data()
     assert resume_data is not None
     before = len(server.requests("/f"))
@@ -394,6 +396,14 @@ def held(directory: str, data: bytes) -> list[tuple[int, int]]:
     return out
 
 
+def every_segment_holds(directory: str, data: bytes, segments: int = 4, first: int = 1) -> bool:
+    """Whether the split download's *segments* files each hold bytes now (the first at least *first*): what a test
+    must wait for before it stops the download and looks at each segment. The server having seen every segment's
+    request, or a total count of bytes, does not say that each connection has written any yet."""
+    spans = held(directory, data)
+    return len(spans) == segments and spans[0][1] >= first and all(b > a for a, b in spans)
+
+
 def fetched_again(server: fs.FakeServer, path: str, since: int, spans: list[tuple[int, int]]) -> list[tuple]:
     """Overlaps of the bytes the answers to requests since the *since*-th sent with *spans*."""
     later = [(r.first_byte, r.first_byte + r.bytes_sent) for r in server.requests(path)[since:]
@@ -409,9 +419,11 @@ def test_a_split_survives_a_reopen(server, inproc):
     rec = Recorder()
     s = inproc.open(rec, max_connections_per_task=4)
     task = download(s, server.url("/f"))
-    wait_until(lambda: len(server.requests("/f")) == 4 and task.count_of_bytes_received >= SEG, what="1 MiB")
+    directory = inproc.config().directory
+    wait_until(lambda: task.count_of_bytes_received >= SEG and every_segment_holds(directory, data),
+               what="1 MiB, and bytes in each of the 4 segments' files")
     s.close()
-    before, spans = len(server.requests("/f")), held(inproc.config().directory, data)
+    before, spans = len(server.requests("/f")), held(directory, data)
     assert len(spans) == 4 and all(b > a for a, b in spans)
     rec2 = Recorder()
     s2 = inproc.open(rec2, max_connections_per_task=4)
