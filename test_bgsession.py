@@ -729,7 +729,7 @@ def test_a_kill_while_a_compaction_folds_loses_nothing_and_repeats_no_hook(serve
         app.wait()
         app.stdout.close()
     assert os.path.exists(os.path.join(directory, "journal.prev.jsonl")) and "after" in _journal_header(directory)
-    for i, url in enumerate(urls[:-1]):
+    for i in range(len(urls) - 1):
         assert file_sha(os.path.join(documents, f"k{i}.bin")) == sha(fs.blob_bytes(2000 + i, seed=50 + i))
     copy = str(tmp_path / "copy")
     shutil.copytree(directory, copy, ignore=shutil.ignore_patterns("lock"))
